@@ -1,0 +1,1 @@
+"""Running ComfyUI graphs that use the MemoRa nodes: an embedded executor, and the ``memora-batch`` command."""

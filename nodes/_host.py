@@ -1,0 +1,157 @@
+"""The ComfyUI side of the boundary: ModelPatcher -> memora denoiser, schedules read from the model, progress,
+interrupts and front-end events. ``memora`` never imports ComfyUI; everything that does lives here."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+
+from ..memora import schedule as _schedule
+
+
+# -- schedules ---------------------------------------------------------------------------------------------------
+def model_sampling(model):
+    """The model's sampling object (read through get_model_object: nodes may object-patch it)."""
+    return model.get_model_object("model_sampling")
+
+
+def alphas_cumprod(model) -> torch.Tensor:
+    return _schedule.alphas_cumprod_from_sigmas(model_sampling(model).sigmas)
+
+
+def num_train_timesteps(model) -> int:
+    return int(model_sampling(model).sigmas.shape[0])
+
+
+def sampling_sigmas(model, steps: int, scheduler: str = "ddim_uniform") -> torch.Tensor:
+    """The descending sigma ladder a stock KSampler(Advanced) uses for ``steps`` with ``scheduler`` (ends at 0)."""
+    return comfy.samplers.calculate_sigmas(model_sampling(model), scheduler, steps).cpu()
+
+
+def sigma_at(model, t: int) -> float:
+    return float(model_sampling(model).sigmas[t])
+
+
+# -- validation --------------------------------------------------------------------------------------------------
+def latent_channels(model) -> Optional[int]:
+    fmt = getattr(model.model, "latent_format", None)
+    return getattr(fmt, "latent_channels", None)
+
+
+def check_latent(model, samples: Any, what: str = "latent") -> torch.Tensor:
+    """Refuse latents the model cannot use, with a message that says what was expected."""
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError(f"{what}: expected a LATENT whose 'samples' is a tensor, got {type(samples).__name__}")
+    if samples.dim() != 4:
+        raise ValueError(f"{what}: expected image latents of shape [batch, channels, height, width], "
+                         f"got shape {tuple(samples.shape)}")
+    if samples.shape[0] == 0:
+        raise ValueError(f"{what}: the batch is empty (0 latents)")
+    ch = latent_channels(model)
+    if ch is not None and samples.shape[1] != ch:
+        raise ValueError(f"{what}: has {samples.shape[1]} channels but this model works on {ch}-channel latents "
+                         f"(was it encoded with another model family's VAE?)")
+    if not torch.isfinite(samples).all():
+        bad = int((~torch.isfinite(samples)).sum())
+        raise ValueError(f"{what}: contains {bad} non-finite values (NaN or inf); refusing to process it")
+    return samples
+
+
+def check_steps(steps: int, start_at_step: int):
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 <= start_at_step < steps:
+        raise ValueError(f"start_at_step must be in 0..{steps - 1} (it must be smaller than steps={steps}), "
+                         f"got {start_at_step}")
+
+
+# -- progress, interrupts, events --------------------------------------------------------------------------------
+def send_event(event: str, data: dict):
+    """Push an event to connected front ends; silently nothing when there is no server (in-process runs)."""
+    try:
+        from server import PromptServer
+    except Exception:
+        return
+    inst = getattr(PromptServer, "instance", None)
+    if inst is None:
+        return
+    try:
+        inst.send_sync(event, data, getattr(inst, "client_id", None))
+    except Exception:
+        pass
+
+
+def current_node_id() -> Optional[str]:
+    try:
+        from server import PromptServer
+        inst = getattr(PromptServer, "instance", None)
+        return getattr(inst, "last_node_id", None) if inst is not None else None
+    except Exception:
+        return None
+
+
+class StageProgress:
+    """ComfyUI progress bar + interrupt check + a ``memora.progress`` event with an ETA, once per step."""
+
+    def __init__(self, stage: str, total: int, node_id: Optional[str] = None):
+        self.stage = stage
+        self.total = max(int(total), 1)
+        self.node_id = node_id if node_id is not None else current_node_id()
+        self.bar = comfy.utils.ProgressBar(self.total)
+        self.start = time.perf_counter()
+
+    def __call__(self, step: int, total: Optional[int] = None, *_):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        total = total or self.total
+        self.bar.update_absolute(step, total)
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / step * (total - step) if step > 0 else None
+        send_event("memora.progress", {"node": self.node_id, "stage": self.stage, "step": step, "total": total,
+                                       "elapsed": elapsed, "eta": eta})
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+# -- running memora algorithms on a ComfyUI model -----------------------------------------------------------------
+EpsAlgorithm = Callable[[Callable[[torch.Tensor, float], torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+class _AlgorithmSampler(comfy.samplers.Sampler):
+    """A ComfyUI Sampler that runs a memora algorithm with the guider as its denoiser.
+
+    Running through CFGGuider.sample keeps everything ComfyUI does around sampling: model loading and offloading,
+    conditioning preparation, model patches and wrappers, cond/uncond batching chunked by free memory."""
+
+    def __init__(self, algorithm: EpsAlgorithm, counter: Optional[list] = None):
+        self.algorithm = algorithm
+        self.counter = counter
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar=False):
+        def eps_fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            s = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
+            denoised = model_wrap(x, s, **extra_args)
+            if self.counter is not None:
+                self.counter[0] += 1
+            return (x - denoised) / float(sigma)
+
+        return self.algorithm(eps_fn, latent_image)
+
+
+def run_algorithm(model, positive, negative, cfg: float, samples: torch.Tensor, sigmas: torch.Tensor,
+                  algorithm: EpsAlgorithm, counter: Optional[list] = None) -> torch.Tensor:
+    """Run ``algorithm(eps_fn, x)`` on ``samples`` (a LATENT's unscaled samples); returns unscaled samples.
+
+    The algorithm sees the latent in model space (``latent_format.process_in`` applied) and returns model space."""
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    samples = samples.detach().clone()
+    noise = torch.zeros_like(samples, dtype=torch.float32)
+    out = guider.sample(noise, samples, _AlgorithmSampler(algorithm, counter), sigmas, denoise_mask=None,
+                        callback=None, disable_pbar=True, seed=0)
+    return out.to(device="cpu", dtype=torch.float32)
