@@ -1,0 +1,258 @@
+"""Safe saving of LoRA files: validated names, a counter that never reuses a name, atomic writes.
+
+Naming scheme: ``<root>/<save_name>_<counter:05d>_.safetensors`` (ComfyUI's own SaveLoRA / SaveImage spelling), where
+``save_name`` may contain subfolders (``memora/recovered`` -> ``<root>/memora/recovered_00001_.safetensors``) and the
+counter is one more than the largest counter already used by a file of that name in that folder (gaps are not
+refilled, so a deleted file's name is not handed out again while later ones exist).
+
+Guarantees of :func:`save_safetensors_atomic`: the file appears complete or not at all (written to a temporary file
+in the same folder, flushed and fsync'ed, then hard-linked to its final name, which fails instead of replacing an
+existing file); an existing file is never overwritten, even by a concurrent writer (the counter moves on); on any
+failure, including KeyboardInterrupt or an interrupt that is a BaseException, the temporary file and any folder
+created for it are removed. Torch + safetensors only: no ComfyUI import."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import unicodedata
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+EXT = ".safetensors"
+_TMP_PREFIX = ".memora-tmp-"
+_COUNTER_DIGITS = 5
+# One path component: letters/digits of any script, and - _ . space + ( ) [ ] , @ =
+_COMPONENT_RE = re.compile(r"^[\w\-. +()\[\],@=]+$", re.UNICODE)
+
+
+class SaveNameError(ValueError):
+    """A save_name that is empty, absolute, escapes the target folder or contains characters not allowed."""
+
+
+class UnwritableFolderError(OSError, ValueError):
+    """The target folder cannot be created or written (permissions, a file in the way, read-only filesystem)."""
+
+
+def check_save_name(save_name: str, ext: str = EXT) -> tuple[list[str], str]:
+    """Validate a save_name; return (subfolder components, base name). Raises SaveNameError saying what was wrong."""
+    if not isinstance(save_name, str):
+        raise SaveNameError(f"save_name must be a string, got {type(save_name).__name__}")
+    name = save_name.strip()
+    if not name:
+        raise SaveNameError("save_name is empty; expected a file prefix such as 'memora/recovered'")
+    if name.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", name) or os.path.isabs(name):
+        raise SaveNameError(f"save_name {save_name!r} is an absolute path (or names a drive); expected a path relative to the "
+                            f"target folder such as 'memora/recovered'")
+    if "\\" in name:
+        raise SaveNameError(f"save_name {save_name!r} contains a backslash; use '/' to separate subfolders")
+    if ext and name.lower().endswith(ext.lower()):
+        name = name[: -len(ext)]
+    parts = name.split("/")
+    for p in parts:
+        if p in ("..", "."):
+            raise SaveNameError(f"save_name {save_name!r} contains {p!r}: names may not leave or refer to the "
+                                f"folder itself; expected e.g. 'memora/recovered'")
+        if not p:
+            raise SaveNameError(f"save_name {save_name!r} has an empty path component ('//' or a trailing '/'); "
+                                f"expected e.g. 'memora/recovered'")
+        if any(unicodedata.category(c).startswith("C") for c in p):
+            raise SaveNameError(f"save_name {save_name!r} contains control or invisible characters")
+        if not _COMPONENT_RE.match(p):
+            bad = sorted({c for c in p if not _COMPONENT_RE.match(c)})
+            raise SaveNameError(f"save_name {save_name!r} contains characters not allowed in file names: {bad}; "
+                                f"allowed are letters, digits, space and - _ . + ( ) [ ] , @ =, with '/' between "
+                                f"subfolders")
+        if p.startswith(".") or p.endswith((".", " ")) or p.startswith(" "):
+            raise SaveNameError(f"save_name {save_name!r}: component {p!r} may not start with '.' or a space or "
+                                f"end with '.' or a space")
+        if len(p.encode()) > 200:
+            raise SaveNameError(f"save_name {save_name!r}: component {p[:20]!r}... is longer than 200 bytes")
+    return parts[:-1], parts[-1]
+
+
+def _next_counter(folder: Path, base: str, ext: str) -> int:
+    pattern = re.compile(re.escape(base) + r"_(\d{%d,})_" % _COUNTER_DIGITS + re.escape(ext) + "$")
+    highest = 0
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return 1
+    except OSError as e:  # a file where a folder should be, no permission to list
+        raise UnwritableFolderError(e.errno or errno.EIO, f"cannot save into folder {folder}: {e.strerror or e}") from e
+    for entry in entries:
+        m = pattern.match(entry)
+        if m:
+            highest = max(highest, int(m.group(1)))
+    return highest + 1
+
+
+def _file_name(base: str, counter: int, ext: str) -> str:
+    return f"{base}_{counter:0{_COUNTER_DIGITS}d}_{ext}"
+
+
+def resolve_save_path(root: str | os.PathLike, save_name: str, ext: str = EXT) -> Path:
+    """The next free path ``<root>/<save_name>_<counter:05d>_<ext>`` (see the module docstring). Validates the name
+    (SaveNameError) and that the result stays inside root; creates nothing. The name may be taken by the time it is
+    written: :func:`save_safetensors_atomic` then moves on to the next counter."""
+    subdirs, base = check_save_name(save_name, ext)
+    root_abs = Path(os.path.abspath(os.fspath(root)))
+    folder = Path(os.path.normpath(os.path.join(root_abs, *subdirs)))
+    if os.path.commonpath([root_abs, folder]) != str(root_abs):
+        raise SaveNameError(f"save_name {save_name!r} leaves the target folder {root_abs}")
+    return folder / _file_name(base, _next_counter(folder, base, ext), ext)
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a dict of str -> str, got {type(metadata).__name__}")
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"safetensors metadata must map str -> str; these entries do not: {bad[:5]} "
+                         f"(json.dumps structured values first)")
+    return dict(metadata)
+
+
+def _serialise(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    if not isinstance(tensors, Mapping) or not tensors:
+        raise ValueError("nothing to save: the tensor dict is empty")
+    bad = [k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"tensors must map str -> torch.Tensor; these entries do not: {bad[:5]}")
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return save(flat, metadata=metadata or None)
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """mkdir -p that reports the folders it created (to remove them on failure) and raises UnwritableFolderError."""
+    created: list[Path] = []
+    missing = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            created.append(d)
+    except OSError as e:
+        _remove_folders(created)
+        raise UnwritableFolderError(e.errno or errno.EIO,
+                                    f"cannot create folder {folder}: {e.strerror or e}") from e
+    if not folder.is_dir():
+        raise UnwritableFolderError(errno.ENOTDIR, f"cannot save into {folder}: it is not a folder")
+    return created
+
+
+def _remove_folders(created: list[Path]) -> None:
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+def _publish(tmp: Path, final: Path) -> bool:
+    """Give the finished temporary file its final name without ever replacing a file; False if the name is taken."""
+    try:
+        os.link(tmp, final)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    # No hard links on this filesystem: reserve the name exclusively, then replace our own empty reservation.
+    try:
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.unlink(final)
+        raise
+    return True
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path_or_root: str | os.PathLike,
+                            save_name: str | None = None, metadata: Mapping[str, str] | None = None,
+                            ext: str = EXT) -> Path:
+    """Write ``tensors`` (+ str metadata) as safetensors; return the final path.
+
+    With ``save_name``: ``path_or_root`` is the root folder and the file is ``resolve_save_path(root, save_name)``
+    (the counter moves on if a concurrent writer takes the name). Without: ``path_or_root`` is the exact file path,
+    which must not exist (FileExistsError). Bad names: SaveNameError; folder not creatable or not writable:
+    UnwritableFolderError (both ValueErrors). Nothing is left behind on failure."""
+    meta = _check_metadata(metadata)
+    data = _serialise(tensors, meta)
+    if save_name is not None:
+        target = resolve_save_path(path_or_root, save_name, ext)
+        subdirs, base = check_save_name(save_name, ext)
+    else:
+        target = Path(os.path.abspath(os.fspath(path_or_root)))
+        base = None
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, f"refusing to overwrite existing file {target}")
+    folder = target.parent
+    created = _make_folder(folder)
+    tmp = folder / f"{_TMP_PREFIX}{secrets.token_hex(8)}{ext}"
+    published = False
+    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise UnwritableFolderError(e.errno or errno.EACCES,
+                                        f"cannot write into folder {folder}: {e.strerror or e}") from e
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for _ in range(10000):
+            if _publish(tmp, target):
+                published = True
+                break
+            if base is None:
+                raise FileExistsError(errno.EEXIST, f"refusing to overwrite existing file {target}")
+            target = folder / _file_name(base, _next_counter(folder, base, ext), ext)
+        else:
+            raise FileExistsError(errno.EEXIST, f"could not find a free file name for {save_name!r} in {folder}")
+        _fsync_dir(folder)
+        return target
+    finally:
+        # on success the temporary name goes (the final hard link stays); on any failure, BaseException included,
+        # the temporary file and the folders made for it go too
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if not published:
+            _remove_folders(created)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
