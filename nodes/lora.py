@@ -1,0 +1,151 @@
+"""LoRA files: load any common format as a kohya LORA_MODEL, and save a LORA_MODEL safely."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io
+
+from .. import memora
+from ..memora.lora import formats
+from ..memora.lora.save import save_safetensors_atomic
+from . import _host, _lora_host
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of a LoRA file; .safetensors read without pickle, others via ComfyUI."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    import comfy.utils
+
+    return comfy.utils.load_torch_file(str(path), safe_load=True), {}
+
+
+def peft_alpha_from_metadata(meta: dict[str, str]):
+    """The lora_alpha diffusers records for the UNet in 'lora_adapter_metadata' (None when absent)."""
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    for key in ("unet.lora_alpha", "lora_alpha"):
+        if key in data and data[key] is not None:
+            return float(data[key])
+    return None
+
+
+def load_lora_as_kohya(path: str | Path, model=None) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """(kohya LORA_MODEL, format detected, summary) for a file; with a model, ComfyUI-native files use its module map
+    and every UNet layer must match one of its weights (LoraKeyError otherwise)."""
+    sd, meta = read_lora_file(path)
+    fmt = formats.detect_format(sd)
+    alpha = peft_alpha_from_metadata(meta) if fmt == formats.PEFT else None
+    try:
+        kohya = _lora_host.to_kohya_for_model(sd, model, fmt=fmt, alpha=alpha)
+    except formats.LoraFormatError as e:
+        raise formats.LoraFormatError(f"{Path(path).name} ({fmt} format): {e}") from e
+    if model is not None:
+        _lora_host.match_layers(model, kohya)
+    return kohya, fmt, formats.summarize(kohya)
+
+
+def report_text(name: str, fmt: str, summary: dict) -> str:
+    ranks = ", ".join(str(r) for r in summary["ranks"]) or "-"
+    alphas = ", ".join(f"{a:g}" for a in summary["alphas"]) or "-"
+    text = (f"{name}: format {fmt} -> kohya; {summary['layers']} layers (UNet {summary['unet_layers']}, text encoder "
+            f"{summary['text_encoder_layers']}), {summary['params']:,} parameters; rank {ranks}; alpha {alphas}")
+    if summary["full_diffs"]:
+        text += f"; {summary['full_diffs']} full-weight diffs"
+    return text
+
+
+class MemoRaLoadLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        return io.Schema(
+            node_id="MemoRaLoadLoRA",
+            display_name="MemoRa Load LoRA",
+            category="MemoRa/LoRA",
+            description=(
+                "Reads a LoRA file from the loras folder in any common key format (kohya / lycoris, diffusers "
+                "'.lora.down', diffusers-PEFT 'lora_A/lora_B', ComfyUI-native 'diffusion_model.*' from core "
+                "TrainLoraNode) and returns it as a kohya-format LORA_MODEL, which core LoraModelLoader and the "
+                "MemoRa nodes apply with every layer loaded. Fails with the format's name when keys match nothing."),
+            inputs=[
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A LoRA file from models/loras (any of the formats listed in the description)."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Optional: the model the LoRA is meant for. Needed for ComfyUI-native files of "
+                                       "non-SD1.x UNets; when given, every UNet layer must match one of its weights."),
+            ],
+            outputs=[
+                io.LoraModel.Output(display_name="lora",
+                                    tooltip="The LoRA in kohya SD format (lora_unet_<diffusers path> lora_down / "
+                                            "lora_up / alpha), for LoraModelLoader and the MemoRa nodes."),
+                io.String.Output(display_name="report",
+                                 tooltip="Format detected, number of layers and parameters, ranks and alphas."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, lora_name, model=None) -> io.NodeOutput:
+        import folder_paths
+
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        kohya, fmt, summary = load_lora_as_kohya(path, model)
+        return io.NodeOutput(kohya, report_text(lora_name, fmt, summary))
+
+
+class MemoRaSaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MemoRaSaveLoRA",
+            display_name="MemoRa Save LoRA",
+            category="MemoRa/LoRA",
+            description=(
+                "Saves a LORA_MODEL (kohya format; other formats are converted) as models/loras/<save_name>_"
+                "<counter>_.safetensors: written atomically, never overwriting a file, name checked to stay inside "
+                "the loras folder. Loads in LoraLoader and in diffusers."),
+            inputs=[
+                io.LoraModel.Input("lora", tooltip="The LoRA to save (e.g. from MemoRa LoRA Train or MemoRa Load LoRA)."),
+                io.String.Input("save_name", default="memora/lora",
+                                tooltip="File prefix under models/loras; '/' makes subfolders. A 5-digit counter is "
+                                        "added so no file is ever overwritten."),
+            ],
+            outputs=[io.String.Output(display_name="filename",
+                                      tooltip="The saved file, relative to the loras folder (as LoraLoader lists it).")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, lora, save_name) -> io.NodeOutput:
+        if not isinstance(lora, dict) or not lora:
+            raise ValueError("lora is empty: expected a LORA_MODEL (a dict of tensors in kohya format)")
+        kohya = formats.to_kohya(lora)
+        summary = formats.summarize(kohya)
+        metadata = {
+            "memora_format": "kohya",
+            "memora_version": memora.__version__,
+            "memora_layers": str(summary["layers"]),
+            "memora_params": str(summary["params"]),
+            "memora_ranks": json.dumps(summary["ranks"]),
+        }
+        path = save_safetensors_atomic(kohya, _lora_host.loras_root(), save_name, metadata)
+        filename = _lora_host.relative_to_loras(path)
+        _host.send_event("memora.lora_saved", {"node": _host.current_node_id(), "filename": filename})
+        return io.NodeOutput(filename, ui={"memora_lora": [filename]})
+
+
+NODES = [MemoRaLoadLoRA, MemoRaSaveLoRA]
