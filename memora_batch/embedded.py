@@ -74,25 +74,28 @@ class EmbeddedComfy:
     """One ComfyUI per process (its modules are global). ``boot`` returns the running one if already booted."""
 
     def __init__(self, comfy_path: Path, custom_nodes: Iterable[Path] = (), base_directory: Optional[Path] = None,
-                 cpu: Optional[bool] = None):
+                 cpu: Optional[bool] = None, init_custom_nodes: bool = False):
         self.comfy_path = Path(comfy_path).resolve()
         self.custom_nodes = [Path(p) for p in custom_nodes]
         self.base_directory = Path(base_directory) if base_directory else None
         self.cpu = cpu
+        self.init_custom_nodes = init_custom_nodes
         self.executor = None
         self.server = _ServerStub()
         self.version = "unknown"
 
     @classmethod
     def boot(cls, comfy_path: Path, custom_nodes: Iterable[Path] = (), base_directory: Optional[Path] = None,
-             cpu: Optional[bool] = None) -> "EmbeddedComfy":
+             cpu: Optional[bool] = None, init_custom_nodes: bool = False) -> "EmbeddedComfy":
+        """``custom_nodes``: pack folders to load; ``init_custom_nodes``: also load every pack in the checkout's
+        custom_nodes folder (as the server does; a listed pack already loaded from there is not loaded twice)."""
         global _BOOTED
         if _BOOTED is not None:
             if _BOOTED.comfy_path != Path(comfy_path).resolve():
                 raise RuntimeError(f"ComfyUI {_BOOTED.comfy_path} is already loaded in this process; "
                                    f"cannot also load {comfy_path} (run one checkout per process)")
             return _BOOTED
-        inst = cls(comfy_path, custom_nodes, base_directory, cpu)
+        inst = cls(comfy_path, custom_nodes, base_directory, cpu, init_custom_nodes)
         inst._start()
         _BOOTED = inst
         return inst
@@ -131,6 +134,14 @@ class EmbeddedComfy:
                 target = base / "models" / name
                 target.mkdir(parents=True, exist_ok=True)
                 folder_paths.add_model_folder_path(name, str(target), is_default=True)
+        if self.base_directory is None:
+            # the checkout's own model folders, plus extra_model_paths.yaml as main.py reads it
+            yaml_path = self.comfy_path / "extra_model_paths.yaml"
+            if yaml_path.is_file():
+                try:
+                    utils.extra_config.load_extra_path_config(str(yaml_path))
+                except Exception as e:  # a broken user file should not stop a batch; say so
+                    logging.getLogger(__name__).warning("could not read %s: %s", yaml_path, e)
         import execution
         import nodes
 
@@ -139,8 +150,11 @@ class EmbeddedComfy:
             self.version = version
         except Exception:
             pass
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=self.init_custom_nodes, init_api_nodes=False))
+        loaded = {Path(m).resolve() for m in getattr(nodes, "LOADED_MODULE_DIRS", {}).values()}
         for p in self.custom_nodes:
+            if self.init_custom_nodes and Path(p).resolve() in loaded:
+                continue
             ok = asyncio.run(nodes.load_custom_node(str(p)))
             if not ok:
                 raise RuntimeError(f"ComfyUI failed to import the custom node pack at {p} (see the log above)")

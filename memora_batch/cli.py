@@ -1,0 +1,233 @@
+"""``memora-batch``: run saved ComfyUI workflows (UI or API format) over a sweep, embedded or on ComfyUI servers.
+
+    memora-batch run WORKFLOW.json [--sweep rows.csv|.json|.yaml] [--set "Train LoRA.steps=100"] [--server URL]...
+    memora-batch curve WORKFLOW.json --steps 10,50,100,250,500        (recovery curve + short/long-term verdict)
+    memora-batch demo                                                  (memora_recovery on the built-in micro world)
+    memora-batch demo --original sd-v1-4.ckpt --unlearned esd-nudity.safetensors --concept "a photo of the nude person"
+    memora-batch convert WORKFLOW.json [-o api.json]                   (UI -> API format)
+
+See docs/batch.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from . import runner as _runner
+from . import sweep as _sweep
+from .workflow import Workflow
+
+EXIT_BAD_INPUT = 2
+EXIT_JOB_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _add_common(p: argparse.ArgumentParser, workflow: bool = True):
+    if workflow:
+        p.add_argument("workflow", help="workflow JSON: the editor's Save (UI format) or Export (API)")
+    p.add_argument("--sweep", help="CSV, JSON or YAML: one row per job, columns '<node title or id>.<input>'; the "
+                                   "field's prompt CSVs (prompt, evaluation_seed, evaluation_guidance) work as-is")
+    p.add_argument("--set", action="append", default=[], metavar="ADDRESS=VALUE",
+                   help="set an input in every job, e.g. --set 'Train LoRA.steps=100' (repeatable)")
+    p.add_argument("--server", action="append", default=[], metavar="URL",
+                   help="run on this ComfyUI server instead of in-process (repeatable: jobs spread over servers)")
+    p.add_argument("--out", help="results folder (default: memora-output/<workflow name>)")
+    p.add_argument("--comfyui", help="ComfyUI checkout for embedded runs (default: $COMFYUI_PATH, ~/comfy/ComfyUI)")
+    p.add_argument("--base-directory", help="embedded: ComfyUI base directory (models/, input/, output/)")
+    p.add_argument("--custom-nodes", action="append", default=[], metavar="DIR",
+                   help="embedded: also load this custom node pack (repeatable)")
+    p.add_argument("--all-custom-nodes", action="store_true",
+                   help="embedded: load every pack in the checkout's custom_nodes folder, as the server does")
+    p.add_argument("--cpu", action="store_true", help="embedded: run on the CPU even when a GPU is present")
+    p.add_argument("--models", choices=["checkpoints", "micro"], default=None,
+                   help="micro: replace the loaders titled 'Original model', 'Unlearned model' and 'Never-learned "
+                        "model' by the built-in micro world (MemoRa Load Micro World)")
+    p.add_argument("--original", metavar="CKPT", help="checkpoint for the loader titled 'Original model'")
+    p.add_argument("--unlearned", metavar="CKPT", help="checkpoint for the loader titled 'Unlearned model'")
+    p.add_argument("--concept", metavar="TEXT", help="sets the node titled 'Concept prompt' (and 'Evaluation "
+                                                     "prompt' unless --eval-prompt or the sweep sets it)")
+    p.add_argument("--eval-prompt", metavar="TEXT", help="sets the node titled 'Evaluation prompt'")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: sampling steps <= 2, training <= 2 updates, 64 px images")
+    p.add_argument("--dry-run", action="store_true", help="check everything and list the jobs, run nothing")
+    p.add_argument("--no-retry-failed", action="store_true", help="also skip jobs that failed in an earlier run")
+    p.add_argument("--timeout", type=float, default=None, help="server mode: seconds before a job is given up")
+    p.add_argument("--output-prefix", default=None,
+                   help="folder (under ComfyUI's output) for each job's saved files; default "
+                        "memora-batch/<workflow>/<job key>; '' keeps the workflow's own prefixes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memora-batch", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog="See docs/batch.md")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run a workflow over a sweep")
+    _add_common(p_run)
+    p_curve = sub.add_parser("curve", help="sweep LoRA training steps; print the short-/long-term forgetting verdict")
+    _add_common(p_curve)
+    p_curve.add_argument("--steps", default="10,50,100,250,500", help="training steps (comma-separated)")
+    p_curve.add_argument("--train-node", default="Train LoRA", help="title of the MemoRa LoRA Train node")
+    p_curve.add_argument("--detector", default=None,
+                         help="metric column holding the concept detector rate of the recovered model (default: "
+                              "the first '*rate*' / 'recovered' score column found)")
+    p_curve.add_argument("--similarity", default=None,
+                         help="metric column holding the similarity to the original model (default: the first "
+                              "'*ssim*' score column found)")
+    p_demo = sub.add_parser("demo", help="MemoRa recovery end to end: the built-in micro world, or your models")
+    _add_common(p_demo, workflow=False)
+    p_demo.add_argument("--workflow", default=None, help="default: example_workflows/memora_recovery.json")
+    p_conv = sub.add_parser("convert", help="convert a UI-format workflow to API format")
+    p_conv.add_argument("workflow")
+    p_conv.add_argument("-o", "--output", help="write here (default: stdout)")
+    p_conv.add_argument("--server", action="append", default=[], help="read node definitions from this server")
+    p_conv.add_argument("--comfyui", help="ComfyUI checkout (embedded node definitions)")
+    return parser
+
+
+# -- building blocks shared by the subcommands -----------------------------------------------------------------------
+def _backend(args):
+    if args.server:
+        return _runner.ServerBackend(args.server)
+    return _runner.EmbeddedBackend.boot(args.comfyui, getattr(args, "base_directory", None),
+                                        tuple(getattr(args, "custom_nodes", []) or []),
+                                        getattr(args, "all_custom_nodes", False), cpu=True if args.cpu else None)
+
+
+def _texts(args, sweep_columns: list[str]) -> dict:
+    """--concept / --eval-prompt: {node title: text}."""
+    texts = {}
+    if args.concept is not None:
+        texts["Concept prompt"] = args.concept
+    eval_prompt = args.eval_prompt if args.eval_prompt is not None else args.concept
+    if eval_prompt is not None and "prompt" not in sweep_columns and not any(
+            c.startswith("Evaluation prompt.") for c in sweep_columns):
+        texts["Evaluation prompt"] = eval_prompt
+    return texts
+
+
+def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None):
+    workflow = Workflow.load(workflow_path)
+    rows = _sweep.load_rows(args.sweep) if args.sweep else []
+    if extra_rows:
+        rows = [{**r, **e} for r in (rows or [{}]) for e in extra_rows]
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    swaps = _runner.model_swaps(args.models, args.original, args.unlearned)
+    backend = _backend(args)
+    plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_assignments(args.set), swaps,
+                             quick=args.quick, texts=_texts(args, columns))
+    return backend, plan
+
+
+def _results_dir(args, name: str) -> Path:
+    return Path(args.out) if args.out else _runner.default_results_dir(name)
+
+
+def execute(args, backend, plan, results_dir: Path):
+    if args.dry_run:
+        print(f"{len(plan.jobs)} job(s) for {plan.workflow.name} on {backend.where}:")
+        for job in plan.jobs:
+            print(f"  {job.key}  {json.dumps(job.overrides, default=str)}")
+        return None
+    print(f"memora-batch: {len(plan.jobs)} job(s) of {plan.workflow.name} on {backend.where}; "
+          f"results in {results_dir}", file=sys.stderr, flush=True)
+    summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
+                               progress=not args.no_progress, output_prefix=args.output_prefix,
+                               job_timeout=args.timeout)
+    from .report import write_report
+
+    report = write_report(results_dir, plan.workflow.name)
+    print(f"memora-batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done"
+          + (f", {summary.not_run} not run" if summary.not_run else ""))
+    print(f"  results: {results_dir / 'results.csv'} (and results.jsonl)")
+    print(f"  report:  {report}")
+    return summary
+
+
+# -- subcommands -----------------------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    backend, plan = prepare(args, args.workflow)
+    summary = execute(args, backend, plan, _results_dir(args, plan.workflow.name))
+    return 0 if summary is None or summary.failed == 0 and summary.not_run == 0 else EXIT_JOB_FAILED
+
+
+def cmd_curve(args) -> int:
+    from .curve import curve_rows, print_verdict
+
+    steps = [int(s) for s in str(args.steps).split(",") if s.strip()]
+    if not steps or any(s < 1 for s in steps):
+        raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
+    backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))
+    results_dir = _results_dir(args, plan.workflow.name + "-curve")
+    summary = execute(args, backend, plan, results_dir)
+    if summary is None:
+        return 0
+    return print_verdict(results_dir, args.train_node, steps, args.detector, args.similarity)
+
+
+def cmd_demo(args) -> int:
+    root = _runner.pack_root()
+    wf = args.workflow or (str(root / "example_workflows" / "memora_recovery.json") if root else None)
+    if not wf or not Path(wf).is_file():
+        raise FileNotFoundError("example_workflows/memora_recovery.json not found; pass --workflow")
+    own_models = bool(args.original or args.unlearned)
+    if args.models is None and not own_models:
+        args.models = "micro"
+    if own_models and not (args.original and args.unlearned):
+        raise _sweep.SweepError("with your own models pass both --original and --unlearned (checkpoint file names "
+                                "in ComfyUI's models/checkpoints)")
+    backend, plan = prepare(args, wf)
+    results_dir = _results_dir(args, "demo" if args.models == "micro" else plan.workflow.name)
+    summary = execute(args, backend, plan, results_dir)
+    if summary is None:
+        return 0
+    from .report import print_where
+
+    print_where(results_dir, backend)
+    return 0 if summary.failed == 0 else EXIT_JOB_FAILED
+
+
+def cmd_convert(args) -> int:
+    workflow = Workflow.load(args.workflow)
+    if args.server:
+        backend = _runner.ServerBackend(args.server)
+    else:
+        backend = _runner.EmbeddedBackend.boot(args.comfyui)
+    workflow.check_installed(backend.available_types(), backend.where)
+    types = set(workflow.required_node_types()) | {n.get("type") for n in (workflow.ui or {}).get("nodes", [])
+                                                   if isinstance(n, dict)}
+    api = workflow.to_api(backend.object_info(sorted(t for t in types if isinstance(t, str))))
+    text = json.dumps(api, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "curve": cmd_curve, "demo": cmd_demo, "convert": cmd_convert}[args.command]
+    from .server_client import AllServersFailed, ServerUnreachable
+    from .workflow import WorkflowError
+
+    try:
+        return handler(args)
+    except (WorkflowError, _sweep.SweepError, ServerUnreachable, FileNotFoundError, ValueError) as e:
+        print(f"memora-batch: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except AllServersFailed as e:
+        print(f"memora-batch: {e}", file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except KeyboardInterrupt:
+        print("\nmemora-batch: interrupted; finished jobs are saved, rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

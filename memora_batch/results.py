@@ -1,0 +1,215 @@
+"""The results of a batch: one record per job in results.jsonl (appended and flushed as each job ends) and the same
+table as results.csv (rewritten atomically after each job, so both survive Ctrl-C intact).
+
+A record: ``key`` (hash of the job's resolved graph), ``status`` (ok / error), ``row`` (index in the sweep),
+``overrides`` (address -> value), ``labels``, ``outputs`` (files, LoRAs), ``metrics`` (score tables and training loss
+read from the nodes' UI outputs), ``started``, ``seconds``, ``server``, ``prompt_id``, ``error``.
+A rerun skips the keys recorded with status ok; failed jobs run again (their new record is appended; the CSV shows
+the latest record of each key)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+FIXED_COLUMNS = ["key", "status", "row"]
+TAIL_COLUMNS = ["outputs", "loras", "seconds", "started", "server", "prompt_id", "error"]
+
+
+class ResultsStore:
+    def __init__(self, directory: "str | Path"):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.dir / "results.jsonl"
+        self.csv = self.dir / "results.csv"
+        self.records: list[dict] = []
+        if self.jsonl.exists():
+            for line in self.jsonl.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash: that job simply runs again
+
+    def finished_keys(self) -> set[str]:
+        return {r["key"] for r in self.records if r.get("status") == "ok"}
+
+    def latest(self) -> list[dict]:
+        by_key: dict[str, dict] = {}
+        for r in self.records:
+            by_key.pop(r["key"], None)
+            by_key[r["key"]] = r
+        return sorted(by_key.values(), key=lambda r: (r.get("row") is None, r.get("row") or 0))
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record, default=str, allow_nan=False, sort_keys=False) if _finite(record) else \
+            json.dumps(_nan_to_none(record), default=str)
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(json.loads(line))
+        self.write_csv()
+
+    def write_csv(self) -> None:
+        rows = self.latest()
+        override_cols, label_cols, metric_cols = [], [], []
+        for r in rows:
+            for k in r.get("overrides", {}):
+                if k not in override_cols:
+                    override_cols.append(k)
+            for k in r.get("labels", {}):
+                if f"label.{k}" not in label_cols:
+                    label_cols.append(f"label.{k}")
+            for k in r.get("metrics", {}):
+                if k not in metric_cols:
+                    metric_cols.append(k)
+        header = FIXED_COLUMNS + override_cols + label_cols + metric_cols + TAIL_COLUMNS
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(header)
+        for r in rows:
+            outputs = r.get("outputs", {})
+            cells = [r.get("key"), r.get("status"), r.get("row")]
+            cells += [_cell(r.get("overrides", {}).get(k)) for k in override_cols]
+            cells += [_cell(r.get("labels", {}).get(k[len("label."):])) for k in label_cols]
+            cells += [_cell(r.get("metrics", {}).get(k)) for k in metric_cols]
+            cells += [";".join(outputs.get("files", [])), ";".join(outputs.get("loras", [])),
+                      _cell(r.get("seconds")), r.get("started"), r.get("server"), r.get("prompt_id"),
+                      r.get("error") or ""]
+            w.writerow(cells)
+        _atomic_write(self.csv, buf.getvalue())
+
+
+def _cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return v
+
+
+def _finite(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_finite(v) for v in obj)
+    return True
+
+
+def _nan_to_none(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings ("inf" for an identical image's PSNR, for instance)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
+    """Numbers the nodes report in their UI output, flattened to ``<node title>.<name>`` columns.
+
+    - ``memora_scores`` tables ({title, columns, rows}): a one-row table gives ``<node>.<column>``; a table with
+      several rows gives the mean of each numeric column as ``<node>.<column>.mean`` (every row stays in the
+      JSONL record under ``tables``). A row whose first cell is a label such as "mean" or "rate" gives
+      ``<node>.<column>.<label>``.
+    - ``memora_loss`` (training): ``<node>.final_loss`` and ``<node>.train_steps``.
+    """
+    metrics: dict[str, Any] = {}
+    for nid, ui in (ui_outputs or {}).items():
+        if not isinstance(ui, dict):
+            continue
+        name = titles.get(str(nid), str(nid))
+        for table in ui.get("memora_scores") or []:
+            if not isinstance(table, dict):
+                continue
+            columns = list(table.get("columns") or [])
+            rows = [r for r in table.get("rows") or [] if isinstance(r, (list, tuple))]
+            if not columns or not rows:
+                continue
+            label_col = not _is_number(rows[0][0]) if rows[0] else False
+            if len(rows) == 1:
+                for c, v in zip(columns, rows[0]):
+                    if _is_number(v):
+                        metrics[f"{name}.{c}"] = v
+                continue
+            summary_rows = [r for r in rows if label_col and str(r[0]).lower() in ("mean", "rate", "total", "all")]
+            for r in summary_rows:
+                for c, v in zip(columns[1:], r[1:]):
+                    if _is_number(v):
+                        metrics[f"{name}.{c}.{str(r[0]).lower()}"] = v
+            data_rows = [r for r in rows if r not in summary_rows]
+            for j, c in enumerate(columns):
+                vals = [r[j] for r in data_rows if j < len(r) and _is_number(r[j])]
+                if vals and len(vals) == len(data_rows):
+                    finite = [float(v) for v in vals if math.isfinite(float(v))]
+                    metrics[f"{name}.{c}.mean"] = (sum(finite) / len(finite)) if finite else float(vals[0])
+        loss = ui.get("memora_loss")
+        if isinstance(loss, list) and loss and isinstance(loss[-1], dict) and "loss" in loss[-1]:
+            metrics[f"{name}.final_loss"] = loss[-1]["loss"]
+            metrics[f"{name}.train_steps"] = loss[-1].get("step", len(loss))
+    return metrics
+
+
+def tables_from_ui(ui_outputs: dict, titles: dict[str, str]) -> list[dict]:
+    out = []
+    for nid, ui in (ui_outputs or {}).items():
+        for table in (ui or {}).get("memora_scores") or [] if isinstance(ui, dict) else []:
+            if isinstance(table, dict):
+                out.append({"node": titles.get(str(nid), str(nid)), **table})
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    return False
+
+
+def files_from_ui(ui_outputs: dict, resolve: Optional[callable] = None) -> tuple[list[str], list[str]]:
+    """(output files, saved LoRA names) listed in the UI outputs (images, gifs, audio, ... and ``memora_lora``)."""
+    files, loras = [], []
+    for ui in (ui_outputs or {}).values():
+        if not isinstance(ui, dict):
+            continue
+        for key, items in ui.items():
+            if key == "memora_lora":
+                loras.extend(str(x) for x in items or [])
+                continue
+            for item in items or [] if isinstance(items, list) else []:
+                if isinstance(item, dict) and "filename" in item and item.get("type", "output") == "output":
+                    files.append(resolve(item) if resolve else "/".join(p for p in (item.get("subfolder"),
+                                                                                       item["filename"]) if p))
+    return files, loras
