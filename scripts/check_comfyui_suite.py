@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Run ComfyUI's own execution test suite with this pack installed, and compare with the suite without it.
+
+For each ComfyUI checkout (COMFYUI_PATHS, colon-separated; default ~/comfy/ComfyUI and ~/comfy/ComfyUI-0.33 where
+present), one after the other:
+  1. copy the checkout to a temporary folder (the user's checkout is never modified);
+  2. baseline: run `tests/execution` there without the pack — measured once per checkout content and recorded in
+     ~/.cache/comfyui-memora/comfyui-suite-baseline.json (rerun with --remeasure);
+  3. link this pack into the copy's custom_nodes/ and run the suite again;
+  4. the pack passes when the pass count equals the baseline's and nothing failed that passed before.
+Needs `python` on PATH to be the environment with ComfyUI's requirements (ComfyUI's tests start `python main.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("MEMORA_CACHE", Path.home() / ".cache" / "comfyui-memora"))
+BASELINE_FILE = CACHE / "comfyui-suite-baseline.json"
+
+
+def checkouts() -> list[Path]:
+    env = os.environ.get("COMFYUI_PATHS")
+    cands = env.split(":") if env else [str(Path.home() / "comfy" / "ComfyUI"), str(Path.home() / "comfy" / "ComfyUI-0.33")]
+    out = []
+    for c in cands:
+        p = Path(c).expanduser()
+        if (p / "main.py").is_file():
+            out.append(p.resolve())
+        else:
+            print(f"[comfyui-suite] absent: {p} (skipped)")
+    return out
+
+
+def version(path: Path) -> str:
+    m = re.search(r'__version__\s*=\s*"([^"]+)"', (path / "comfyui_version.py").read_text())
+    return m.group(1) if m else "unknown"
+
+
+def content_key(path: Path) -> str:
+    h = hashlib.sha256()
+    for rel in ("comfyui_version.py", "execution.py", "nodes.py", "server.py", "main.py"):
+        h.update((path / rel).read_bytes())
+    for f in sorted((path / "tests" / "execution").rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_suite(copy: Path, log: Path, timeout: int) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "tests/execution", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    t0 = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=copy, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+    text = log.read_text(errors="replace")
+    counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "errors")}
+    summary = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed)", ln)]
+    if summary:
+        for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary[-1]):
+            counts[k] += int(n)
+    failed_ids = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", text, flags=re.M)))
+    return {"passed": counts["passed"], "failed": counts["failed"], "skipped": counts["skipped"],
+            "errors": counts["error"] + counts["errors"], "failed_ids": failed_ids, "returncode": proc.returncode,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def make_copy(src: Path, dst: Path):
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "output", "temp",
+                                                                           "user", "*.pyc"))
+    cn = dst / "custom_nodes"
+    for child in cn.iterdir() if cn.exists() else []:
+        if child.name not in ("example_node.py.example", "websocket_image_save.py"):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--remeasure", action="store_true", help="measure the baseline again even if recorded")
+    ap.add_argument("--timeout", type=int, default=1500, help="seconds per suite run")
+    args = ap.parse_args(argv)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    baselines = json.loads(BASELINE_FILE.read_text()) if BASELINE_FILE.exists() else {}
+    paths = checkouts()
+    if not paths:
+        print("[comfyui-suite] no ComfyUI checkout found; nothing to check")
+        return 0
+    ok = True
+    lines = []
+    for path in paths:
+        ver, key = version(path), content_key(path)
+        with tempfile.TemporaryDirectory(prefix="memora-comfy-suite-") as td:
+            copy = Path(td) / "ComfyUI"
+            make_copy(path, copy)
+            rec_key = f"{ver}:{key}"
+            base = baselines.get(rec_key)
+            if base is None or args.remeasure:
+                print(f"[comfyui-suite] {ver}: measuring the baseline (no pack) ...", flush=True)
+                base = run_suite(copy, Path(td) / "baseline.log", args.timeout)
+                base["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                baselines[rec_key] = base
+                BASELINE_FILE.write_text(json.dumps(baselines, indent=2))
+            else:
+                print(f"[comfyui-suite] {ver}: baseline recorded {base['measured']}: {base['passed']} passed")
+            (copy / "custom_nodes" / "comfyui-memora").symlink_to(ROOT, target_is_directory=True)
+            print(f"[comfyui-suite] {ver}: running with comfyui-memora installed ...", flush=True)
+            log = Path(td) / "with_pack.log"
+            res = run_suite(copy, log, args.timeout)
+            text = log.read_text(errors="replace")
+            pack_failed = "IMPORT FAILED" in text and "comfyui-memora" in text
+            new_failures = sorted(set(res["failed_ids"]) - set(base["failed_ids"]))
+            good = res["passed"] == base["passed"] and not new_failures and not pack_failed
+            ok &= good
+            line = (f"ComfyUI {ver}: execution suite without pack {base['passed']} passed/{base['failed']} failed; "
+                    f"with pack {res['passed']} passed/{res['failed']} failed ({res['seconds']} s) -> "
+                    f"{'OK' if good else 'BROKEN'}")
+            if new_failures:
+                line += f"; new failures: {', '.join(new_failures[:10])}"
+            if pack_failed:
+                line += "; the pack failed to import"
+            if not good:
+                print(text[-4000:])
+            lines.append(line)
+            print("[comfyui-suite] " + line, flush=True)
+    print("\n".join(["", "ComfyUI's own execution tests with comfyui-memora installed:"] + ["  " + ln for ln in lines]))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
