@@ -1,0 +1,345 @@
+"""MemoRa Load Unlearned Model: a base checkpoint plus an unlearned weights file in any of the zoo's formats.
+
+Format detection, safe reading, key matching and the refusal rule live in ``memora.zoo`` (no ComfyUI); this module
+maps the file's keys onto the base model's (``comfy.utils.unet_to_diffusers`` for diffusers UNet names, ComfyUI's
+CLIP layout ``clip_l.transformer.text_model.*`` for the text encoder) and applies the result as ComfyUI weight
+patches on clones of the base: "set" patches for replaced tensors, LoRA patches for LoRA files. Weights are never
+written in place: the base model stays intact (other nodes may share it), and on ComfyUI 0.33's dynamic-VRAM path
+the weights are memory-mapped from the checkpoint, where an in-place write crashes the process.
+
+Registers the ``models/unlearned`` folder with ComfyUI at import; files from the unet (diffusion_models) and loras
+folders, and diffusers pipeline folders in unlearned/ or diffusers/, are offered too."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..memora import zoo
+
+UNLEARNED_FOLDER = "unlearned"
+# (prefix shown in the list, ComfyUI folder name)
+FILE_SOURCES = (("unlearned", UNLEARNED_FOLDER), ("unet", "diffusion_models"), ("loras", "loras"))
+PIPELINE_SOURCES = (("unlearned", UNLEARNED_FOLDER), ("diffusers", "diffusers"))
+_PIPELINE_SEARCH_DEPTH = 3
+
+
+def register_folder() -> None:
+    """models/unlearned as a ComfyUI model folder (extra_model_paths.yaml may add more paths to it)."""
+    exts = set(folder_paths.supported_pt_extensions)
+    if UNLEARNED_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[UNLEARNED_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, UNLEARNED_FOLDER)], exts)
+    else:
+        paths, current = folder_paths.folder_names_and_paths[UNLEARNED_FOLDER]
+        if current:  # an empty set means "every file"; otherwise make sure weight files are listed
+            folder_paths.folder_names_and_paths[UNLEARNED_FOLDER] = (paths, set(current) | exts)
+
+
+register_folder()
+
+
+# -- the file list and resolving a choice ------------------------------------------------------------------------
+def _folder_roots(folder: str) -> list[Path]:
+    try:
+        return [Path(p) for p in folder_paths.get_folder_paths(folder)]
+    except KeyError:
+        return []
+
+
+def _pipeline_dirs(root: Path) -> list[str]:
+    out: list[str] = []
+    if not root.is_dir():
+        return out
+    stack = [(root, 0)]
+    while stack:
+        d, depth = stack.pop()
+        try:
+            subdirs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            continue
+        for p in subdirs:
+            if zoo.is_pipeline_folder(p):
+                out.append(p.relative_to(root).as_posix() + "/")
+            elif depth + 1 < _PIPELINE_SEARCH_DEPTH:
+                stack.append((p, depth + 1))
+    return sorted(out)
+
+
+def weight_choices() -> list[str]:
+    """'unlearned/<file>', 'unet/<file>', 'loras/<file>', and pipeline folders 'unlearned/<dir>/', 'diffusers/<dir>/'."""
+    out: list[str] = []
+    for label, folder in FILE_SOURCES:
+        try:
+            names = folder_paths.get_filename_list(folder)
+        except KeyError:
+            continue
+        out.extend(f"{label}/{n}" for n in names)
+    for label, folder in PIPELINE_SOURCES:
+        for root in _folder_roots(folder):
+            out.extend(f"{label}/{d}" for d in _pipeline_dirs(root) if f"{label}/{d}" not in out)
+    return out
+
+
+def resolve_choice(choice: str) -> Path:
+    """The file or pipeline folder a list entry names; ValueError for anything outside the model folders."""
+    if not isinstance(choice, str) or "/" not in choice:
+        raise ValueError(f"unlearned_weights: expected '<folder>/<file>' as the list shows it "
+                         f"(folders: unlearned, unet, loras, diffusers), got {choice!r}")
+    label, rest = choice.split("/", 1)
+    folders = dict(FILE_SOURCES) | dict(PIPELINE_SOURCES)
+    if label not in folders:
+        raise ValueError(f"unlearned_weights: unknown folder {label!r} in {choice!r}; known: {sorted(folders)}")
+    parts = [p for p in rest.replace("\\", "/").split("/") if p]
+    if not parts or any(p in ("..", ".") for p in parts) or rest.startswith("/"):
+        raise ValueError(f"unlearned_weights: {choice!r} is not a plain path inside the {label} folder")
+    if rest.endswith("/"):
+        for root in _folder_roots(folders[label]):
+            cand = (root / "/".join(parts)).resolve()
+            if cand.is_relative_to(root.resolve()) and zoo.is_pipeline_folder(cand):
+                return cand
+        raise ValueError(f"unlearned_weights: no diffusers pipeline folder {rest!r} in the {label} folder(s) "
+                         f"{[str(r) for r in _folder_roots(folders[label])]}")
+    full = folder_paths.get_full_path(folders[label], "/".join(parts))
+    if full is None:
+        raise ValueError(f"unlearned_weights: file {rest!r} not found in the {label} folder(s) "
+                         f"{[str(r) for r in _folder_roots(folders[label])]}")
+    return Path(full)
+
+
+# -- mapping keys onto the base model ----------------------------------------------------------------------------
+def unet_key_map(model, unet_keys: str):
+    """file UNet key -> ComfyUI model key ('diffusion_model.<ldm name>')."""
+    if unet_keys == "ldm":
+        return lambda k: "diffusion_model." + k
+    mapping = comfy.utils.unet_to_diffusers(dict(model.model.model_config.unet_config))
+    if not mapping:
+        raise ValueError("the base checkpoint's model is not a UNet (no diffusers key map for it); unlearned "
+                         "UNet weights need an SD1.x/SD2.x-style base checkpoint")
+    return {d: "diffusion_model." + ldm for d, ldm in mapping.items()}
+
+
+def clip_key_map(clip_sd_keys) -> dict[str, str]:
+    """Hugging Face CLIPTextModel key ('text_model.*') -> ComfyUI CLIP key ('clip_l.transformer.text_model.*').
+
+    SD1.x has one text encoder (clip_l); with several, clip_l wins (the zoo is SD1.4)."""
+    out: dict[str, str] = {}
+    marker = ".transformer.text_model."
+    keys = sorted(clip_sd_keys, key=lambda k: (not k.startswith("clip_l."), k))
+    for k in keys:
+        i = k.find(marker)
+        if i < 0:
+            continue
+        hf = "text_model." + k[i + len(marker):]
+        out.setdefault(hf, k)
+    return out
+
+
+def _storage_dtype(file_tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    # Store the replacement in the base weight's dtype (what applying it produces anyway) to halve the memory a fp32
+    # zoo file costs next to a fp16 base; 8-bit float bases keep the file's precision (ComfyUI rounds on patching).
+    if base.dtype.is_floating_point and base.element_size() >= 2:
+        return file_tensor.detach().to(dtype=base.dtype)
+    return file_tensor.detach()
+
+
+def _set_patches(matched: dict[str, torch.Tensor], base_sd: dict[str, torch.Tensor]) -> dict:
+    return {k: ("set", (_storage_dtype(v, base_sd[k]),)) for k, v in matched.items()}
+
+
+def _add_patches(patcher_owner, patches: dict, strength: float = 1.0):
+    clone = patcher_owner.clone()
+    done = set(clone.add_patches(patches, strength))
+    refused = sorted(set(patches) - done)
+    if refused:
+        raise RuntimeError(f"ComfyUI refused patches for {refused[:5]} ({len(refused)} keys)")
+    return clone
+
+
+# -- LoRA files ---------------------------------------------------------------------------------------------------
+def _lora_layer_names(keys) -> list[str]:
+    suffixes = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale", ".diff",
+                ".diff_b", ".set_weight")
+    names = set()
+    for k in keys:
+        for s in suffixes:
+            if k.endswith(s):
+                names.add(k[: -len(s)])
+                break
+        else:
+            names.add(k)
+    return sorted(names)
+
+
+def _apply_lora_layers(owner, lora_sd: dict, key_map: dict, strength: float, component: str):
+    """Apply LoRA layers through ComfyUI's LoRA machinery; (clone, matched layers, unmatched layers, patched keys)."""
+    import comfy.lora
+
+    names = _lora_layer_names(lora_sd)
+    matched = [n for n in names if n in key_map]
+    unmatched = [n for n in names if n not in key_map]
+    patches = comfy.lora.load_lora(lora_sd, {n: key_map[n] for n in matched}, log_missing=False)
+    clone = _add_patches(owner, patches, strength) if patches else owner
+    return clone, matched, unmatched, sorted(patches)
+
+
+def apply_lora_file(model, clip, weights: zoo.UnlearnedWeights, strength: float):
+    """(model, clip, report lines) with the file's LoRA applied: UNet layers on MODEL, lora_te layers on CLIP."""
+    import comfy.lora
+
+    lora = weights.lora
+    if weights.format == zoo.OTHER_LORA:
+        from . import _lora_host
+
+        try:
+            lora = _lora_host.to_kohya_for_model(lora, model)
+        except ValueError as e:
+            raise zoo.UnrecognisedWeightsError(f"{weights.source}: a LoRA, but not one MemoRa can convert: {e}") from e
+    te_part = {k: v for k, v in lora.items() if k.startswith(("lora_te", "text_encoder"))}
+    unet_part = {k: v for k, v in lora.items() if k not in te_part}
+    lines = [f"LoRA applied at strength {strength:g} (not merged: it is a patch on the base weights)"]
+    if unet_part:
+        unet_names = _lora_layer_names(unet_part)
+        unet_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        matched = [n for n in unet_names if n in unet_map]
+        share = len(matched) / len(unet_names)
+        if share < zoo.MIN_MATCHED_SHARE:
+            raise zoo.UnrecognisedWeightsError(
+                f"{weights.source} (detected as {weights.format}): {len(matched)} of {len(unet_names)} UNet LoRA "
+                f"layers match the base model (e.g. unmatched {[n for n in unet_names if n not in unet_map][:3]}). "
+                f"Known formats:\n{zoo.known_formats_text()}")
+        try:
+            from . import _lora_host
+        except ImportError:  # the shared LoRA host is optional here: ComfyUI's own machinery does the same
+            _lora_host = None
+        if _lora_host is not None and hasattr(_lora_host, "apply_lora") and len(matched) == len(unet_names):
+            model, rep = _lora_host.apply_lora(model, unet_part, strength)
+            patched = list(rep.patched)
+            unmatched: list[str] = []
+        else:
+            model, matched, unmatched, patched = _apply_lora_layers(model, unet_part, unet_map, strength, "unet")
+        lines.append(f"unet CHANGED by LoRA: {len(matched)} of {len(unet_names)} layers matched, {len(patched)} "
+                     f"weights patched ({zoo.summarize_keys(patched)})")
+        if unmatched:
+            lines.append(f"  WARNING: LoRA layers not applied (no matching weight): {unmatched[:5]}")
+    if te_part:
+        if clip is None:
+            raise ValueError(f"{weights.source}: the LoRA has text-encoder layers but the base checkpoint has no "
+                             f"text encoder")
+        te_names = _lora_layer_names(te_part)
+        te_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        if sum(n in te_map for n in te_names) / len(te_names) < zoo.MIN_MATCHED_SHARE:
+            raise zoo.UnrecognisedWeightsError(
+                f"{weights.source}: {sum(n in te_map for n in te_names)} of {len(te_names)} text-encoder LoRA layers "
+                f"match the base model's text encoder. Known formats:\n{zoo.known_formats_text()}")
+        clip, matched, unmatched, patched = _apply_lora_layers(clip, te_part, te_map, strength, "text_encoder")
+        lines.append(f"text_encoder CHANGED by LoRA: {len(matched)} of {len(te_names)} layers matched, "
+                     f"{len(patched)} weights patched")
+        if unmatched:
+            lines.append(f"  WARNING: LoRA layers not applied (no matching weight): {unmatched[:5]}")
+    else:
+        lines.append("text_encoder unchanged (the LoRA has no text-encoder layers)")
+    return model, clip, lines
+
+
+# -- the whole load -----------------------------------------------------------------------------------------------
+def apply_unlearned(model, clip, weights: zoo.UnlearnedWeights, lora_strength: float = 1.0,
+                    base_name: str = "") -> tuple:
+    """(MODEL, CLIP, report) = the base with the unlearned weights applied as patches on clones.
+
+    Everything is matched and checked (zoo.check_matches) before any patch is added: a refused file leaves nothing
+    modified. Reusable outside the node (e.g. by a batch runner) with any ModelPatcher / CLIP pair."""
+    if weights.lora is not None:
+        model, clip, lines = apply_lora_file(model, clip, weights, lora_strength)
+        return model, clip, zoo.format_report(weights, [], [], lines, base_name)
+
+    matches: list[zoo.ComponentMatch] = []
+    base_unet: dict[str, torch.Tensor] = {}
+    base_clip: dict[str, torch.Tensor] = {}
+    if weights.unet:
+        base_unet = {k: v for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
+        shapes = {k: tuple(v.shape) for k, v in base_unet.items()}
+        matches.append(zoo.match_component("unet", weights.unet, unet_key_map(model, weights.unet_keys), shapes))
+    if weights.text_encoder:
+        if clip is None:
+            raise ValueError(f"{weights.source}: holds text-encoder weights but the base checkpoint has no text "
+                             f"encoder (CLIP)")
+        base_clip = clip.cond_stage_model.state_dict()
+        te_map = clip_key_map(base_clip.keys())
+        shapes = {v: tuple(base_clip[v].shape) for v in te_map.values()}
+        matches.append(zoo.match_component("text_encoder", weights.text_encoder, te_map, shapes))
+    zoo.check_matches(weights, matches)
+
+    changes: list[zoo.Change] = []
+    for m in matches:
+        base_sd = base_unet if m.component == "unet" else base_clip
+        changes.append(zoo.compare_to_base(m.component, m.matched, base_sd.__getitem__))
+        patches = _set_patches(m.matched, base_sd)
+        if m.component == "unet":
+            model = _add_patches(model, patches)
+        else:
+            clip = _add_patches(clip, patches)
+    return model, clip, zoo.format_report(weights, matches, changes, None, base_name)
+
+
+def load_base_checkpoint(ckpt_name: str):
+    """(MODEL, CLIP, VAE) of a checkpoint from the checkpoints folder, as CheckpointLoaderSimple loads it."""
+    path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+    out = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
+                                                embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return out[:3]
+
+
+class MemoRaLoadUnlearnedModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MemoRaLoadUnlearnedModel",
+            display_name="MemoRa Load Unlearned Model",
+            category="MemoRa/loaders",
+            description=(
+                "Load a base checkpoint and an unlearned model's weights in any of the formats the unlearning "
+                "literature ships (full or partial diffusers UNet, ldm checkpoint, AdvUnlearn text encoder with or "
+                "without its 'text_encoder.' prefix, Concept Ablation delta.bin, SPM kohya LoRA, diffusers "
+                "pipeline folder). The format is detected; partial files are merged onto the base through weight "
+                "patches (the base is never modified in place); loads that match nothing or almost nothing of the "
+                "base are refused instead of silently returning the base model. Pickles load with "
+                "weights_only: a file that needs code to load is refused. Files: models/unlearned, models/unet, "
+                "models/loras, and pipeline folders in models/unlearned or models/diffusers."),
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                               tooltip="The base checkpoint the model was unlearned from (the zoo: Stable "
+                                       "Diffusion 1.4). Partial files are merged onto it; its VAE is used."),
+                io.Combo.Input("unlearned_weights", options=weight_choices(),
+                               tooltip="The unlearned weights: a file from models/unlearned, models/unet or "
+                                       "models/loras, or a diffusers pipeline folder (entries ending in '/')."),
+                io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Strength for LoRA-format files (SPM); ignored for every other format."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The unlearned UNet (the base with the file applied)."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder (changed only if the file holds one)."),
+                io.Vae.Output(display_name="VAE", tooltip="The base checkpoint's VAE."),
+                io.String.Output(display_name="report",
+                                 tooltip="Format detected; tensors matched / unexpected / missing per component; "
+                                         "which component changed and how much; what was ignored."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, unlearned_weights, lora_strength) -> io.NodeOutput:
+        path = resolve_choice(unlearned_weights)
+        weights = zoo.load_unlearned(path)  # refuses unreadable / unsafe / unrecognised files before any loading
+        model, clip, vae = load_base_checkpoint(ckpt_name)
+        model, clip, report = apply_unlearned(model, clip, weights, float(lora_strength), base_name=ckpt_name)
+        return io.NodeOutput(model, clip, vae, report)
+
+
+NODES = [MemoRaLoadUnlearnedModel]
