@@ -52,7 +52,9 @@ def load_lora_as_kohya(path: str | Path, model=None) -> tuple[dict[str, torch.Te
     try:
         kohya = _lora_host.to_kohya_for_model(sd, model, fmt=fmt, alpha=alpha)
     except formats.LoraFormatError as e:
-        raise formats.LoraFormatError(f"{Path(path).name} ({fmt} format): {e}") from e
+        hint = (" Connect the model input: without it ComfyUI-native files are read with the standard SD1.x UNet "
+                "layout." if fmt == formats.COMFY and model is None else "")
+        raise formats.LoraFormatError(f"{Path(path).name} ({fmt} format): {e}{hint}") from e
     if model is not None:
         _lora_host.match_layers(model, kohya)
     return kohya, fmt, formats.summarize(kohya)

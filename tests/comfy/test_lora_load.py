@@ -52,6 +52,15 @@ def lora_file(comfy, attn_lora):
     return host.relative_to_loras(path), path
 
 
+def _write_test_lora(name: str, sd: dict) -> str:
+    """Write a fixture LoRA file (plain safetensors, as other tools would) under loras/memora_test/; its list name."""
+    p = _host().loras_root() / "memora_test" / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if not p.exists():
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
+    return f"memora_test/{name}"
+
+
 def test_tiny_attention_lora_counts(attn_lora):
     sd, names, shapes = attn_lora
     summary = formats.summarize(sd)
@@ -145,14 +154,10 @@ def test_stock_loraloader_loads_every_layer_and_diffusers_agrees(comfy, tiny_ckp
 def test_stock_loraloader_drops_peft_attention_keys(comfy, tiny_ckpt, attn_lora, caplog):
     """Why files are written in kohya format: stock LoraLoader drops every attention key of the PEFT spelling (and
     the warning capture above does see those warnings)."""
-    host = _host()
-    p = host.loras_root() / "memora_test" / "peft_for_stock.safetensors"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if not p.exists():
-        save_file(formats.kohya_to_diffusers(attn_lora[0]), str(p))
+    name = _write_test_lora("peft_for_stock.safetensors", formats.kohya_to_diffusers(attn_lora[0]))
     g = Graph()
     ck = g.node("CheckpointLoaderSimple", ckpt_name=tiny_ckpt)
-    lo = g.node("LoraLoader", model=ck[0], clip=ck[1], lora_name="memora_test/peft_for_stock.safetensors",
+    lo = g.node("LoraLoader", model=ck[0], clip=ck[1], lora_name=name,
                 strength_model=1.0, strength_clip=1.0)
     g.node("PreviewAny", source=lo[0])
     with caplog.at_level(logging.WARNING):
@@ -181,13 +186,9 @@ def _variants(sd, ldm_map):
 def test_load_node_reads_every_format_to_identical_deltas(comfy, tiny_ckpt, lora_file, attn_lora, loaded_tiny):
     host = _host()
     sd = attn_lora[0]
-    root = host.loras_root() / "memora_test"
     files = {"kohya": lora_file[0]}
     for fmt, variant in _variants(sd, host.ldm_to_diffusers_map(loaded_tiny[0])).items():
-        p = root / f"variant_{fmt}.safetensors"
-        if not p.exists():
-            save_file({k: v.contiguous() for k, v in variant.items()}, str(p))
-        files[fmt] = f"memora_test/variant_{fmt}.safetensors"
+        files[fmt] = _write_test_lora(f"variant_{fmt}.safetensors", variant)
     ref = {n: layer.delta() for n, layer in formats.kohya_layers(sd).items()}
     g = Graph()
     ck = g.node("CheckpointLoaderSimple", ckpt_name=tiny_ckpt)
@@ -217,16 +218,12 @@ def test_load_node_reads_every_format_to_identical_deltas(comfy, tiny_ckpt, lora
 
 
 def test_load_node_unknown_format_names_known_formats(comfy):
-    host = _host()
-    p = host.loras_root() / "memora_test" / "not_a_lora.safetensors"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if not p.exists():
-        save_file({"foo.bar.weight": torch.zeros(2, 2)}, str(p))
     import nodes
 
+    name = _write_test_lora("not_a_lora.safetensors", {"foo.bar.weight": torch.zeros(2, 2)})
     node = nodes.NODE_CLASS_MAPPINGS["MemoRaLoadLoRA"]
     with pytest.raises(ValueError) as e:
-        node.execute("memora_test/not_a_lora.safetensors")
+        node.execute(name)
     msg = str(e.value)
     assert "unknown LoRA format" in msg and "kohya" in msg and "peft" in msg and "foo.bar.weight" in msg
 
@@ -238,12 +235,10 @@ def test_load_node_refuses_lora_for_another_model(comfy, loaded_tiny):
     # A LoRA on real SD1.x's deepest attention (the tiny UNet has no up_blocks.3 attention).
     sd = formats.layers_to_kohya({"up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q":
                                   formats.LoraLayer(torch.zeros(4, 320), torch.zeros(320, 4), 4.0)})
-    p = host.loras_root() / "memora_test" / "sd15_only.safetensors"
-    if not p.exists():
-        save_file(sd, str(p))
+    name = _write_test_lora("sd15_only.safetensors", sd)
     node = nodes.NODE_CLASS_MAPPINGS["MemoRaLoadLoRA"]
     with pytest.raises(host.LoraKeyError) as e:
-        node.execute("memora_test/sd15_only.safetensors", loaded_tiny[0])
+        node.execute(name, loaded_tiny[0])
     assert "format kohya" in str(e.value) and "up_blocks_3" in str(e.value)
 
 
@@ -278,3 +273,17 @@ def test_save_node_writes_a_new_file_each_time(comfy, lora_file, attn_lora):
         node.execute(attn_lora[0], "../escape")
     assert not (host.loras_root().parent / "escape_00001_.safetensors").exists()
     assert Path(host.loras_root() / f1).is_file()
+
+
+def test_comfy_native_file_for_a_non_sd1x_unet_needs_the_model(comfy, loaded_tiny, attn_lora):
+    """The tiny UNet's ldm names differ from SD1.x's: without the model the node says to connect it."""
+    import nodes
+
+    host = _host()
+    native = _variants(attn_lora[0], host.ldm_to_diffusers_map(loaded_tiny[0]))["comfy"]
+    name = _write_test_lora("native_tiny.safetensors", native)
+    node = nodes.NODE_CLASS_MAPPINGS["MemoRaLoadLoRA"]
+    with pytest.raises(ValueError, match="comfy format.*Connect the model input"):  # the pack loads its own copy of memora
+        node.execute(name)
+    lora, report = node.execute(name, loaded_tiny[0]).args
+    assert "format comfy -> kohya; 56 layers" in report
