@@ -287,3 +287,30 @@ def test_comfy_native_file_for_a_non_sd1x_unet_needs_the_model(comfy, loaded_tin
         node.execute(name)
     lora, report = node.execute(name, loaded_tiny[0]).args
     assert "format comfy -> kohya; 56 layers" in report
+
+
+def test_peft_file_saved_by_diffusers_keeps_its_lora_alpha(comfy, attn_lora):
+    """diffusers' own save_lora_weights with lora_alpha != r: the alpha lives in the file's metadata only."""
+    import nodes
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    host = _host()
+    sd = attn_lora[0]
+    layers = formats.kohya_layers(sd)
+    unet_layers = {}
+    for name, layer in layers.items():
+        mod = formats.kohya_to_module(name)
+        unet_layers[f"{mod}.lora_A.weight"] = layer.down
+        unet_layers[f"{mod}.lora_B.weight"] = layer.up
+    folder = host.loras_root() / "memora_test"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "diffusers_saved.safetensors").exists():
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            str(folder), unet_lora_layers=unet_layers, weight_name="diffusers_saved.safetensors",
+            unet_lora_adapter_metadata={"r": RANK, "lora_alpha": ALPHA})
+    node = nodes.NODE_CLASS_MAPPINGS["MemoRaLoadLoRA"]
+    lora, report = node.execute("memora_test/diffusers_saved.safetensors").args
+    assert "format peft" in report and f"alpha {ALPHA:g}" in report, report
+    back = formats.kohya_layers(lora)
+    worst = max((back[n].delta() - layers[n].delta()).abs().max().item() for n in layers)
+    assert worst < 1e-6
