@@ -157,7 +157,7 @@ def cmd_run(args) -> int:
 def cmd_curve(args) -> int:
     from .curve import curve_rows, print_verdict
 
-    steps = [int(s) for s in str(args.steps).split(",") if s.strip()]
+    steps = sorted({int(s) for s in str(args.steps).split(",") if s.strip()})
     if not steps or any(s < 1 for s in steps):
         raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
     backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))

@@ -54,38 +54,66 @@ def aggregate(records: list[dict], train_node: str, steps: list[int], metric: Op
 
 def print_verdict(results_dir: "str | Path", train_node: str, steps: list[int], detector: Optional[str],
                   similarity: Optional[str]) -> int:
+    """Aggregate the curve from the results, print it with the verdict, write curve.json. Returns the exit status."""
     records = [r for r in ResultsStore(results_dir).latest() if r.get("status") == "ok"]
     columns = list(dict.fromkeys(k for r in records for k in r.get("metrics", {})))
     det = pick_metric(columns, detector, DETECTOR_HINTS, avoid=("original", "unlearned"))
     sim = pick_metric(columns, similarity, SIMILARITY_HINTS, avoid=("unlearned",))
     det_curve = aggregate(records, train_node, steps, det)
     sim_curve = aggregate(records, train_node, steps, sim)
+    # The original and unlearned models' scores (same prompts and seeds) anchor the recovery scale when present.
+    ref = _mean_over(records, _sibling(det, columns, "original"))
+    base = _mean_over(records, _sibling(det, columns, "unlearned"))
+    metric = _similarity_kind(sim)
     print("")
-    print(f"recovery curve ({len(records)} ok job(s)); detector: {det or '(none found)'}; "
+    print(f"recovery curve over {len(records)} finished job(s); detector: {det or '(none found)'}; "
           f"similarity: {sim or '(none found)'}")
-    print(f"  {'steps':>6}  {'detector':>9}  {'similarity':>10}")
-    for s, d, m in zip(steps, det_curve, sim_curve):
-        print(f"  {s:>6}  {_fmt(d):>9}  {_fmt(m):>10}")
-    verdict = _verdict(steps, det_curve, sim_curve)
+    try:
+        from memora.evaluation.forgetting import verdict
+    except ImportError:  # pragma: no cover - the pack ships it
+        verdict = None
+    result = None
+    if det is None:
+        print("  no detector metric in the results: give --detector <metric column> (see results.csv)")
+    elif verdict is not None:
+        kwargs = {"similarity_metric": metric}
+        if ref is not None and base is not None and ref > base:
+            kwargs.update(reference_score=ref, baseline_score=base)
+        elif base is not None and base < 1.0:
+            kwargs.update(baseline_score=base)
+        result = verdict({"steps": steps, "score": det_curve, "similarity": sim_curve}, **kwargs)
+        print(result["text"])
     payload = {"steps": steps, "detector_metric": det, "similarity_metric": sim, "detector": det_curve,
-               "similarity": sim_curve, "verdict": verdict}
-    _atomic_write(Path(results_dir) / "curve.json", json.dumps(payload, indent=2, default=str) + "\n")
-    if verdict is None:
-        print("  verdict: not available (memora.evaluation.forgetting is not installed)")
-        return 0
-    print("")
-    print(verdict.get("text") or json.dumps(verdict, indent=2, default=str))
-    print(f"\n  curve and verdict: {Path(results_dir) / 'curve.json'}")
+               "similarity": sim_curve, "reference_score": ref, "baseline_score": base, "verdict": result}
+    out = Path(results_dir) / "curve.json"
+    _atomic_write(out, json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"\n  curve and verdict: {out}")
     return 0
+
+
+def _sibling(metric: Optional[str], columns: list[str], which: str) -> Optional[str]:
+    """'Concept score (recovered).flagged_rate' -> 'Concept score (original).flagged_rate' when that column exists."""
+    if not metric or "recovered" not in metric:
+        return None
+    cand = metric.replace("recovered", which)
+    return cand if cand in columns else None
+
+
+def _mean_over(records: list[dict], metric: Optional[str]) -> Optional[float]:
+    if metric is None:
+        return None
+    vals = [float(r["metrics"][metric]) for r in records if isinstance(r.get("metrics", {}).get(metric), (int, float))]
+    vals = [v for v in vals if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _similarity_kind(column: Optional[str]) -> str:
+    low = (column or "").lower()
+    for kind in ("clip_cosine", "psnr", "ssim"):
+        if kind in low:
+            return kind
+    return "ssim"
 
 
 def _fmt(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.4g}"
-
-
-def _verdict(steps, det_curve, sim_curve) -> Optional[dict]:
-    try:
-        from memora.evaluation import forgetting  # noqa: F401
-    except ImportError:
-        return None
-    return None

@@ -139,10 +139,9 @@ def _atomic_write(path: Path, text: str) -> None:
 def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
     """Numbers the nodes report in their UI output, flattened to ``<node title>.<name>`` columns.
 
-    - ``memora_scores`` tables ({title, columns, rows}): a one-row table gives ``<node>.<column>``; a table with
-      several rows gives the mean of each numeric column as ``<node>.<column>.mean`` (every row stays in the
-      JSONL record under ``tables``). A row whose first cell is a label such as "mean" or "rate" gives
-      ``<node>.<column>.<label>``.
+    - ``memora_scores`` tables ({title, columns, rows}): a one-row table (a node's summary) gives
+      ``<node>.<column>`` for each numeric cell. Multi-row tables (per-image details) stay in the JSONL record
+      (``tables``); only a node that reports no one-row table gets ``<node>.<column>.mean`` from them.
     - ``memora_loss`` (training): ``<node>.final_loss`` and ``<node>.train_steps``.
     """
     metrics: dict[str, Any] = {}
@@ -150,30 +149,20 @@ def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
         if not isinstance(ui, dict):
             continue
         name = titles.get(str(nid), str(nid))
-        for table in ui.get("memora_scores") or []:
-            if not isinstance(table, dict):
-                continue
-            columns = list(table.get("columns") or [])
-            rows = [r for r in table.get("rows") or [] if isinstance(r, (list, tuple))]
-            if not columns or not rows:
-                continue
-            label_col = not _is_number(rows[0][0]) if rows[0] else False
-            if len(rows) == 1:
-                for c, v in zip(columns, rows[0]):
-                    if _is_number(v):
-                        metrics[f"{name}.{c}"] = v
-                continue
-            summary_rows = [r for r in rows if label_col and str(r[0]).lower() in ("mean", "rate", "total", "all")]
-            for r in summary_rows:
-                for c, v in zip(columns[1:], r[1:]):
-                    if _is_number(v):
-                        metrics[f"{name}.{c}.{str(r[0]).lower()}"] = v
-            data_rows = [r for r in rows if r not in summary_rows]
-            for j, c in enumerate(columns):
-                vals = [r[j] for r in data_rows if j < len(r) and _is_number(r[j])]
-                if vals and len(vals) == len(data_rows):
-                    finite = [float(v) for v in vals if math.isfinite(float(v))]
-                    metrics[f"{name}.{c}.mean"] = (sum(finite) / len(finite)) if finite else float(vals[0])
+        tables = [t for t in ui.get("memora_scores") or [] if isinstance(t, dict) and t.get("columns")]
+        single = [t for t in tables if len(t.get("rows") or []) == 1]
+        for table in single:
+            for c, v in zip(table["columns"], table["rows"][0]):
+                if _is_number(v):
+                    metrics.setdefault(f"{name}.{c}", v)
+        if not single:
+            for table in tables:
+                rows = [r for r in table.get("rows") or [] if isinstance(r, (list, tuple))]
+                for j, c in enumerate(table["columns"]):
+                    vals = [float(r[j]) for r in rows if j < len(r) and _is_number(r[j])]
+                    finite = [v for v in vals if math.isfinite(v)]
+                    if rows and len(vals) == len(rows) and finite:
+                        metrics.setdefault(f"{name}.{c}.mean", sum(finite) / len(finite))
         loss = ui.get("memora_loss")
         if isinstance(loss, list) and loss and isinstance(loss[-1], dict) and "loss" in loss[-1]:
             metrics[f"{name}.final_loss"] = loss[-1]["loss"]

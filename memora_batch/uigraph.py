@@ -92,9 +92,12 @@ class UIGraph:
             outputs.append({"name": oname, "type": otype if isinstance(otype, str) else "COMBO", "links": [],
                             "slot_index": i})
         n_rows = max(len(inputs), len(outputs)) + len(widgets)
+        multiline = sum(1 for n in order if is_widget(specs[n]) and input_type(specs[n]) == "STRING"
+                        and isinstance(specs[n][1] if len(specs[n]) > 1 else None, dict)
+                        and specs[n][1].get("multiline"))
         data = {
             "id": nid, "type": node_type, "pos": [float(pos[0]), float(pos[1])],
-            "size": list(size) if size else [320.0, float(46 + 24 * n_rows)],
+            "size": list(size) if size else [320.0, float(46 + 24 * n_rows + 70 * multiline)],
             "flags": {}, "order": nid - 1, "mode": mode, "inputs": inputs, "outputs": outputs,
             "properties": {"Node name for S&R": node_type}, "widgets_values": widgets,
         }

@@ -34,136 +34,149 @@ def c(pair):
     return {"color": pair[0], "bgcolor": pair[1]}
 
 
+class Stack:
+    """Places nodes top to bottom in one column of the canvas, leaving room for each node's title bar."""
+
+    GAP = 70
+
+    def __init__(self, g, x, y=0.0):
+        self.g, self.x, self.y = g, float(x), float(y)
+
+    def add(self, *args, **kwargs):
+        node = self.g.add(*args, pos=(self.x, self.y), **kwargs)
+        self.y += node.data["size"][1] + self.GAP
+        return node
+
+    def note(self, text, title, size=(420, 260)):
+        n = self.g.note(text, title, pos=(self.x, self.y), size=size)
+        self.y += size[1] + self.GAP
+        return n
+
+    def skip(self, dy):
+        self.y += dy
+        return self
+
+
 # -- shared pieces -----------------------------------------------------------------------------------------------------
-def loaders(g, with_original: bool, x=0, y=0):
-    out = {}
+def models_and_prompts(g, with_original: bool, x):
+    """Loaders, the concept prompt (one string node feeding every text encoder), per-model encodings."""
+    col = Stack(g, x)
+    models = {}
     if with_original:
-        out["original"] = g.add("CheckpointLoaderSimple", "Original model", pos=(x, y), **c(BLUE),
-                                ckpt_name="sd-v1-4.ckpt")
-        y += 160
-    out["unlearned"] = g.add("CheckpointLoaderSimple", "Unlearned model", pos=(x, y), **c(BLUE),
-                             ckpt_name="unlearned-model.safetensors")
-    return out
-
-
-def prompts(g, models: dict, x, y):
-    """The concept prompt (one string node feeding every text encoder) and empty negatives, per model's CLIP."""
-    concept = g.add("PrimitiveStringMultiline", "Concept prompt", pos=(x, y), size=(400, 110), **c(YELLOW),
-                    value=CONCEPT)
+        models["original"] = col.add("CheckpointLoaderSimple", "Original model", **c(BLUE), ckpt_name="sd-v1-4.ckpt")
+    models["unlearned"] = col.add("CheckpointLoaderSimple", "Unlearned model", **c(BLUE),
+                                  ckpt_name="unlearned-model.safetensors")
+    concept = col.add("PrimitiveStringMultiline", "Concept prompt", size=(400, 140), **c(YELLOW), value=CONCEPT)
     enc = {}
-    yy = y + 170
     for name, loader in models.items():
-        label = "original" if name == "original" else "unlearned"
-        pos = g.add("CLIPTextEncode", f"Concept prompt ({label} model)", pos=(x, yy), size=(400, 100))
+        pos = col.add("CLIPTextEncode", f"Concept prompt ({name} model)", size=(400, 130))
         g.connect(loader[1], pos, "clip")
         g.connect(concept[0], pos, "text")
-        neg = g.add("CLIPTextEncode", f"Empty prompt ({label} model)", pos=(x, yy + 150), size=(400, 100), text="")
+        neg = col.add("CLIPTextEncode", f"Empty prompt ({name} model)", size=(400, 130), text="")
         g.connect(loader[1], neg, "clip")
         enc[name] = (pos, neg)
-        yy += 300
-    return concept, enc
+    nodes = list(models.values()) + [concept] + [n for pair in enc.values() for n in pair]
+    return models, enc, nodes
 
 
-def seed_images(g, models, enc, x, y, steps=50):
+def seed_images(g, models, enc, x, steps=50):
     """Six KSampler runs of the ORIGINAL model, one per reference seed; A = first of each pair, B = second."""
     orig = models["original"]
     pos, neg = enc["original"]
-    size = g.add("EmptyLatentImage", "Seed image size", pos=(x, y), width=512, height=512, batch_size=1)
+    col_a, col_b = Stack(g, x), Stack(g, x + COL)
+    size = col_a.add("EmptyLatentImage", "Seed image size", width=512, height=512, batch_size=1)
+    col_b.y = col_a.y
     samplers = {"a": [], "b": []}
-    yy = y + 170
     for i, pair in enumerate(SEED_PAIRS, start=1):
-        for side, seed in zip("ab", pair):
-            ks = g.add("KSampler", f"Seed image {i}{side}", pos=(x + COL * (0 if side == "a" else 1), yy),
-                       seed=seed, steps=steps, cfg=7.5, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+        for side, seed, col in zip("ab", pair, (col_a, col_b)):
+            ks = col.add("KSampler", f"Seed image {i}{side}", seed=seed, steps=steps, cfg=7.5, sampler_name="ddim",
+                         scheduler="ddim_uniform", denoise=1.0)
             g.wire(ks, model=orig[0], positive=pos[0], negative=neg[0], latent_image=size[0])
             samplers[side].append(ks)
-        yy += 330
-    batches = {}
-    for k, side in enumerate("ab"):
+    col = Stack(g, x + 2 * COL)
+    batches, extra = {}, []
+    for side in "ab":
         s = samplers[side]
-        b1 = g.wire(g.add("LatentBatch", pos=(x + COL * 2, y + 170 + 330 * k * 1.5)), samples1=s[0][0],
-                    samples2=s[1][0])
-        b2 = g.wire(g.add("LatentBatch", f"Seed latents {side.upper()}", pos=(x + COL * 2, y + 300 + 330 * k * 1.5)),
-                    samples1=b1[0], samples2=s[2][0])
-        dec = g.wire(g.add("VAEDecode", f"Seed images {side.upper()}", pos=(x + COL * 3, y + 170 + 330 * k * 1.5)),
-                     samples=b2[0], vae=orig[2])
-        batches[side] = dec
-    both = g.wire(g.add("ImageBatch", pos=(x + COL * 4, y + 170)), image1=batches["a"][0], image2=batches["b"][0])
-    g.wire(g.add("SaveImage", "Save seed images", pos=(x + COL * 4, y + 300), size=(320, 300),
-                 filename_prefix="memora/seed"), images=both[0])
-    nodes = [size] + samplers["a"] + samplers["b"] + [batches["a"], batches["b"], both]
-    return batches, nodes
+        b1 = g.wire(col.add("LatentBatch"), samples1=s[0][0], samples2=s[1][0])
+        b2 = g.wire(col.add("LatentBatch", f"Seed latents {side.upper()}"), samples1=b1[0], samples2=s[2][0])
+        dec = g.wire(col.add("VAEDecode", f"Seed images {side.upper()}"), samples=b2[0], vae=orig[2])
+        batches[side.upper()] = dec
+        extra += [b1, b2, dec]
+    both = g.wire(col.add("ImageBatch"), image1=batches["A"][0], image2=batches["B"][0])
+    save = g.wire(col.add("SaveImage", "Save seed images", size=(320, 320), filename_prefix="memora/seed"),
+                  images=both[0])
+    col.note(README_SEEDS, "Seed pairs", size=(420, 330))
+    nodes = [size] + samplers["a"] + samplers["b"] + extra + [both, save]
+    return batches, nodes, max(col.y, col_a.y, col_b.y)
 
 
-def inversion_to_training(g, models, enc, images_a, images_b, x, y, save_images=True):
+def inversion_to_training(g, models, enc, images_a, images_b, x, save_images=True):
     """VAE-encode with the unlearned VAE, invert both halves, slerp within pairs, regenerate, train."""
     unl = models["unlearned"]
     pos, neg = enc["unlearned"]
-    nodes = []
-    lat = {}
-    for k, (side, img) in enumerate((("A", images_a), ("B", images_b))):
-        e = g.wire(g.add("VAEEncode", f"Encode {side}", pos=(x, y + 220 * k)), pixels=img[0], vae=unl[2])
-        inv = g.add("MemoRaDDIMInversion", f"Invert {side}", pos=(x + COL, y + 420 * k), **c(PURPLE),
-                    steps=50, start_at_step=15, cfg=7.5, refine_iterations=0, schedule="exact")
+    col1, col2, col3 = Stack(g, x), Stack(g, x + COL), Stack(g, x + 2 * COL)
+    nodes, lat = [], {}
+    for side, img in (("A", images_a), ("B", images_b)):
+        e = g.wire(col1.add("VAEEncode", f"Encode {side}"), pixels=img[0], vae=unl[2])
+        inv = col1.add("MemoRaDDIMInversion", f"Invert {side}", **c(PURPLE), steps=50, start_at_step=15, cfg=7.5,
+                       refine_iterations=0, schedule="exact")
         g.wire(inv, model=unl[0], positive=pos[0], negative=neg[0], latent=e[0])
         lat[side] = inv
         nodes += [e, inv]
-    sl = g.add("MemoRaSlerpLatents", "Slerp pairs", pos=(x + COL * 2, y), **c(PURPLE), intervals=10,
-               include_endpoints=True)
+    sl = col2.add("MemoRaSlerpLatents", "Slerp pairs", **c(PURPLE), intervals=10, include_endpoints=True)
     g.wire(sl, latent_a=lat["A"][0], latent_b=lat["B"][0])
-    rg = g.add("MemoRaRegenerate", "Regenerate", pos=(x + COL * 2, y + 220), **c(PURPLE), steps=50,
-               start_at_step=15, cfg=7.5, schedule="exact")
+    rg = col2.add("MemoRaRegenerate", "Regenerate", **c(PURPLE), steps=50, start_at_step=15, cfg=7.5,
+                  schedule="exact")
     g.wire(rg, model=unl[0], positive=pos[0], negative=neg[0], latent=sl[0])
     nodes += [sl, rg]
     if save_images:
-        dec = g.wire(g.add("VAEDecode", "Regenerated images", pos=(x + COL * 3, y + 420)), samples=rg[0], vae=unl[2])
-        nodes += [dec, g.wire(g.add("SaveImage", "Save regenerated images", pos=(x + COL * 3, y + 540),
-                                    size=(320, 300), filename_prefix="memora/regenerated"), images=dec[0])]
-    tr = g.add("MemoRaLoRATrain", "Train LoRA", pos=(x + COL * 3, y), **c(PURPLE), steps=500, seed=2024,
-               save_name="memora/recovered")
+        dec = g.wire(col2.add("VAEDecode", "Regenerated images"), samples=rg[0], vae=unl[2])
+        nodes += [dec, g.wire(col2.add("SaveImage", "Save regenerated images", size=(320, 320),
+                                       filename_prefix="memora/regenerated"), images=dec[0])]
+    tr = col3.add("MemoRaLoRATrain", "Train LoRA", **c(PURPLE), steps=500, seed=2024, save_name="memora/recovered")
     g.wire(tr, model=unl[0], latents=rg[0], positive=pos[0])
     nodes.append(tr)
-    return tr, nodes
+    return tr, nodes, max(col1.y, col2.y, col3.y)
 
 
 def evaluation(g, models, train, x, y, with_original=True, prompt=CONCEPT):
     """The same prompt, seed and guidance through each model (LMS, 50 steps, as the reference evaluates); scores."""
-    ep = g.add("PrimitiveStringMultiline", "Evaluation prompt", pos=(x, y), size=(400, 110), **c(YELLOW),
-               value=prompt)
-    es = g.add("PrimitiveInt", "Evaluation seed", pos=(x, y + 170), **c(YELLOW), value=0)
-    eg = g.add("PrimitiveFloat", "Evaluation guidance", pos=(x, y + 280), **c(YELLOW), value=7.5)
-    size = g.add("EmptyLatentImage", "Evaluation image size", pos=(x, y + 390), width=512, height=512, batch_size=1)
+    col0 = Stack(g, x, y)
+    ep = col0.add("PrimitiveStringMultiline", "Evaluation prompt", size=(400, 140), **c(YELLOW), value=prompt)
+    es = col0.add("PrimitiveInt", "Evaluation seed", **c(YELLOW), value=0)
+    eg = col0.add("PrimitiveFloat", "Evaluation guidance", **c(YELLOW), value=7.5)
+    size = col0.add("EmptyLatentImage", "Evaluation image size", width=512, height=512, batch_size=1)
     nodes = [ep, es, eg, size]
     runs = {}
     which = (["original"] if with_original else []) + ["unlearned", "recovered"]
-    for k, name in enumerate(which):
-        yy = y + 360 * k
+    row_y = y
+    for name in which:
+        cols = [Stack(g, x + COL * k, row_y) for k in (1, 2, 3)]
         loader = models["original" if name == "original" else "unlearned"]
         model_out = train[0] if name == "recovered" else loader[0]
-        p = g.add("CLIPTextEncode", f"Evaluation prompt ({name})", pos=(x + COL, yy), size=(400, 100))
-        g.wire(p, clip=loader[1], text=ep[0])
-        n = g.wire(g.add("CLIPTextEncode", f"Empty prompt ({name})", pos=(x + COL, yy + 150), size=(400, 100),
-                         text=""), clip=loader[1])
-        ks = g.add("KSampler", f"Evaluate {name}", pos=(x + COL * 2, yy), seed=0, steps=50, cfg=7.5,
-                   sampler_name="lms", scheduler="normal", denoise=1.0)
+        p = g.wire(cols[0].add("CLIPTextEncode", f"Evaluation prompt ({name})", size=(400, 130)),
+                   clip=loader[1], text=ep[0])
+        n = g.wire(cols[0].add("CLIPTextEncode", f"Empty prompt ({name})", size=(400, 130), text=""),
+                   clip=loader[1])
+        ks = cols[1].add("KSampler", f"Evaluate {name}", seed=0, steps=50, cfg=7.5, sampler_name="lms",
+                         scheduler="normal", denoise=1.0)
         g.wire(ks, model=model_out, positive=p[0], negative=n[0], latent_image=size[0], seed=es[0], cfg=eg[0])
-        d = g.wire(g.add("VAEDecode", f"{name.capitalize()} images", pos=(x + COL * 3, yy)), samples=ks[0],
-                   vae=loader[2])
-        sv = g.wire(g.add("SaveImage", f"Save {name} images", pos=(x + COL * 3, yy + 110), size=(320, 240),
-                          filename_prefix=f"memora/eval_{name}"), images=d[0])
+        d = g.wire(cols[2].add("VAEDecode", f"{name.capitalize()} images"), samples=ks[0], vae=loader[2])
+        sv = g.wire(cols[2].add("SaveImage", f"Save {name} images", size=(320, 250),
+                                filename_prefix=f"memora/eval_{name}"), images=d[0])
         runs[name] = d
         nodes += [p, n, ks, d, sv]
-    sx = x + COL * 4
-    for k, name in enumerate(which):
-        sc = g.add("MemoRaNudityScore", f"Concept score ({name})", pos=(sx, y + 300 * k), **c(GREEN))
-        g.wire(sc, images=runs[name][0])
-        nodes.append(sc)
+        row_y = max(cl.y for cl in cols)
+    scores = Stack(g, x + COL * 4, y)
+    for name in which:
+        nodes.append(g.wire(scores.add("MemoRaNudityScore", f"Concept score ({name})", **c(GREEN)),
+                            images=runs[name][0]))
     if with_original:
-        for k, name in enumerate(("recovered", "unlearned")):
-            sim = g.add("MemoRaSimilarityScore", f"Similarity to original ({name})",
-                        pos=(sx + COL, y + 300 * k), **c(GREEN))
-            g.wire(sim, **{_sim_inputs(g)[0]: runs["original"][0], _sim_inputs(g)[1]: runs[name][0]})
-            nodes.append(sim)
+        sims = Stack(g, x + COL * 5, y)
+        a, b = _sim_inputs(g)
+        for name in ("recovered", "unlearned"):
+            nodes.append(g.wire(sims.add("MemoRaSimilarityScore", f"Similarity to original ({name})", **c(GREEN)),
+                                **{a: runs["original"][0], b: runs[name][0]}))
     return nodes
 
 
@@ -204,19 +217,17 @@ def build_recovery(info):
     from memora_batch.uigraph import UIGraph
 
     g = UIGraph(info)
-    models = loaders(g, with_original=True, x=0, y=0)
-    concept, enc = prompts(g, models, x=0, y=420)
-    g.note(README_RECOVERY, "Read me", pos=(-520, 0), size=(480, 720))
-    batches, seed_nodes = seed_images(g, models, enc, x=COL + 40, y=0)
-    g.note(README_SEEDS, "Seed pairs", pos=(COL + 40 + COL * 2, 620), size=(420, 300))
-    train, inv_nodes = inversion_to_training(g, models, enc, batches["A"], batches["B"], x=COL * 6.2, y=0)
-    eval_nodes = evaluation(g, models, train, x=COL * 6.2, y=1000)
-    g.note(README_EVAL, "Evaluation and scores", pos=(COL * 6.2 - 520, 1000), size=(480, 420))
-    g.group("1. Models and prompts", list(models.values()) + [concept] + [n for p in enc.values() for n in p],
-            color="#3f789e")
-    g.group("2. Seed images from the original model", seed_nodes, color="#8A8")
+    g.note(README_RECOVERY, "Read me", pos=(-560, 0), size=(520, 900))
+    models, enc, model_nodes = models_and_prompts(g, with_original=True, x=0)
+    batches, seed_nodes, seed_bottom = seed_images(g, models, enc, x=COL + 60)
+    train, inv_nodes, bottom = inversion_to_training(g, models, enc, batches["A"], batches["B"], x=COL * 4 + 120)
+    ey = max(bottom, seed_bottom) + 100
+    g.note(README_EVAL, "Evaluation and scores", pos=(-560, ey), size=(520, 480))
+    eval_nodes = evaluation(g, models, train, x=0, y=ey)
+    g.group("1. Models and the concept prompt", model_nodes, color="#3f789e")
+    g.group("2. Seed images from the original model (reference seed pairs)", seed_nodes, color="#8A8")
     g.group("3. Unlearned model: invert, slerp, regenerate, train the MemoRa LoRA", inv_nodes, color="#a1309b")
-    g.group("4. Evaluate original, unlearned and recovered models", eval_nodes, color="#b58b2a")
+    g.group("4. Evaluate the original, unlearned and recovered models", eval_nodes, color="#b58b2a")
     return g
 
 
@@ -235,32 +246,33 @@ def build_from_images(info):
     from memora_batch.uigraph import UIGraph
 
     g = UIGraph(info)
-    models = loaders(g, with_original=False, x=0, y=0)
-    concept, enc = prompts(g, models, x=0, y=260)
-    g.note(README_IMAGES, "Read me", pos=(-520, 0), size=(480, 640))
-    sides = {}
-    img_nodes = []
-    x = COL + 40
+    g.note(README_IMAGES, "Read me", pos=(-560, 0), size=(520, 820))
+    models, enc, model_nodes = models_and_prompts(g, with_original=False, x=0)
+    sides, img_nodes, bottoms = {}, [], []
     for k, side in enumerate("ab"):
-        loads = []
-        for i in range(1, 4):
-            li = g.add("LoadImage", f"Concept image {i}{side}", pos=(x + COL * k, 360 * (i - 1)), size=(320, 320),
-                       image=f"memora_concept_{i}{side}.png")
-            loads.append(li)
-        b1 = g.wire(g.add("ImageBatch", pos=(x + COL * 2, 120 + 380 * k)), image1=loads[0][0], image2=loads[1][0])
-        b2 = g.wire(g.add("ImageBatch", pos=(x + COL * 2, 240 + 380 * k)), image1=b1[0], image2=loads[2][0])
-        rs = g.wire(g.add("ImageScale", f"Resize to training size ({side.upper()})", pos=(x + COL * 3, 120 + 380 * k),
-                          upscale_method="lanczos", width=512, height=512, crop="center"), image=b2[0])
+        col = Stack(g, COL + 60 + COL * k)
+        loads = [col.add("LoadImage", f"Concept image {i}{side}", size=(320, 340),
+                         image=f"memora_concept_{i}{side}.png") for i in range(1, 4)]
+        img_nodes += loads
+        sides[side] = loads
+        bottoms.append(col.y)
+    col = Stack(g, COL * 3 + 60)
+    for side in "ab":
+        loads = sides[side]
+        b1 = g.wire(col.add("ImageBatch"), image1=loads[0][0], image2=loads[1][0])
+        b2 = g.wire(col.add("ImageBatch"), image1=b1[0], image2=loads[2][0])
+        rs = g.wire(col.add("ImageScale", f"Resize to training size ({side.upper()})", upscale_method="lanczos",
+                            width=512, height=512, crop="center"), image=b2[0])
         sides[side.upper()] = rs
-        img_nodes += loads + [b1, b2, rs]
-    train, inv_nodes = inversion_to_training(g, models, enc, sides["A"], sides["B"], x=COL * 5.2, y=0)
-    eval_nodes = evaluation(g, models, train, x=COL * 5.2, y=1000, with_original=False)
-    g.note(README_EVAL.split("\n\n")[0], "Evaluation", pos=(COL * 5.2 - 520, 1000), size=(480, 260))
-    g.group("1. Unlearned model and prompt", list(models.values()) + [concept] + [n for p in enc.values() for n in p],
-            color="#3f789e")
-    g.group("2. Your images of the concept (three pairs)", img_nodes, color="#8A8")
+        img_nodes += [b1, b2, rs]
+    train, inv_nodes, bottom = inversion_to_training(g, models, enc, sides["A"], sides["B"], x=COL * 4 + 120)
+    ey = max(bottom, col.y, *bottoms) + 100
+    g.note(README_EVAL.split("\n\n")[0], "Evaluation", pos=(-560, ey), size=(520, 300))
+    eval_nodes = evaluation(g, models, train, x=0, y=ey, with_original=False)
+    g.group("1. Unlearned model and the concept prompt", model_nodes, color="#3f789e")
+    g.group("2. Your images of the concept (three pairs: 1a-1b, 2a-2b, 3a-3b)", img_nodes, color="#8A8")
     g.group("3. Invert, slerp, regenerate, train the MemoRa LoRA", inv_nodes, color="#a1309b")
-    g.group("4. Evaluate unlearned and recovered models", eval_nodes, color="#b58b2a")
+    g.group("4. Evaluate the unlearned and recovered models", eval_nodes, color="#b58b2a")
     return g
 
 
@@ -282,25 +294,21 @@ def build_sweep(info):
     from memora_batch.uigraph import UIGraph
 
     g = UIGraph(info)
-    models = loaders(g, with_original=True, x=0, y=0)
-    concept, enc = prompts(g, models, x=0, y=420)
-    g.note(README_SWEEP, "Read me: batch runs", pos=(-560, 0), size=(520, 760))
-    batches, seed_nodes = seed_images(g, models, enc, x=COL + 40, y=0)
-    # previews instead of saved seed images in a sweep
-    for n in g.nodes:
+    g.note(README_SWEEP, "Read me: batch runs", pos=(-560, 0), size=(520, 900))
+    models, enc, model_nodes = models_and_prompts(g, with_original=True, x=0)
+    batches, seed_nodes, seed_bottom = seed_images(g, models, enc, x=COL + 60)
+    for n in g.nodes:  # previews instead of saved seed images: a sweep would write thousands
         if n.get("title") == "Save seed images":
-            n["type"] = "PreviewImage"
+            n.update(type="PreviewImage", title="Preview seed images", widgets_values=[])
             n["properties"]["Node name for S&R"] = "PreviewImage"
-            n["widgets_values"] = []
-            n["title"] = "Preview seed images"
-    train, inv_nodes = inversion_to_training(g, models, enc, batches["A"], batches["B"], x=COL * 6.2, y=0,
-                                             save_images=False)
-    eval_nodes = evaluation(g, models, train, x=COL * 6.2, y=1000)
-    g.group("1. Models and prompts", list(models.values()) + [concept] + [n for p in enc.values() for n in p],
-            color="#3f789e")
-    g.group("2. Seed images from the original model", seed_nodes, color="#8A8")
-    g.group("3. Invert, slerp, regenerate, train (swept: Train LoRA.steps)", inv_nodes, color="#a1309b")
-    g.group("4. Evaluation (swept: Evaluation prompt / seed / guidance)", eval_nodes, color="#b58b2a")
+    train, inv_nodes, bottom = inversion_to_training(g, models, enc, batches["A"], batches["B"], x=COL * 4 + 120,
+                                                     save_images=False)
+    ey = max(bottom, seed_bottom) + 100
+    eval_nodes = evaluation(g, models, train, x=0, y=ey)
+    g.group("1. Models and the concept prompt", model_nodes, color="#3f789e")
+    g.group("2. Seed images from the original model (reference seed pairs)", seed_nodes, color="#8A8")
+    g.group("3. Invert, slerp, regenerate, train (swept by curve: Train LoRA.steps)", inv_nodes, color="#a1309b")
+    g.group("4. Evaluation (swept by prompt CSVs: Evaluation prompt / seed / guidance)", eval_nodes, color="#b58b2a")
     return g
 
 
@@ -338,6 +346,7 @@ def render_thumbnail(ui: dict, title: str, path: Path, size=(512, 384)):
     def tx(x, y):
         return (margin + (x - x0) * s, top + (y - y0) * s)
 
+    group_labels = []
     for grp in ui.get("groups", []):
         bx, by, bw, bh = grp["bounding"]
         col = grp.get("color", "#3f789e")
@@ -345,6 +354,11 @@ def render_thumbnail(ui: dict, title: str, path: Path, size=(512, 384)):
                     for i in (0, 2, 4))
         d.rounded_rectangle([*tx(bx, by), *tx(bx + bw, by + bh)], radius=4, outline=rgb,
                             fill=tuple(int(v * 0.25 + 32) for v in rgb), width=1)
+        gx, gy = tx(bx, by)
+        label = grp["title"].split(":")[0]
+        while label and d.textlength(label, font=small) > bw * s - 6:
+            label = label[:-2]
+        group_labels.append(((gx + 3, gy + 2), label))
     centers = {n["id"]: n for n in ui["nodes"]}
     for link in ui["links"]:
         a, b = centers.get(link[1]), centers.get(link[3])
@@ -352,7 +366,7 @@ def render_thumbnail(ui: dict, title: str, path: Path, size=(512, 384)):
             continue
         p = tx(a["pos"][0] + a["size"][0], a["pos"][1] + 20)
         q = tx(b["pos"][0], b["pos"][1] + 20)
-        d.line([p, q], fill=(120, 125, 140), width=1)
+        d.line([p, q], fill=(95, 100, 115), width=1)
 
     def kind_color(n):
         t = n["type"]
@@ -371,11 +385,28 @@ def render_thumbnail(ui: dict, title: str, path: Path, size=(512, 384)):
         w, h = n["size"]
         d.rounded_rectangle([*tx(x, y), *tx(x + w, y + min(h, 260))], radius=3, fill=kind_color(n),
                             outline=(210, 210, 215), width=1)
+    for (lx, ly), label in group_labels:
+        box = d.textbbox((lx, ly), label, font=small)
+        d.rectangle([box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1], fill=(28, 29, 34))
+        d.text((lx, ly), label, font=small, fill=(230, 230, 235))
     d.text((margin, 10), title, font=font, fill=(240, 240, 245))
     n_exec = sum(1 for n in ui["nodes"] if n["type"] not in ("Note", "MarkdownNote"))
     d.text((margin, 34), f"{n_exec} nodes  |  purple: MemoRa  blue: inputs  green: scores  yellow: notes",
            font=small, fill=(190, 190, 200))
     img.save(path, "JPEG", quality=88)
+
+
+def check_layout(ui: dict) -> list[tuple[str, str]]:
+    """Pairs of nodes whose boxes (title bar included) overlap on the canvas."""
+    bad = []
+    nodes = ui["nodes"]
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            (ax, ay), (aw, ah) = a["pos"], a["size"]
+            (bx, by), (bw, bh) = b["pos"], b["size"]
+            if ax < bx + bw and bx < ax + aw and ay - 32 < by + bh and by - 32 < ay + ah:
+                bad.append((a.get("title", a["type"]), b.get("title", b["type"])))
+    return bad
 
 
 # -- main --------------------------------------------------------------------------------------------------------------
@@ -404,6 +435,9 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         ui = build(info).to_json(workflow_id=f"memora-{name}")
+        overlaps = check_layout(ui)
+        if overlaps:
+            raise SystemExit(f"{name}: overlapping nodes {overlaps}")
         text = json.dumps(ui, indent=1) + "\n"
         path = OUT / f"{name}.json"
         if args.check:

@@ -1,0 +1,103 @@
+"""Every workflow shipped in example_workflows/ runs: UI format -> API format through /object_info data (computed
+in-process, as the server's GET /object_info computes it), models swapped for the tiny ones, step counts lowered,
+executed by ComfyUI's executor. A change to a node that breaks a shipped workflow fails here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memora_batch.runner import swap_nodes
+from memora_batch.workflow import Workflow, object_info_in_process, quick_settings, title_of
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
+TEST_LORA = "memora_example_test_lora.safetensors"
+
+
+def test_there_are_example_workflows():
+    names = {p.stem for p in EXAMPLES}
+    assert {"memora_recovery", "memora_from_images", "recovery_sweep"} <= names, names
+
+
+@pytest.fixture(scope="module")
+def info(comfy):
+    return object_info_in_process()
+
+
+@pytest.fixture(scope="module")
+def test_lora(loaded_tiny, comfy_base):
+    import random_loras
+
+    sd = random_loras.random_kohya_lora(random_loras.lora_targets(loaded_tiny[0]), rank=2, seed=3)
+    return random_loras.write_lora(comfy_base / "models" / "loras", TEST_LORA, sd)
+
+
+def _input_images(api: dict, input_dir: Path):
+    """Write a small distinct PNG for every file a LoadImage node names."""
+    import numpy as np
+    from PIL import Image
+
+    for k, node in enumerate(v for v in api.values() if v["class_type"] in ("LoadImage", "LoadImageMask")):
+        name = node["inputs"]["image"]
+        path = input_dir / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(k)
+            arr = (rng.random((48, 40, 3)) * 255).astype("uint8")
+            arr[8:30, 10:28] = [200, 40 * (k % 6), 90]
+            Image.fromarray(arr).save(path)
+
+
+def tiny_version(api: dict, info: dict, tiny_ckpt: str, lora: str) -> dict:
+    """The same graph on the tiny models: checkpoints -> the tiny checkpoint, LoRA files -> a random tiny LoRA,
+    the unlearned-model loader -> the tiny checkpoint (same MODEL/CLIP/VAE outputs), few steps, 64 px."""
+    swaps = {}
+    for nid, node in api.items():
+        ct = node["class_type"]
+        if ct == "MemoRaLoadUnlearnedModel":
+            used = {v[1] for n in api.values() for v in n["inputs"].values()
+                    if isinstance(v, list) and len(v) == 2 and v[0] == nid}
+            if used <= {0, 1, 2}:
+                swaps[title_of(api, nid)] = ("CheckpointLoaderSimple", {"ckpt_name": tiny_ckpt})
+    out = swap_nodes(api, swaps, info) if swaps else json.loads(json.dumps(api))
+    for node in out.values():
+        inputs = node["inputs"]
+        if "ckpt_name" in inputs and not isinstance(inputs["ckpt_name"], list):
+            inputs["ckpt_name"] = tiny_ckpt
+        if "lora_name" in inputs and not isinstance(inputs["lora_name"], list):
+            inputs["lora_name"] = lora
+    return quick_settings(out, info)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_workflow_runs_on_the_tiny_model(path, comfy, info, tiny_ckpt, test_lora, comfy_base):
+    import folder_paths
+
+    thumb = path.with_suffix(".jpg")
+    assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: JPEG thumbnail missing"
+    wf = Workflow.load(path)
+    assert wf.ui is not None, f"{path.name} must be in the editor's UI format (nodes/links), as templates are"
+    assert any(n.get("type") in ("Note", "MarkdownNote") for n in wf.ui["nodes"]), f"{path.name}: no Note inside"
+    wf.check_installed(info.keys(), "the test ComfyUI")
+    api = tiny_version(wf.to_api(info), info, tiny_ckpt, test_lora)
+    _input_images(api, Path(folder_paths.get_input_directory()))
+    res = comfy.run(api)
+    assert res.success, f"{path.name}: {res.error_message}\n{(res.error or {}).get('traceback', '')}"
+    # Every save node wrote its files; every training node that saves reported an existing LoRA file.
+    out_dir = Path(folder_paths.get_output_directory())
+    for nid, node in api.items():
+        ui = res.ui_outputs.get(nid) or {}
+        if node["class_type"] == "SaveImage":
+            files = ui.get("images") or []
+            assert files, f"{path.name}: node {nid} ({title_of(api, nid)}) saved nothing"
+            for f in files:
+                assert (out_dir / f["subfolder"] / f["filename"]).is_file()
+        if node["class_type"] == "MemoRaLoRATrain" and node["inputs"].get("save_name"):
+            (name,) = ui.get("memora_lora") or [None]
+            assert name and folder_paths.get_full_path("loras", name), f"{path.name}: LoRA not saved ({ui})"
+        if node["class_type"].startswith("MemoRa") and "Score" in node["class_type"]:
+            assert ui.get("memora_scores"), f"{path.name}: {title_of(api, nid)} reported no scores"
