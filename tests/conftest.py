@@ -10,12 +10,20 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+# Tiny models gain nothing from intra-op threads, and OpenMP spin-waiting makes every test crawl when several
+# processes (a test server, ComfyUI's own suite) share a 2-core machine: one thread unless told otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("MEMORA_TEST_THREADS", "1"))
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = ROOT / "tests" / "support"
 if str(SUPPORT) not in sys.path:
     sys.path.insert(0, str(SUPPORT))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from memora_batch.embedded import EmbeddedComfy, find_comfyui  # noqa: E402
 
