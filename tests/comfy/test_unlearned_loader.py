@@ -274,6 +274,39 @@ def test_spm_kohya_lora_matches_stock_lora_loader(comfy, env):
         assert (_encode(clip) - _encode(base_clip)).abs().max() > 1e-3
 
 
+def test_memora_reference_diffusers_lora_is_converted_and_applied(comfy, env):
+    """The MemoRa reference writes diffusers-format LoRAs (unet.<module>.lora.down/up.weight, no alpha: scale 1),
+    whose attention keys the stock loader drops; here it is converted to kohya and applied in full."""
+    import nodes
+
+    ck = env["ck"]
+    g = torch.Generator().manual_seed(12)
+    diff, kohya = {}, {}
+    keys = _attn2_kv(ck)
+    for k in keys:
+        mod = env["l2d"][k[len(UNET):]][: -len(".weight")]
+        out_f, in_f = ck[k].shape[:2]
+        down, up = torch.randn(4, in_f, generator=g) * 0.3, torch.randn(out_f, 4, generator=g) * 0.3
+        diff[f"unet.{mod}.lora.down.weight"], diff[f"unet.{mod}.lora.up.weight"] = down, up
+        name = "lora_unet_" + mod.replace(".", "_")
+        kohya.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                      f"{name}.alpha": torch.tensor(4.0)})
+    env["loras"].mkdir(parents=True, exist_ok=True)
+    save_file(diff, str(env["loras"] / "memora_reference_lora.safetensors"))
+    save_file(kohya, str(env["loras"] / "memora_reference_lora_kohya.safetensors"))
+    res, nid = _run_loader(comfy, env["base"], "loras/memora_reference_lora.safetensors")
+    assert res.success, res.error_message
+    model, _, _, report = comfy.node_outputs(nid)
+    assert "format detected: lora" in report and f"{len(keys)} of {len(keys)} layers matched" in report, report
+    base_model, base_clip, _ = _load_reference(env["base"])
+    ref_model, _ = nodes.LoraLoader().load_lora(base_model, base_clip, "memora_reference_lora_kohya.safetensors",
+                                                1.0, 1.0)
+    with torch.inference_mode():
+        got, want = _effective(model), _effective(ref_model)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+
+
 # -- refusals ------------------------------------------------------------------------------------------------------
 def test_unrelated_state_dict_is_refused(comfy, env):
     save_file({"encoder.layer.0.weight": torch.ones(4, 4), "classifier.bias": torch.zeros(4)},
