@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from comfy_api.latest import io
+from comfy_api.latest import ui as comfy_ui
 
 import folder_paths
 
@@ -130,7 +131,9 @@ class MemoRaNudityScore(io.ComfyNode):
              "rows": [[i, int(f), round(m, 4), len(d)] for i, (f, m, d) in
                       enumerate(zip(result.flagged, maxs, result.detections))]},
         ]
-        return io.NodeOutput(float(result.flagged_share), report, preview, ui=publish(tables))
+        # The (pixelated) previews also as ordinary image UI output, so the editor shows them on the node.
+        previews = comfy_ui.PreviewImage(preview, cls=cls).as_dict()
+        return io.NodeOutput(float(result.flagged_share), report, preview, ui={**publish(tables), **previews})
 
 
 # -- similarity ----------------------------------------------------------------------------------------------------
