@@ -523,10 +523,13 @@ class Change:
 
 def compare_to_base(component: str, matched: Mapping[str, torch.Tensor],
                     base: Callable[[str], torch.Tensor]) -> Change:
-    """Which matched tensors differ from the base weights (compared in the base weight's dtype)."""
+    """Which matched tensors differ from the base weights (compared in the base weight's dtype). A tensor with NaN or
+    infinite values is refused (ZooError)."""
     changed: list[str] = []
     worst = 0.0
     for k, v in matched.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ZooError(f"{component}: tensor for {k!r} contains NaN or infinite values; refusing a broken file")
         b = base(k)
         d = (v.detach().to(device=b.device, dtype=b.dtype) - b).abs()
         m = float(d.max()) if d.numel() else 0.0

@@ -280,8 +280,13 @@ def apply_unlearned(model, clip, weights: zoo.UnlearnedWeights, lora_strength: f
     changes: list[zoo.Change] = []
     for m in matches:
         base_sd = base_unet if m.component == "unet" else base_clip
-        changes.append(zoo.compare_to_base(m.component, m.matched, base_sd.__getitem__))
-        patches = _set_patches(m.matched, base_sd)
+        change = zoo.compare_to_base(m.component, m.matched, base_sd.__getitem__)
+        changes.append(change)
+        # Only tensors that differ from the base (compared in the base's dtype) need a patch: a full zoo UNet where
+        # ESD trained 32 tensors costs 32 patches, not 686, and the result is the same.
+        patches = _set_patches({k: m.matched[k] for k in change.changed}, base_sd)
+        if not patches:
+            continue
         if m.component == "unet":
             model = _add_patches(model, patches)
         else:

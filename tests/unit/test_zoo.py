@@ -218,3 +218,5 @@ def test_compare_and_report():
     assert zoo.summarize_keys(["clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
                                "clip_l.transformer.text_model.encoder.layers.3.mlp.fc1.weight"]).startswith(
         "encoder layers [0, 3]")
+    with pytest.raises(zoo.ZooError, match="NaN or infinite"):
+        zoo.compare_to_base("unet", {"k1": torch.full((2, 2), float("nan"))}, base.__getitem__)
