@@ -204,6 +204,7 @@ def test_graph_runs_through_executor_and_errors_surface(comfy, tiny_ckpt):
     sl = g.node("MemoRaSlerpLatents", latent_a=inv[0], latent_b=inv[0], intervals=4, include_endpoints=True)
     rg = g.node("MemoRaRegenerate", model=ck[0], positive=pos[0], negative=neg[0], latent=sl[0], steps=10,
                 start_at_step=4, cfg=2.0, schedule="exact")
+    g.node("SaveImage", images=g.node("VAEDecode", samples=rg[0], vae=ck[2])[0], filename_prefix="memora_graph")
     res = comfy.run(g.prompt)
     assert res.success, res.error
     out = comfy.node_outputs(rg.id)[0]["samples"]
