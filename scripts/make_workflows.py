@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -423,6 +424,10 @@ def node_definitions(comfy_path=None) -> dict:
     return object_info_in_process()
 
 
+def workflow_uuid(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/comfyui-memora/comfyui-memora/{name}"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
@@ -434,7 +439,8 @@ def main(argv=None) -> int:
     for name, (build, title) in WORKFLOWS.items():
         if args.only and name not in args.only:
             continue
-        ui = build(info).to_json(workflow_id=f"memora-{name}")
+        # The editor validates "id" as a UUID (an alert on open otherwise): a fixed one per workflow name.
+        ui = build(info).to_json(workflow_id=workflow_uuid(name))
         overlaps = check_layout(ui)
         if overlaps:
             raise SystemExit(f"{name}: overlapping nodes {overlaps}")
