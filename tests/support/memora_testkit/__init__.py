@@ -60,3 +60,34 @@ if not any(m is TinySD15 or getattr(m, "__name__", "") == "TinySD15" for m in co
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
+
+
+class InterruptAfterCalls:
+    """Test-only: a clone of MODEL that asks ComfyUI to interrupt processing after `calls` UNet calls (as the queue's
+    cancel button does), so interrupts can be tested through the real executor."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "calls": ("INT", {"default": 3, "min": 1, "max": 10000})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "wrap"
+    CATEGORY = "testing"
+
+    def wrap(self, model, calls):
+        import comfy.model_management
+
+        state = {"n": 0}
+        m = model.clone()
+
+        def wrapper(apply_model, args):
+            state["n"] += 1
+            if state["n"] >= calls:
+                comfy.model_management.interrupt_current_processing(True)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        m.set_model_unet_function_wrapper(wrapper)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS["MemoRaTest_InterruptAfterCalls"] = InterruptAfterCalls
