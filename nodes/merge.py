@@ -1,0 +1,146 @@
+"""Multi-LoRA merge (Multi-MemoRa: one LoRA per recovered concept, merged into one)."""
+
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io
+
+from .. import memora
+from ..memora.lora import formats, merge
+from ..memora.lora.save import resolve_save_path, save_safetensors_atomic
+from . import _host, _lora_host
+
+SLOTS = 4
+
+_METHOD_TOOLTIP = (
+    "concat: exact (ranks concatenated; the result behaves exactly like the LoRAs stacked at their weights; its rank "
+    "is the sum of the input ranks). svd: the weighted sum of every layer's delta-W truncated to 'rank' (the report "
+    "gives the energy kept per layer). ties / dare_linear / dare_ties / magnitude_prune: peft's merge of the delta-W "
+    "tensors (TIES sign election, DARE random drop and rescale, magnitude pruning, keeping 'density' of the entries), "
+    "re-factorised to 'rank'.")
+
+
+def _slot_inputs():
+    inputs = []
+    for i in range(1, SLOTS + 1):
+        inputs.append(io.LoraModel.Input(
+            f"lora_{i}", optional=i > 1,
+            tooltip=(f"LoRA {i} (a LORA_MODEL: e.g. from MemoRa LoRA Train or MemoRa Load LoRA; kohya, diffusers or "
+                     f"PEFT keys, any rank)." + ("" if i == 1 else " Optional: leave unconnected to merge fewer."))))
+        inputs.append(io.Float.Input(
+            f"weight_{i}", default=1.0, min=-10.0, max=10.0, step=0.05, round=0.0001,
+            tooltip=f"Weight of LoRA {i} in the merge (its delta is multiplied by this; 0 leaves it out)."))
+    return inputs
+
+
+def _normalise(sd, slot: int) -> tuple[dict, str]:
+    """A LORA_MODEL of any format -> ({layer: LoraLayer}, format name)."""
+    what = f"lora_{slot}"
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"{what} is empty or not a LORA_MODEL (expected a dict of tensors)")
+    try:
+        fmt = formats.detect_format(sd)
+    except formats.LoraFormatError as e:
+        raise ValueError(f"{what}: {e}") from e
+    # ComfyUI-native keys name ldm modules: map them with SD1.x's layout (the family MemoRa works on).
+    ldm = _lora_host.sd15_ldm_to_diffusers_map() if fmt == formats.COMFY else None
+    return merge.normalise(sd, ldm, what=what), fmt
+
+
+def _metadata(result: merge.MergeResult, sources: list[dict]) -> dict[str, str]:
+    summary = formats.summarize(result.state_dict)
+    return {
+        "memora_format": "kohya",
+        "memora_version": memora.__version__,
+        "memora_layers": str(summary["layers"]),
+        "memora_params": str(summary["params"]),
+        "memora_ranks": json.dumps(summary["ranks"]),
+        "memora_merge_method": result.method,
+        "memora_merge_rank": str(result.rank),
+        "memora_merge_density": repr(result.density),
+        "memora_merge_seed": str(result.seed),
+        "memora_merge_sources": json.dumps(sources),
+        "memora_merge_min_energy_kept": repr(result.min_energy),
+    }
+
+
+class MemoRaMultiLoRAMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MemoRaMultiLoRAMerge",
+            display_name="MemoRa Multi-LoRA Merge",
+            category="MemoRa/LoRA",
+            description=(
+                "Merges up to four LoRAs into one (Multi-MemoRa: one recovered concept per LoRA, all brought back by "
+                "one adapter). Inputs of different ranks, layer sets (a missing layer counts as zero) or key formats "
+                "are normalised first; layers whose shapes differ between inputs are refused by name. The order of "
+                "the inputs never changes the result. Optionally saves the merge to models/loras (atomic, never "
+                "overwriting; the file's metadata lists the sources and the method)."),
+            inputs=[
+                *_slot_inputs(),
+                io.Combo.Input("method", options=list(merge.METHODS), default="concat", tooltip=_METHOD_TOOLTIP),
+                io.Int.Input("rank", default=0, min=0, max=4096,
+                             tooltip="Output rank per layer for svd and the peft methods; 0 = automatic (svd: every "
+                                     "component, i.e. exact; peft methods: the sum of the input ranks). concat "
+                                     "ignores it."),
+                io.Float.Input("density", default=0.5, min=0.01, max=1.0, step=0.01, round=0.0001,
+                               tooltip="ties / dare / magnitude_prune: the fraction of each delta's entries kept "
+                                       "(1 keeps everything). Ignored by concat and svd."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="dare_linear / dare_ties: seed of the random drop (the same seed gives the same "
+                                     "merge). Ignored by the other methods."),
+                io.String.Input("save_name", default="",
+                                tooltip="Empty: do not save. Otherwise a file prefix under models/loras ('/' makes "
+                                        "subfolders); a counter is added so no file is ever overwritten."),
+            ],
+            outputs=[
+                io.LoraModel.Output(display_name="lora",
+                                    tooltip="The merged LoRA (kohya format) for LoraModelLoader or the MemoRa nodes."),
+                io.String.Output(display_name="report",
+                                 tooltip="The sources, the method, and per layer the merged rank and the energy kept "
+                                         "(sum of kept s^2 / total; 1 = exact)."),
+                io.String.Output(display_name="filename",
+                                 tooltip="The saved file relative to the loras folder (empty when not saved)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, lora_1, weight_1, method, rank, density, seed, save_name, lora_2=None, weight_2=1.0,
+                lora_3=None, weight_3=1.0, lora_4=None, weight_4=1.0) -> io.NodeOutput:
+        given = [(i, sd, float(w)) for i, (sd, w) in enumerate(
+            [(lora_1, weight_1), (lora_2, weight_2), (lora_3, weight_3), (lora_4, weight_4)], 1) if sd is not None]
+        if method not in merge.METHODS:
+            raise ValueError(f"method must be one of {list(merge.METHODS)}, got {method!r}")
+        save_name = (save_name or "").strip()
+        if save_name:
+            # A bad name is refused before any work (resolve_save_path validates it and creates nothing).
+            resolve_save_path(_lora_host.loras_root(), save_name)
+        inputs, sources = [], []
+        for slot, sd, w in given:
+            layers, fmt = _normalise(sd, slot)
+            inputs.append(layers)
+            ranks = sorted({layer.rank for layer in layers.values()})
+            sources.append({"slot": slot, "weight": w, "format": fmt, "layers": len(layers), "ranks": ranks,
+                            "sha256": merge.fingerprint(layers)[:16]})
+        import comfy.model_management
+
+        progress = _host.StageProgress("merge", max(1, len(set().union(*[set(x) for x in inputs]))))
+        result = merge.merge_layers(inputs, [s["weight"] for s in sources], method, rank, density, seed,
+                                    device=comfy.model_management.get_torch_device(), progress=progress)
+        lines = [f"LoRA {s['slot']}: weight {s['weight']:g}, {s['format']} format, {s['layers']} layers, "
+                 f"rank {', '.join(map(str, s['ranks']))}" for s in sources]
+        report = "\n".join(lines + [result.report()])
+        filename = ""
+        if save_name:
+            path = save_safetensors_atomic(result.state_dict, _lora_host.loras_root(), save_name,
+                                           _metadata(result, sources))
+            filename = _lora_host.relative_to_loras(path)
+            _host.send_event("memora.lora_saved", {"node": _host.current_node_id(), "filename": filename})
+            report += f"\nsaved as {filename}"
+        ui = {"memora_lora": [filename]} if filename else None
+        return io.NodeOutput(result.state_dict, report, filename, ui=ui)
+
+
+NODES = [MemoRaMultiLoRAMerge]
