@@ -244,10 +244,19 @@ def plan_jobs(workflow: Workflow, backend, rows: Optional[list[dict]] = None, ov
             continue
         key = graph_key(api)
         titles = {nid: title_of(api, nid) for nid in api}
-        jobs.append(Job(i, i if rows != [{}] else None, {**global_overrides, **ov}, labels, api, key, titles))
+        typed = {addr: _value_at(api, addr, object_info, workflow.aliases) for addr in {**global_overrides, **ov}}
+        jobs.append(Job(i, i if rows != [{}] else None, typed, labels, api, key, titles))
     if problems:
         raise _sweep.SweepError("the sweep has values that do not fit their inputs:\n  " + "\n  ".join(problems))
     return Plan(workflow, object_info, base, jobs)
+
+
+def _value_at(api: dict, address: str, object_info: dict, aliases: dict):
+    """The value an address holds in a resolved graph (typed as the input expects)."""
+    from .workflow import resolve_address
+
+    t = resolve_address(address, api, object_info, aliases)[0]
+    return api[t.node_id]["inputs"].get(t.input)
 
 
 def _missing_swap(class_type: str, where: str) -> Exception:
