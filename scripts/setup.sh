@@ -58,7 +58,7 @@ for c in "${CHECKOUTS[@]}"; do
   grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio)\b|^comfyui-(frontend-package|workflow-templates|embedded-docs)' "$c/requirements.txt" >> "$REQS" || true
 done
 sort -u "$REQS" -o "$REQS"
-STAMP="$VENV/.memora-reqs-$(cat "$REQS" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+STAMP="$VENV/.memora-reqs-$( (cat "$REQS" "$ROOT/pyproject.toml"; echo "$ROOT") | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
   log "installing ComfyUI's requirements and comfyui-memora (editable, with test extras)"
   quiet_pip install -q -r "$REQS"
