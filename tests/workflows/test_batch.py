@@ -312,3 +312,19 @@ def test_curve_over_training_steps_with_a_prompt_csv(comfy, tiny_ckpt, tmp_path,
     expected = [sum(by[(s, c)]["metrics"][curve["similarity_metric"]] for c in ("1", "2")) / 2 for s in (1, 2)]
     assert curve["similarity"] == pytest.approx(expected)
     assert curve["verdict"]["verdict"] in ("short-term", "long-term", "not recovered", "inconclusive")
+
+
+@pytest.mark.server
+def test_server_object_info_converts_the_examples_like_the_in_process_definitions(server, comfy):
+    """The in-process /object_info (used by embedded runs and the tests) matches what a real server serves."""
+    from memora_batch.server_client import ComfyServer
+
+    served = ComfyServer(server.url).check()
+    local = object_info_in_process()
+    for path in sorted((ROOT / "example_workflows").glob("*.json")):
+        a = Workflow.load(path).to_api(served)
+        b = Workflow.load(path).to_api(local)
+        assert a == b, path.name
+    for node_type in (t for t in local if t.startswith("MemoRa")):
+        assert served[node_type]["input_order"] == local[node_type]["input_order"], node_type
+        assert served[node_type]["output"] == local[node_type]["output"], node_type
