@@ -128,7 +128,20 @@ def _serialise(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) ->
     if bad:
         raise ValueError(f"tensors must map str -> torch.Tensor; these entries do not: {bad[:5]}")
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return save(flat, metadata=metadata or None)
+    return _canonical_header(save(flat, metadata=metadata or None))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written with sorted keys: safetensors writes the metadata in
+    hash-map order, which changes from call to call, so equal tensors and metadata would give different bytes.
+    Tensor data and offsets are unchanged (the header stays padded to a multiple of 8 bytes)."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def _make_folder(folder: Path) -> list[Path]:
