@@ -229,6 +229,9 @@ def check_conditioning(positive: Any) -> None:
             raise ValueError(f"positive: entry {i} is not a [tensor, dict] pair")
         if isinstance(c[0], torch.Tensor) and not torch.isfinite(c[0]).all():
             raise ValueError(f"positive: entry {i} contains non-finite values (NaN or inf)")
+        if isinstance(c[0], torch.Tensor) and c[0].dim() >= 1 and c[0].shape[0] != 1:
+            raise ValueError(f"positive: entry {i} holds a batch of {c[0].shape[0]} prompts; MemoRa trains every "
+                             f"latent with the one concept prompt: expected a single prompt's conditioning")
 
 
 def concept_from_prompt(prompt: Any, node_id: Any, input_name: str = "positive") -> str:

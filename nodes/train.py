@@ -60,7 +60,7 @@ def _inputs():
                                "uses dynamic loss scaling."),
         io.Boolean.Input("gradient_checkpointing", default=False,
                          tooltip="Recompute the UNet blocks in the backward pass instead of keeping their "
-                                 "activations: less memory, about a third slower. Same result."),
+                                 "activations: less memory, slower (one more forward pass per step). Same result."),
         io.Int.Input("seed", default=2024, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                      tooltip="Seeds the one generator behind every random draw: LoRA init, sample order, flips, "
                              "timesteps, noise (the reference: 2024)."),

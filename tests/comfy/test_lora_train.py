@@ -301,6 +301,9 @@ def test_gradient_checkpointing_and_bf16(loaded_tiny):
     assert all(math.isfinite(v) for v in half[2]["loss"])
     assert all(v.dtype == torch.float32 for v in half[1].values())
     assert half[2]["loss"][0] == pytest.approx(plain[2]["loss"][0], rel=0.05)  # same draws, coarser arithmetic
+    fp16 = _execute(model, latent, pos, steps=1, save_name="", precision="fp16")  # with dynamic loss scaling
+    assert fp16[2]["loss"][0] == pytest.approx(plain[2]["loss"][0], rel=0.01)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in fp16[1].values())
     assert model.model.manual_cast_dtype == cast and not model.object_patches
 
 
@@ -433,6 +436,29 @@ def test_bad_inputs_through_the_executor(comfy, tiny_ckpt):
     with pytest.raises(GraphValidationError, match="rank"):
         comfy.run(g.prompt)
     assert _files(root) == files
+
+
+def test_unapplied_lora_layers_are_refused_with_the_reason():
+    """ComfyUI 0.33's dynamic VRAM loading skips weight wrappers on small layers (GPU only): a LoRA layer whose
+    wrapper never ran must stop training with an explanation, not train silently."""
+    th = _pack("_train_host")
+    lt = _pack("lora.train", "memora")
+    g = torch.Generator().manual_seed(0)
+    wrappers = {f"diffusion_model.l{i}": th.LoRAWeightWrapper(lt.LoRALayerParams((4, 4), 2, 2.0, generator=g))
+                for i in range(3)}
+    for w in wrappers.values():
+        w(torch.zeros(4, 4))
+    th.check_wrappers_ran(wrappers)
+    wrappers["diffusion_model.l9"] = th.LoRAWeightWrapper(lt.LoRALayerParams((4, 4), 2, 2.0, generator=g))
+    with pytest.raises(th.WrappersNotRunError, match="1 of 4 LoRA layers.*--disable-dynamic-vram"):
+        th.check_wrappers_ran(wrappers)
+
+
+def test_a_batch_of_prompts_is_refused(bad_input_env):
+    model, pos, root, files = bad_input_env
+    two = [[torch.cat([pos[0][0], pos[0][0]]), dict(pos[0][1])]]
+    with pytest.raises(ValueError, match="batch of 2 prompts"):
+        _execute(model, {"samples": torch.zeros(2, 4, 8, 8)}, two, save_name="")
 
 
 # -- front-end events ----------------------------------------------------------------------------------------------
