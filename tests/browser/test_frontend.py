@@ -5,8 +5,10 @@ version the checkout pins) and one headless Chromium (Debian's, through Playwrig
 fresh browser context:
 
 0. ``stub``: memora.js replaced by an empty module (Playwright answers that request in place of the server): the
-   console errors the front end shows on its own here (404s for absent user files, CSP-blocked model metadata
-   downloads, ...), the baseline the other pages are compared with.
+   console errors the front end shows on its own (1.49: 'ComfyApp graph accessed before initialization'), the
+   baseline the other pages are compared with. Failed fetches of the front end's own (404s for absent user files,
+   CSP-blocked model metadata downloads for its default graph) come and go with page timing and are left out: the
+   extension makes no requests.
 1. ``broken``: memora.js with a syntax error appended: the load check must report the extension missing and an
    error the stub page does not show.
 2. the real extension: served once, registered once, no console error of its own; a graph of core nodes runs and
@@ -151,8 +153,22 @@ def _norm(text: str) -> str:
     return re.sub(r"\b[0-9a-f]{8}-[0-9a-f-]{27}\b", "<uuid>", text)
 
 
-def _mentions_memora(m: dict) -> bool:
-    return "memora" in (m["text"] + m["url"] + m.get("stack", "")).lower()
+OURS = re.compile(r"memora\.js|MemoRa\.Frontend|/extensions/comfyui-memora|\"memora\.", re.I)
+
+
+def _ours(m: dict) -> bool:
+    """A console message that names the extension: its file in a location or stack, its name, or one of its events
+    (the front end logs listener errors as '[ComfyApi] Uncaught error in "memora.train" event listener')."""
+    return bool(OURS.search(m["text"] + " " + m["url"] + " " + m.get("stack", "")))
+
+
+def _network_noise(m: dict) -> bool:
+    """The front end's own failed fetches: 404s for absent user files, CSP-blocked downloads of the default graph's
+    model metadata. They come and go with page timing (seen in some pages and not in others); the extension makes no
+    requests at all, so none of them can be its doing."""
+    t = m["text"]
+    return (t.startswith("Failed to load resource") or "Content Security Policy" in t
+            or t.startswith("Fetch API cannot load"))
 
 
 def load_problems(load: dict, baseline: list[dict]) -> list[str]:
@@ -167,11 +183,12 @@ def load_problems(load: dict, baseline: list[dict]) -> list[str]:
     registered = load["extensions"].count(EXTENSION)
     if registered != 1:
         problems.append(f"extension {EXTENSION} registered {registered} times (expected once)")
-    own = [m for m in load["errors"] if _mentions_memora(m)]
+    own = [m for m in load["console"] if m["type"] in ("error", "warning", "pageerror") and _ours(m)]
     if own:
-        problems.append(f"console errors naming the extension: {own}")
+        problems.append(f"console errors or warnings naming the extension: {own}")
     known = {_norm(m["text"]) for m in baseline}
-    extra = [m for m in load["errors"] if not _mentions_memora(m) and _norm(m["text"]) not in known]
+    extra = [m for m in load["console"] if m["type"] in ("error", "pageerror") and not _ours(m)
+             and not _network_noise(m) and _norm(m["text"]) not in known]
     if extra:
         problems.append(f"console errors the front end does not show without the extension: {extra}")
     return problems
@@ -271,6 +288,7 @@ def load_report(editor: Editor, server_url: str) -> dict:
         "listed": http_json(server_url + "/extensions"),
         "requests": list(editor.requests),
         "extensions": editor.js("() => __memoraTest.extensionNames()"),
+        "console": list(editor.console),
         "errors": editor.errors(),
     }
 
@@ -392,7 +410,7 @@ def session(browser, browser_server, tiny_ckpt_path, stub):
         editor.fit([train])
         out["reopened_panel"] = editor.js("(id) => __memoraTest.panel(id)", train)
         out["reopened_loaders"] = editor.js("() => __memoraTest.loaders()")
-        out["errors_end"] = editor.errors()
+        out["console_end"] = list(editor.console)
         return out
     finally:
         editor.close()
@@ -432,7 +450,7 @@ def test_broken_extension_is_detected(broken, stub):
 
 def test_extension_served_once_registered_once_without_console_errors(session, stub):
     assert load_problems(session["load"], baseline=stub["errors"]) == []
-    late = {**session["load"], "errors": session["errors_end"]}  # also after a whole session
+    late = {**session["load"], "console": session["console_end"]}  # also after a whole session
     assert load_problems(late, baseline=stub["errors"]) == []
 
 
