@@ -224,3 +224,26 @@ def test_layer_objects_merge_directly():
     assert abs(res.layers[0].energy_kept - 1.0) < 1e-6
     merged = formats.kohya_layers(res.state_dict)[Q]
     assert torch.allclose(merged.delta(), 2 * layer.delta(), atol=1e-5)
+
+
+def test_large_layers_use_a_reproducible_randomised_svd_with_exact_energy():
+    """A 256 x 192 pruned delta truncated to rank 6 goes through torch.svd_lowrank: the energy reported is exactly
+    what the returned factors keep, close to the optimum, and the result is the same on every call."""
+    name = "lora_unet_big_to_q"
+    g = torch.Generator().manual_seed(0)
+    ins = [{name: LoraLayer(torch.randn(8, 192, generator=g), torch.randn(256, 8, generator=g), 8.0)}
+           for _ in range(2)]
+    state = torch.random.get_rng_state()
+    res = merge.merge_layers(ins, [1.0, 1.0], "ties", rank=6, density=0.5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = merge.merge_layers(ins, [1.0, 1.0], "ties", rank=6, density=0.5)
+    assert all(torch.equal(res.state_dict[k], again.state_dict[k]) for k in res.state_dict)
+    from peft.utils import merge_utils
+
+    dense = merge_utils.ties([i[name].delta() for i in ins], torch.tensor([1.0, 1.0]), 0.5).double()
+    got = formats.kohya_layers(res.state_dict)[name].delta().double()
+    kept = 1 - float(((dense - got) ** 2).sum() / (dense ** 2).sum())
+    optimum = float((torch.linalg.svdvals(dense)[:6] ** 2).sum() / (dense ** 2).sum())
+    energy = res.layers[0].energy_kept
+    assert abs(energy - kept) < 1e-6, (energy, kept)
+    assert optimum * 0.99 <= energy <= optimum + 1e-9, (energy, optimum)
