@@ -115,10 +115,15 @@ def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None):
     if extra_rows:
         rows = [{**r, **e} for r in (rows or [{}]) for e in extra_rows]
     columns = list(dict.fromkeys(c for r in rows for c in r))
-    swaps = _runner.model_swaps(args.models, args.original, args.unlearned)
+    profile = _runner.model_profile(args.models, args.original, args.unlearned)
+    soft = dict(profile.texts)
+    if "prompt" in columns or any(c.startswith("Evaluation prompt.") for c in columns):
+        soft.pop("Evaluation prompt", None)
     backend = _backend(args)
-    plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_assignments(args.set), swaps,
-                             quick=args.quick, texts=_texts(args, columns))
+    plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_assignments(args.set), profile.swaps,
+                             quick=args.quick, texts=_texts(args, columns), defaults=profile.defaults,
+                             soft_texts=soft)
+    plan.profile = profile
     return backend, plan
 
 
@@ -165,28 +170,41 @@ def cmd_curve(args) -> int:
     summary = execute(args, backend, plan, results_dir)
     if summary is None:
         return 0
-    return print_verdict(results_dir, args.train_node, steps, args.detector, args.similarity)
+    detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
+    return print_verdict(results_dir, args.train_node, steps, detector, args.similarity)
 
 
 def cmd_demo(args) -> int:
+    """memora_recovery end to end: on the built-in micro world by default, on your checkpoints with
+    --original/--unlearned. Prints where the LoRA, the images and the report went."""
     root = _runner.pack_root()
     wf = args.workflow or (str(root / "example_workflows" / "memora_recovery.json") if root else None)
     if not wf or not Path(wf).is_file():
         raise FileNotFoundError("example_workflows/memora_recovery.json not found; pass --workflow")
     own_models = bool(args.original or args.unlearned)
-    if args.models is None and not own_models:
-        args.models = "micro"
     if own_models and not (args.original and args.unlearned):
         raise _sweep.SweepError("with your own models pass both --original and --unlearned (checkpoint file names "
                                 "in ComfyUI's models/checkpoints)")
+    if args.models is None and not own_models:
+        args.models = "micro"
     backend, plan = prepare(args, wf)
-    results_dir = _results_dir(args, "demo" if args.models == "micro" else plan.workflow.name)
+    results_dir = _results_dir(args, "demo-micro-world" if args.models == "micro" else "demo")
+    if plan.profile and plan.profile.description and not args.dry_run:
+        print(f"memora-batch demo: {Path(wf).name} on the {plan.profile.description}", flush=True)
     summary = execute(args, backend, plan, results_dir)
     if summary is None:
         return 0
     from .report import print_where
 
-    print_where(results_dir, backend)
+    concept_metric = plan.profile.detector_metric if plan.profile else None
+    suffix = concept_metric.split(")", 1)[1] if concept_metric else ".flagged_rate"
+
+    def headline(metric: str) -> bool:
+        return ((metric.startswith("Concept score") and metric.endswith(suffix))
+                or (metric.startswith("Similarity to original") and metric.endswith((".ssim", ".psnr")))
+                or metric.endswith(".final_loss"))
+
+    print_where(results_dir, backend, headline)
     return 0 if summary.failed == 0 else EXIT_JOB_FAILED
 
 

@@ -56,11 +56,19 @@ def write_report(results_dir: "str | Path", title: str) -> Path:
     return path
 
 
-def print_where(results_dir: "str | Path", backend) -> None:
-    """The demo's closing lines: where the LoRA, the images and the report are."""
+def print_where(results_dir: "str | Path", backend, headline=None) -> None:
+    """The demo's closing lines: the headline numbers (``headline(metric)`` chooses them; default all) and where the
+    LoRA, the images and the report are."""
     rows = ResultsStore(results_dir).latest()
     print("")
     for r in rows:
+        shown = {k: v for k, v in r.get("metrics", {}).items() if headline is None or headline(k)}
+        if shown:
+            width = max(len(k) for k in shown)
+            for k, v in shown.items():
+                print(f"  {k:<{width}}  {_cell(v)}")
+        if r.get("error"):
+            print(f"  error:   {r['error']}")
         outs = r.get("outputs", {})
         for p in outs.get("lora_paths", []):
             print(f"  LoRA:    {p}")
@@ -68,9 +76,5 @@ def print_where(results_dir: "str | Path", backend) -> None:
         for folder in folders:
             n = sum(os.path.dirname(f) == folder for f in outs.get("files", []))
             print(f"  images:  {folder}/ ({n} files)")
-        for k, v in r.get("metrics", {}).items():
-            print(f"  {k}: {_cell(v)}")
-        if r.get("error"):
-            print(f"  error:   {r['error']}")
     print(f"  report:  {Path(results_dir) / 'report.md'}")
     print(f"  table:   {Path(results_dir) / 'results.csv'}")

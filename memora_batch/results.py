@@ -140,8 +140,9 @@ def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
     """Numbers the nodes report in their UI output, flattened to ``<node title>.<name>`` columns.
 
     - ``memora_scores`` tables ({title, columns, rows}): a one-row table (a node's summary) gives
-      ``<node>.<column>`` for each numeric cell. Multi-row tables (per-image details) stay in the JSONL record
-      (``tables``); only a node that reports no one-row table gets ``<node>.<column>.mean`` from them.
+      ``<node>.<column>`` for each numeric cell; a table whose rows are named by a text first cell (a detector's
+      concepts) gives ``<node>.<row name>.<column>``. Other multi-row tables (per-image details) stay in the JSONL
+      record (``tables``); only a node that reports none of the above gets ``<node>.<column>.mean`` from them.
     - ``memora_loss`` (training): ``<node>.final_loss`` and ``<node>.train_steps``.
     """
     metrics: dict[str, Any] = {}
@@ -155,6 +156,16 @@ def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
             for c, v in zip(table["columns"], table["rows"][0]):
                 if _is_number(v):
                     metrics.setdefault(f"{name}.{c}", v)
+        for table in tables:
+            rows = [r for r in table.get("rows") or [] if isinstance(r, (list, tuple)) and r]
+            labels = [r[0] for r in rows]
+            if len(rows) > 1 and all(isinstance(x, str) for x in labels) and len(set(labels)) == len(labels):
+                # one row per named item (e.g. a detector's concepts): <node>.<item>.<column>
+                for r in rows:
+                    for c, v in zip(table["columns"][1:], r[1:]):
+                        if _is_number(v):
+                            metrics.setdefault(f"{name}.{r[0]}.{c}", v)
+                single.append(table)
         if not single:
             for table in tables:
                 rows = [r for r in table.get("rows") or [] if isinstance(r, (list, tuple))]

@@ -20,6 +20,7 @@ from .workflow import Workflow, apply_overrides, graph_key, object_info_in_proce
 #: Titles of the checkpoint loaders the example workflows use (``--original``/``--unlearned``/``--models``).
 MODEL_TITLES = {"original": "Original model", "unlearned": "Unlearned model", "never_learned": "Never-learned model"}
 MICRO_WORLD_NODE = "MemoRaLoadMicroWorld"
+MICRO_DETECTOR_NODE = "MemoRaMicroDetector"
 
 
 @dataclass
@@ -139,41 +140,97 @@ class Plan:
     object_info: dict
     base_api: dict
     jobs: list[Job]
+    profile: Optional["ModelProfile"] = None
+
+
+TITLE = object()  # placeholder in a swap's inputs: the swapped node's own title
+
+
+@dataclass
+class ModelProfile:
+    """What ``--models`` / ``--original`` / ``--unlearned`` change: node swaps (title, or 'prefix*' -> class and
+    inputs), input defaults applied where the workflow has them, texts for titled prompt nodes, and the metric the
+    demo reports as the concept detector."""
+
+    swaps: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+    texts: dict = field(default_factory=dict)
+    detector_metric: Optional[str] = None
+    description: str = ""
+
+
+def model_profile(models: Optional[str], original: Optional[str] = None, unlearned: Optional[str] = None,
+                  never_learned: Optional[str] = None) -> ModelProfile:
+    prof = ModelProfile()
+    if models == "micro":
+        prof = micro_world_profile()
+    elif models not in (None, "", "checkpoints"):
+        raise ValueError(f"--models {models!r}: expected 'micro' (the built-in micro world) or 'checkpoints'")
+    for variant, ckpt in (("original", original), ("unlearned", unlearned), ("never_learned", never_learned)):
+        if ckpt:
+            prof.swaps[MODEL_TITLES[variant]] = ("CheckpointLoaderSimple", {"ckpt_name": ckpt})
+    return prof
 
 
 def model_swaps(models: Optional[str], original: Optional[str], unlearned: Optional[str],
                 never_learned: Optional[str] = None) -> dict:
     """Title -> (class_type, inputs) replacing the titled checkpoint loaders."""
-    swaps = {}
-    if models == "micro":
-        for variant, title in MODEL_TITLES.items():
-            swaps[title] = (MICRO_WORLD_NODE, {"variant": variant})
-    elif models not in (None, "", "checkpoints"):
-        raise ValueError(f"--models {models!r}: expected 'micro' (the built-in micro world) or 'checkpoints'")
-    for variant, ckpt in (("original", original), ("unlearned", unlearned), ("never_learned", never_learned)):
-        if ckpt:
-            swaps[MODEL_TITLES[variant]] = ("CheckpointLoaderSimple", {"ckpt_name": ckpt})
-    return swaps
+    return model_profile(models, original, unlearned, never_learned).swaps
+
+
+#: micro-world demo: images per evaluation (the detector rate is a share of these)
+MICRO_EVAL_IMAGES = 16
+
+
+def micro_world_profile() -> ModelProfile:
+    """The built-in micro world (memora.micro, weights shipped with the pack): its three models for the titled
+    loaders, its concept detector for the nodes titled 'Concept score ...', its erased concept's caption for the
+    concept and evaluation prompts, its image size for the titled size nodes."""
+    from memora.micro import world
+
+    manifest = world.load_manifest()  # a clear FileNotFoundError when the weights are absent
+    concept = manifest.get("erased_concept", world.ERASED_CONCEPT)
+    size = int(manifest.get("image_size") or world.VAE_DDCONFIG["resolution"])
+    prof = ModelProfile(description=f"micro world (erased concept: {concept!r}; random-free, trained tiny models)")
+    for variant, title in MODEL_TITLES.items():
+        prof.swaps[title] = (MICRO_WORLD_NODE, {"variant": variant})
+    prof.swaps["Concept score*"] = (MICRO_DETECTOR_NODE, {"concept": concept, "title": TITLE})
+    for title in ("Seed image size", "Evaluation image size", "Resize to training size (A)",
+                  "Resize to training size (B)"):
+        prof.defaults[f"{title}.width"] = size
+        prof.defaults[f"{title}.height"] = size
+    prof.defaults["Evaluation image size.batch_size"] = MICRO_EVAL_IMAGES
+    prompt = world.erased_prompt(manifest)
+    prof.texts = {"Concept prompt": prompt, "Evaluation prompt": prompt}
+    prof.detector_metric = f"Concept score (recovered).{concept}.rate"
+    return prof
 
 
 def swap_nodes(api: dict, swaps: dict, object_info: dict) -> dict:
-    """Replace titled loader nodes (same outputs: MODEL, CLIP, VAE) by another class with the given inputs."""
+    """Replace the nodes with a given title by another class: ``{title: (class_type, inputs)}``. The new node gets
+    its defaults, then the old node's inputs that it also has (links included), then ``inputs``. Output slots keep
+    their positions (e.g. a checkpoint loader's MODEL, CLIP, VAE)."""
     import copy
 
     out = copy.deepcopy(api)
     for title, (class_type, inputs) in swaps.items():
-        for nid in [n for n in out if title_of(out, n) == title]:
-            info = object_info.get(class_type, {})
-            defaults = {}
-            for section in ("required",):
-                for name, spec in ((info.get("input") or {}).get(section) or {}).items():
-                    if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) \
-                            and "default" in spec[1]:
-                        defaults[name] = spec[1]["default"]
-                    elif isinstance(spec, (list, tuple)) and spec and isinstance(spec[0], list) and spec[0]:
-                        defaults[name] = spec[0][0]
-            out[nid] = {"class_type": class_type, "inputs": {**defaults, **inputs},
-                        "_meta": {"title": title}}
+        info = object_info.get(class_type, {})
+        specs = {}
+        for section in ("required", "optional"):
+            specs.update((info.get("input") or {}).get(section) or {})
+        defaults = {}
+        for name, spec in ((info.get("input") or {}).get("required") or {}).items():
+            if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
+                defaults[name] = spec[1]["default"]
+            elif isinstance(spec, (list, tuple)) and spec and isinstance(spec[0], list) and spec[0]:
+                defaults[name] = spec[0][0]
+        match = (lambda t: t.startswith(title[:-1])) if title.endswith("*") else (lambda t: t == title)
+        for nid in [n for n in out if match(title_of(out, n))]:
+            node_title = title_of(out, nid)
+            inputs = {k: (node_title if v is TITLE else v) for k, v in inputs.items()}
+            kept = {k: v for k, v in out[nid].get("inputs", {}).items() if k in specs}
+            out[nid] = {"class_type": class_type, "inputs": {**defaults, **kept, **inputs},
+                        "_meta": {"title": node_title}}
     return out
 
 
@@ -206,9 +263,13 @@ TEXT_INPUTS = ("value", "text", "string", "prompt")
 
 
 def plan_jobs(workflow: Workflow, backend, rows: Optional[list[dict]] = None, overrides: Optional[dict] = None,
-              swaps: Optional[dict] = None, quick: bool = False, texts: Optional[dict] = None) -> Plan:
+              swaps: Optional[dict] = None, quick: bool = False, texts: Optional[dict] = None,
+              defaults: Optional[dict] = None, soft_texts: Optional[dict] = None) -> Plan:
     """Every check, then the resolved graph of each job. Raises (before anything runs) on: node types not installed,
-    sweep columns or --set keys that address nothing, values that do not fit their inputs."""
+    sweep columns or --set keys that address nothing, values that do not fit their inputs.
+
+    Order of precedence, lowest first: the workflow's values, ``swaps``, ``defaults`` and ``soft_texts`` (applied
+    only where the workflow has such an input), ``quick``, ``texts`` and ``overrides`` (every job), sweep rows."""
     swaps = swaps or {}
     available = backend.available_types()
     for class_type, _ in swaps.values():
@@ -223,6 +284,17 @@ def plan_jobs(workflow: Workflow, backend, rows: Optional[list[dict]] = None, ov
     base = workflow.to_api(object_info)
     if swaps:
         base = swap_nodes(base, swaps, object_info)
+    for address, value in (defaults or {}).items():  # profile settings, where the workflow has such an input
+        try:
+            base = apply_overrides(base, {address: value}, object_info, workflow.aliases)
+        except ValueError:
+            continue
+    for title, text in (soft_texts or {}).items():  # likewise, where the titled text node exists
+        try:
+            base = apply_overrides(base, {text_address(title, base, object_info, workflow.aliases): text},
+                                   object_info, workflow.aliases)
+        except ValueError:
+            continue
     if quick:
         base = quick_settings(base, object_info)
     global_overrides = dict(overrides or {})

@@ -64,7 +64,11 @@ class UIGraph:
 
     # -- nodes ---------------------------------------------------------------------------------------------------
     def add(self, node_type: str, title: Optional[str] = None, pos=(0, 0), size=None, mode: int = 0,
-            color: Optional[str] = None, bgcolor: Optional[str] = None, **values) -> UINode:
+            color: Optional[str] = None, bgcolor: Optional[str] = None, values: Optional[dict] = None,
+            **widget_values) -> UINode:
+        """A node with widget values by input name (keywords, or ``values`` for inputs named like a parameter
+        here, e.g. an input called 'title')."""
+        values = {**widget_values, **(values or {})}
         if node_type not in self.object_info:
             raise KeyError(f"no node definition for {node_type!r}")
         info = self.object_info[node_type]

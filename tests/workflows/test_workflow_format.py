@@ -96,7 +96,7 @@ def test_builder_puts_every_pack_widget_where_the_converter_reads_it(info):
                     continue
                 values[name] = options[-1]
         g = UIGraph(info)
-        g.add(node_type, "N", **values)
+        g.add(node_type, "N", values=values)
         api = Workflow.load(g.to_json()).to_api(info)
         got = api["1"]["inputs"]
         for name, v in values.items():
