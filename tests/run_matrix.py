@@ -42,7 +42,7 @@ def run(paths: list[str], comfy: Path | None, extra: list[str], tag: str) -> dic
     else:
         env["COMFYUI_PATH"] = str(TESTS / "no-comfyui-here")
     cmd = [sys.executable, "-m", "pytest", "-c", str(TESTS / "pytest.ini"), "--rootdir", str(TESTS),
-           f"--junitxml={junit}", *paths, *extra]
+           f"--junitxml={junit}", f"--basetemp={junit.parent / ('tmp-' + tag)}", *paths, *extra]
     print(f"\n=== {tag}: {' '.join(cmd[3:])}", flush=True)
     rc = subprocess.call(cmd, cwd=TESTS.parent, env=env)
     counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "rc": rc}
