@@ -101,3 +101,18 @@ def test_example_workflow_runs_on_the_tiny_model(path, comfy, info, tiny_ckpt, t
             assert name and folder_paths.get_full_path("loras", name), f"{path.name}: LoRA not saved ({ui})"
         if node["class_type"].startswith("MemoRa") and "Score" in node["class_type"]:
             assert ui.get("memora_scores"), f"{path.name}: {title_of(api, nid)} reported no scores"
+
+
+def test_committed_workflows_match_their_generator(info):
+    """scripts/make_workflows.py writes widget values by the current node definitions: a node whose inputs changed
+    would shift saved values silently; this fails until the JSON is regenerated (python scripts/make_workflows.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_workflows", ROOT / "scripts" / "make_workflows.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, (build, _title) in mod.WORKFLOWS.items():
+        ui = build(info).to_json(workflow_id=mod.workflow_uuid(name))
+        committed = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+        assert ui == committed, f"example_workflows/{name}.json is out of date: run python scripts/make_workflows.py"
+        assert not mod.check_layout(ui), f"{name}: overlapping nodes"
