@@ -75,6 +75,24 @@ def pack_link(base: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def comfy_path() -> Path:
+    """The ComfyUI checkout under test (skips when there is none)."""
+    if COMFY_PATH is None:
+        pytest.skip(_ABSENT_REASON)
+    return COMFY_PATH
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def testkit_dir() -> Path:
+    return SUPPORT / "memora_testkit"
+
+
+@pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("comfy_base")
 

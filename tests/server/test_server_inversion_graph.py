@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from comfy_server import ComfyServerProcess
 from graphs import Graph
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _post(url, payload):
@@ -29,16 +25,14 @@ def _get(url):
 
 
 @pytest.mark.server
-def test_inversion_slerp_regeneration_graph_over_http(tmp_path, tiny_ckpt_path):
-    from conftest import COMFY_PATH, SUPPORT
-
+def test_inversion_slerp_regeneration_graph_over_http(tmp_path, tiny_ckpt_path, comfy_path, repo_root, testkit_dir):
     base = tmp_path / "server"
     (base / "input").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(base / "input" / f"concept_{i}.png")
-    packs = {"comfyui-memora": ROOT, "memora_testkit": SUPPORT / "memora_testkit"}
-    with ComfyServerProcess(COMFY_PATH, base, packs=packs, checkpoints=(tiny_ckpt_path,)) as server:
+    packs = {"comfyui-memora": repo_root, "memora_testkit": testkit_dir}
+    with ComfyServerProcess(comfy_path, base, packs=packs, checkpoints=(tiny_ckpt_path,)) as server:
         info = _get(server.url + "/object_info/MemoRaDDIMInversion")["MemoRaDDIMInversion"]
         assert info["display_name"] == "MemoRa DDIM Inversion"
         assert "KSamplerAdvanced" in info["description"]
