@@ -57,6 +57,19 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=_ABSENT_REASON))
 
 
+def pytest_collection_finish(session):
+    """Importlib mode registers each test folder as a top-level namespace module named after it (tests/server ->
+    ``server``), which would shadow ComfyUI's own top-level modules (server.py, comfy/) once ComfyUI boots. The test
+    modules are imported by now; drop those placeholders so ``import server`` finds ComfyUI's."""
+    tests_dir = str(ROOT / "tests")
+    for name, mod in list(sys.modules.items()):
+        if "." in name or getattr(mod, "__file__", None) is not None:
+            continue
+        paths = [str(p) for p in getattr(mod, "__path__", [])]
+        if paths and all(p.startswith(tests_dir) for p in paths):
+            del sys.modules[name]
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"ComfyUI tested: {comfy_version()} ({COMFY_PATH or 'absent'})")
 
