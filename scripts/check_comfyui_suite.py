@@ -57,11 +57,34 @@ def content_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run_suite(copy: Path, log: Path, timeout: int) -> dict:
+def frontend_dir(path: Path) -> Path | None:
+    """The front-end wheel this checkout pins, installed once into its own folder (ComfyUI's test server refuses to
+    start without it; two checkouts pin different versions, so it is put on PYTHONPATH, not into the venv)."""
+    m = re.search(r"^comfyui-frontend-package==(\S+)", (path / "requirements.txt").read_text(), flags=re.M)
+    if not m:
+        return None
+    target = CACHE / "frontend" / m.group(1)
+    if (target / "comfyui_frontend_package").is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{m.group(1)}-", dir=target.parent))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp),
+                    f"comfyui-frontend-package=={m.group(1)}"], check=True)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process installed it meanwhile
+    return target
+
+
+def run_suite(copy: Path, log: Path, timeout: int, frontend: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "pytest", "tests/execution", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    env = dict(os.environ)
+    if frontend is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(frontend)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     t0 = time.time()
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=copy, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=copy, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env=env)
     text = log.read_text(errors="replace")
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "errors")}
     summary = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed)", ln)]
@@ -87,14 +110,14 @@ def port_free(port: int = 8188) -> bool:
             return False
 
 
-def run_suite_checked(copy: Path, log: Path, timeout: int) -> dict:
+def run_suite_checked(copy: Path, log: Path, timeout: int, frontend: Path | None = None) -> dict:
     """Run the suite; a run where the test server never answered (port taken, or too slow to start on a loaded
     machine: ComfyUI's fixture waits only 20 s) says nothing about the pack, so it is retried once, then reported."""
     for attempt in (1, 2):
         if not port_free():
             raise SystemExit("[comfyui-suite] port 8188 is in use (a ComfyUI running?): ComfyUI's execution tests "
                              "need it; stop that server and run again")
-        res = run_suite(copy, log, timeout)
+        res = run_suite(copy, log, timeout, frontend)
         refused = log.read_text(errors="replace").count("Connection refused")
         res["server_unreachable"] = res["passed"] == 0 or refused > res["passed"]
         if not res["server_unreachable"]:
@@ -134,11 +157,12 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="memora-comfy-suite-") as td:
             copy = Path(td) / "ComfyUI"
             make_copy(path, copy)
+            frontend = frontend_dir(path)
             rec_key = f"{ver}:{key}"
             base = baselines.get(rec_key)
             if base is None or args.remeasure:
                 print(f"[comfyui-suite] {ver}: measuring the baseline (no pack) ...", flush=True)
-                base = run_suite_checked(copy, Path(td) / "baseline.log", args.timeout)
+                base = run_suite_checked(copy, Path(td) / "baseline.log", args.timeout, frontend)
                 base["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S")
                 if base["server_unreachable"]:
                     print((Path(td) / "baseline.log").read_text(errors="replace")[-3000:])
@@ -152,7 +176,7 @@ def main(argv=None) -> int:
             (copy / "custom_nodes" / "comfyui-memora").symlink_to(ROOT, target_is_directory=True)
             print(f"[comfyui-suite] {ver}: running with comfyui-memora installed ...", flush=True)
             log = Path(td) / "with_pack.log"
-            res = run_suite_checked(copy, log, args.timeout)
+            res = run_suite_checked(copy, log, args.timeout, frontend)
             text = log.read_text(errors="replace")
             pack_failed = "IMPORT FAILED" in text and "comfyui-memora" in text
             new_failures = sorted(set(res["failed_ids"]) - set(base["failed_ids"]))
