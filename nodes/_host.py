@@ -121,20 +121,60 @@ class StageProgress:
 EpsAlgorithm = Callable[[Callable[[torch.Tensor, float], torch.Tensor], torch.Tensor], torch.Tensor]
 
 
+def latents_per_call(base_model, x: torch.Tensor, free_memory: Optional[int] = None) -> int:
+    """How many latents of the batch ``x`` one model call may carry, by ComfyUI's own memory estimate.
+
+    ComfyUI's cond batching (``calc_cond_batch``) splits cond from uncond when ``memory_required * 1.5`` exceeds the
+    free memory, but never splits the latent batch itself, so a large batch of latents can run out of memory where
+    smaller calls would not. This applies the same estimate and margin to the latent batch: the whole batch when
+    one conditioning's call for all of it fits, else as many latents as fit (at least 1)."""
+    n = int(x.shape[0])
+    required = getattr(base_model, "memory_required", None)
+    if n <= 1 or required is None:
+        return max(n, 1)
+    if free_memory is None:
+        free_memory = comfy.model_management.get_free_memory(x.device)
+    shape = list(x.shape[1:])
+    if required([n] + shape) * 1.5 < free_memory:
+        return n
+    per_item = required([1] + shape) * 1.5
+    return max(1, min(n, int(free_memory // per_item) if per_item > 0 else n))
+
+
+def _even_chunks(n: int, limit: int) -> list[tuple[int, int]]:
+    parts = -(-n // max(1, limit))
+    size = -(-n // parts)
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 class _AlgorithmSampler(comfy.samplers.Sampler):
     """A ComfyUI Sampler that runs a memora algorithm with the guider as its denoiser.
 
     Running through CFGGuider.sample keeps everything ComfyUI does around sampling: model loading and offloading,
-    conditioning preparation, model patches and wrappers, cond/uncond batching chunked by free memory."""
+    conditioning preparation, model patches and wrappers, cond/uncond batching chunked by free memory. The latent
+    batch goes through the model whole when ComfyUI's memory estimate allows, else in equal chunks that fit
+    (``latents_per_call``; decided at the first call). Every latent's prediction is independent of the others', so
+    chunking changes no result beyond float rounding."""
 
-    def __init__(self, algorithm: EpsAlgorithm, counter: Optional[list] = None):
+    def __init__(self, algorithm: EpsAlgorithm, counter: Optional[list] = None,
+                 max_latents_per_call: Optional[int] = None):
         self.algorithm = algorithm
         self.counter = counter
+        self.max_latents_per_call = max_latents_per_call
+        self.chunk: Optional[int] = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar=False):
         def eps_fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
             s = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
-            denoised = model_wrap(x, s, **extra_args)
+            if self.chunk is None:
+                self.chunk = latents_per_call(getattr(model_wrap, "inner_model", None), x)
+                if self.max_latents_per_call:
+                    self.chunk = max(1, min(self.chunk, int(self.max_latents_per_call)))
+            if self.chunk >= x.shape[0]:
+                denoised = model_wrap(x, s, **extra_args)
+            else:
+                denoised = torch.cat([model_wrap(x[a:b], s[a:b], **extra_args)
+                                      for a, b in _even_chunks(x.shape[0], self.chunk)])
             if self.counter is not None:
                 self.counter[0] += 1
             return (x - denoised) / float(sigma)
@@ -143,15 +183,17 @@ class _AlgorithmSampler(comfy.samplers.Sampler):
 
 
 def run_algorithm(model, positive, negative, cfg: float, samples: torch.Tensor, sigmas: torch.Tensor,
-                  algorithm: EpsAlgorithm, counter: Optional[list] = None) -> torch.Tensor:
+                  algorithm: EpsAlgorithm, counter: Optional[list] = None,
+                  max_latents_per_call: Optional[int] = None) -> torch.Tensor:
     """Run ``algorithm(eps_fn, x)`` on ``samples`` (a LATENT's unscaled samples); returns unscaled samples.
 
-    The algorithm sees the latent in model space (``latent_format.process_in`` applied) and returns model space."""
+    The algorithm sees the latent in model space (``latent_format.process_in`` applied) and returns model space.
+    ``max_latents_per_call`` caps the latents per model call below what the memory estimate allows."""
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     samples = samples.detach().clone()
     noise = torch.zeros_like(samples, dtype=torch.float32)
-    out = guider.sample(noise, samples, _AlgorithmSampler(algorithm, counter), sigmas, denoise_mask=None,
-                        callback=None, disable_pbar=True, seed=0)
+    out = guider.sample(noise, samples, _AlgorithmSampler(algorithm, counter, max_latents_per_call), sigmas,
+                        denoise_mask=None, callback=None, disable_pbar=True, seed=0)
     return out.to(device="cpu", dtype=torch.float32)
