@@ -28,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("MEMORA_CACHE", Path.home() / ".cache" / "comfyui-memora"))
 BASELINE_FILE = CACHE / "comfyui-suite-baseline.json"
+# The whole check stops starting suite runs after this many seconds (CI has 90 minutes for everything); an idle
+# 2-core machine needs about 3 minutes per run, 4 runs for two checkouts.
+DEADLINE = time.time() + int(os.environ.get("MEMORA_SUITE_BUDGET_S", "2100"))
 
 
 def checkouts() -> list[Path]:
@@ -83,8 +86,13 @@ def run_suite(copy: Path, log: Path, timeout: int, frontend: Path | None = None)
     if frontend is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(frontend)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     t0 = time.time()
+    timeout = max(1, min(timeout, int(DEADLINE - time.time())))
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=copy, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+        try:
+            proc = subprocess.run(cmd, cwd=copy, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            returncode = "timeout"
     text = log.read_text(errors="replace")
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "errors")}
     summary = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed)", ln)]
@@ -93,7 +101,7 @@ def run_suite(copy: Path, log: Path, timeout: int, frontend: Path | None = None)
             counts[k] += int(n)
     failed_ids = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", text, flags=re.M)))
     return {"passed": counts["passed"], "failed": counts["failed"], "skipped": counts["skipped"],
-            "errors": counts["error"] + counts["errors"], "failed_ids": failed_ids, "returncode": proc.returncode,
+            "errors": counts["error"] + counts["errors"], "failed_ids": failed_ids, "returncode": returncode,
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -114,12 +122,14 @@ def run_suite_checked(copy: Path, log: Path, timeout: int, frontend: Path | None
     """Run the suite; a run where the test server never answered (port taken, or too slow to start on a loaded
     machine: ComfyUI's fixture waits only 20 s) says nothing about the pack, so it is retried once, then reported."""
     for attempt in (1, 2):
+        if attempt == 2 and time.time() > DEADLINE - 300:
+            break
         if not port_free():
             raise SystemExit("[comfyui-suite] port 8188 is in use (a ComfyUI running?): ComfyUI's execution tests "
                              "need it; stop that server and run again")
         res = run_suite(copy, log, timeout, frontend)
         refused = log.read_text(errors="replace").count("Connection refused")
-        res["server_unreachable"] = res["passed"] == 0 or refused > 0
+        res["server_unreachable"] = res["passed"] == 0 or refused > 0 or res["returncode"] == "timeout"
         if not res["server_unreachable"]:
             return res
         print(f"[comfyui-suite] attempt {attempt}: the test server did not answer ({refused} refused connections); "
