@@ -334,8 +334,6 @@ def configure_comfy_args(a: argparse.Namespace, comfy_path: Path):
         args.use_quad_cross_attention = True
     elif a.attention == "split":
         args.use_split_cross_attention = True
-    if a.quiet and hasattr(args, "verbose"):
-        args.verbose = "WARNING"
 
 
 def apply_vram_budget(budget_gib: float):
@@ -771,9 +769,15 @@ def main(argv=None) -> dict:
         base = Path(tmp)
     base = base.resolve()
     base.mkdir(parents=True, exist_ok=True)
+    import logging
+
+    root_level = logging.getLogger().level
+    if a.quiet:
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         return _run(a, comfy_path, base)
     finally:
+        logging.getLogger().setLevel(root_level)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
