@@ -63,12 +63,14 @@ def print_where(results_dir: "str | Path", backend, headline=None) -> None:
     print("")
     for r in rows:
         shown = {k: v for k, v in r.get("metrics", {}).items() if headline is None or headline(k)}
+        shown = dict(sorted(shown.items(), key=lambda kv: _metric_rank(kv[0])))
         if shown:
             width = max(len(k) for k in shown)
             for k, v in shown.items():
                 print(f"  {k:<{width}}  {_cell(v)}")
         if r.get("error"):
-            print(f"  error:   {r['error']}")
+            first = r["error"].splitlines()[:2]
+            print(f"  error:   {' / '.join(first)[:400]} (full text in results.jsonl)")
         outs = r.get("outputs", {})
         for p in outs.get("lora_paths", []):
             print(f"  LoRA:    {p}")
@@ -78,3 +80,10 @@ def print_where(results_dir: "str | Path", backend, headline=None) -> None:
             print(f"  images:  {folder}/ ({n} files)")
     print(f"  report:  {Path(results_dir) / 'report.md'}")
     print(f"  table:   {Path(results_dir) / 'results.csv'}")
+
+
+def _metric_rank(metric: str) -> tuple:
+    """Scores first, then similarities, then the rest; within each, original, unlearned, recovered."""
+    group = 0 if metric.startswith("Concept score") else 1 if metric.startswith("Similarity") else 2
+    model = next((i for i, m in enumerate(("(original)", "(unlearned)", "(recovered)")) if m in metric), 3)
+    return (group, model, metric)

@@ -179,7 +179,7 @@ def model_swaps(models: Optional[str], original: Optional[str], unlearned: Optio
 
 
 #: micro-world demo: images per evaluation (the detector rate is a share of these)
-MICRO_EVAL_IMAGES = 16
+MICRO_EVAL_IMAGES = 32
 
 
 def micro_world_profile() -> ModelProfile:
@@ -191,7 +191,8 @@ def micro_world_profile() -> ModelProfile:
     manifest = world.load_manifest()  # a clear FileNotFoundError when the weights are absent
     concept = manifest.get("erased_concept", world.ERASED_CONCEPT)
     size = int(manifest.get("image_size") or world.VAE_DDCONFIG["resolution"])
-    prof = ModelProfile(description=f"micro world (erased concept: {concept!r}; random-free, trained tiny models)")
+    prof = ModelProfile(description=f"built-in micro world: tiny SD1.x-family models trained on procedural shapes, "
+                                    f"shipped with the pack; concept {concept!r} erased ESD-style")
     for variant, title in MODEL_TITLES.items():
         prof.swaps[title] = (MICRO_WORLD_NODE, {"variant": variant})
     prof.swaps["Concept score*"] = (MICRO_DETECTOR_NODE, {"concept": concept, "title": TITLE})
@@ -200,6 +201,13 @@ def micro_world_profile() -> ModelProfile:
         prof.defaults[f"{title}.width"] = size
         prof.defaults[f"{title}.height"] = size
     prof.defaults["Evaluation image size.batch_size"] = MICRO_EVAL_IMAGES
+    # The micro world's MemoRa settings as its own experiment uses them (scripts/micro_recovery.py, Settings):
+    # 100 LoRA updates at learning rate 1e-3 (the micro UNet needs a larger step than SD1.4's 1e-4 over 500),
+    # evaluation with DDIM 50 steps, seed 1.
+    prof.defaults.update({"Train LoRA.steps": 100, "Train LoRA.learning_rate": 1e-3, "Evaluation seed.value": 1})
+    for model in ("original", "unlearned", "recovered"):
+        prof.defaults[f"Evaluate {model}.sampler_name"] = "ddim"
+        prof.defaults[f"Evaluate {model}.scheduler"] = "ddim_uniform"
     prompt = world.erased_prompt(manifest)
     prof.texts = {"Concept prompt": prompt, "Evaluation prompt": prompt}
     prof.detector_metric = f"Concept score (recovered).{concept}.rate"
