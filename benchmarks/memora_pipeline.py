@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true",
                    help="the tiny test model on the CPU with reduced sizes (64 px, 10 steps from 3, 10 training "
                         "updates, 2 baseline updates): a smoke test, not a measurement")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N (default auto: cuda when available; --tiny: cpu)")
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default 512; --tiny: 64)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; --tiny: 10)")
     p.add_argument("--start-at-step", type=int, default=None,
@@ -135,8 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "auto":  # --tiny is a CPU smoke test, also on a machine with a GPU
+        a.device = "cpu" if tiny else ("cuda" if torch.cuda.is_available() else "cpu")
     if tiny and a.device != "cpu":
         p.error("--tiny runs on the CPU")
     a.mode = "low" if a.low_memory else "default"
