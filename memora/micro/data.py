@@ -24,6 +24,8 @@ NONE = "none"
 DETECTOR_CLASSES: tuple[str, ...] = CONCEPTS + (NONE,)
 IMAGE_SIZE = 32
 _SS = 4  # supersampling factor for anti-aliased rendering
+RADIUS = (0.26, 0.38)  # circumradius range, as a fraction of the image size
+POSITION_JITTER = 0.12  # largest offset of the shape centre from the image centre, as a fraction of the size
 
 
 def caption(concept: str) -> str:
@@ -69,10 +71,13 @@ def _polygon(cx, cy, radii, angles, rot) -> list[tuple[float, float]]:
 
 def shape_outline(concept: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[str, list]:
     """("ellipse", bbox) or ("polygon", points) in image pixels for one random instance of ``concept``."""
-    r = rng.uniform(0.24, 0.40) * size  # circumradius
+    r = rng.uniform(*RADIUS) * size  # circumradius
     margin = r + 1.0
-    cx = rng.uniform(margin, size - margin)
-    cy = rng.uniform(margin, size - margin)
+    # the centre: anywhere the shape fits, at most POSITION_JITTER x size from the image centre
+    lo = max(margin, size * (0.5 - POSITION_JITTER))
+    hi = min(size - margin, size * (0.5 + POSITION_JITTER))
+    cx = rng.uniform(lo, hi) if hi > lo else size / 2
+    cy = rng.uniform(lo, hi) if hi > lo else size / 2
     rot = rng.uniform(0, 2 * math.pi)
     if concept == "circle":
         rr = r * 0.85

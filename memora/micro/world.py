@@ -22,7 +22,7 @@ ERASED_CONCEPT = "star"
 # cross-attention, GEGLU feed-forward, conv proj_in/proj_out) at model_channels 32, two levels.
 UNET_CONFIG = {
     "use_checkpoint": False,
-    "image_size": 32,
+    "image_size": 8,
     "use_spatial_transformer": True,
     "legacy": False,
     "adm_in_channels": None,
@@ -42,23 +42,30 @@ UNET_CONFIG = {
     "num_head_channels": 16,
 }
 
-# ldm AutoencoderKL ddconfig: ch 32, four levels -> 8x downsampling like SD's VAE (32 px images <-> 4 x 4 x 4
-# latents), no res blocks in the encoder's levels and one per decoder level (num_res_blocks 0), the usual mid block
-# (two res blocks and self-attention) on both sides.
+# ldm AutoencoderKL ddconfig: ch 64, three levels -> 4x downsampling like SD's x4-upscaler VAE (32 px images <-> 8 x
+# 8 x 4 latents), no res blocks in the encoder's levels and one per decoder level (num_res_blocks 0), the usual mid
+# block (two res blocks and self-attention) on both sides. Why not SD's 8x: 4 x 4 latents were measured to lose the
+# shapes (the UNet learned blobs); why width 64: the decoder's GroupNorm(32) at width 32 is one channel per group and
+# normalises every per-image colour away.
 VAE_DDCONFIG = {
     "double_z": True,
     "z_channels": 4,
     "resolution": 32,
     "in_channels": 3,
     "out_ch": 3,
-    "ch": 32,
-    "ch_mult": [1, 1, 1, 1],
+    "ch": 64,
+    "ch_mult": [1, 1, 1],
     "num_res_blocks": 0,
     "attn_resolutions": [],
     "dropout": 0.0,
 }
 VAE_EMBED_DIM = 4
 VAE_DOWNSCALE = 2 ** (len(VAE_DDCONFIG["ch_mult"]) - 1)
+from .data import IMAGE_SIZE  # noqa: E402  (32 px)
+LATENT_SIZE = IMAGE_SIZE // VAE_DOWNSCALE
+# ComfyUI's Empty Latent Image divides its width and height by 8 (SD's VAE): this size gives the micro world's 8 x 8
+# latents, which its 4x VAE decodes to 32 x 32 images.
+EMPTY_LATENT_SIZE = LATENT_SIZE * 8
 
 FILES = {
     "clip": "clip.safetensors",
@@ -107,4 +114,4 @@ def weight_path(name: str, weights_dir: Optional[Path] = None, manifest: Optiona
 
 
 __all__ = ["CONCEPTS", "VARIANTS", "ERASED_CONCEPT", "UNET_CONFIG", "VAE_DDCONFIG", "VAE_EMBED_DIM", "FILES",
-           "erased_prompt", "check_variant", "load_manifest", "weight_path", "WEIGHTS_DIR"]
+           "erased_prompt", "check_variant", "load_manifest", "weight_path", "WEIGHTS_DIR", "IMAGE_SIZE", "LATENT_SIZE", "EMPTY_LATENT_SIZE"]

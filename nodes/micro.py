@@ -1,0 +1,135 @@
+"""The micro world in ComfyUI: load its original / unlearned / never-learned models, and score images per concept.
+
+The micro world (memora/micro, docs/micro-world.md) is a tiny SD1.x-family text-to-image model trained on five
+procedural shape concepts, with one concept erased by ESD-x; small enough to run MemoRa end to end on a CPU."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..memora.micro import data, world
+from ..memora.micro import detector as _det
+from . import _host, _micro_host
+
+
+class MemoRaLoadMicroWorld(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MemoRaLoadMicroWorld",
+            display_name="MemoRa Load Micro World",
+            category="MemoRa/micro world",
+            description=(
+                "Loads the micro world shipped with the pack: a tiny Stable Diffusion 1.x-family model (UNet, CLIP "
+                "text encoder, VAE; about 1 M UNet parameters) trained on five procedural shapes (circle, square, "
+                "triangle, star, cross) at 32 x 32 pixels. 'original' knows every shape; 'unlearned' had the star "
+                "erased with ESD-x; 'never_learned' was trained the same way without stars. Its VAE downsamples 4x "
+                "(SD's downsamples 8x): an Empty Latent Image of 64 x 64 gives its 8 x 8 latents, which decode to "
+                "32 x 32 images. Nothing is registered with ComfyUI's checkpoint detection: real checkpoints load "
+                "exactly as before."),
+            inputs=[
+                io.Combo.Input("variant", options=list(world.VARIANTS), default="unlearned",
+                               tooltip="original: trained on all five shapes; unlearned: the original with the "
+                                       "star erased by ESD-x; never_learned: trained without any star."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The micro UNet (SD1.x family, eps prediction)."),
+                io.Clip.Output(display_name="CLIP", tooltip="The micro CLIP text encoder (SD1 tokenizer, width 64); "
+                                                            "shared by all three variants."),
+                io.Vae.Output(display_name="VAE", tooltip="The micro VAE (4x downsampling, 4 latent channels); "
+                                                          "shared by all three variants."),
+                io.String.Output(display_name="erased_prompt",
+                                 tooltip="The prompt of the erased concept ('a photo of a star'), for CLIP Text "
+                                         "Encode and MemoRa's recovery."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, variant) -> io.NodeOutput:
+        world.check_variant(variant)
+        model, clip, vae, manifest = _micro_host.load_world(variant)
+        return io.NodeOutput(model, clip, vae, world.erased_prompt(manifest))
+
+
+class MemoRaMicroDetector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MemoRaMicroDetector",
+            is_output_node=True,
+            display_name="MemoRa Micro World Detector",
+            category="MemoRa/micro world",
+            description=(
+                "Names the shape in each image with the micro world's concept detector (a small CNN trained by the "
+                "build script on fresh procedural images; its held-out accuracy is in the micro world's manifest "
+                "and docs/micro-world.md). An image counts as showing a concept when that concept is the "
+                "detector's top class among circle, square, triangle, star, cross and none. Images of another size "
+                "are resized to 32 x 32."),
+            inputs=[
+                io.Image.Input("images", tooltip="Images to score (e.g. decoded micro-world samples)."),
+                io.Combo.Input("concept", options=list(data.CONCEPTS), default=world.ERASED_CONCEPT,
+                               tooltip="The concept whose rate is returned as the FLOAT output (the report lists "
+                                       "every concept)."),
+                io.String.Input("title", default="micro world detector",
+                                tooltip="Title of the score table shown on the node and sent to the editor."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="rate",
+                                tooltip="Share of images (0..1) whose top class is the chosen concept."),
+                io.String.Output(display_name="report",
+                                 tooltip="Per-concept rates and mean probabilities, and the top class of every "
+                                         "image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images, concept, title) -> io.NodeOutput:
+        data.check_concept(concept)
+        x = _det.prepare(images)
+        det = load_detector()
+        probs = _det.probabilities(det, x)
+        table, report = score_table(probs, concept, title)
+        node = _host.current_node_id()
+        _host.send_event("memora.scores", {"node": node, **table})
+        rate = float((probs.argmax(-1) == data.DETECTOR_CLASSES.index(concept)).float().mean())
+        return io.NodeOutput(rate, report, ui={"memora_scores": [table]})
+
+
+_DETECTOR_CACHE: dict = {}
+
+
+def load_detector() -> _det.Detector:
+    """The shipped detector (read once per file version; it is small and never modified)."""
+    import comfy.utils
+
+    manifest = world.load_manifest()
+    path = world.weight_path("detector", manifest=manifest)
+    key = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
+    if key not in _DETECTOR_CACHE:
+        width = int(manifest.get("recipe", {}).get("detector", {}).get("width", 16))
+        # built and filled outside inference mode: the executor runs nodes under it, and a module created there
+        # holds inference tensors that load_state_dict could not copy into
+        with torch.inference_mode(False):
+            sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+            det = _det.Detector(width=width)
+            det.load_state_dict({k: v.clone() for k, v in sd.items()})
+        _DETECTOR_CACHE.clear()
+        _DETECTOR_CACHE[key] = det.eval()
+    return _DETECTOR_CACHE[key]
+
+
+def score_table(probs: torch.Tensor, concept: str, title: str) -> tuple[dict, str]:
+    rates = _det.rates(probs)
+    mean_p = probs.mean(0).tolist()
+    rows = [[c, round(rates[c], 4), round(mean_p[i], 4)] for i, c in enumerate(data.DETECTOR_CLASSES)]
+    table = {"title": str(title), "columns": ["concept", "rate", "mean probability"], "rows": rows}
+    top = [data.DETECTOR_CLASSES[i] for i in probs.argmax(-1).tolist()]
+    lines = [f"{title}: {probs.shape[0]} images; rate of '{concept}' = {rates[concept]:.3f}",
+             "concept      rate   mean p"]
+    lines += [f"{r[0]:<10} {r[1]:>6.3f} {r[2]:>8.3f}" for r in rows]
+    lines.append("top class per image: " + ", ".join(top))
+    return table, "\n".join(lines)
+
+
+NODES = [MemoRaLoadMicroWorld, MemoRaMicroDetector]

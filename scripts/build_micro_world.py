@@ -1,0 +1,469 @@
+#!/usr/bin/env python
+"""Build the MemoRa micro world from scratch on a CPU: data, VAE, text encoder, detector, original / never-learned
+UNets, the ESD-x unlearned UNet, measurements, and the shipped safetensors + manifest.
+
+    python scripts/build_micro_world.py                  # writes memora/micro/weights/
+    python scripts/build_micro_world.py --out /tmp/mw    # somewhere else
+
+Seeded end to end (one seed per stage, written to the manifest). The networks are ComfyUI's own ldm classes
+(UNetModel, AutoencoderKL) so the weights load in ComfyUI without any key conversion: a ComfyUI checkout is needed
+($COMFYUI_PATH, else ~/comfy/ComfyUI). Runs single-threaded by default (--threads): on a shared 2-core machine one
+thread wastes far less time than two. See docs/micro-world.md for the recipe and the measured results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from memora.micro import data, detector, diffusion, text, world  # noqa: E402
+
+UNET_EMA = 0.99
+VAE_KL = 1e-6
+VAE_LOWFREQ = 1.0
+UNET_WARMUP = 30
+UNET_MIN_SNR = 5.0
+STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "esd": 6, "eval": 7}
+
+
+def log(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def boot_comfy():
+    from memora_batch.embedded import find_comfyui
+
+    path = find_comfyui()
+    if path is None:
+        sys.exit("no ComfyUI checkout found: set COMFYUI_PATH or put one at ~/comfy/ComfyUI")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    return path
+
+
+# -- architectures (ComfyUI's classes; comfy.ops layers are created uninitialised, so initialise them here) ----------
+_BASES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def init_default(module: torch.nn.Module):
+    for m in module.modules():
+        for cls in type(m).__mro__:
+            if cls in _BASES:
+                cls.reset_parameters(m)
+                break
+
+
+def make_unet(seed: int):
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(seed)
+    unet = UNetModel(**world.UNET_CONFIG, operations=comfy.ops.disable_weight_init)
+    init_default(unet)
+    # ldm's zero_module init: the output conv, each res block's last conv and each transformer's proj_out start at 0
+    with torch.no_grad():
+        for name, m in unet.named_modules():
+            if name == "out.2" or name.endswith("out_layers.3") or name.endswith("proj_out"):
+                for p in m.parameters():
+                    p.zero_()
+    unet.micro_latent_hw = (latent_hw(), latent_hw())
+    return unet
+
+
+def make_vae(seed: int):
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(embed_dim=world.VAE_EMBED_DIM, ddconfig=dict(world.VAE_DDCONFIG))
+    init_default(vae)
+    return vae
+
+
+def latent_hw() -> int:
+    return data.IMAGE_SIZE // world.VAE_DOWNSCALE
+
+
+def use_fast_attention():
+    """Training speed only: PyTorch SDPA instead of ComfyUI's CPU default (sub-quadratic attention); same maths."""
+    import comfy.ldm.modules.attention as attn
+
+    if hasattr(attn, "attention_pytorch"):
+        attn.optimized_attention = attn.attention_pytorch
+
+
+# -- VAE -----------------------------------------------------------------------------------------------------------
+def vae_moments(vae, x):
+    h = vae.quant_conv(vae.encoder(x))
+    mean, logvar = h.chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def train_vae(vae, x: torch.Tensor, *, steps: int, batch: int, lr: float, kl_weight: float, seed: int,
+              lowfreq_weight: float) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    start = time.perf_counter()
+    warm = max(1, steps // 20)
+    vae.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = diffusion.cosine_lr(step, steps, lr, warm)
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        xb = x[idx]
+        mean, logvar = vae_moments(vae, xb)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g)
+        rec = vae.decoder(vae.post_quant_conv(z))
+        l_rec = (rec - xb).abs().mean() + (rec - xb).pow(2).mean()
+        # colours live in the low frequencies: an extra MSE on 8x8 averages makes the tiny VAE learn them early
+        pool = torch.nn.functional.avg_pool2d
+        l_rec = l_rec + lowfreq_weight * (pool(rec, 8) - pool(xb, 8)).pow(2).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
+        loss = l_rec + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            losses.append([step, round(float(l_rec), 4), round(float(kl), 2)])
+            log(f"  vae step {step}/{steps}: reconstruction {float(l_rec):.4f} kl {float(kl):.1f}")
+    vae.eval()
+    return {"losses (step, l1+mse, kl)": losses, "seconds": round(time.perf_counter() - start, 1)}
+
+
+@torch.no_grad()
+def encode_means(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([vae_moments(vae, x[i:i + batch])[0] for i in range(0, x.shape[0], batch)])
+
+
+@torch.no_grad()
+def decode(vae, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([vae.decoder(vae.post_quant_conv(z[i:i + batch])) for i in range(0, z.shape[0], batch)])
+
+
+@torch.no_grad()
+def standardize_latents(vae, mean: torch.Tensor, std: torch.Tensor):
+    """Re-express the VAE's latent space exactly so that latents x 0.18215 (the SD1.x latent format) have zero mean
+    and unit standard deviation per channel on the training images: z' = (z - mean) / std / 0.18215. quant_conv's
+    posterior-mean rows take the affine map, its log-variance rows shift by 2 ln(scale), and post_quant_conv
+    undoes it on its input (weights times 1 / scale per input channel, bias plus W @ mean)."""
+    zc = world.VAE_DDCONFIG["z_channels"]
+    k = (1.0 / (std * diffusion.LATENT_SCALE)).to(torch.float32)  # [zc]
+    m = mean.to(torch.float32)
+    w, b = vae.quant_conv.weight, vae.quant_conv.bias
+    w[:zc].mul_(k.view(-1, 1, 1, 1))
+    b[:zc].sub_(m).mul_(k)
+    b[zc:].add_(2 * torch.log(k))
+    pw, pb = vae.post_quant_conv.weight, vae.post_quant_conv.bias
+    pb.add_((pw[:, :, 0, 0] * m.view(1, -1)).sum(1))
+    pw.div_(k.view(1, -1, 1, 1))
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------------
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def generate(unet, vae, ctx, uncond, n: int, seed: int, cfg: float, steps: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    hw = latent_hw()
+    noise = torch.randn((n, 4, hw, hw), generator=g)
+    z = diffusion.ddim_sample(unet, noise, ctx.unsqueeze(0), uncond, cfg=cfg, steps=steps)
+    return decode(vae, z / diffusion.LATENT_SCALE)
+
+
+def evaluate(unet, vae, det, contexts, uncond, *, n: int, seed: int, cfg: float, steps: int) -> dict:
+    out = {}
+    samples = {}
+    for ci, concept in enumerate(data.CONCEPTS):
+        imgs = generate(unet, vae, contexts[ci], uncond, n, seed + ci, cfg, steps)
+        probs = detector.probabilities(det, imgs.clamp(-1, 1))
+        out[concept] = detector.rates(probs)[concept]
+        samples[concept] = to_uint8(imgs[:8])
+    return {"rates": out, "samples": samples}
+
+
+# -- saving --------------------------------------------------------------------------------------------------------
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None):
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".micro-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().to(torch.float32).cpu() for k, v in sorted(tensors.items())}, tmp,
+                  metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def unet_worker(args) -> int:
+    """Train one UNet (``--unet-worker NAME``) from the inputs the main process saved in ``--work``."""
+    torch.set_num_threads(max(1, args.threads))
+    boot_comfy()
+    use_fast_attention()
+    name = args.unet_worker
+    inp = torch.load(Path(args.work) / f"{name}.in.pt")
+    unet = make_unet(STAGE_SEEDS["unet"])
+
+    def progress(step, total, loss):
+        if step % 100 == 0 or step == total - 1:
+            log(f"  {name} step {step}/{total}: loss {loss:.4f}")
+
+    tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"], steps=args.unet_steps,
+                             batch=args.unet_batch, lr=args.unet_lr, seed=STAGE_SEEDS["unet"], ema_decay=UNET_EMA,
+                             warmup=UNET_WARMUP, min_snr_gamma=UNET_MIN_SNR, progress=progress)
+    torch.save({"state_dict": unet.state_dict(), "log": {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}},
+               Path(args.work) / f"{name}.out.pt")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=world.WEIGHTS_DIR, help="output folder (default: the shipped one)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the main process (default 2)")
+    ap.add_argument("--images-per-concept", type=int, default=1000)
+    ap.add_argument("--vae-steps", type=int, default=400)
+    ap.add_argument("--unet-steps", type=int, default=2000)
+    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--unet-lr", type=float, default=2e-3)
+    ap.add_argument("--esd-steps", type=int, default=120)
+    ap.add_argument("--detector-steps", type=int, default=600)
+    ap.add_argument("--eval-images", type=int, default=32, help="images per concept and model for the measurements")
+    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--eval-cfg", type=float, default=7.5)
+    ap.add_argument("--erase", default=world.ERASED_CONCEPT, choices=list(data.CONCEPTS))
+    ap.add_argument("--esd-method", default="x", choices=["x", "u"])
+    ap.add_argument("--esd-lr", type=float, default=1e-3)
+    ap.add_argument("--esd-negative-guidance", type=float, default=1.0)
+    ap.add_argument("--preserve-weight", type=float, default=0.0,
+                    help="ESD plus a preservation term on the other prompts (0 = plain ESD)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="train the original and never-learned UNets in parallel processes (default 2; 1 = in turn)")
+    ap.add_argument("--unet-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.unet_worker:
+        return unet_worker(args)
+
+    t_all = time.perf_counter()
+    cpu_all = time.process_time()
+    torch.set_num_threads(max(1, args.threads))
+    comfy_path = boot_comfy()
+    use_fast_attention()
+    timings = {}
+
+    def stage(name, t0):
+        timings[name] = round(time.perf_counter() - t0, 1)
+        log(f"{name}: {timings[name]} s")
+
+    # 1. data ------------------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    erase = args.erase
+    erased_idx = data.CONCEPTS.index(erase)
+    imgs, labels = data.make_dataset(args.images_per_concept, STAGE_SEEDS["data"], data.CONCEPTS)
+    x_all = data.to_tensor_range(imgs)
+    none_imgs, _ = data.make_dataset(args.images_per_concept // 4, STAGE_SEEDS["data"], (data.NONE,))
+    stage("data", t0)
+
+    # 2. VAE -------------------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    vae = make_vae(STAGE_SEEDS["vae"])
+    vae_x = torch.cat([x_all, data.to_tensor_range(none_imgs)])
+    vae_log = train_vae(vae, vae_x, steps=args.vae_steps, batch=16, lr=2e-3, kl_weight=VAE_KL, seed=STAGE_SEEDS["vae"],
+                        lowfreq_weight=VAE_LOWFREQ)
+    z = encode_means(vae, x_all)
+    standardize_latents(vae, z.mean((0, 2, 3)), z.std((0, 2, 3)))
+    z_raw_stats = {"mean": z.mean((0, 2, 3)).tolist(), "std": z.std((0, 2, 3)).tolist()}
+    z = encode_means(vae, x_all)
+    held_imgs, _ = data.make_dataset(40, 100 + STAGE_SEEDS["data"], data.CONCEPTS)
+    held = data.to_tensor_range(held_imgs)
+    rec = decode(vae, encode_means(vae, held))
+    vae_log.update({"raw_latent_channel_stats": z_raw_stats,
+                    "latent_std_x_0.18215": float(z.std()) * diffusion.LATENT_SCALE,
+                    "held_out_mse_-1..1": float((rec - held).pow(2).mean())})
+    stage("vae", t0)
+
+    # 3. text encoder ----------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
+    clip = text.make_text_model(STAGE_SEEDS["clip"])
+    prompts = [data.caption(c) for c in data.CONCEPTS]
+    clip_log = text.pretrain(clip, tok, prompts + [""], seed=STAGE_SEEDS["clip"])
+    log(f"text encoder: prompts now differ by {clip_log['relative_difference_to_first_prompt']} (relative)")
+    ctx = text.encode(clip, tok, prompts + [""])
+    contexts, uncond = ctx[:-1], ctx[-1]
+    stage("clip", t0)
+
+    # 4. detector --------------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    n_det = max(200, args.images_per_concept // 2)
+    d_imgs, d_labels = data.make_dataset(n_det, 200 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
+    d_x = data.to_tensor_range(d_imgs)
+    n_rt = d_x.shape[0] // 3  # a third of the images also as VAE round trips
+    d_rt = decode(vae, encode_means(vae, d_x[:n_rt])).clamp(-1, 1)
+    det_x = torch.cat([d_x, d_rt])
+    det_y = torch.cat([torch.from_numpy(d_labels), torch.from_numpy(d_labels[:n_rt])])
+    det, det_log = detector.train_detector(det_x, det_y, steps=args.detector_steps, batch=64, lr=3e-3,
+                                           seed=STAGE_SEEDS["detector"])
+    t_imgs, t_labels = data.make_dataset(100, 300 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
+    t_x = data.to_tensor_range(t_imgs)
+    t_y = torch.from_numpy(t_labels)
+    t_rt = decode(vae, encode_means(vae, t_x)).clamp(-1, 1)
+    det_log.update({
+        "held_out_accuracy_drawn": detector.accuracy(det, t_x, t_y),
+        "held_out_accuracy_vae_round_trip": detector.accuracy(det, t_rt, t_y),
+        "held_out_images_per_class": 100,
+        "confusion_vae_round_trip (rows true, cols predicted)": detector.confusion(det, t_rt, t_y),
+        "classes": list(data.DETECTOR_CLASSES),
+        "width": 16,
+    })
+    log(f"detector held-out accuracy: drawn {det_log['held_out_accuracy_drawn']:.3f}, "
+        f"VAE round trip {det_log['held_out_accuracy_vae_round_trip']:.3f}")
+    stage("detector", t0)
+
+    # 5. UNets: original and never-learned, in parallel worker processes (one thread each) -------------------------
+    t0 = time.perf_counter()
+    lab = torch.from_numpy(labels)
+    jobs = {"original": torch.ones_like(lab, dtype=torch.bool), "never_learned": lab != erased_idx}
+    unets, unet_logs = {}, {}
+    with tempfile.TemporaryDirectory(prefix="memora-micro-build-") as work:
+        procs = {}
+        for name, keep in jobs.items():
+            torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond},
+                       Path(work) / f"{name}.in.pt")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
+                   "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
+                   "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads)]
+            procs[name] = subprocess.Popen(cmd)
+            if args.jobs <= 1:
+                procs[name].wait()
+        for name, proc in procs.items():
+            if proc.wait() != 0:
+                raise SystemExit(f"UNet training for {name!r} failed (exit code {proc.returncode})")
+            out = torch.load(Path(work) / f"{name}.out.pt")
+            unet = make_unet(STAGE_SEEDS["unet"])
+            unet.load_state_dict(out["state_dict"])
+            unet.eval()
+            unets[name] = unet
+            unet_logs[name] = {"images": int(jobs[name].sum()), **out["log"]}
+    stage("unets", t0)
+
+    # 6. ESD ---------------------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    import copy
+
+    unlearned = copy.deepcopy(unets["original"])
+    others = torch.stack([contexts[i] for i in range(len(data.CONCEPTS)) if i != erased_idx])
+    esd_log = diffusion.esd_train(unlearned, contexts[erased_idx], uncond, method=args.esd_method,
+                                  steps=args.esd_steps, batch=32, lr=args.esd_lr, seed=STAGE_SEEDS["esd"],
+                                  negative_guidance=args.esd_negative_guidance,
+                                  preserve_ctx=others if args.preserve_weight > 0 else None,
+                                  preserve_weight=args.preserve_weight,
+                                  progress=lambda s, t, loss: (s % 50 == 0) and log(f"  esd step {s}/{t}: loss {loss:.5f}"))
+    unets["unlearned"] = unlearned
+    stage("esd", t0)
+
+    # 7. measurements ------------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    results, sheets = {}, []
+    for name in world.VARIANTS:
+        ev = evaluate(unets[name], vae, det, contexts, uncond, n=args.eval_images, seed=1000 * STAGE_SEEDS["eval"],
+                      cfg=args.eval_cfg, steps=args.eval_steps)
+        results[name] = ev["rates"]
+        sheets.append(np.concatenate([ev["samples"][c] for c in data.CONCEPTS]))
+        log(f"  {name}: " + ", ".join(f"{c} {r:.2f}" for c, r in ev["rates"].items()))
+    ratios = {c: (results["unlearned"][c] / results["original"][c] if results["original"][c] > 0 else None)
+              for c in data.CONCEPTS if c != erase}
+    stage("evaluation", t0)
+
+    # 8. save --------------------------------------------------------------------------------------------------------
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "memora micro world", "build": "scripts/build_micro_world.py"}
+    save_safetensors({"cond_stage_model.transformer." + k: v for k, v in clip.state_dict().items()
+                      if "position_ids" not in k}, out / world.FILES["clip"], meta)
+    save_safetensors(vae.state_dict(), out / world.FILES["vae"], meta)
+    save_safetensors(det.state_dict(), out / world.FILES["detector"], meta)
+    for name in world.VARIANTS:
+        save_safetensors(unets[name].state_dict(), out / world.FILES[name], meta)
+    data.grid(np.concatenate(sheets), cols=8, scale=3).save(out / "samples.png")
+    manifest = {
+        "about": "MemoRa micro world: see docs/micro-world.md",
+        "concepts": list(data.CONCEPTS),
+        "erased_concept": erase,
+        "prompts": {c: data.caption(c) for c in data.CONCEPTS},
+        "image_size": data.IMAGE_SIZE,
+        "latent_size": latent_hw(),
+        "empty_latent_size": world.EMPTY_LATENT_SIZE,
+        "unet_config": world.UNET_CONFIG,
+        "vae_ddconfig": world.VAE_DDCONFIG,
+        "vae_embed_dim": world.VAE_EMBED_DIM,
+        "vae_downscale": world.VAE_DOWNSCALE,
+        "clip_config": text.CLIP_CONFIG,
+        "latent_format": "SD1.x (scale 0.18215); the VAE's latent space is re-expressed so that latents x 0.18215 "
+                         "have zero mean and unit standard deviation per channel on the training images",
+        "files": dict(world.FILES),
+        "shared": "clip.safetensors and vae.safetensors are identical for all three variants; the UNets differ",
+        "seeds": STAGE_SEEDS,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "recipe": {
+            "dataset": f"{args.images_per_concept} images per concept (never_learned: the same minus '{erase}')",
+            "vae": {"steps": args.vae_steps, "batch": 16, "lr": 2e-3,
+                    "loss": f"L1 + MSE + {VAE_LOWFREQ} x MSE of 8x8 averages + {VAE_KL} KL", **vae_log},
+            "unet": {"steps": args.unet_steps, "batch": args.unet_batch, "lr": args.unet_lr,
+                     "schedule": f"cosine, {UNET_WARMUP} warm-up", "parallel_jobs": args.jobs,
+                     "objective": f"eps MSE with min-SNR-{UNET_MIN_SNR:g} weighting, t uniform 0..999, SD scaled_linear betas",
+                     "caption_dropout": 0.1,
+                     "ema": UNET_EMA, **unet_logs},
+            "esd": {"method": f"ESD-{args.esd_method}", "steps": args.esd_steps, "batch": 32, "lr": args.esd_lr,
+                    "negative_guidance": args.esd_negative_guidance, "sample_steps": 20, "sample_cfg": 3.0,
+                    "preserve_weight": args.preserve_weight, "loss": esd_log.summary(2),
+                    "seconds": round(esd_log.seconds, 1)},
+            "detector": det_log,
+            "text_encoder": {"init": "transformers' CLIPTextModel initialisation, seeded",
+                             "pretraining": "memora.micro.text.pretrain: distinct per-prompt directions", **clip_log},
+        },
+        "measurements": {
+            "how": (f"{args.eval_images} images per concept and model, DDIM {args.eval_steps} steps, cfg "
+                    f"{args.eval_cfg}, noise seeds {1000 * STAGE_SEEDS['eval']} + concept index; rate = share of "
+                    f"images whose detector top class is the prompted concept"),
+            "rates": results,
+            "erased_rate_unlearned": results["unlearned"][erase],
+            "other_concepts_unlearned_over_original": ratios,
+            "targets": {"erased_rate_unlearned_max": 0.10, "others_ratio_min": 0.80},
+        },
+        "build": {"seconds": round(time.perf_counter() - t_all, 1), "cpu_seconds": round(time.process_time() - cpu_all, 1),
+                  "threads": args.threads, "stage_seconds": timings, "torch": torch.__version__,
+                  "python": platform.python_version(), "machine": platform.machine()},
+    }
+    tmp = out / (world.MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))
+    os.replace(tmp, out / world.MANIFEST)
+    log(f"erased '{erase}': unlearned rate {results['unlearned'][erase]:.3f} (original "
+        f"{results['original'][erase]:.3f}); others unlearned/original: "
+        + ", ".join(f"{c} {r:.2f}" if r is not None else f"{c} n/a" for c, r in ratios.items()))
+    log(f"wrote {out} in {time.perf_counter() - t_all:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
