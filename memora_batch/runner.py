@@ -190,21 +190,21 @@ def micro_world_profile() -> ModelProfile:
 
     manifest = world.load_manifest()  # a clear FileNotFoundError when the weights are absent
     concept = manifest.get("erased_concept", world.ERASED_CONCEPT)
-    size = int(manifest.get("image_size") or world.VAE_DDCONFIG["resolution"])
+    # Empty Latent Image divides by 8 (SD's VAE); the micro VAE is 4x, so its 8 x 8 latents come from 64 x 64
+    size = int(manifest.get("empty_latent_size") or world.EMPTY_LATENT_SIZE)
     prof = ModelProfile(description=f"built-in micro world: tiny SD1.x-family models trained on procedural shapes, "
                                     f"shipped with the pack; concept {concept!r} erased ESD-style")
     for variant, title in MODEL_TITLES.items():
         prof.swaps[title] = (MICRO_WORLD_NODE, {"variant": variant})
     prof.swaps["Concept score*"] = (MICRO_DETECTOR_NODE, {"concept": concept, "title": TITLE})
-    for title in ("Seed image size", "Evaluation image size", "Resize to training size (A)",
-                  "Resize to training size (B)"):
+    for title in ("Seed image size", "Evaluation image size"):
         prof.defaults[f"{title}.width"] = size
         prof.defaults[f"{title}.height"] = size
     prof.defaults["Evaluation image size.batch_size"] = MICRO_EVAL_IMAGES
     # The micro world's MemoRa settings as its own experiment uses them (scripts/micro_recovery.py, Settings):
-    # 100 LoRA updates at learning rate 1e-3 (the micro UNet needs a larger step than SD1.4's 1e-4 over 500),
+    # 100 LoRA updates at learning rate 1e-2 (at 1e-3 the micro LoRA stays too small to change the images),
     # evaluation with DDIM 50 steps, seed 1.
-    prof.defaults.update({"Train LoRA.steps": 100, "Train LoRA.learning_rate": 1e-3, "Evaluation seed.value": 1})
+    prof.defaults.update({"Train LoRA.steps": 100, "Train LoRA.learning_rate": 1e-2, "Evaluation seed.value": 1})
     for model in ("original", "unlearned", "recovered"):
         prof.defaults[f"Evaluate {model}.sampler_name"] = "ddim"
         prof.defaults[f"Evaluate {model}.scheduler"] = "ddim_uniform"

@@ -215,6 +215,53 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None):
             os.unlink(tmp)
 
 
+REUSABLE_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "detector_steps", "erase")
+
+
+def reuse_build(args, comfy_path):
+    """Load the VAE, text encoder, detector and the two trained UNets of an earlier build (``--reuse DIR``) instead
+    of training them again: only ESD, the measurements and the files are redone. Refused unless the earlier build
+    used the same arguments for those stages (the seeds are fixed in this script)."""
+    from safetensors.torch import load_file
+
+    prev_dir = Path(args.reuse)
+    prev = json.loads((prev_dir / world.MANIFEST).read_text())
+    for k in REUSABLE_ARGS:
+        if prev["args"].get(k) != getattr(args, k):
+            raise SystemExit(f"--reuse {prev_dir}: it was built with {k}={prev['args'].get(k)!r}, this run has "
+                             f"{getattr(args, k)!r}; rebuild from scratch instead")
+    files = prev["files"]
+    vae = make_vae(STAGE_SEEDS["vae"])
+    vae.load_state_dict(load_file(str(prev_dir / files["vae"])))
+    vae.eval()
+    tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
+    prefix = "cond_stage_model.transformer."
+    clip = text.load_text_model({k[len(prefix):]: v for k, v in load_file(str(prev_dir / files["clip"])).items()})
+    ctx = text.encode(clip, tok, [data.caption(c) for c in data.CONCEPTS] + [""])
+    recipe = prev["recipe"]
+    det = detector.Detector(width=int(recipe["detector"].get("width", 16)))
+    det.load_state_dict(load_file(str(prev_dir / files["detector"])))
+    det.eval()
+    unets = {}
+    for name in ("original", "never_learned"):
+        unet = make_unet(STAGE_SEEDS["unet"])
+        unet.load_state_dict(load_file(str(prev_dir / files[name])))
+        unets[name] = unet.eval()
+    vae_log = {k: v for k, v in recipe["vae"].items() if k not in ("steps", "batch", "lr", "loss")}
+    clip_log = {k: v for k, v in recipe["text_encoder"].items() if k not in ("init", "pretraining")}
+    unet_logs = {n: recipe["unet"][n] for n in ("original", "never_learned")}
+    stages = ("data", "vae", "clip", "detector", "unets")
+    reused = {"from": str(prev_dir), "stages": ["vae", "clip", "detector", "unets"],
+              "stage_seconds": {k: v for k, v in prev["build"]["stage_seconds"].items() if k in stages[1:]},
+              "earlier_build_seconds": prev["build"]["seconds"]}
+    log(f"reused the VAE, text encoder, detector and UNets of {prev_dir} (built in {prev['build']['seconds']} s)")
+    return vae, tok, clip, ctx[:-1], ctx[-1], det, unets, reused, (vae_log, clip_log, det_log_of(recipe), unet_logs)
+
+
+def det_log_of(recipe):
+    return dict(recipe["detector"])
+
+
 def unet_worker(args) -> int:
     """Train one UNet (``--unet-worker NAME``) from the inputs the main process saved in ``--work``."""
     torch.set_num_threads(max(1, args.threads))
@@ -245,7 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--unet-steps", type=int, default=2000)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=2e-3)
-    ap.add_argument("--esd-steps", type=int, default=120)
+    ap.add_argument("--esd-steps", type=int, default=60)
     ap.add_argument("--detector-steps", type=int, default=600)
     ap.add_argument("--eval-images", type=int, default=32, help="images per concept and model for the measurements")
     ap.add_argument("--eval-steps", type=int, default=20)
@@ -258,6 +305,9 @@ def main(argv=None) -> int:
                     help="ESD plus a preservation term on the other prompts (0 = plain ESD)")
     ap.add_argument("--jobs", type=int, default=2,
                     help="train the original and never-learned UNets in parallel processes (default 2; 1 = in turn)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="take the VAE, text encoder, detector and trained UNets from this earlier build (same "
+                         "arguments required) and redo only ESD, the measurements and the files")
     ap.add_argument("--unet-worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -284,88 +334,95 @@ def main(argv=None) -> int:
     none_imgs, _ = data.make_dataset(args.images_per_concept // 4, STAGE_SEEDS["data"], (data.NONE,))
     stage("data", t0)
 
-    # 2. VAE -------------------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    vae = make_vae(STAGE_SEEDS["vae"])
-    vae_x = torch.cat([x_all, data.to_tensor_range(none_imgs)])
-    vae_log = train_vae(vae, vae_x, steps=args.vae_steps, batch=16, lr=2e-3, kl_weight=VAE_KL, seed=STAGE_SEEDS["vae"],
-                        lowfreq_weight=VAE_LOWFREQ)
-    z = encode_means(vae, x_all)
-    standardize_latents(vae, z.mean((0, 2, 3)), z.std((0, 2, 3)))
-    z_raw_stats = {"mean": z.mean((0, 2, 3)).tolist(), "std": z.std((0, 2, 3)).tolist()}
-    z = encode_means(vae, x_all)
-    held_imgs, _ = data.make_dataset(40, 100 + STAGE_SEEDS["data"], data.CONCEPTS)
-    held = data.to_tensor_range(held_imgs)
-    rec = decode(vae, encode_means(vae, held))
-    vae_log.update({"raw_latent_channel_stats": z_raw_stats,
-                    "latent_std_x_0.18215": float(z.std()) * diffusion.LATENT_SCALE,
-                    "held_out_mse_-1..1": float((rec - held).pow(2).mean())})
-    stage("vae", t0)
+    reused = None
+    if args.reuse:
+        # stages 2-5 from an earlier build with the same arguments and seeds (what they would compute again)
+        vae, tok, clip, contexts, uncond, det, unets, reused, logs = reuse_build(args, comfy_path)
+        vae_log, clip_log, det_log, unet_logs = logs
+        timings.update(reused["stage_seconds"])
+    else:
+        # 2. VAE -------------------------------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        vae = make_vae(STAGE_SEEDS["vae"])
+        vae_x = torch.cat([x_all, data.to_tensor_range(none_imgs)])
+        vae_log = train_vae(vae, vae_x, steps=args.vae_steps, batch=16, lr=2e-3, kl_weight=VAE_KL, seed=STAGE_SEEDS["vae"],
+                            lowfreq_weight=VAE_LOWFREQ)
+        z = encode_means(vae, x_all)
+        standardize_latents(vae, z.mean((0, 2, 3)), z.std((0, 2, 3)))
+        z_raw_stats = {"mean": z.mean((0, 2, 3)).tolist(), "std": z.std((0, 2, 3)).tolist()}
+        z = encode_means(vae, x_all)
+        held_imgs, _ = data.make_dataset(40, 100 + STAGE_SEEDS["data"], data.CONCEPTS)
+        held = data.to_tensor_range(held_imgs)
+        rec = decode(vae, encode_means(vae, held))
+        vae_log.update({"raw_latent_channel_stats": z_raw_stats,
+                        "latent_std_x_0.18215": float(z.std()) * diffusion.LATENT_SCALE,
+                        "held_out_mse_-1..1": float((rec - held).pow(2).mean())})
+        stage("vae", t0)
 
-    # 3. text encoder ----------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
-    clip = text.make_text_model(STAGE_SEEDS["clip"])
-    prompts = [data.caption(c) for c in data.CONCEPTS]
-    clip_log = text.pretrain(clip, tok, prompts + [""], seed=STAGE_SEEDS["clip"])
-    log(f"text encoder: prompts now differ by {clip_log['relative_difference_to_first_prompt']} (relative)")
-    ctx = text.encode(clip, tok, prompts + [""])
-    contexts, uncond = ctx[:-1], ctx[-1]
-    stage("clip", t0)
+        # 3. text encoder ----------------------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
+        clip = text.make_text_model(STAGE_SEEDS["clip"])
+        prompts = [data.caption(c) for c in data.CONCEPTS]
+        clip_log = text.pretrain(clip, tok, prompts + [""], seed=STAGE_SEEDS["clip"])
+        log(f"text encoder: prompts now differ by {clip_log['relative_difference_to_first_prompt']} (relative)")
+        ctx = text.encode(clip, tok, prompts + [""])
+        contexts, uncond = ctx[:-1], ctx[-1]
+        stage("clip", t0)
 
-    # 4. detector --------------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    n_det = max(200, args.images_per_concept // 2)
-    d_imgs, d_labels = data.make_dataset(n_det, 200 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
-    d_x = data.to_tensor_range(d_imgs)
-    n_rt = d_x.shape[0] // 3  # a third of the images also as VAE round trips
-    d_rt = decode(vae, encode_means(vae, d_x[:n_rt])).clamp(-1, 1)
-    det_x = torch.cat([d_x, d_rt])
-    det_y = torch.cat([torch.from_numpy(d_labels), torch.from_numpy(d_labels[:n_rt])])
-    det, det_log = detector.train_detector(det_x, det_y, steps=args.detector_steps, batch=64, lr=3e-3,
-                                           seed=STAGE_SEEDS["detector"])
-    t_imgs, t_labels = data.make_dataset(100, 300 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
-    t_x = data.to_tensor_range(t_imgs)
-    t_y = torch.from_numpy(t_labels)
-    t_rt = decode(vae, encode_means(vae, t_x)).clamp(-1, 1)
-    det_log.update({
-        "held_out_accuracy_drawn": detector.accuracy(det, t_x, t_y),
-        "held_out_accuracy_vae_round_trip": detector.accuracy(det, t_rt, t_y),
-        "held_out_images_per_class": 100,
-        "confusion_vae_round_trip (rows true, cols predicted)": detector.confusion(det, t_rt, t_y),
-        "classes": list(data.DETECTOR_CLASSES),
-        "width": 16,
-    })
-    log(f"detector held-out accuracy: drawn {det_log['held_out_accuracy_drawn']:.3f}, "
-        f"VAE round trip {det_log['held_out_accuracy_vae_round_trip']:.3f}")
-    stage("detector", t0)
+        # 4. detector --------------------------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        n_det = max(200, args.images_per_concept // 2)
+        d_imgs, d_labels = data.make_dataset(n_det, 200 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
+        d_x = data.to_tensor_range(d_imgs)
+        n_rt = d_x.shape[0] // 3  # a third of the images also as VAE round trips
+        d_rt = decode(vae, encode_means(vae, d_x[:n_rt])).clamp(-1, 1)
+        det_x = torch.cat([d_x, d_rt])
+        det_y = torch.cat([torch.from_numpy(d_labels), torch.from_numpy(d_labels[:n_rt])])
+        det, det_log = detector.train_detector(det_x, det_y, steps=args.detector_steps, batch=64, lr=3e-3,
+                                               seed=STAGE_SEEDS["detector"])
+        t_imgs, t_labels = data.make_dataset(100, 300 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
+        t_x = data.to_tensor_range(t_imgs)
+        t_y = torch.from_numpy(t_labels)
+        t_rt = decode(vae, encode_means(vae, t_x)).clamp(-1, 1)
+        det_log.update({
+            "held_out_accuracy_drawn": detector.accuracy(det, t_x, t_y),
+            "held_out_accuracy_vae_round_trip": detector.accuracy(det, t_rt, t_y),
+            "held_out_images_per_class": 100,
+            "confusion_vae_round_trip (rows true, cols predicted)": detector.confusion(det, t_rt, t_y),
+            "classes": list(data.DETECTOR_CLASSES),
+            "width": 16,
+        })
+        log(f"detector held-out accuracy: drawn {det_log['held_out_accuracy_drawn']:.3f}, "
+            f"VAE round trip {det_log['held_out_accuracy_vae_round_trip']:.3f}")
+        stage("detector", t0)
 
-    # 5. UNets: original and never-learned, in parallel worker processes (one thread each) -------------------------
-    t0 = time.perf_counter()
-    lab = torch.from_numpy(labels)
-    jobs = {"original": torch.ones_like(lab, dtype=torch.bool), "never_learned": lab != erased_idx}
-    unets, unet_logs = {}, {}
-    with tempfile.TemporaryDirectory(prefix="memora-micro-build-") as work:
-        procs = {}
-        for name, keep in jobs.items():
-            torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond},
-                       Path(work) / f"{name}.in.pt")
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
-                   "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
-                   "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads)]
-            procs[name] = subprocess.Popen(cmd)
-            if args.jobs <= 1:
-                procs[name].wait()
-        for name, proc in procs.items():
-            if proc.wait() != 0:
-                raise SystemExit(f"UNet training for {name!r} failed (exit code {proc.returncode})")
-            out = torch.load(Path(work) / f"{name}.out.pt")
-            unet = make_unet(STAGE_SEEDS["unet"])
-            unet.load_state_dict(out["state_dict"])
-            unet.eval()
-            unets[name] = unet
-            unet_logs[name] = {"images": int(jobs[name].sum()), **out["log"]}
-    stage("unets", t0)
+        # 5. UNets: original and never-learned, in parallel worker processes (one thread each) -------------------------
+        t0 = time.perf_counter()
+        lab = torch.from_numpy(labels)
+        jobs = {"original": torch.ones_like(lab, dtype=torch.bool), "never_learned": lab != erased_idx}
+        unets, unet_logs = {}, {}
+        with tempfile.TemporaryDirectory(prefix="memora-micro-build-") as work:
+            procs = {}
+            for name, keep in jobs.items():
+                torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond},
+                           Path(work) / f"{name}.in.pt")
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
+                       "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
+                       "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads)]
+                procs[name] = subprocess.Popen(cmd)
+                if args.jobs <= 1:
+                    procs[name].wait()
+            for name, proc in procs.items():
+                if proc.wait() != 0:
+                    raise SystemExit(f"UNet training for {name!r} failed (exit code {proc.returncode})")
+                out = torch.load(Path(work) / f"{name}.out.pt")
+                unet = make_unet(STAGE_SEEDS["unet"])
+                unet.load_state_dict(out["state_dict"])
+                unet.eval()
+                unets[name] = unet
+                unet_logs[name] = {"images": int(jobs[name].sum()), **out["log"]}
+        stage("unets", t0)
 
     # 6. ESD ---------------------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -424,7 +481,8 @@ def main(argv=None) -> int:
         "files": dict(world.FILES),
         "shared": "clip.safetensors and vae.safetensors are identical for all three variants; the UNets differ",
         "seeds": STAGE_SEEDS,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                 if k not in ("out", "reuse", "unet_worker", "work")},
         "recipe": {
             "dataset": f"{args.images_per_concept} images per concept (never_learned: the same minus '{erase}')",
             "vae": {"steps": args.vae_steps, "batch": 16, "lr": 2e-3,
@@ -452,7 +510,7 @@ def main(argv=None) -> int:
             "targets": {"erased_rate_unlearned_max": 0.10, "others_ratio_min": 0.80},
         },
         "build": {"seconds": round(time.perf_counter() - t_all, 1), "cpu_seconds": round(time.process_time() - cpu_all, 1),
-                  "threads": args.threads, "stage_seconds": timings, "torch": torch.__version__,
+                  "threads": args.threads, "stage_seconds": timings, "reused": reused, "torch": torch.__version__,
                   "python": platform.python_version(), "machine": platform.machine()},
     }
     tmp = out / (world.MANIFEST + ".tmp")

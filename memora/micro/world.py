@@ -8,12 +8,14 @@ always travel together.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 from .data import CONCEPTS, caption
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# the shipped weights; MEMORA_MICRO_WEIGHTS points the loaders at another build (scripts/build_micro_world.py --out)
+WEIGHTS_DIR = Path(os.environ.get("MEMORA_MICRO_WEIGHTS") or Path(__file__).resolve().parent / "weights")
 MANIFEST = "manifest.json"
 VARIANTS: tuple[str, ...] = ("original", "unlearned", "never_learned")
 ERASED_CONCEPT = "star"
