@@ -193,7 +193,8 @@ def curves(comfy, pipe: Pipeline, steps_list, variants=("unlearned", "never_lear
 
 
 def verdict(results: dict, original_rate: float, quick: int) -> str:
-    """Short-term vs long-term reading of the two curves (the memora-method doc's terms), in words."""
+    """Short-term vs long-term reading of the two curves (the memora-method doc's terms), in words: when each curve
+    first reaches half of the original's rate, its peak, and what the control says about residual memory."""
     u = results.get("unlearned", [])
     n = results.get("never_learned", [])
     if not u or not n:
@@ -205,22 +206,40 @@ def verdict(results: dict, original_rate: float, quick: int) -> str:
                 return p["lora_steps"]
         return None
 
-    level = 0.7 * original_rate
+    def peak(points):
+        best = max(points, key=lambda p: p["rate"])
+        return best["rate"], best["lora_steps"]
+
+    level = 0.5 * original_rate
     fu, fn = first_reaching(u, level), first_reaching(n, level)
-    lines = [f"70 % of the original's rate ({level:.2f}) is first reached after {fu} LoRA steps by the unlearned "
-             f"model and after {fn} by the never-learned control (None: not within {u[-1]['lora_steps']} steps)."]
-    if fu is not None and (fn is None or fu < fn):
-        lines.append("The unlearned model comes back faster than a model that never saw the concept: a residual "
-                     "memory that MemoRa exploits.")
-    elif fu is not None and fn is not None and fu == fn:
-        lines.append("Both reach the level at the same point on this grid: no evidence of a residual memory beyond "
-                     "what the LoRA learns from the images themselves.")
+    (pu, su), (pn, sn) = peak(u), peak(n)
+    last = u[-1]["lora_steps"]
+    lines = [f"Peak detector rate of the erased concept: unlearned model {pu:.2f} (after {su} LoRA steps), "
+             f"never-learned control {pn:.2f} (after {sn}); the original draws it at {original_rate:.2f}.",
+             f"Half of the original's rate ({level:.2f}) is first reached after "
+             f"{fu if fu is not None else f'more than {last}'} steps by the unlearned model and after "
+             f"{fn if fn is not None else f'more than {last}'} by the control."]
+    if pu >= pn + 0.2:
+        lines.append("The same MemoRa procedure (each model inverts and regenerates the same seed images itself, then "
+                     "the same LoRA training) brings the concept back into the unlearned model and much less into a "
+                     "model that never learned it: the unlearned model keeps a residual memory of the concept. (Part "
+                     "of the gap is in the regenerated sets, which each model makes itself; that is how MemoRa "
+                     "works.)")
+    elif pn >= pu + 0.2:
+        lines.append("The control recovers more than the unlearned model: no evidence of residual memory here.")
     else:
-        lines.append("The unlearned model does not come back faster than the never-learned control on this grid.")
+        lines.append("The two curves are within 0.2 of each other: no clear evidence of residual memory beyond what "
+                     "the LoRA learns from the images themselves.")
     if fu is not None and fu <= quick:
-        lines.append(f"Recovery within {quick} steps: short-term forgetting in the paper's terms.")
+        lines.append(f"The unlearned model recovers within {quick} LoRA steps: short-term forgetting in the paper's "
+                     f"terms.")
     elif fu is not None:
         lines.append(f"Recovery, but only after more than {quick} steps: long-term forgetting in the paper's terms.")
+    else:
+        lines.append(f"No recovery to half the original's rate within {last} steps on this grid.")
+    if pu < 0.7 * original_rate:
+        lines.append(f"The recovered rate stays below the 70 % of the original's ({0.7 * original_rate:.2f}) that "
+                     f"the micro world aimed for.")
     return " ".join(lines)
 
 
