@@ -89,11 +89,11 @@ class MemoRaMicroDetector(io.ComfyNode):
         x = _det.prepare(images)
         det = load_detector()
         probs = _det.probabilities(det, x)
-        table, report = score_table(probs, concept, title)
+        rates = _det.rates(probs)
+        table, report = score_table(probs, rates, concept, title)
         node = _host.current_node_id()
         _host.send_event("memora.scores", {"node": node, **table})
-        rate = float((probs.argmax(-1) == data.DETECTOR_CLASSES.index(concept)).float().mean())
-        return io.NodeOutput(rate, report, ui={"memora_scores": [table]})
+        return io.NodeOutput(rates[concept], report, ui={"memora_scores": [table]})
 
 
 _DETECTOR_CACHE: dict = {}
@@ -119,8 +119,7 @@ def load_detector() -> _det.Detector:
     return _DETECTOR_CACHE[key]
 
 
-def score_table(probs: torch.Tensor, concept: str, title: str) -> tuple[dict, str]:
-    rates = _det.rates(probs)
+def score_table(probs: torch.Tensor, rates: dict, concept: str, title: str) -> tuple[dict, str]:
     mean_p = probs.mean(0).tolist()
     rows = [[c, round(rates[c], 4), round(mean_p[i], 4)] for i, c in enumerate(data.DETECTOR_CLASSES)]
     table = {"title": str(title), "columns": ["concept", "rate", "mean probability"], "rows": rows}

@@ -7,8 +7,10 @@ UNets, the ESD-x unlearned UNet, measurements, and the shipped safetensors + man
 
 Seeded end to end (one seed per stage, written to the manifest). The networks are ComfyUI's own ldm classes
 (UNetModel, AutoencoderKL) so the weights load in ComfyUI without any key conversion: a ComfyUI checkout is needed
-($COMFYUI_PATH, else ~/comfy/ComfyUI). Runs single-threaded by default (--threads): on a shared 2-core machine one
-thread wastes far less time than two. See docs/micro-world.md for the recipe and the measured results.
+($COMFYUI_PATH, else ~/comfy/ComfyUI). The main process uses --threads torch threads (default 2); the original and
+never-learned UNets train in two worker processes of one thread each (--jobs 2, the default), which on a 2-core
+machine halves that stage's wall time. About 21 minutes on 2 cores; --reuse DIR redoes only ESD and the
+measurements. See docs/micro-world.md for the recipe and the measured results.
 """
 
 from __future__ import annotations
@@ -250,16 +252,12 @@ def reuse_build(args, comfy_path):
     vae_log = {k: v for k, v in recipe["vae"].items() if k not in ("steps", "batch", "lr", "loss")}
     clip_log = {k: v for k, v in recipe["text_encoder"].items() if k not in ("init", "pretraining")}
     unet_logs = {n: recipe["unet"][n] for n in ("original", "never_learned")}
-    stages = ("data", "vae", "clip", "detector", "unets")
-    reused = {"from": str(prev_dir), "stages": ["vae", "clip", "detector", "unets"],
-              "stage_seconds": {k: v for k, v in prev["build"]["stage_seconds"].items() if k in stages[1:]},
+    stages = ["vae", "clip", "detector", "unets"]
+    reused = {"from": str(prev_dir), "stages": stages,
+              "stage_seconds": {k: v for k, v in prev["build"]["stage_seconds"].items() if k in stages},
               "earlier_build_seconds": prev["build"]["seconds"]}
     log(f"reused the VAE, text encoder, detector and UNets of {prev_dir} (built in {prev['build']['seconds']} s)")
-    return vae, tok, clip, ctx[:-1], ctx[-1], det, unets, reused, (vae_log, clip_log, det_log_of(recipe), unet_logs)
-
-
-def det_log_of(recipe):
-    return dict(recipe["detector"])
+    return vae, tok, clip, ctx[:-1], ctx[-1], det, unets, reused, (vae_log, clip_log, dict(recipe["detector"]), unet_logs)
 
 
 def unet_worker(args) -> int:

@@ -111,23 +111,21 @@ def test_shipped_models_forget_as_the_manifest_says(comfy, manifest):
     (at least half as often as the original does)."""
     concept = manifest["erased_concept"]
     size = manifest["empty_latent_size"]
-    rates = {}
-    for variant in ("original", "unlearned", "never_learned"):
-        g, ids = _sample_graph(variant, manifest["prompts"][concept], 16, 123, 50, 7.5, size, concept)
+
+    def rate(variant: str, shown: str) -> float:
+        g, ids = _sample_graph(variant, manifest["prompts"][shown], 16, 123, 50, 7.5, size, shown)
         res = comfy.run(g.prompt)
         assert res.success, res.error_message
-        rates[variant] = comfy.node_outputs(ids["det"].id)[0]
         ui = res.ui_outputs[ids["det"].id]["memora_scores"][0]
         assert ui["columns"][:2] == ["concept", "rate"] and len(ui["rows"]) == 6
+        return comfy.node_outputs(ids["det"].id)[0]
+
+    rates = {variant: rate(variant, concept) for variant in ("original", "unlearned", "never_learned")}
     # another concept: the one the original draws best according to the build's own measurement
     measured = manifest["measurements"]["rates"]["original"]
     other = max((c for c in manifest["concepts"] if c != concept), key=lambda c: measured[c])
-    g, ids = _sample_graph("unlearned", manifest["prompts"][other], 16, 123, 50, 7.5, size, other)
-    assert comfy.run(g.prompt).success
-    rates["unlearned_other"] = comfy.node_outputs(ids["det"].id)[0]
-    g, ids = _sample_graph("original", manifest["prompts"][other], 16, 123, 50, 7.5, size, other)
-    assert comfy.run(g.prompt).success
-    rates["original_other"] = comfy.node_outputs(ids["det"].id)[0]
+    rates["unlearned_other"] = rate("unlearned", other)
+    rates["original_other"] = rate("original", other)
     print("detector rates through ComfyUI:", rates)
     assert rates["original"] >= 0.6
     assert rates["unlearned"] <= 0.2
