@@ -12,7 +12,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
-from ..memora import schedule as _schedule
+from memora import schedule as _schedule
 
 
 # -- schedules ---------------------------------------------------------------------------------------------------

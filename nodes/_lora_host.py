@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..memora.lora import formats
+from memora.lora import formats
 
 _LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale", ".diff",
                   ".diff_b", ".set_weight", ".reshape_weight", ".w_norm", ".b_norm")

@@ -25,7 +25,7 @@ import comfy.supported_models
 import comfy.supported_models_base
 import comfy.utils
 
-from ..memora.micro import world
+from memora.micro import world
 
 _UNET_PREFIX = "model.diffusion_model."
 

@@ -36,8 +36,8 @@ import comfy.model_sampling
 import comfy.samplers
 import comfy.utils
 
-from ..memora.lora import recipe as _recipe
-from ..memora.lora import train as _train
+from memora.lora import recipe as _recipe
+from memora.lora import train as _train
 from . import _host
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -252,7 +252,7 @@ def concept_from_prompt(prompt: Any, node_id: Any, input_name: str = "positive")
 def check_save_target(root: Path, save_name: str) -> Path:
     """Validate save_name against the loras folder and that the folder can be written, creating nothing. Returns
     the path the file would get now (the final name may move on if it is taken meanwhile)."""
-    from ..memora.lora import save as _save
+    from memora.lora import save as _save
 
     path = _save.resolve_save_path(root, save_name)
     probe = path.parent
@@ -520,7 +520,7 @@ class TrainProgress:
 def to_kohya(model, layers: Mapping[str, _train.LoRALayerParams]) -> dict[str, torch.Tensor]:
     """The trained layers as a kohya SD state dict (the pack's LORA_MODEL): diffusers module names where the model
     has a diffusers equivalent (SD UNets), the ldm name otherwise (ComfyUI reads both)."""
-    from ..memora.lora import formats
+    from memora.lora import formats
     from . import _lora_host
 
     ldm_map = _lora_host.ldm_to_diffusers_map(model)

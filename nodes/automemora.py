@@ -19,8 +19,8 @@ import torch
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..memora import guidance
-from ..memora.lora import formats
+from memora import guidance
+from memora.lora import formats
 from . import _lora_host
 
 

@@ -16,7 +16,7 @@ from comfy_api.latest import ui as comfy_ui
 
 import folder_paths
 
-from ..memora.evaluation import forgetting, nudity, similarity
+from memora.evaluation import forgetting, nudity, similarity
 from . import _host
 
 CLASS_SETS = ["UnlearnDiffAtk (9 *_EXPOSED classes)", "custom"]

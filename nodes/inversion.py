@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..memora import ddim, schedule, slerp
+from memora import ddim, schedule, slerp
 from . import _host
 
 SCHEDULES = ["exact", "reference"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from .. import memora
-from ..memora.lora import formats
-from ..memora.lora.save import save_safetensors_atomic
+import memora
+from memora.lora import formats
+from memora.lora.save import save_safetensors_atomic
 from . import _host, _lora_host
 
 

@@ -6,9 +6,9 @@ import json
 
 from comfy_api.latest import io
 
-from .. import memora
-from ..memora.lora import formats, merge
-from ..memora.lora.save import resolve_save_path, save_safetensors_atomic
+import memora
+from memora.lora import formats, merge
+from memora.lora.save import resolve_save_path, save_safetensors_atomic
 from . import _host, _lora_host
 
 SLOTS = 4

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..memora.micro import data, world
-from ..memora.micro import detector as _det
+from memora.micro import data, world
+from memora.micro import detector as _det
 from . import _host, _micro_host
 
 

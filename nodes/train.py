@@ -6,9 +6,9 @@ import json
 
 from comfy_api.latest import io
 
-from .. import memora
-from ..memora.lora import recipe as _recipe
-from ..memora.lora import save as _save
+import memora
+from memora.lora import recipe as _recipe
+from memora.lora import save as _save
 from . import _host, _lora_host
 from . import _train_host as _th
 

@@ -22,7 +22,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..memora import zoo
+from memora import zoo
 
 UNLEARNED_FOLDER = "unlearned"
 # (prefix shown in the list, ComfyUI folder name)

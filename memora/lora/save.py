@@ -16,15 +16,15 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
 import unicodedata
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from memora import fileio
+
 EXT = ".safetensors"
-_TMP_PREFIX = ".memora-tmp-"
 _COUNTER_DIGITS = 5
 # One path component: letters/digits of any script, and - _ . space + ( ) [ ] , @ =
 _COMPONENT_RE = re.compile(r"^[\w\-. +()\[\],@=]+$", re.UNICODE)
@@ -34,8 +34,7 @@ class SaveNameError(ValueError):
     """A save_name that is empty, absolute, escapes the target folder or contains characters not allowed."""
 
 
-class UnwritableFolderError(OSError, ValueError):
-    """The target folder cannot be created or written (permissions, a file in the way, read-only filesystem)."""
+UnwritableFolderError = fileio.UnwritableFolderError
 
 
 def check_save_name(save_name: str, ext: str = EXT) -> tuple[list[str], str]:
@@ -144,61 +143,6 @@ def _canonical_header(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
-def _make_folder(folder: Path) -> list[Path]:
-    """mkdir -p that reports the folders it created (to remove them on failure) and raises UnwritableFolderError."""
-    created: list[Path] = []
-    missing = []
-    p = folder
-    while not p.exists():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    try:
-        for d in reversed(missing):
-            os.mkdir(d)
-            created.append(d)
-    except OSError as e:
-        _remove_folders(created)
-        raise UnwritableFolderError(e.errno or errno.EIO,
-                                    f"cannot create folder {folder}: {e.strerror or e}") from e
-    if not folder.is_dir():
-        raise UnwritableFolderError(errno.ENOTDIR, f"cannot save into {folder}: it is not a folder")
-    return created
-
-
-def _remove_folders(created: list[Path]) -> None:
-    for d in reversed(created):
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
-
-
-def _publish(tmp: Path, final: Path) -> bool:
-    """Give the finished temporary file its final name without ever replacing a file; False if the name is taken."""
-    try:
-        os.link(tmp, final)
-        return True
-    except FileExistsError:
-        return False
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-    # No hard links on this filesystem: reserve the name exclusively, then replace our own empty reservation.
-    try:
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    os.close(fd)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.unlink(final)
-        raise
-    return True
-
-
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path_or_root: str | os.PathLike,
                             save_name: str | None = None, metadata: Mapping[str, str] | None = None,
                             ext: str = EXT) -> Path:
@@ -210,62 +154,9 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path_or_root: s
     UnwritableFolderError (both ValueErrors). Nothing is left behind on failure."""
     meta = _check_metadata(metadata)
     data = _serialise(tensors, meta)
-    if save_name is not None:
-        target = resolve_save_path(path_or_root, save_name, ext)
-        subdirs, base = check_save_name(save_name, ext)
-    else:
-        target = Path(os.path.abspath(os.fspath(path_or_root)))
-        base = None
-        if target.exists():
-            raise FileExistsError(errno.EEXIST, f"refusing to overwrite existing file {target}")
-    folder = target.parent
-    created = _make_folder(folder)
-    tmp = folder / f"{_TMP_PREFIX}{secrets.token_hex(8)}{ext}"
-    published = False
-    try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as e:
-            raise UnwritableFolderError(e.errno or errno.EACCES,
-                                        f"cannot write into folder {folder}: {e.strerror or e}") from e
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        for _ in range(10000):
-            if _publish(tmp, target):
-                published = True
-                break
-            if base is None:
-                raise FileExistsError(errno.EEXIST, f"refusing to overwrite existing file {target}")
-            target = folder / _file_name(base, _next_counter(folder, base, ext), ext)
-        else:
-            raise FileExistsError(errno.EEXIST, f"could not find a free file name for {save_name!r} in {folder}")
-        _fsync_dir(folder)
-        return target
-    finally:
-        # on success the temporary name goes (the final hard link stays); on any failure, BaseException included,
-        # the temporary file and the folders made for it go too
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if not published:
-            _remove_folders(created)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    if save_name is None:
+        return fileio.atomic_write(path_or_root, data, replace=False)
+    target = resolve_save_path(path_or_root, save_name, ext)
+    _subdirs, base = check_save_name(save_name, ext)
+    return fileio.write_numbered(target.parent, lambda n: _file_name(base, n, ext),
+                                 _next_counter(target.parent, base, ext), data)
