@@ -9,16 +9,17 @@ pushes away from it. Because eps = (x - x0) / sigma is affine in x0 and the two 
 combination is valid on denoised (x0) predictions, which is what ComfyUI's guiders return.
 
 The two sides share ONE copy of the model weights: the LoRA is added to a weight only while a switch is on
-(``LoraSwitch``/``SwitchableDelta`` below, installed as per-layer weight functions by the host). This module is torch
+(``memora.lora.apply.LoraSwitch`` and ``LoraWeightWrapper``, installed as per-layer weight functions by the host). This module is torch
 only; the ComfyUI host (nodes/automemora.py) maps layers to the model's weights and drives the switch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+
+from memora.lora.apply import CallCounter, LoraSwitch
 
 MAIN_ROLES = ("lora", "unlearned")
 
@@ -57,75 +58,14 @@ def combine(bad: torch.Tensor | None, main: torch.Tensor | None, w: float) -> to
     return bad + w * (main - bad)
 
 
-@dataclass
-class LoraSwitch:
-    """Shared on/off state of every LoRA weight function of one guider, with per-layer call counts.
-
-    ``calls[key]`` counts how often the layer's function ran while the switch was on: the host compares counts
-    before and after a LoRA-on forward to prove that every installed delta was applied (some ComfyUI loading modes
-    skip weight functions silently)."""
-
-    on: bool = False
-    calls: dict = field(default_factory=dict)
-
-    def snapshot(self) -> dict:
-        return dict(self.calls)
-
-    def not_run_since(self, before: dict) -> list:
-        """Keys whose function did not run (while on) since ``before`` was taken."""
-        return sorted(k for k, n in self.calls.items() if n == before.get(k, 0))
-
-
-class SwitchableDelta:
-    """A weight function ``weight -> weight + scale * (up @ down)`` that acts only while its switch is on.
-
-    The input weight is never modified in place (it can be the model's own cached tensor). The delta is rebuilt
-    from the low-rank factors at each call (cheap next to the layer's own forward, and no dense copy of every delta
-    is kept in memory); the arithmetic mirrors ComfyUI's LoRA patching, (scale * mm(up, down)) added in fp32, so a
-    LoRA applied this way equals the same LoRA applied with LoraLoader bit for bit on fp32 weights."""
-
-    def __init__(self, key: str, down: torch.Tensor, up: torch.Tensor, scale: float, switch: LoraSwitch):
-        if down.shape[0] != up.shape[1]:
-            raise ValueError(f"{key}: down has rank {down.shape[0]} but up has rank {up.shape[1]}")
-        self.key = key
-        self.down = down.detach().flatten(start_dim=1).to(torch.float32)
-        self.up = up.detach().flatten(start_dim=1).to(torch.float32)
-        self.scale = float(scale)
-        self.switch = switch
-        self._device_copies: dict = {}
-        switch.calls.setdefault(key, 0)
-
-    @property
-    def shape(self) -> tuple:
-        return (self.up.shape[0], self.down.shape[1])
-
-    def _factors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        k = str(device)
-        f = self._device_copies.get(k)
-        if f is None:
-            f = (self.up.to(device), self.down.to(device))
-            self._device_copies[k] = f
-        return f
-
-    def delta(self, shape, device) -> torch.Tensor:
-        up, down = self._factors(device)
-        return ((1.0 * self.scale) * torch.mm(up, down)).reshape(shape)
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        if not self.switch.on:
-            return weight
-        self.switch.calls[self.key] = self.switch.calls.get(self.key, 0) + 1
-        out = weight.to(torch.float32) + self.delta(weight.shape, weight.device)
-        return out.to(weight.dtype)
-
-
-def run_with_lora(switch: LoraSwitch, on: bool, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list]:
-    """Run ``fn`` with the LoRA switched ``on`` (or off); return its result and, when on, the layers whose delta
-    did not run during the call (should be empty). The switch is always left off."""
-    before = switch.snapshot() if on else None
+def run_with_lora(switch: LoraSwitch, counter: CallCounter, on: bool,
+                  fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Optional[dict]]:
+    """Run ``fn`` with the LoRA switched ``on`` (or off); return its result and, when on, the wrappers' call counts
+    from before the call (to check with ``counter.check``), else None. The switch is always left off."""
+    before = counter.snapshot() if on else None
     switch.on = on
     try:
         out = fn()
     finally:
         switch.on = False
-    return out, (switch.not_run_since(before) if on else [])
+    return out, before

@@ -34,10 +34,6 @@ def sampling_sigmas(model, steps: int, scheduler: str = "ddim_uniform") -> torch
     return comfy.samplers.calculate_sigmas(model_sampling(model), scheduler, steps).cpu()
 
 
-def sigma_at(model, t: int) -> float:
-    return float(model_sampling(model).sigmas[t])
-
-
 # -- validation --------------------------------------------------------------------------------------------------
 def latent_channels(model) -> Optional[int]:
     fmt = getattr(model.model, "latent_format", None)
@@ -115,6 +111,25 @@ class StageProgress:
         send_event("memora.progress", {"node": self.node_id, "stage": self.stage, "step": step, "total": total,
                                        "elapsed": elapsed, "eta": eta})
         comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+class TrainProgress:
+    """LoRA training's progress: per update the ComfyUI progress bar and a ``memora.train`` event (loss, learning
+    rate, ETA); per micro-step the interrupt check (the queue's cancel stops training within one step)."""
+
+    def __init__(self, total: int, node_id: Optional[str] = None):
+        self.total = int(total)
+        self.node_id = node_id if node_id is not None else current_node_id()
+        self.bar = comfy.utils.ProgressBar(self.total, node_id=self.node_id)
+
+    def micro_step(self, update: int, micro: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def update(self, info) -> None:
+        """``info``: a ``memora.lora.train.UpdateInfo``."""
+        self.bar.update_absolute(info.update, self.total)
+        send_event("memora.train", {"node": self.node_id, "step": info.update, "total": info.total,
+                                    "loss": info.loss, "lr": info.lr, "elapsed": info.elapsed, "eta": info.eta})
 
 
 # -- running memora algorithms on a ComfyUI model -----------------------------------------------------------------

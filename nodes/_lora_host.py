@@ -1,24 +1,28 @@
-"""ComfyUI side of the LoRA formats: module-name maps of a MODEL, applying a kohya LORA_MODEL with ComfyUI's own
-LoRA machinery (comfy.lora key map + load_lora + add_patches, as LoraModelLoader does) and the loras folder.
+"""LoRA on a ComfyUI model, in one place: the module and key maps of a MODEL, applying a LoRA file with ComfyUI's
+own LoRA machinery (comfy.lora key map + load_lora + add_patches, as LoraModelLoader does), installing the one LoRA
+weight wrapper (``memora.lora.apply.LoraWeightWrapper``: training, the AutoMemoRa guider), and saving and announcing
+a LoRA file in the loras folder. The ComfyUI-free half (layer names, the delta formula, the wrapper, its call
+counter) is ``memora.lora.apply``.
 
 Unlike ComfyUI's loaders, which only log "lora key not loaded" and carry on, :func:`apply_lora` raises a
-LoraKeyError naming the layers that match nothing in the model."""
+LoraKeyError naming the layers that match nothing in the model (policy: :func:`match_layers`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Optional
 
 import torch
 
+from memora.lora import apply as _apply
 from memora.lora import formats
+from memora.lora import save as _save
+from memora.lora.apply import LoraKeyError
 
-_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale", ".diff",
-                  ".diff_b", ".set_weight", ".reshape_weight", ".w_norm", ".b_norm")
+from . import _host
 
-
-class LoraKeyError(ValueError):
-    """LoRA layers that match no weight of the model they are applied to."""
+__all__ = ["LoraKeyError", "apply_lora", "match_layers", "install_lora_wrappers", "save_lora_file"]
 
 
 def _unet_config(model) -> dict:
@@ -26,31 +30,30 @@ def _unet_config(model) -> dict:
     return dict(base.model_config.unet_config)
 
 
-def ldm_to_diffusers_map(model) -> dict[str, str]:
-    """ldm (ComfyUI) module path -> diffusers module path for the MODEL's UNet, e.g.
-    'input_blocks.1.1.transformer_blocks.0.attn1.to_q' -> 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'
-    (from comfy.utils.unet_to_diffusers on its unet_config; empty for models that are not UNets)."""
-    return _ldm_map_from_unet_config(_unet_config(model))
-
-
-def _ldm_map_from_unet_config(unet_config: dict) -> dict[str, str]:
+def _unet_to_diffusers(unet_config: dict) -> dict[str, str]:
     import comfy.utils
 
-    out: dict[str, str] = {}
-    for diff_key, ldm_key in comfy.utils.unet_to_diffusers(dict(unet_config)).items():
-        for suffix in (".weight", ".bias"):
-            if diff_key.endswith(suffix) and ldm_key.endswith(suffix):
-                out[ldm_key[: -len(suffix)]] = diff_key[: -len(suffix)]
-                break
-    return out
+    return comfy.utils.unet_to_diffusers(dict(unet_config))
+
+
+def ldm_to_diffusers_map(model) -> dict[str, str]:
+    """ldm (ComfyUI) module path -> diffusers module path for the MODEL's UNet (``memora.lora.apply.module_map`` of
+    comfy.utils.unet_to_diffusers; empty for models that are not UNets)."""
+    return _apply.module_map(_unet_to_diffusers(_unet_config(model)))
+
+
+def diffusers_weight_keys(model) -> dict[str, str]:
+    """diffusers UNet weight key -> the MODEL's key ('diffusion_model.<ldm key>'); ValueError for non-UNets."""
+    mapping = _unet_to_diffusers(_unet_config(model))
+    if not mapping:
+        raise ValueError("the base checkpoint's model is not a UNet (no diffusers key map for it); diffusers-named "
+                         "weights need an SD1.x/SD2.x-style base checkpoint")
+    return {d: "diffusion_model." + ldm for d, ldm in mapping.items()}
 
 
 def diffusers_module_names(model) -> list[str]:
     """The diffusers module paths of the MODEL's UNet layers that have a weight (what kohya names refer to)."""
-    import comfy.utils
-
-    return sorted({k[: -len(".weight")] for k in comfy.utils.unet_to_diffusers(_unet_config(model))
-                   if k.endswith(".weight")})
+    return sorted({k[: -len(".weight")] for k in _unet_to_diffusers(_unet_config(model)) if k.endswith(".weight")})
 
 
 def diffusers_weight_shapes(model) -> dict[str, tuple]:
@@ -85,15 +88,17 @@ SD15_UNET_LAYOUT = dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], 
 
 def sd15_ldm_to_diffusers_map() -> dict[str, str]:
     """The ldm -> diffusers module map of the standard SD1.x UNet (for files read without a model)."""
-    return _ldm_map_from_unet_config(SD15_UNET_LAYOUT)
+    return _apply.module_map(_unet_to_diffusers(SD15_UNET_LAYOUT))
 
 
 @dataclass
 class ApplyReport:
-    """What apply_lora did: the model weights patched, the LoRA layers used, and those left out."""
+    """What apply_lora did: the weights patched, the LoRA layers used, those that matched no weight (only with a
+    min_share below 1) and the text-encoder layers left out of a MODEL."""
 
     patched: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
     text_encoder_layers: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -103,58 +108,61 @@ class ApplyReport:
         return s
 
 
-def _layer_names(lora_sd) -> list[str]:
-    names = set()
-    for k in lora_sd:
-        for suffix in _LORA_SUFFIXES:
-            if k.endswith(suffix):
-                names.add(k[: -len(suffix)])
-                break
-        else:
-            names.add(k)
-    return sorted(names)
+def match_layers(owner, lora_sd: dict[str, torch.Tensor], *, text_encoder: bool = False, min_share: float = 1.0):
+    """(ComfyUI-converted lora dict, {layer name: weight key}, unmatched layer names, text-encoder layer names) for
+    a LoRA on a MODEL (or, with ``text_encoder``, on a CLIP).
 
-
-def match_layers(model, lora_sd: dict[str, torch.Tensor]):
-    """(ComfyUI-converted lora dict, {unet layer name: model weight key}, [text-encoder layer names]) for a LoRA on
-    MODEL; LoraKeyError naming the format and the first layers when any UNet layer matches no weight."""
+    The one policy for partial matches: every layer must match a weight of the model (LoraKeyError naming the format
+    and the first unmatched layers otherwise), unless the caller states a ``min_share`` below 1: then at least that
+    share of the layers must match, and the others are returned as unmatched (to be reported, never silently
+    dropped). On a MODEL, text-encoder layers (lora_te*) are set apart, not matched."""
     import comfy.lora
     import comfy.lora_convert
 
     if not isinstance(lora_sd, dict) or not lora_sd:
         raise LoraKeyError("the LORA_MODEL is empty or not a dict of tensors")
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if text_encoder:
+        key_map = comfy.lora.model_lora_keys_clip(owner.cond_stage_model, {})
+    else:
+        key_map = comfy.lora.model_lora_keys_unet(owner.model, {})
     lora = comfy.lora_convert.convert_lora(lora_sd)
-    names = _layer_names(lora)
-    te = [n for n in names if n.startswith(("lora_te", "text_encoder"))]
-    unmatched = [n for n in names if n not in key_map and n not in te]
-    if unmatched:
-        fmt = _format_or_unknown(lora_sd)
+    names = _apply.layer_names(lora)
+    te = [] if text_encoder else [n for n in names if _apply.is_text_encoder_layer(n)]
+    names = [n for n in names if n not in te]
+    unmatched = [n for n in names if n not in key_map]
+    if unmatched and (not names or (len(names) - len(unmatched)) / len(names) < min_share):
         raise LoraKeyError(
-            f"{len(unmatched)} of {len(names)} LoRA layers (format {fmt}) match no weight of this model: "
-            f"{unmatched[:5]}{' ...' if len(unmatched) > 5 else ''}. Is the LoRA made for another architecture?")
-    return lora, {n: key_map[n] for n in names if n not in te}, te
+            f"{len(unmatched)} of {len(names)} LoRA layers (format {_format_or_unknown(lora_sd)}) match no weight of "
+            f"this {'text encoder' if text_encoder else 'model'}: {unmatched[:5]}{' ...' if len(unmatched) > 5 else ''}"
+            f". Is the LoRA made for another architecture?")
+    return lora, {n: key_map[n] for n in names if n in key_map}, unmatched, te
 
 
-def apply_lora(model, lora_sd: dict[str, torch.Tensor], strength: float = 1.0):
-    """A CLONE of MODEL with the kohya LoRA applied through ComfyUI's own LoRA patches; returns (clone, ApplyReport).
-
-    Raises LoraKeyError (before touching anything) when UNet layers of the LoRA match no weight of the model;
-    text-encoder layers (lora_te*) are reported, not applied (a MODEL has no text encoder). The input MODEL is not
-    modified (patches live on the clone)."""
+def apply_lora(owner, lora_sd: dict[str, torch.Tensor], strength: float = 1.0, *, text_encoder: bool = False,
+               min_share: float = 1.0):
+    """A CLONE of the MODEL (or CLIP, with ``text_encoder``) with the LoRA applied through ComfyUI's own LoRA
+    patches; returns (clone, ApplyReport). Partial matches follow :func:`match_layers`'s policy; everything is
+    checked before the clone is made. The input is not modified (patches live on the clone)."""
     import comfy.lora
 
-    lora, to_load, te = match_layers(model, lora_sd)
+    lora, to_load, unmatched, te = match_layers(owner, lora_sd, text_encoder=text_encoder, min_share=min_share)
     patches = comfy.lora.load_lora(lora, to_load, log_missing=False)
     missing = [n for n, w in to_load.items() if w not in patches and f"{w[:-len('.weight')]}.bias" not in patches]
     if missing:
         raise LoraKeyError(f"ComfyUI built no patch for LoRA layers {missing[:5]} (keys not understood)")
-    clone = model.clone()
+    clone = add_patches(owner, patches, strength)
+    return clone, ApplyReport(patched=sorted(patches), layers=sorted(to_load), unmatched=unmatched,
+                              text_encoder_layers=te)
+
+
+def add_patches(owner, patches: dict, strength: float = 1.0):
+    """A clone of a MODEL or CLIP with ComfyUI weight patches added; RuntimeError when it refuses any."""
+    clone = owner.clone()
     done = set(clone.add_patches(patches, strength))
-    not_done = sorted(set(patches) - done)
-    if not_done:
-        raise LoraKeyError(f"the model refused patches for {not_done[:5]}")
-    return clone, ApplyReport(patched=sorted(done), layers=sorted(to_load), text_encoder_layers=te)
+    refused = sorted(set(patches) - done)
+    if refused:
+        raise RuntimeError(f"ComfyUI refused patches for {refused[:5]} ({len(refused)} keys)")
+    return clone
 
 
 def _format_or_unknown(sd) -> str:
@@ -185,3 +193,54 @@ def relative_to_loras(path: Path) -> str:
         except ValueError:
             continue
     return path.name
+
+
+# -- weight wrappers ---------------------------------------------------------------------------------------------
+def install_lora_wrappers(patcher, layers: Mapping[str, object], switch: Optional[_apply.LoraSwitch] = None
+                          ) -> _apply.CallCounter:
+    """One ``LoraWeightWrapper`` per {model weight key: layer (up, down, scale)} on the ModelPatcher (a clone the
+    caller owns); returns their call counter (``counter.check`` after a forward pass proves every one ran)."""
+    counter = _apply.CallCounter()
+    for key in sorted(layers):
+        patcher.add_weight_wrapper(key, _apply.LoraWeightWrapper(key, layers[key], counter, switch))
+    return counter
+
+
+def layers_to_kohya(model, layers: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """{'diffusion_model.<ldm path>': layer with ``to_layer()``} -> a kohya SD state dict (the pack's LORA_MODEL):
+    diffusers module names where the model has a diffusers equivalent (SD UNets), the ldm name otherwise (ComfyUI
+    reads both)."""
+    ldm_map = ldm_to_diffusers_map(model)
+    named = {}
+    for name in sorted(layers):
+        ldm = name[len("diffusion_model."):]
+        named[formats.module_to_kohya(ldm_map.get(ldm, ldm))] = layers[name].to_layer()
+    return formats.layers_to_kohya(named)
+
+
+# -- saving ------------------------------------------------------------------------------------------------------
+def check_save_name(save_name: str) -> Optional[Path]:
+    """The loras folder when ``save_name`` (stripped) is not empty, after checking the name and that the folder can
+    be written (creating nothing); None for an empty name (do not save)."""
+    save_name = (save_name or "").strip()
+    if not save_name:
+        return None
+    root = loras_root()
+    _save.check_save_target(root, save_name)
+    return root
+
+
+def save_lora_file(sd: Mapping[str, torch.Tensor], save_name: str, metadata: Mapping[str, str],
+                   node_id: Optional[str] = None) -> str:
+    """Save a LoRA as loras/<save_name>_<counter>_.safetensors (atomic, never overwriting), announce it with a
+    ``memora.lora_saved`` event, and return its name as LoraLoader lists it."""
+    path = _save.save_safetensors_atomic(sd, loras_root(), save_name.strip(), metadata)
+    filename = relative_to_loras(path)
+    node = node_id if node_id is not None else _host.current_node_id()
+    _host.send_event("memora.lora_saved", {"node": node, "filename": filename})
+    return filename
+
+
+def saved_ui(filename: str) -> Optional[dict]:
+    """The UI output that lists a saved LoRA in the front end (None when nothing was saved)."""
+    return {"memora_lora": [filename]} if filename else None

@@ -20,12 +20,9 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from memora import guidance
+from memora.lora import apply as lora_apply
 from memora.lora import formats
 from . import _lora_host
-
-
-class WrapperNotAppliedError(RuntimeError):
-    """Some LoRA weight functions did not run during a LoRA-on prediction."""
 
 
 def _flat_shape(shape) -> tuple[int, int]:
@@ -35,9 +32,9 @@ def _flat_shape(shape) -> tuple[int, int]:
     return int(shape[0]), n
 
 
-def build_switchable_lora(model, lora_sd: dict) -> tuple[object, guidance.LoraSwitch, list[str], list[str]]:
-    """(clone of MODEL with one switchable weight function per LoRA layer, the switch, weight keys, ignored
-    text-encoder layers). Validates everything first: nothing is installed when a layer does not fit."""
+def build_switchable_lora(model, lora_sd: dict):
+    """(clone of MODEL with one switchable LoRA weight wrapper per layer, the switch, the wrappers' call counter,
+    ignored text-encoder layers). Validates everything first: nothing is installed when a layer does not fit."""
     if not isinstance(lora_sd, dict) or not lora_sd:
         raise ValueError("lora is empty or not a LORA_MODEL (expected a dict of tensors)")
     try:
@@ -47,11 +44,10 @@ def build_switchable_lora(model, lora_sd: dict) -> tuple[object, guidance.LoraSw
     bad = sorted(k for k in kohya if k.endswith((".diff", ".diff_b", ".dora_scale")))
     if bad:
         raise ValueError(f"lora: full-weight diff or DoRA keys are not supported by the AutoMemoRa guider: {bad[:5]}")
-    _, to_load, te = _lora_host.match_layers(model, kohya)
+    _, to_load, _, te = _lora_host.match_layers(model, kohya)
     layers = formats.kohya_layers(kohya)
     weights = model.model.state_dict()
-    switch = guidance.LoraSwitch()
-    planned = []
+    planned = {}
     for name in sorted(to_load):
         key = to_load[name]
         layer = layers.get(name)
@@ -65,28 +61,27 @@ def build_switchable_lora(model, lora_sd: dict) -> tuple[object, guidance.LoraSw
         if _flat_shape(wshape) != _flat_shape(lshape):
             raise ValueError(f"lora: layer {name!r} has delta shape {list(lshape)} but the model weight {key} is "
                              f"{list(wshape)}: the LoRA was made for another model")
-        planned.append((key, layer))
+        planned[key] = layer
     if not planned:
         raise ValueError("lora: has no UNet layers (only text-encoder layers?); AutoMemoRa needs a UNet LoRA")
     if te:
         logging.warning("AutoMemoRa Guider: %d text-encoder LoRA layers ignored (both sides share the same "
                         "conditioning; MemoRa LoRAs are UNet-only)", len(te))
     clone = model.clone()
-    keys = []
-    for key, layer in planned:
-        clone.add_weight_wrapper(key, guidance.SwitchableDelta(key, layer.down, layer.up, layer.scale, switch))
-        keys.append(key)
-    return clone, switch, keys, te
+    switch = lora_apply.LoraSwitch()
+    counter = _lora_host.install_lora_wrappers(clone, planned, switch)
+    return clone, switch, counter, te
 
 
 class AutoMemoRaGuider(comfy.samplers.CFGGuider):
     """CFGGuider whose prediction is bad + w (main - bad), each side a CFG prediction of the same weights with the
     LoRA switched off or on. Overrides only predict_noise (sampling, loading and batching stay ComfyUI's)."""
 
-    def __init__(self, model_patcher, switch: guidance.LoraSwitch, keys: list[str], w: float, main: str):
+    def __init__(self, model_patcher, switch: lora_apply.LoraSwitch, counter: lora_apply.CallCounter, w: float,
+                 main: str):
         super().__init__(model_patcher)
         self.switch = switch
-        self.lora_keys = list(keys)
+        self.counter = counter
         self.w = float(w)
         self.main = guidance.check_role(main)
         self.forwards = {"lora_on": 0, "lora_off": 0}
@@ -97,14 +92,10 @@ class AutoMemoRaGuider(comfy.samplers.CFGGuider):
                                                     self.conds.get("positive", None), self.cfg,
                                                     model_options=model_options, seed=seed)
 
-        out, not_run = guidance.run_with_lora(self.switch, lora_on, predict)
+        out, before = guidance.run_with_lora(self.switch, self.counter, lora_on, predict)
         self.forwards["lora_on" if lora_on else "lora_off"] += 1
-        if not_run:
-            raise WrapperNotAppliedError(
-                f"AutoMemoRa Guider: the LoRA was not applied to {len(not_run)} of {len(self.lora_keys)} layers "
-                f"(e.g. {not_run[:3]}): ComfyUI did not run their weight functions. This happens with 0.33's "
-                f"dynamic VRAM mode on small layers; start ComfyUI with --disable-dynamic-vram. Refusing to return "
-                f"a silently wrong guidance.")
+        if before is not None:
+            self.counter.check(before, "AutoMemoRa Guider (no guidance returned)")
         return out
 
     def predict_noise(self, x, timestep, model_options={}, seed=None, *args, **kwargs):
@@ -152,8 +143,8 @@ class MemoRaAutoGuider(io.ComfyNode):
         guidance.check_role(main)
         if not torch.isfinite(torch.tensor(float(w))) or not torch.isfinite(torch.tensor(float(cfg))):
             raise ValueError(f"cfg and w must be finite numbers, got cfg={cfg}, w={w}")
-        patched, switch, keys, _ = build_switchable_lora(model, lora)
-        guider = AutoMemoRaGuider(patched, switch, keys, w, main)
+        patched, switch, counter, _ = build_switchable_lora(model, lora)
+        guider = AutoMemoRaGuider(patched, switch, counter, w, main)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider)

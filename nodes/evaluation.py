@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from comfy_api.latest import ui as comfy_ui
 
 import folder_paths
 
+from memora import fileio
 from memora.evaluation import forgetting, nudity, similarity
 from . import _host
 
@@ -31,32 +31,15 @@ def publish(tables: list[dict]) -> dict:
 
 
 def save_json_record(filename_prefix: str, text: str) -> Path:
-    """Write ``text`` to <output>/<prefix>_<counter>_.json (ComfyUI's naming), atomically, never overwriting."""
+    """Write ``text`` to <output>/<prefix>_<counter:05>_.json (ComfyUI's naming) with the pack's atomic writer:
+    complete or absent, never overwriting (a name taken meanwhile moves the counter on)."""
     prefix = str(filename_prefix).strip()
     parts = Path(prefix.replace("\\", "/")).parts
     if not prefix or os.path.isabs(prefix) or ".." in parts:
         raise ValueError(f"filename_prefix must be a relative name inside the output folder (e.g. 'memora/nudity'), "
                          f"got {filename_prefix!r}")
-    out_dir = folder_paths.get_output_directory()
-    folder, name, counter, _sub, _ = folder_paths.get_save_image_path(prefix, out_dir)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".memora-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        for _ in range(10000):
-            target = Path(folder) / f"{name}_{counter:05}_.json"
-            try:
-                os.link(tmp, target)  # fails if the name exists: never overwrite
-                return target
-            except FileExistsError:
-                counter += 1
-        raise RuntimeError(f"no free file name for {name} in {folder}")
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    folder, name, counter, _sub, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+    return fileio.write_numbered(folder, lambda n: f"{name}_{n:05}_.json", counter, text)
 
 
 def _check_images(images, what: str) -> torch.Tensor:

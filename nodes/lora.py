@@ -10,8 +10,8 @@ from comfy_api.latest import io
 
 import memora
 from memora.lora import formats
-from memora.lora.save import save_safetensors_atomic
-from . import _host, _lora_host
+from memora.lora import metadata as _metadata
+from . import _lora_host
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -136,18 +136,10 @@ class MemoRaSaveLoRA(io.ComfyNode):
         if not isinstance(lora, dict) or not lora:
             raise ValueError("lora is empty: expected a LORA_MODEL (a dict of tensors in kohya format)")
         kohya = formats.to_kohya(lora)
-        summary = formats.summarize(kohya)
-        metadata = {
-            "memora_format": "kohya",
-            "memora_version": memora.__version__,
-            "memora_layers": str(summary["layers"]),
-            "memora_params": str(summary["params"]),
-            "memora_ranks": json.dumps(summary["ranks"]),
-        }
-        path = save_safetensors_atomic(kohya, _lora_host.loras_root(), save_name, metadata)
-        filename = _lora_host.relative_to_loras(path)
-        _host.send_event("memora.lora_saved", {"node": _host.current_node_id(), "filename": filename})
-        return io.NodeOutput(filename, ui={"memora_lora": [filename]})
+        metadata = _metadata.lora_metadata(kohya, formats.summarize(kohya), version=memora.__version__,
+                                           title=str(save_name).strip())
+        filename = _lora_host.save_lora_file(kohya, save_name, metadata)
+        return io.NodeOutput(filename, ui=_lora_host.saved_ui(filename))
 
 
 NODES = [MemoRaLoadLoRA, MemoRaSaveLoRA]

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 import memora
 from memora.lora import formats, merge
-from memora.lora.save import resolve_save_path, save_safetensors_atomic
+from memora.lora import metadata as _metadata
 from . import _host, _lora_host
 
 SLOTS = 4
@@ -48,21 +48,18 @@ def _normalise(sd, slot: int) -> tuple[dict, str]:
     return merge.normalise(sd, ldm, what=what), fmt
 
 
-def _metadata(result: merge.MergeResult, sources: list[dict]) -> dict[str, str]:
-    summary = formats.summarize(result.state_dict)
-    return {
-        "memora_format": "kohya",
-        "memora_version": memora.__version__,
-        "memora_layers": str(summary["layers"]),
-        "memora_params": str(summary["params"]),
-        "memora_ranks": json.dumps(summary["ranks"]),
-        "memora_merge_method": result.method,
-        "memora_merge_rank": str(result.rank),
-        "memora_merge_density": repr(result.density),
-        "memora_merge_seed": str(result.seed),
-        "memora_merge_sources": json.dumps(sources),
-        "memora_merge_min_energy_kept": repr(result.min_energy),
+def merge_metadata(result: merge.MergeResult, sources: list[dict], title: str) -> dict[str, str]:
+    extra = {
+        "memora.merge_method": result.method,
+        "memora.merge_rank": str(result.rank),
+        "memora.merge_density": repr(result.density),
+        "memora.merge_seed": str(result.seed),
+        "memora.merge_sources": json.dumps(sources),
+        "memora.merge_min_energy_kept": repr(result.min_energy),
     }
+    merged_from = ", ".join(f"lora_{s['slot']} x {s['weight']:g} (sha256 {s['sha256']})" for s in sources)
+    return _metadata.lora_metadata(result.state_dict, formats.summarize(result.state_dict),
+                                   version=memora.__version__, title=title, merged_from=merged_from, extra=extra)
 
 
 class MemoRaMultiLoRAMerge(io.ComfyNode):
@@ -114,9 +111,7 @@ class MemoRaMultiLoRAMerge(io.ComfyNode):
         if method not in merge.METHODS:
             raise ValueError(f"method must be one of {list(merge.METHODS)}, got {method!r}")
         save_name = (save_name or "").strip()
-        if save_name:
-            # A bad name is refused before any work (resolve_save_path validates it and creates nothing).
-            resolve_save_path(_lora_host.loras_root(), save_name)
+        _lora_host.check_save_name(save_name)  # a bad name or folder is refused before any work
         inputs, sources = [], []
         for slot, sd, w in given:
             layers, fmt = _normalise(sd, slot)
@@ -134,13 +129,10 @@ class MemoRaMultiLoRAMerge(io.ComfyNode):
         report = "\n".join(lines + [result.report()])
         filename = ""
         if save_name:
-            path = save_safetensors_atomic(result.state_dict, _lora_host.loras_root(), save_name,
-                                           _metadata(result, sources))
-            filename = _lora_host.relative_to_loras(path)
-            _host.send_event("memora.lora_saved", {"node": _host.current_node_id(), "filename": filename})
+            filename = _lora_host.save_lora_file(result.state_dict, save_name,
+                                                 merge_metadata(result, sources, save_name))
             report += f"\nsaved as {filename}"
-        ui = {"memora_lora": [filename]} if filename else None
-        return io.NodeOutput(result.state_dict, report, filename, ui=ui)
+        return io.NodeOutput(result.state_dict, report, filename, ui=_lora_host.saved_ui(filename))
 
 
 NODES = [MemoRaMultiLoRAMerge]

@@ -7,10 +7,14 @@ import json
 from comfy_api.latest import io
 
 import memora
+from memora.lora import conditioning as _conditioning
+from memora.lora import denoiser as _precision
+from memora.lora import fingerprint, formats
+from memora.lora import metadata as _metadata
 from memora.lora import recipe as _recipe
-from memora.lora import save as _save
 from . import _host, _lora_host
 from . import _train_host as _th
+from . import _train_model as _tm
 
 DESCRIPTION = (
     "Trains a LoRA on the given (unlearned) model with the MemoRa recipe: epsilon-prediction MSE (the model's own "
@@ -54,7 +58,7 @@ def _inputs():
         io.Boolean.Input("random_flip", default=True,
                          tooltip="Flip each sample horizontally with probability 0.5 (the reference). The flipped "
                                  "latents are prepared once."),
-        io.Combo.Input("precision", options=list(_th.PRECISIONS), default="auto",
+        io.Combo.Input("precision", options=list(_precision.PRECISIONS), default="auto",
                        tooltip="Precision of the frozen weights and the forward pass; LoRA parameters are always fp32. "
                                "auto: what ComfyUI runs this model in (fp32 on the CPU, usually fp16 on a GPU); fp16 "
                                "uses dynamic loss scaling."),
@@ -70,29 +74,27 @@ def _inputs():
     ]
 
 
-def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str, samples, lora_sd) -> dict:
-    """safetensors metadata (str -> str), deterministic: no time stamps or paths, so the same training gives the
-    same file bytes."""
+def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str, samples, lora_sd,
+                  title: str) -> dict:
+    """safetensors metadata (str -> str, ``memora.lora.metadata``'s dialect): no paths, and no time finer than the
+    day, so the same training on the same day gives the same file bytes."""
     res = run.result
-    return {
-        "memora.format": "kohya-sd lora (lora_unet_<diffusers module>.lora_down.weight / lora_up.weight / alpha)",
-        "memora.pack_version": memora.__version__,
+    extra = {
         "memora.recipe": recipe.to_json(),
         "memora.steps": str(recipe.steps),
         "memora.seed": str(recipe.seed),
-        "memora.concept": concept,
         "memora.base_model_hash": run.base_model_hash,
-        "memora.training_latents": json.dumps({"shape": list(samples.shape), "hash": _th.tensor_hash(samples)}),
-        "memora.precision": _th.dtype_name(run.dtype),
+        "memora.training_latents": json.dumps({"shape": list(samples.shape), "hash": fingerprint.tensor_hash(samples)}),
+        "memora.precision": _precision.dtype_name(run.dtype),
         "memora.prediction_type": run.prediction_type,
-        "memora.layers": str(run.wrapped_modules),
         "memora.trainable_parameters": str(run.trainable_parameters),
         "memora.final_loss": repr(res.losses[-1]) if res.losses else "",
         "memora.micro_steps": str(res.micro_steps),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(recipe.rank),
-        "ss_network_alpha": repr(float(recipe.alpha)),
     }
+    height, width = (int(s) * 8 for s in samples.shape[-2:])
+    return _metadata.lora_metadata(lora_sd, formats.summarize(lora_sd), version=memora.__version__, title=title,
+                                   concept=concept, prediction_type=run.prediction_type,
+                                   resolution=f"{width}x{height}", extra=extra)
 
 
 class MemoRaLoRATrain(io.ComfyNode):
@@ -128,36 +130,30 @@ class MemoRaLoRATrain(io.ComfyNode):
         # -- every check before any work --
         samples = _host.check_latent(model, latents.get("samples") if isinstance(latents, dict) else None,
                                      "latents")
-        _th.check_conditioning(positive)
+        _conditioning.check_conditioning(positive)
         recipe = _recipe.LoRARecipe(steps=steps, rank=rank, alpha=alpha, learning_rate=learning_rate,
                                     lr_schedule=lr_schedule, batch_size=batch_size,
                                     gradient_accumulation=gradient_accumulation, targets=targets,
                                     random_flip=bool(random_flip), seed=seed).validate()
-        _th.prediction_type(model)
-        _th.target_layers(model, targets)
-        _th.training_dtype(model, precision)
-        save_name = (save_name or "").strip()
-        root = None
-        if save_name:
-            root = _lora_host.loras_root()
-            _th.check_save_target(root, save_name)
+        _tm.prediction_type(model)
+        _tm.target_layers(model, targets)
+        _tm.training_dtype(model, precision)
+        save = _lora_host.check_save_name(save_name) is not None
         hidden = getattr(cls, "hidden", None)
         node_id = getattr(hidden, "unique_id", None)
-        concept = _th.concept_from_prompt(getattr(hidden, "prompt", None), node_id)
+        concept = _conditioning.concept_from_prompt(getattr(hidden, "prompt", None), node_id)
 
         # -- training (the input model is never modified; cancel raises out of here, nothing written) --
-        progress = _th.TrainProgress(recipe.steps, node_id)
+        progress = _host.TrainProgress(recipe.steps, node_id)
         run = _th.train_on_model(model, positive, samples, recipe, precision, bool(gradient_checkpointing),
                                  on_update=progress.update, on_micro_step=progress.micro_step)
-        lora_sd = _th.to_kohya(model, run.layers)
+        lora_sd = _lora_host.layers_to_kohya(model, run.layers)
         out_model, _report = _lora_host.apply_lora(model, lora_sd, 1.0)
 
         filename = ""
-        if save_name:
-            path = _save.save_safetensors_atomic(lora_sd, root, save_name,
-                                                 metadata=lora_metadata(recipe, run, concept, samples, lora_sd))
-            filename = _lora_host.relative_to_loras(path)
-            _host.send_event("memora.lora_saved", {"node": progress.node_id, "filename": filename})
+        if save:
+            metadata = lora_metadata(recipe, run, concept, samples, lora_sd, title=save_name.strip())
+            filename = _lora_host.save_lora_file(lora_sd, save_name, metadata, progress.node_id)
         loss_map = {"loss": list(run.result.losses), "lr": list(run.result.lrs)}
         ui = {"memora_loss": run.result.history(), "memora_lora": [filename] if filename else []}
         return io.NodeOutput(out_model, lora_sd, loss_map, filename, ui=ui)

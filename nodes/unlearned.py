@@ -19,10 +19,11 @@ import torch
 from comfy_api.latest import io
 
 import comfy.sd
-import comfy.utils
 import folder_paths
 
 from memora import zoo
+from memora.lora import apply as lora_apply
+from . import _lora_host
 
 UNLEARNED_FOLDER = "unlearned"
 # (prefix shown in the list, ComfyUI folder name)
@@ -119,11 +120,7 @@ def unet_key_map(model, unet_keys: str):
     """file UNet key -> ComfyUI model key ('diffusion_model.<ldm name>')."""
     if unet_keys == "ldm":
         return lambda k: "diffusion_model." + k
-    mapping = comfy.utils.unet_to_diffusers(dict(model.model.model_config.unet_config))
-    if not mapping:
-        raise ValueError("the base checkpoint's model is not a UNet (no diffusers key map for it); unlearned "
-                         "UNet weights need an SD1.x/SD2.x-style base checkpoint")
-    return {d: "diffusion_model." + ldm for d, ldm in mapping.items()}
+    return _lora_host.diffusers_weight_keys(model)
 
 
 def clip_key_map(clip_sd_keys) -> dict[str, str]:
@@ -154,97 +151,51 @@ def _set_patches(matched: dict[str, torch.Tensor], base_sd: dict[str, torch.Tens
     return {k: ("set", (_storage_dtype(v, base_sd[k]),)) for k, v in matched.items()}
 
 
-def _add_patches(patcher_owner, patches: dict, strength: float = 1.0):
-    clone = patcher_owner.clone()
-    done = set(clone.add_patches(patches, strength))
-    refused = sorted(set(patches) - done)
-    if refused:
-        raise RuntimeError(f"ComfyUI refused patches for {refused[:5]} ({len(refused)} keys)")
-    return clone
-
-
 # -- LoRA files ---------------------------------------------------------------------------------------------------
-def _lora_layer_names(keys) -> list[str]:
-    suffixes = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale", ".diff",
-                ".diff_b", ".set_weight")
-    names = set()
-    for k in keys:
-        for s in suffixes:
-            if k.endswith(s):
-                names.add(k[: -len(s)])
-                break
-        else:
-            names.add(k)
-    return sorted(names)
-
-
-def _apply_lora_layers(owner, lora_sd: dict, key_map: dict, strength: float, component: str):
-    """Apply LoRA layers through ComfyUI's LoRA machinery; (clone, matched layers, unmatched layers, patched keys)."""
-    import comfy.lora
-
-    names = _lora_layer_names(lora_sd)
-    matched = [n for n in names if n in key_map]
-    unmatched = [n for n in names if n not in key_map]
-    patches = comfy.lora.load_lora(lora_sd, {n: key_map[n] for n in matched}, log_missing=False)
-    clone = _add_patches(owner, patches, strength) if patches else owner
-    return clone, matched, unmatched, sorted(patches)
+def _apply_part(owner, part: dict, strength: float, source: str, text_encoder: bool):
+    """(clone, report line, warning line or None) for the UNet or text-encoder layers of a LoRA file, applied with
+    the pack's one LoRA apply step and its partial-match policy at zoo.MIN_MATCHED_SHARE."""
+    what = "text_encoder" if text_encoder else "unet"
+    try:
+        clone, rep = _lora_host.apply_lora(owner, part, strength, text_encoder=text_encoder,
+                                           min_share=zoo.MIN_MATCHED_SHARE)
+    except _lora_host.LoraKeyError as e:
+        raise zoo.UnrecognisedWeightsError(f"{source}: {what} LoRA layers do not fit the base model: {e}. "
+                                           f"Known formats:\n{zoo.known_formats_text()}") from e
+    n = len(rep.layers) + len(rep.unmatched)
+    line = f"{what} CHANGED by LoRA: {len(rep.layers)} of {n} layers matched, {len(rep.patched)} weights patched"
+    if not text_encoder:
+        line += f" ({zoo.summarize_keys(rep.patched)})"
+    warning = (f"  WARNING: LoRA layers not applied (no matching weight): {rep.unmatched[:5]}" if rep.unmatched
+               else None)
+    return clone, line, warning
 
 
 def apply_lora_file(model, clip, weights: zoo.UnlearnedWeights, strength: float):
     """(model, clip, report lines) with the file's LoRA applied: UNet layers on MODEL, lora_te layers on CLIP."""
-    import comfy.lora
-
     lora = weights.lora
     if weights.format == zoo.OTHER_LORA:
-        from . import _lora_host
-
         try:
             lora = _lora_host.to_kohya_for_model(lora, model)
         except ValueError as e:
             raise zoo.UnrecognisedWeightsError(f"{weights.source}: a LoRA, but not one MemoRa can convert: {e}") from e
-    te_part = {k: v for k, v in lora.items() if k.startswith(("lora_te", "text_encoder"))}
+    te_part = {k: v for k, v in lora.items() if k.startswith(lora_apply.TEXT_ENCODER_PREFIXES)}
     unet_part = {k: v for k, v in lora.items() if k not in te_part}
     lines = [f"LoRA applied at strength {strength:g} (not merged: it is a patch on the base weights)"]
-    if unet_part:
-        unet_names = _lora_layer_names(unet_part)
-        unet_map = comfy.lora.model_lora_keys_unet(model.model, {})
-        matched = [n for n in unet_names if n in unet_map]
-        share = len(matched) / len(unet_names)
-        if share < zoo.MIN_MATCHED_SHARE:
-            raise zoo.UnrecognisedWeightsError(
-                f"{weights.source} (detected as {weights.format}): {len(matched)} of {len(unet_names)} UNet LoRA "
-                f"layers match the base model (e.g. unmatched {[n for n in unet_names if n not in unet_map][:3]}). "
-                f"Known formats:\n{zoo.known_formats_text()}")
-        try:
-            from . import _lora_host
-        except ImportError:  # the shared LoRA host is optional here: ComfyUI's own machinery does the same
-            _lora_host = None
-        if _lora_host is not None and hasattr(_lora_host, "apply_lora") and len(matched) == len(unet_names):
-            model, rep = _lora_host.apply_lora(model, unet_part, strength)
-            patched = list(rep.patched)
-            unmatched: list[str] = []
+    if te_part and clip is None:
+        raise ValueError(f"{weights.source}: the LoRA has text-encoder layers but the base checkpoint has no "
+                         f"text encoder")
+    for part, text_encoder in ((unet_part, False), (te_part, True)):
+        if not part:
+            continue
+        owner = clip if text_encoder else model
+        owner, line, warning = _apply_part(owner, part, strength, weights.source, text_encoder)
+        lines += [line] + ([warning] if warning else [])
+        if text_encoder:
+            clip = owner
         else:
-            model, matched, unmatched, patched = _apply_lora_layers(model, unet_part, unet_map, strength, "unet")
-        lines.append(f"unet CHANGED by LoRA: {len(matched)} of {len(unet_names)} layers matched, {len(patched)} "
-                     f"weights patched ({zoo.summarize_keys(patched)})")
-        if unmatched:
-            lines.append(f"  WARNING: LoRA layers not applied (no matching weight): {unmatched[:5]}")
-    if te_part:
-        if clip is None:
-            raise ValueError(f"{weights.source}: the LoRA has text-encoder layers but the base checkpoint has no "
-                             f"text encoder")
-        te_names = _lora_layer_names(te_part)
-        te_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-        if sum(n in te_map for n in te_names) / len(te_names) < zoo.MIN_MATCHED_SHARE:
-            raise zoo.UnrecognisedWeightsError(
-                f"{weights.source}: {sum(n in te_map for n in te_names)} of {len(te_names)} text-encoder LoRA layers "
-                f"match the base model's text encoder. Known formats:\n{zoo.known_formats_text()}")
-        clip, matched, unmatched, patched = _apply_lora_layers(clip, te_part, te_map, strength, "text_encoder")
-        lines.append(f"text_encoder CHANGED by LoRA: {len(matched)} of {len(te_names)} layers matched, "
-                     f"{len(patched)} weights patched")
-        if unmatched:
-            lines.append(f"  WARNING: LoRA layers not applied (no matching weight): {unmatched[:5]}")
-    else:
+            model = owner
+    if not te_part:
         lines.append("text_encoder unchanged (the LoRA has no text-encoder layers)")
     return model, clip, lines
 
@@ -288,9 +239,9 @@ def apply_unlearned(model, clip, weights: zoo.UnlearnedWeights, lora_strength: f
         if not patches:
             continue
         if m.component == "unet":
-            model = _add_patches(model, patches)
+            model = _lora_host.add_patches(model, patches)
         else:
-            clip = _add_patches(clip, patches)
+            clip = _lora_host.add_patches(clip, patches)
     return model, clip, zoo.format_report(weights, matches, changes, None, base_name)
 
 

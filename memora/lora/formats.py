@@ -72,12 +72,9 @@ class LoraLayer:
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight delta, shaped like the module weight (Linear [out, in]; Conv [out, in, kh, kw])."""
-        down = self.down.to(dtype)
-        up = self.up.to(dtype)
-        d = up.flatten(1) @ down.flatten(1)
-        if down.dim() == 4:
-            d = d.reshape(up.shape[0], *down.shape[1:])
-        return d * self.scale
+        from .apply import lora_delta
+
+        return lora_delta(self.up.to(dtype), self.down.to(dtype), self.scale, (self.up.shape[0], *self.down.shape[1:]))
 
     @property
     def num_params(self) -> int:

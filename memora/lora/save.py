@@ -160,3 +160,20 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path_or_root: s
     _subdirs, base = check_save_name(save_name, ext)
     return fileio.write_numbered(target.parent, lambda n: _file_name(base, n, ext),
                                  _next_counter(target.parent, base, ext), data)
+
+
+def check_save_target(root: str | os.PathLike, save_name: str, ext: str = EXT) -> Path:
+    """Validate ``save_name`` against ``root`` and that the folder it names can be written, creating nothing.
+    Returns the path the file would get now (the final name may move on if it is taken meanwhile). SaveNameError
+    or UnwritableFolderError (both ValueErrors) saying what is wrong."""
+    path = resolve_save_path(root, save_name, ext)
+    probe = path.parent
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UnwritableFolderError(errno.ENOTDIR, f"cannot save {save_name!r}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UnwritableFolderError(errno.EACCES, f"cannot save {save_name!r}: folder {probe} is not writable")
+    return path

@@ -8,7 +8,7 @@ The loop needs three things from its host:
   :class:`DiffusionSchedule`);
 - the LoRA layers (:class:`LoRALayerParams`, one per target layer), which the host adds to its weights: through
   :func:`attach_lora` for a plain torch module (weight parametrisation), or through ComfyUI weight wrappers
-  (``nodes/_train_host.py``); either way the weight used is ``W + alpha / rank * up @ down``;
+  (``memora.lora.apply.LoraWeightWrapper``, installed by ``nodes/_lora_host.py``); either way the weight used is ``W + alpha / rank * up @ down``;
 - the training latents, already in the model's latent space (for SD1.x: VAE latents x 0.18215).
 
 Every random draw comes from ONE ``torch.Generator`` on the CPU, in a fixed order: the LoRA init (layers in sorted
@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
+from .apply import lora_delta
 from .formats import LoraLayer
 from .recipe import LoRARecipe, is_target, lora_shapes
 
@@ -59,8 +60,7 @@ class LoRALayerParams(torch.nn.Module):
     def delta(self) -> torch.Tensor:
         """``alpha / rank * up @ down`` shaped like the layer weight, computed in fp32 (autocast off)."""
         with torch.autocast(device_type=self.down.device.type, enabled=False):
-            d = self.up.flatten(1) @ self.down.flatten(1)
-            return d.reshape(self.weight_shape) * self.scale
+            return lora_delta(self.up, self.down, self.scale, self.weight_shape)
 
     def to_layer(self) -> LoraLayer:
         """A detached CPU copy in the formats module's representation (kohya down / up / alpha)."""
@@ -294,6 +294,10 @@ class TrainResult:
 Predict = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
+class LossScalingUnavailableError(RuntimeError):
+    """fp16 training asked for dynamic loss scaling, which this torch cannot provide on the training device."""
+
+
 def train_lora(predict: Predict, latents: torch.Tensor, layers: Mapping[str, LoRALayerParams], recipe: LoRARecipe,
                schedule: DiffusionSchedule, generator: torch.Generator, *, cond: object = None,
                device: torch.device | str | None = None, compute_dtype: Optional[torch.dtype] = None,
@@ -305,49 +309,80 @@ def train_lora(predict: Predict, latents: torch.Tensor, layers: Mapping[str, LoR
     ``latents``: the training set in the model's latent space, [N, C, H, W] (any float dtype; kept in fp32).
     ``generator``: the CPU generator every draw comes from (seed it with ``recipe.seed``; layers created with
     :func:`create_lora_layers` from it first). ``compute_dtype``: run ``predict`` under autocast in this dtype
-    (None or fp32: no autocast). ``loss_scaling``: dynamic loss scaling (for fp16). ``on_micro_step(update,
-    micro)`` runs before every forward pass (check for a cancel there: raising stops training at once);
-    ``on_update(UpdateInfo)`` after every optimizer update."""
+    (None or fp32: no autocast). ``loss_scaling``: dynamic loss scaling (for fp16; LossScalingUnavailableError
+    before any work when torch cannot scale on ``device``). ``on_micro_step(update, micro)`` runs before every
+    forward pass (check for a cancel there: raising stops training at once); ``on_update(UpdateInfo)`` after every
+    optimizer update."""
     recipe.validate()
     if latents.dim() < 2 or latents.shape[0] == 0:
         raise ValueError("the training set is empty")
     device = torch.device(device) if device is not None else latents.device
-    data = prepare_dataset(latents, recipe.random_flip).to(device)
-    n_items = int(latents.shape[0])
-    latent_shape = tuple(latents.shape[1:])
+    scaler = grad_scaler(device, loss_scaling)
     params = lora_parameters(layers)
     if not params:
         raise ValueError("no LoRA layers to train")
     for p in params:
         p.requires_grad_(True)
     optimizer, impl = make_optimizer(params, recipe)
-    use_autocast = compute_dtype is not None and compute_dtype != torch.float32
-    scaler = _grad_scaler(device, loss_scaling)
-    order = SampleOrder(n_items, generator)
+    loop = _Loop(predict, prepare_dataset(latents, recipe.random_flip).to(device), int(latents.shape[0]), recipe,
+                 schedule, cond, device, compute_dtype, scaler, on_micro_step)
+    order = SampleOrder(loop.n_items, generator)
     result = TrainResult(optimizer=impl)
-    bs, acc = int(recipe.batch_size), int(recipe.gradient_accumulation)
-    n = bs * acc
     start = time.perf_counter()
     for k in range(recipe.steps):
-        draws = draw_update(order, generator, n, latent_shape, recipe, schedule.num_train_timesteps)
-        item = (draws.indices + n_items * draws.flips.long()) if recipe.random_flip else draws.indices
+        draws = draw_update(order, generator, recipe.batch_size * recipe.gradient_accumulation,
+                            tuple(latents.shape[1:]), recipe, schedule.num_train_timesteps)
         lr = recipe.lr_at(k)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        loss_value, grad_norm = loop.update(k, draws, optimizer, params, result)
+        result.losses.append(loss_value)
+        result.lrs.append(lr)
+        result.grad_norms.append(grad_norm)
+        if on_update is not None:
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (k + 1) * (recipe.steps - k - 1)
+            on_update(UpdateInfo(k + 1, recipe.steps, loss_value, lr, grad_norm, elapsed, eta))
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    result.epochs = order.epochs
+    return result
+
+
+@dataclass
+class _Loop:
+    """One optimizer update of :func:`train_lora`: its micro-batches' forward and backward passes, gradient
+    clipping and the (loss-scaled) step."""
+
+    predict: Predict
+    data: torch.Tensor
+    n_items: int
+    recipe: LoRARecipe
+    schedule: DiffusionSchedule
+    cond: object
+    device: torch.device
+    compute_dtype: Optional[torch.dtype]
+    scaler: object
+    on_micro_step: Optional[Callable[[int, int], None]]
+
+    def update(self, k: int, draws: UpdateDraws, optimizer, params, result: TrainResult) -> tuple[float, float]:
+        recipe, scaler, device = self.recipe, self.scaler, self.device
+        item = (draws.indices + self.n_items * draws.flips.long()) if recipe.random_flip else draws.indices
+        bs, acc = int(recipe.batch_size), int(recipe.gradient_accumulation)
+        use_autocast = self.compute_dtype is not None and self.compute_dtype != torch.float32
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for m in range(acc):
-            if on_micro_step is not None:
-                on_micro_step(k, m)
+            if self.on_micro_step is not None:
+                self.on_micro_step(k, m)
             sl = slice(m * bs, (m + 1) * bs)
-            x0 = data[item[sl].to(device)]
-            noise = draws.noise[sl].to(device)
-            t = draws.timesteps[sl].to(device)
-            x_t = schedule.add_noise(x0, noise, t)
-            target = schedule.target(x0, noise, t)
-            with torch.autocast(device_type=device.type, dtype=compute_dtype or torch.float32, enabled=use_autocast):
-                out = predict(x_t, t, cond)
-            loss = torch.nn.functional.mse_loss(out.float(), target.float())
+            x0 = self.data[item[sl].to(device)]
+            noise, t = draws.noise[sl].to(device), draws.timesteps[sl].to(device)
+            with torch.autocast(device_type=device.type, dtype=self.compute_dtype or torch.float32,
+                                enabled=use_autocast):
+                out = self.predict(self.schedule.add_noise(x0, noise, t), t, self.cond)
+            loss = torch.nn.functional.mse_loss(out.float(), self.schedule.target(x0, noise, t).float())
             backward_loss = loss / acc
             (scaler.scale(backward_loss) if scaler is not None else backward_loss).backward()
             loss_sum = loss_sum + loss.detach()
@@ -359,8 +394,7 @@ def train_lora(predict: Predict, latents: torch.Tensor, layers: Mapping[str, LoR
             scale_before = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-            if scaler.get_scale() < scale_before:
-                result.skipped_updates += 1
+            result.skipped_updates += int(scaler.get_scale() < scale_before)
         else:
             optimizer.step()
         loss_value = float(loss_sum) / acc
@@ -368,28 +402,30 @@ def train_lora(predict: Predict, latents: torch.Tensor, layers: Mapping[str, LoR
             raise FloatingPointError(
                 f"the training loss became {loss_value} at update {k + 1}: the model output overflowed in this "
                 f"precision; train in fp32 or bf16")
-        result.losses.append(loss_value)
-        result.lrs.append(lr)
-        result.grad_norms.append(grad_norm)
-        if on_update is not None:
-            elapsed = time.perf_counter() - start
-            done = k + 1
-            eta = elapsed / done * (recipe.steps - done)
-            on_update(UpdateInfo(done, recipe.steps, loss_value, lr, grad_norm, elapsed, eta))
-    optimizer.zero_grad(set_to_none=True)
-    for p in params:
-        p.requires_grad_(False)
-    result.epochs = order.epochs
-    return result
+        return loss_value, grad_norm
 
 
-def _grad_scaler(device: torch.device, enabled: bool):
+def grad_scaler(device: torch.device, enabled: bool):
+    """torch's dynamic loss scaler for ``device`` (None when not ``enabled``). LossScalingUnavailableError when torch
+    cannot make one, or makes a disabled one (torch does that, with only a warning, for CUDA without a GPU):
+    fp16 training would otherwise run silently without loss scaling."""
     if not enabled:
         return None
+    import warnings
+
     try:
-        return torch.amp.GradScaler(device.type)
-    except (RuntimeError, ValueError, TypeError, AttributeError):
-        return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scaler = torch.amp.GradScaler(device.type)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+        raise LossScalingUnavailableError(
+            f"fp16 training needs dynamic loss scaling, but torch {torch.__version__} cannot make a GradScaler for "
+            f"device {device.type!r} ({e}); train in bf16 or fp32 instead") from e
+    if not scaler.is_enabled():
+        raise LossScalingUnavailableError(
+            f"fp16 training needs dynamic loss scaling, but torch {torch.__version__} disabled its GradScaler for "
+            f"device {device.type!r} (is the device available?); train in bf16 or fp32 instead")
+    return scaler
 
 
 @torch.no_grad()

@@ -209,7 +209,7 @@ def test_refuses_when_weight_functions_do_not_run(comfy, loaded_tiny, lora_file)
         key = sorted(guider.model_patcher.weight_wrapper_patches)[0]
         del guider.model_patcher.weight_wrapper_patches[key]
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2).cpu()
-        with pytest.raises(mod.WrapperNotAppliedError, match="not applied to 1 of"):
+        with pytest.raises(mod.lora_apply.LoraNotAppliedError, match="not applied to 1 of"):
             guider.sample(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), comfy.samplers.sampler_object("euler"),
                           sigmas, seed=0, disable_pbar=True)
 

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from graphs import Graph
+from memora.lora import apply as A
 from memora.lora import recipe as R
 from memora.lora import train as T
 
@@ -158,13 +159,34 @@ def test_core_plot_loss_graph_accepts_the_loss_output(comfy, recipe_runs):
     assert "plot" in res.ui_outputs
 
 
+def test_concept_is_recorded_when_the_prompt_comes_from_a_string_node(comfy, tiny_ckpt):
+    """The shipped workflows type the concept into a "Concept prompt" string node wired into CLIPTextEncode (here
+    also through a conditioning node): the file still records it, as memora.concept and modelspec.trigger_phrase's
+    source, and in the current metadata dialect."""
+    g = Graph()
+    ck = g.node("CheckpointLoaderSimple", ckpt_name=tiny_ckpt)
+    text = g.node("PrimitiveStringMultiline", value="a photo of the wired parachute")
+    pos = g.node("CLIPTextEncode", text=text[0], clip=ck[1])
+    timed = g.node("ConditioningSetTimestepRange", conditioning=pos[0], start=0.0, end=1.0)
+    lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=1)
+    g.node("MemoRaLoRATrain", node_id="train", model=ck[0], latents=lat[0], positive=timed[0],
+           **_train_inputs(steps=1, batch_size=1, gradient_accumulation=1, save_name="memora_test/wired"))
+    res = comfy.run(g.prompt)
+    assert res.success, res.error_message
+    with safe_open(str(_loras_root() / comfy.node_outputs("train")[3]), "pt") as f:
+        meta = f.metadata()
+    assert meta["memora.concept"] == "a photo of the wired parachute"
+    assert meta["memora.format"] == "kohya" and meta["memora.layers"] == str(TINY_ATTENTION_LAYERS)
+    assert not any(k.startswith("memora_") for k in meta), "the old metadata dialect must not be written"
+
+
 def test_layer_and_parameter_counts_match_the_recipe(recipe_runs):
     lora = recipe_runs["runs"][0]["outputs"][1]
     model = recipe_runs["model"]
     downs = {k for k in lora if k.endswith(".lora_down.weight")}
     assert len(downs) == TINY_ATTENTION_LAYERS and len(lora) == 3 * TINY_ATTENTION_LAYERS
     assert all(k.startswith("lora_unet_") and "_attn" in k for k in downs)
-    shapes = _pack("_train_host").target_layers(model, "attention")
+    shapes = _pack("_train_model").target_layers(model, "attention")
     assert len(shapes) == TINY_ATTENTION_LAYERS
     n_params = sum(v.numel() for k, v in lora.items() if not k.endswith(".alpha"))
     assert n_params == R.lora_parameter_count(shapes.values(), 4)
@@ -237,13 +259,13 @@ def test_same_lora_as_memora_loop_on_the_diffusers_twin(recipe_runs, tiny_ckpt_p
     attach_lora give the same training: same losses, same LoRA (fp32, within float rounding)."""
     import tiny_models
 
-    th, lh = _pack("_train_host"), _pack("_lora_host")
+    tm, lh = _pack("_train_model"), _pack("_lora_host")
     model = recipe_runs["model"]
     recipe = R.LoRARecipe(steps=4, learning_rate=1e-3, batch_size=2, gradient_accumulation=2)
     with torch.inference_mode(False), torch.enable_grad():
         unet = tiny_models.diffusers_unet_from_checkpoint(tiny_ckpt_path).requires_grad_(False)
         gen = torch.Generator().manual_seed(recipe.seed)
-        layers = T.create_lora_layers(th.target_layers(model, "attention"), recipe, gen)
+        layers = T.create_lora_layers(tm.target_layers(model, "attention"), recipe, gen)
         ldm_map = lh.ldm_to_diffusers_map(model)
         by_diffusers = {ldm_map[k[len("diffusion_model."):]]: v for k, v in layers.items()}
         context = recipe_runs["cond"][0][0].detach().clone()
@@ -253,11 +275,11 @@ def test_same_lora_as_memora_loop_on_the_diffusers_twin(recipe_runs, tiny_ckpt_p
 
         latents = recipe_runs["latents"].detach().clone() * 0.18215
         with T.attach_lora(unet, by_diffusers):
-            res = T.train_lora(predict, latents, by_diffusers, recipe, th.diffusion_schedule(model), gen, cond=context)
+            res = T.train_lora(predict, latents, by_diffusers, recipe, tm.diffusion_schedule(model), gen, cond=context)
     comfy_out = recipe_runs["runs"][0]["outputs"]
     print("losses ComfyUI:", [round(v, 6) for v in comfy_out[2]["loss"]], "diffusers:", [round(v, 6) for v in res.losses])
     assert comfy_out[2]["loss"] == pytest.approx(res.losses, rel=1e-4)
-    ref = th.to_kohya(model, layers)
+    ref = lh.layers_to_kohya(model, layers)
     assert set(ref) == set(comfy_out[1])
     worst = max(float((ref[k] - comfy_out[1][k]).abs().max()) for k in ref)
     assert worst < 1e-5, worst
@@ -347,7 +369,7 @@ def test_cancel_stops_within_one_step_writes_nothing_and_leaves_the_model(comfy,
     # memory freed: no training wrapper left on the shared UNet, no LoRA parameter alive anywhere
     th = _pack("_train_host")
     leftover = [m for m in model.model.diffusion_model.modules()
-                if any(isinstance(f, (th.LoRAWeightWrapper, th.FreshCopyWrapper))
+                if any(isinstance(f, (A.LoraWeightWrapper, th.FreshCopyWrapper))
                        for f in getattr(m, "weight_function", []) + getattr(m, "bias_function", []))]
     assert not leftover, "training wrappers left on the shared model"
     assert not any(lm.model is not None and lm.model.weight_wrapper_patches for lm in mm.current_loaded_models)
@@ -441,17 +463,17 @@ def test_bad_inputs_through_the_executor(comfy, tiny_ckpt):
 def test_unapplied_lora_layers_are_refused_with_the_reason():
     """ComfyUI 0.33's dynamic VRAM loading skips weight wrappers on small layers (GPU only): a LoRA layer whose
     wrapper never ran must stop training with an explanation, not train silently."""
-    th = _pack("_train_host")
-    lt = _pack("lora.train", "memora")
     g = torch.Generator().manual_seed(0)
-    wrappers = {f"diffusion_model.l{i}": th.LoRAWeightWrapper(lt.LoRALayerParams((4, 4), 2, 2.0, generator=g))
+    counter = A.CallCounter()
+    wrappers = {f"diffusion_model.l{i}": A.LoraWeightWrapper(f"diffusion_model.l{i}",
+                                                             T.LoRALayerParams((4, 4), 2, 2.0, generator=g), counter)
                 for i in range(3)}
     for w in wrappers.values():
         w(torch.zeros(4, 4))
-    th.check_wrappers_ran(wrappers)
-    wrappers["diffusion_model.l9"] = th.LoRAWeightWrapper(lt.LoRALayerParams((4, 4), 2, 2.0, generator=g))
-    with pytest.raises(th.WrappersNotRunError, match="1 of 4 LoRA layers.*--disable-dynamic-vram"):
-        th.check_wrappers_ran(wrappers)
+    counter.check(None, "MemoRa LoRA Train")
+    A.LoraWeightWrapper("diffusion_model.l9", T.LoRALayerParams((4, 4), 2, 2.0, generator=g), counter)
+    with pytest.raises(A.LoraNotAppliedError, match="1 of 4 LoRA layers.*--disable-dynamic-vram"):
+        counter.check(None, "MemoRa LoRA Train")
 
 
 def test_a_batch_of_prompts_is_refused(bad_input_env):

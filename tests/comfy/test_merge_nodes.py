@@ -150,8 +150,8 @@ def test_save_is_atomic_never_overwrites_and_records_sources(comfy, loras, comfy
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             saved = {k: f.get_tensor(k) for k in f.keys()}
-        assert meta["memora_merge_method"] == "dare_ties" and meta["memora_merge_seed"] == "5"
-        sources = json.loads(meta["memora_merge_sources"])
+        assert meta["memora.merge_method"] == "dare_ties" and meta["memora.merge_seed"] == "5"
+        sources = json.loads(meta["memora.merge_sources"])
         assert [(s["slot"], s["weight"], s["format"]) for s in sources] == [(1, 1.0, "kohya"), (2, 0.25, "kohya")]
         assert saved.keys() == out[0].keys()
         assert all(torch.equal(saved[k], out[0][k]) for k in saved)

@@ -1,0 +1,81 @@
+"""What a ComfyUI MODEL is, for LoRA training: its prediction type and noise schedule, the dtype it runs in, the
+layers the recipe targets, and a fingerprint of its weights."""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+
+from memora.lora import denoiser as _denoiser
+from memora.lora import fingerprint as _fingerprint
+from memora.lora import train as _train
+from . import _host
+
+
+def prediction_type(model) -> str:
+    """"epsilon" or "v_prediction" for discrete-timestep models (SD1.x, SD2.x, SDXL ...); ValueError otherwise."""
+    ms = _host.model_sampling(model)
+    mro = type(ms).__mro__
+    discrete = (isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete)
+                and not isinstance(ms, (comfy.model_sampling.ModelSamplingDiscreteEDM,
+                                        comfy.model_sampling.StableCascadeSampling)))
+    sigma_data = float(getattr(ms, "sigma_data", 1.0))
+    if discrete and sigma_data == 1.0:
+        if comfy.model_sampling.V_PREDICTION in mro and comfy.model_sampling.EDM not in mro:
+            return _train.V_PREDICTION
+        if (comfy.model_sampling.EPS in mro and comfy.model_sampling.V_PREDICTION not in mro
+                and comfy.model_sampling.X0 not in mro):
+            return _train.EPSILON
+    kinds = [c.__name__ for c in mro if c.__module__ == comfy.model_sampling.__name__]
+    raise ValueError(f"MemoRa LoRA training supports discrete-timestep epsilon- or v-prediction models (SD1.x, SD2.x, "
+                     f"SDXL); this model's sampling is {kinds or type(ms).__name__} (flow-matching, EDM and x0 models "
+                     f"are not supported)")
+
+
+def diffusion_schedule(model) -> _train.DiffusionSchedule:
+    """alpha_bar per training timestep from the model's own sigma table, and its prediction type."""
+    sigmas = _host.model_sampling(model).sigmas.detach().to("cpu", torch.float64)
+    return _train.DiffusionSchedule(1.0 / (1.0 + sigmas * sigmas), prediction_type(model))
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype ComfyUI runs this model's UNet in (its manual-cast dtype when it has one)."""
+    base = model.model
+    if hasattr(base, "get_dtype_inference"):
+        return base.get_dtype_inference()
+    mc = getattr(base, "manual_cast_dtype", None)
+    return mc if mc is not None else base.get_dtype()
+
+
+def training_dtype(model, precision: str) -> torch.dtype:
+    """auto: the dtype ComfyUI already runs the model in (fp32 on the CPU; usually fp16 or bf16 on a GPU)."""
+    if _denoiser.check_precision(precision) == "auto":
+        return compute_dtype(model)
+    return _denoiser.DTYPES[precision]
+
+
+def target_layers(model, targets: str) -> dict[str, tuple[int, ...]]:
+    """{'diffusion_model.<ldm path>': weight shape} of the UNet layers that get a LoRA; ValueError when none do."""
+    found = _train.find_target_layers(model.model.diffusion_model, targets, prefix="diffusion_model.")
+    if not found:
+        raise ValueError(f"this model has no layers matching targets {targets!r} (MemoRa LoRA training needs a "
+                         f"UNet with attention layers named to_q / to_k / to_v / to_out.0, such as SD1.x)")
+    return found
+
+
+def base_model_hash(model) -> str:
+    """A cheap deterministic fingerprint of the MODEL as given: the stored UNet weights (a strided sample of at most
+    1024 values per tensor, with names, shapes and dtypes; weights a loaded clone has patched in place are read from
+    its backup) and the model's weight patches (keys, strengths and sampled patch tensors). "sha256:<hex>"."""
+    base = model.model
+    backups = {}
+    for lm in list(comfy.model_management.current_loaded_models):
+        p = lm.model
+        if p is not None and getattr(p, "model", None) is base:
+            for k, v in getattr(p, "backup", {}).items():
+                backups[k] = getattr(v, "weight", v)
+    tensors = ((f"diffusion_model.{name}", backups.get(f"diffusion_model.{name}", t))
+               for name, t in sorted(base.diffusion_model.state_dict().items()))
+    return _fingerprint.weights_hash(tensors, getattr(model, "patches", {}) or {})
