@@ -126,8 +126,3 @@ def reference_regenerate(eps_fn: EpsFn, x_vp: torch.Tensor, alphas_cumprod: torc
         if callback is not None:
             callback(i + 1, total, x)
     return x
-
-
-def cfg_eps(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, cfg: float) -> torch.Tensor:
-    """Classifier-free guidance in eps space."""
-    return eps_uncond + cfg * (eps_cond - eps_uncond)

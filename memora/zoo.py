@@ -237,9 +237,6 @@ class UnlearnedWeights:
     unknown: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def tensor_count(self) -> int:
-        return sum(len(d) for d in (self.unet or {}, self.text_encoder or {}, self.lora or {}))
-
 
 def _is_tensor(v) -> bool:
     return isinstance(v, torch.Tensor)

@@ -73,7 +73,6 @@ class TrainingRun:
 
     layers: dict[str, _train.LoRALayerParams]
     result: _train.TrainResult
-    wrapped_modules: int
     trainable_parameters: int
     dtype: torch.dtype
     prediction_type: str
@@ -178,14 +177,13 @@ def train_on_model(model, positive, samples: torch.Tensor, recipe: _recipe.LoRAR
                           seed=int(recipe.seed))
             state["result"] = sampler.output
             state["layers"] = layers
-            state["wrapped"] = len(counter.calls)
     finally:
         if patcher is not None:
             unload_patcher(patcher)
         del patcher
         comfy.model_management.soft_empty_cache()
     layers = state["layers"]
-    return TrainingRun(layers=layers, result=state["result"], wrapped_modules=state["wrapped"],
+    return TrainingRun(layers=layers, result=state["result"],
                        trainable_parameters=sum(layer.num_params for layer in layers.values()), dtype=dtype,
                        prediction_type=schedule.prediction_type, base_model_hash=base_hash)
 
