@@ -75,8 +75,8 @@ def test_multi_memora_workflow_runs_and_merges_exactly(comfy, info, tiny_ckpt):
         assert torch.allclose(layer.delta(), la[name].delta() + lb[name].delta(), atol=1e-6)
     with safe_open(str(merged_path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["memora_merge_method"] == "concat"
-    assert [s["slot"] for s in json.loads(meta["memora_merge_sources"])] == [1, 2]
+    assert meta["memora.merge_method"] == "concat"
+    assert [s["slot"] for s in json.loads(meta["memora.merge_sources"])] == [1, 2]
     # one sampler with the merged LoRA saved its images
     out_dir = Path(folder_paths.get_output_directory())
     images = res.ui_outputs[_by_title(api, "Save recovered images")]["images"]
