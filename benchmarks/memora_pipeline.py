@@ -4,7 +4,7 @@ pattern in the same run.
     python benchmarks/memora_pipeline.py --json bench.json              # SD1.5 architecture, random weights
     python benchmarks/memora_pipeline.py --tiny --json tiny.json        # tiny model, CPU, seconds (CI smoke test)
 
-What runs (the reference configuration, memora-method.md): 6 seed images at 512 px (DDIM 50 steps, cfg 7.5, the
+What runs (the reference configuration, docs/method.md): 6 seed images at 512 px (DDIM 50 steps, cfg 7.5, the
 reference seed pairs), VAE decode + encode, DDIM inversion over 50 steps from start_at_step 15 with cfg 7.5, slerp of
 the 3 pairs to 33 latents, regeneration of the 33, VAE decode of the 33, LoRA training for 500 updates at effective
 batch 4. One random model plays both the original and the unlearned model.

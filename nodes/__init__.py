@@ -1,24 +1,22 @@
 """ComfyUI glue: V3 node classes that translate ComfyUI types into calls to ``memora``.
 
-Every public module in this package may define ``NODES`` (a list of io.ComfyNode classes); they are collected here
-in module-name order, so adding a module adds its nodes without editing this file."""
+The node list is explicit, as in ComfyUI's own comfy_extras: each node module lists its classes in ``NODES``, and
+``NODE_MODULES`` below names the modules (nothing is discovered by importing whatever files are here). A new node
+goes into its module's ``NODES``; a new module goes into ``NODE_MODULES``. tests/comfy/test_node_list.py checks that
+every node class defined in this package is listed and that ComfyUI registers exactly these."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from comfy_api.latest import ComfyExtension, io
+
+from . import automemora, evaluation, inversion, lora, merge, micro, train, unlearned
+
+# the order ComfyUI registers them in (and lists them in its node menu)
+NODE_MODULES = (automemora, evaluation, inversion, lora, merge, micro, train, unlearned)
 
 
 def node_classes() -> list[type[io.ComfyNode]]:
-    classes: list[type[io.ComfyNode]] = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        classes.extend(getattr(module, "NODES", []))
-    return classes
+    return [cls for module in NODE_MODULES for cls in module.NODES]
 
 
 class MemoRaExtension(ComfyExtension):

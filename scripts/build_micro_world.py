@@ -16,13 +16,15 @@ measurements. See docs/micro-world.md for the recipe and the measured results.
 from __future__ import annotations
 
 import argparse
+import copy
+import io
 import json
-import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +33,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from memora.micro import data, detector, diffusion, text, world  # noqa: E402
+from memora.fileio import atomic_write  # noqa: E402
+from memora.micro import data, detector, text, world  # noqa: E402
+from memora_build import micro_detector, micro_diffusion as diffusion, micro_text  # noqa: E402
 
 UNET_EMA = 0.99
 VAE_KL = 1e-6
@@ -203,24 +207,36 @@ def evaluate(unet, vae, det, contexts, uncond, *, n: int, seed: int, cfg: float,
 
 # -- saving --------------------------------------------------------------------------------------------------------
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None):
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".micro-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().to(torch.float32).cpu() for k, v in sorted(tensors.items())}, tmp,
-                  metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    data_ = save({k: v.detach().contiguous().to(torch.float32).cpu() for k, v in sorted(tensors.items())},
+                 metadata=metadata)
+    atomic_write(path, data_, replace=True)
+
+
+def save_png(image, path: Path):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write(path, buf.getvalue(), replace=True)
+
+
+@dataclass
+class Built:
+    """What stages 2-5 make (or ``--reuse`` loads): the networks, the prompts' embeddings and the stages' logs."""
+    vae: object
+    clip: object
+    contexts: torch.Tensor
+    uncond: torch.Tensor
+    det: object
+    unets: dict
+    logs: dict = field(default_factory=dict)  # vae, clip, detector, unet
+    reused: dict | None = None
 
 
 REUSABLE_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "detector_steps", "erase")
 
 
-def reuse_build(args, comfy_path):
+def reuse_build(args, comfy_path) -> Built:
     """Load the VAE, text encoder, detector and the two trained UNets of an earlier build (``--reuse DIR``) instead
     of training them again: only ESD, the measurements and the files are redone. Refused unless the earlier build
     used the same arguments for those stages (the seeds are fixed in this script)."""
@@ -249,15 +265,16 @@ def reuse_build(args, comfy_path):
         unet = make_unet(STAGE_SEEDS["unet"])
         unet.load_state_dict(load_file(str(prev_dir / files[name])))
         unets[name] = unet.eval()
-    vae_log = {k: v for k, v in recipe["vae"].items() if k not in ("steps", "batch", "lr", "loss")}
-    clip_log = {k: v for k, v in recipe["text_encoder"].items() if k not in ("init", "pretraining")}
-    unet_logs = {n: recipe["unet"][n] for n in ("original", "never_learned")}
+    logs = {"vae": {k: v for k, v in recipe["vae"].items() if k not in ("steps", "batch", "lr", "loss")},
+            "clip": {k: v for k, v in recipe["text_encoder"].items() if k not in ("init", "pretraining")},
+            "detector": dict(recipe["detector"]),
+            "unet": {n: recipe["unet"][n] for n in ("original", "never_learned")}}
     stages = ["vae", "clip", "detector", "unets"]
     reused = {"from": str(prev_dir), "stages": stages,
               "stage_seconds": {k: v for k, v in prev["build"]["stage_seconds"].items() if k in stages},
               "earlier_build_seconds": prev["build"]["seconds"]}
     log(f"reused the VAE, text encoder, detector and UNets of {prev_dir} (built in {prev['build']['seconds']} s)")
-    return vae, tok, clip, ctx[:-1], ctx[-1], det, unets, reused, (vae_log, clip_log, dict(recipe["detector"]), unet_logs)
+    return Built(vae, clip, ctx[:-1], ctx[-1], det, unets, logs, reused)
 
 
 def unet_worker(args) -> int:
@@ -281,7 +298,7 @@ def unet_worker(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=world.WEIGHTS_DIR, help="output folder (default: the shipped one)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the main process (default 2)")
@@ -308,160 +325,201 @@ def main(argv=None) -> int:
                          "arguments required) and redo only ESD, the measurements and the files")
     ap.add_argument("--unet-worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.unet_worker:
-        return unet_worker(args)
+    return ap.parse_args(argv)
 
-    t_all = time.perf_counter()
-    cpu_all = time.process_time()
-    torch.set_num_threads(max(1, args.threads))
-    comfy_path = boot_comfy()
-    use_fast_attention()
-    timings = {}
 
-    def stage(name, t0):
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log(f"{name}: {timings[name]} s")
+class Timer:
+    """Wall seconds per stage (``stage_seconds`` in the manifest)."""
 
-    # 1. data ------------------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    erase = args.erase
-    erased_idx = data.CONCEPTS.index(erase)
+    def __init__(self):
+        self.seconds: dict = {}
+        self.t0 = time.perf_counter()
+
+    def done(self, name: str):
+        self.seconds[name] = round(time.perf_counter() - self.t0, 1)
+        log(f"{name}: {self.seconds[name]} s")
+        self.t0 = time.perf_counter()
+
+
+def make_data(args):
+    """Stage 1: the training images of the five concepts (labels index data.CONCEPTS) and the ``none`` images."""
     imgs, labels = data.make_dataset(args.images_per_concept, STAGE_SEEDS["data"], data.CONCEPTS)
-    x_all = data.to_tensor_range(imgs)
     none_imgs, _ = data.make_dataset(args.images_per_concept // 4, STAGE_SEEDS["data"], (data.NONE,))
-    stage("data", t0)
+    return data.to_tensor_range(imgs), labels, none_imgs
 
-    reused = None
-    if args.reuse:
-        # stages 2-5 from an earlier build with the same arguments and seeds (what they would compute again)
-        vae, tok, clip, contexts, uncond, det, unets, reused, logs = reuse_build(args, comfy_path)
-        vae_log, clip_log, det_log, unet_logs = logs
-        timings.update(reused["stage_seconds"])
-    else:
-        # 2. VAE -------------------------------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        vae = make_vae(STAGE_SEEDS["vae"])
-        vae_x = torch.cat([x_all, data.to_tensor_range(none_imgs)])
-        vae_log = train_vae(vae, vae_x, steps=args.vae_steps, batch=16, lr=2e-3, kl_weight=VAE_KL, seed=STAGE_SEEDS["vae"],
-                            lowfreq_weight=VAE_LOWFREQ)
-        z = encode_means(vae, x_all)
-        standardize_latents(vae, z.mean((0, 2, 3)), z.std((0, 2, 3)))
-        z_raw_stats = {"mean": z.mean((0, 2, 3)).tolist(), "std": z.std((0, 2, 3)).tolist()}
-        z = encode_means(vae, x_all)
-        held_imgs, _ = data.make_dataset(40, 100 + STAGE_SEEDS["data"], data.CONCEPTS)
-        held = data.to_tensor_range(held_imgs)
-        rec = decode(vae, encode_means(vae, held))
-        vae_log.update({"raw_latent_channel_stats": z_raw_stats,
-                        "latent_std_x_0.18215": float(z.std()) * diffusion.LATENT_SCALE,
-                        "held_out_mse_-1..1": float((rec - held).pow(2).mean())})
-        stage("vae", t0)
 
-        # 3. text encoder ----------------------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
-        clip = text.make_text_model(STAGE_SEEDS["clip"])
-        prompts = [data.caption(c) for c in data.CONCEPTS]
-        clip_log = text.pretrain(clip, tok, prompts + [""], seed=STAGE_SEEDS["clip"])
-        log(f"text encoder: prompts now differ by {clip_log['relative_difference_to_first_prompt']} (relative)")
-        ctx = text.encode(clip, tok, prompts + [""])
-        contexts, uncond = ctx[:-1], ctx[-1]
-        stage("clip", t0)
+def vae_stage(args, x_all: torch.Tensor, none_imgs):
+    """Stage 2: train the VAE, re-express its latent space (standardised), and measure it on held-out images.
+    Returns the VAE, the training images' latent means and the stage's log."""
+    vae = make_vae(STAGE_SEEDS["vae"])
+    vae_x = torch.cat([x_all, data.to_tensor_range(none_imgs)])
+    vae_log = train_vae(vae, vae_x, steps=args.vae_steps, batch=16, lr=2e-3, kl_weight=VAE_KL, seed=STAGE_SEEDS["vae"],
+                        lowfreq_weight=VAE_LOWFREQ)
+    z = encode_means(vae, x_all)
+    standardize_latents(vae, z.mean((0, 2, 3)), z.std((0, 2, 3)))
+    z_raw_stats = {"mean": z.mean((0, 2, 3)).tolist(), "std": z.std((0, 2, 3)).tolist()}
+    z = encode_means(vae, x_all)
+    held_imgs, _ = data.make_dataset(40, 100 + STAGE_SEEDS["data"], data.CONCEPTS)
+    held = data.to_tensor_range(held_imgs)
+    rec = decode(vae, encode_means(vae, held))
+    vae_log.update({"raw_latent_channel_stats": z_raw_stats,
+                    "latent_std_x_0.18215": float(z.std()) * diffusion.LATENT_SCALE,
+                    "held_out_mse_-1..1": float((rec - held).pow(2).mean())})
+    return vae, z, vae_log
 
-        # 4. detector --------------------------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        n_det = max(200, args.images_per_concept // 2)
-        d_imgs, d_labels = data.make_dataset(n_det, 200 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
-        d_x = data.to_tensor_range(d_imgs)
-        n_rt = d_x.shape[0] // 3  # a third of the images also as VAE round trips
-        d_rt = decode(vae, encode_means(vae, d_x[:n_rt])).clamp(-1, 1)
-        det_x = torch.cat([d_x, d_rt])
-        det_y = torch.cat([torch.from_numpy(d_labels), torch.from_numpy(d_labels[:n_rt])])
-        det, det_log = detector.train_detector(det_x, det_y, steps=args.detector_steps, batch=64, lr=3e-3,
-                                               seed=STAGE_SEEDS["detector"])
-        t_imgs, t_labels = data.make_dataset(100, 300 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
-        t_x = data.to_tensor_range(t_imgs)
-        t_y = torch.from_numpy(t_labels)
-        t_rt = decode(vae, encode_means(vae, t_x)).clamp(-1, 1)
-        det_log.update({
-            "held_out_accuracy_drawn": detector.accuracy(det, t_x, t_y),
-            "held_out_accuracy_vae_round_trip": detector.accuracy(det, t_rt, t_y),
-            "held_out_images_per_class": 100,
-            "confusion_vae_round_trip (rows true, cols predicted)": detector.confusion(det, t_rt, t_y),
-            "classes": list(data.DETECTOR_CLASSES),
-            "width": 16,
-        })
-        log(f"detector held-out accuracy: drawn {det_log['held_out_accuracy_drawn']:.3f}, "
-            f"VAE round trip {det_log['held_out_accuracy_vae_round_trip']:.3f}")
-        stage("detector", t0)
 
-        # 5. UNets: original and never-learned, in parallel worker processes (one thread each) -------------------------
-        t0 = time.perf_counter()
-        lab = torch.from_numpy(labels)
-        jobs = {"original": torch.ones_like(lab, dtype=torch.bool), "never_learned": lab != erased_idx}
-        unets, unet_logs = {}, {}
-        with tempfile.TemporaryDirectory(prefix="memora-micro-build-") as work:
-            procs = {}
-            for name, keep in jobs.items():
-                torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond},
-                           Path(work) / f"{name}.in.pt")
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
-                       "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
-                       "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads)]
-                procs[name] = subprocess.Popen(cmd)
-                if args.jobs <= 1:
-                    procs[name].wait()
-            for name, proc in procs.items():
-                if proc.wait() != 0:
-                    raise SystemExit(f"UNet training for {name!r} failed (exit code {proc.returncode})")
-                out = torch.load(Path(work) / f"{name}.out.pt")
-                unet = make_unet(STAGE_SEEDS["unet"])
-                unet.load_state_dict(out["state_dict"])
-                unet.eval()
-                unets[name] = unet
-                unet_logs[name] = {"images": int(jobs[name].sum()), **out["log"]}
-        stage("unets", t0)
+def text_stage(comfy_path):
+    """Stage 3: the seeded text encoder, pretrained to give each prompt its own direction; the prompts' embeddings
+    (the five captions, then the empty prompt)."""
+    tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
+    clip = micro_text.make_text_model(STAGE_SEEDS["clip"])
+    prompts = [data.caption(c) for c in data.CONCEPTS]
+    clip_log = micro_text.pretrain(clip, tok, prompts + [""], seed=STAGE_SEEDS["clip"])
+    log(f"text encoder: prompts now differ by {clip_log['relative_difference_to_first_prompt']} (relative)")
+    ctx = text.encode(clip, tok, prompts + [""])
+    return clip, ctx, clip_log
 
-    # 6. ESD ---------------------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    import copy
 
-    unlearned = copy.deepcopy(unets["original"])
-    others = torch.stack([contexts[i] for i in range(len(data.CONCEPTS)) if i != erased_idx])
-    esd_log = diffusion.esd_train(unlearned, contexts[erased_idx], uncond, method=args.esd_method,
+def detector_stage(args, vae):
+    """Stage 4: the concept detector, trained on drawn images and their VAE round trips, measured on held-out ones."""
+    n_det = max(200, args.images_per_concept // 2)
+    d_imgs, d_labels = data.make_dataset(n_det, 200 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
+    d_x = data.to_tensor_range(d_imgs)
+    n_rt = d_x.shape[0] // 3  # a third of the images also as VAE round trips
+    d_rt = decode(vae, encode_means(vae, d_x[:n_rt])).clamp(-1, 1)
+    det_x = torch.cat([d_x, d_rt])
+    det_y = torch.cat([torch.from_numpy(d_labels), torch.from_numpy(d_labels[:n_rt])])
+    det, det_log = micro_detector.train_detector(det_x, det_y, steps=args.detector_steps, batch=64, lr=3e-3,
+                                                 seed=STAGE_SEEDS["detector"])
+    t_imgs, t_labels = data.make_dataset(100, 300 + STAGE_SEEDS["detector"], data.DETECTOR_CLASSES)
+    t_x = data.to_tensor_range(t_imgs)
+    t_y = torch.from_numpy(t_labels)
+    t_rt = decode(vae, encode_means(vae, t_x)).clamp(-1, 1)
+    det_log.update({
+        "held_out_accuracy_drawn": micro_detector.accuracy(det, t_x, t_y),
+        "held_out_accuracy_vae_round_trip": micro_detector.accuracy(det, t_rt, t_y),
+        "held_out_images_per_class": 100,
+        "confusion_vae_round_trip (rows true, cols predicted)": micro_detector.confusion(det, t_rt, t_y),
+        "classes": list(data.DETECTOR_CLASSES),
+        "width": 16,
+    })
+    log(f"detector held-out accuracy: drawn {det_log['held_out_accuracy_drawn']:.3f}, "
+        f"VAE round trip {det_log['held_out_accuracy_vae_round_trip']:.3f}")
+    return det, det_log
+
+
+def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: torch.Tensor):
+    """Stage 5: the original UNet (every concept) and the never-learned one (all but the erased concept), trained in
+    worker processes (``--unet-worker``), in parallel with --jobs 2 (one thread each)."""
+    lab = torch.from_numpy(labels)
+    jobs = {"original": torch.ones_like(lab, dtype=torch.bool), "never_learned": lab != data.CONCEPTS.index(args.erase)}
+    unets, unet_logs = {}, {}
+    with tempfile.TemporaryDirectory(prefix="memora-micro-build-") as work:
+        procs = {}
+        for name, keep in jobs.items():
+            torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond},
+                       Path(work) / f"{name}.in.pt")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
+                   "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
+                   "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads)]
+            procs[name] = subprocess.Popen(cmd)
+            if args.jobs <= 1:
+                procs[name].wait()
+        for name, proc in procs.items():
+            if proc.wait() != 0:
+                raise SystemExit(f"UNet training for {name!r} failed (exit code {proc.returncode})")
+            out = torch.load(Path(work) / f"{name}.out.pt")
+            unet = make_unet(STAGE_SEEDS["unet"])
+            unet.load_state_dict(out["state_dict"])
+            unet.eval()
+            unets[name] = unet
+            unet_logs[name] = {"images": int(jobs[name].sum()), **out["log"]}
+    return unets, unet_logs
+
+
+def train_stages(args, comfy_path, x_all, labels, none_imgs, timer: Timer) -> Built:
+    """Stages 2-5 from scratch: VAE, text encoder, detector, the two trained UNets."""
+    vae, z, vae_log = vae_stage(args, x_all, none_imgs)
+    timer.done("vae")
+    clip, ctx, clip_log = text_stage(comfy_path)
+    contexts, uncond = ctx[:-1], ctx[-1]
+    timer.done("clip")
+    det, det_log = detector_stage(args, vae)
+    timer.done("detector")
+    unets, unet_logs = unets_stage(args, z, labels, contexts, uncond)
+    timer.done("unets")
+    return Built(vae, clip, contexts, uncond, det, unets,
+                 {"vae": vae_log, "clip": clip_log, "detector": det_log, "unet": unet_logs})
+
+
+def esd_stage(args, built: Built):
+    """Stage 6: the unlearned UNet, an ESD fine-tune of a copy of the original (added to ``built.unets``)."""
+    erased_idx = data.CONCEPTS.index(args.erase)
+    unlearned = copy.deepcopy(built.unets["original"])
+    others = torch.stack([built.contexts[i] for i in range(len(data.CONCEPTS)) if i != erased_idx])
+    esd_log = diffusion.esd_train(unlearned, built.contexts[erased_idx], built.uncond, method=args.esd_method,
                                   steps=args.esd_steps, batch=32, lr=args.esd_lr, seed=STAGE_SEEDS["esd"],
                                   negative_guidance=args.esd_negative_guidance,
                                   preserve_ctx=others if args.preserve_weight > 0 else None,
                                   preserve_weight=args.preserve_weight,
                                   progress=lambda s, t, loss: (s % 50 == 0) and log(f"  esd step {s}/{t}: loss {loss:.5f}"))
-    unets["unlearned"] = unlearned
-    stage("esd", t0)
+    built.unets["unlearned"] = unlearned
+    return esd_log
 
-    # 7. measurements ------------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+
+def measure(args, built: Built):
+    """Stage 7: each variant's detection rate per concept, the sample sheets, and the kept-concept ratios."""
     results, sheets = {}, []
     for name in world.VARIANTS:
-        ev = evaluate(unets[name], vae, det, contexts, uncond, n=args.eval_images, seed=1000 * STAGE_SEEDS["eval"],
-                      cfg=args.eval_cfg, steps=args.eval_steps)
+        ev = evaluate(built.unets[name], built.vae, built.det, built.contexts, built.uncond, n=args.eval_images,
+                      seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg, steps=args.eval_steps)
         results[name] = ev["rates"]
         sheets.append(np.concatenate([ev["samples"][c] for c in data.CONCEPTS]))
         log(f"  {name}: " + ", ".join(f"{c} {r:.2f}" for c, r in ev["rates"].items()))
     ratios = {c: (results["unlearned"][c] / results["original"][c] if results["original"][c] > 0 else None)
-              for c in data.CONCEPTS if c != erase}
-    stage("evaluation", t0)
+              for c in data.CONCEPTS if c != args.erase}
+    return results, sheets, ratios
 
-    # 8. save --------------------------------------------------------------------------------------------------------
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def save_networks(out: Path, built: Built, sheets):
+    """Stage 8a: the safetensors files (every tensor float32, keys sorted) and samples.png."""
     meta = {"format": "memora micro world", "build": "scripts/build_micro_world.py"}
-    save_safetensors({"cond_stage_model.transformer." + k: v for k, v in clip.state_dict().items()
+    save_safetensors({"cond_stage_model.transformer." + k: v for k, v in built.clip.state_dict().items()
                       if "position_ids" not in k}, out / world.FILES["clip"], meta)
-    save_safetensors(vae.state_dict(), out / world.FILES["vae"], meta)
-    save_safetensors(det.state_dict(), out / world.FILES["detector"], meta)
+    save_safetensors(built.vae.state_dict(), out / world.FILES["vae"], meta)
+    save_safetensors(built.det.state_dict(), out / world.FILES["detector"], meta)
     for name in world.VARIANTS:
-        save_safetensors(unets[name].state_dict(), out / world.FILES[name], meta)
-    data.grid(np.concatenate(sheets), cols=8, scale=3).save(out / "samples.png")
-    manifest = {
+        save_safetensors(built.unets[name].state_dict(), out / world.FILES[name], meta)
+    save_png(data.grid(np.concatenate(sheets), cols=8, scale=3), out / "samples.png")
+
+
+def recipe(args, built: Built, esd_log) -> dict:
+    erase, logs = args.erase, built.logs
+    return {
+        "dataset": f"{args.images_per_concept} images per concept (never_learned: the same minus '{erase}')",
+        "vae": {"steps": args.vae_steps, "batch": 16, "lr": 2e-3,
+                "loss": f"L1 + MSE + {VAE_LOWFREQ} x MSE of 8x8 averages + {VAE_KL} KL", **logs["vae"]},
+        "unet": {"steps": args.unet_steps, "batch": args.unet_batch, "lr": args.unet_lr,
+                 "schedule": f"cosine, {UNET_WARMUP} warm-up", "parallel_jobs": args.jobs,
+                 "objective": f"eps MSE with min-SNR-{UNET_MIN_SNR:g} weighting, t uniform 0..999, SD scaled_linear betas",
+                 "caption_dropout": 0.1,
+                 "ema": UNET_EMA, **logs["unet"]},
+        "esd": {"method": f"ESD-{args.esd_method}", "steps": args.esd_steps, "batch": 32, "lr": args.esd_lr,
+                "negative_guidance": args.esd_negative_guidance, "sample_steps": 20, "sample_cfg": 3.0,
+                "preserve_weight": args.preserve_weight, "loss": esd_log.summary(2),
+                "seconds": round(esd_log.seconds, 1)},
+        "detector": logs["detector"],
+        "text_encoder": {"init": "transformers' CLIPTextModel initialisation, seeded",
+                         "pretraining": "memora_build.micro_text.pretrain: distinct per-prompt directions",
+                         **logs["clip"]},
+    }
+
+
+def manifest(args, built: Built, esd_log, measured, build_info: dict) -> dict:
+    """Stage 8b: manifest.json's content (configurations, seeds, arguments, recipe, measurements, build facts)."""
+    results, _, ratios = measured
+    erase = args.erase
+    return {
         "about": "MemoRa micro world: see docs/micro-world.md",
         "concepts": list(data.CONCEPTS),
         "erased_concept": erase,
@@ -481,23 +539,7 @@ def main(argv=None) -> int:
         "seeds": STAGE_SEEDS,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                  if k not in ("out", "reuse", "unet_worker", "work")},
-        "recipe": {
-            "dataset": f"{args.images_per_concept} images per concept (never_learned: the same minus '{erase}')",
-            "vae": {"steps": args.vae_steps, "batch": 16, "lr": 2e-3,
-                    "loss": f"L1 + MSE + {VAE_LOWFREQ} x MSE of 8x8 averages + {VAE_KL} KL", **vae_log},
-            "unet": {"steps": args.unet_steps, "batch": args.unet_batch, "lr": args.unet_lr,
-                     "schedule": f"cosine, {UNET_WARMUP} warm-up", "parallel_jobs": args.jobs,
-                     "objective": f"eps MSE with min-SNR-{UNET_MIN_SNR:g} weighting, t uniform 0..999, SD scaled_linear betas",
-                     "caption_dropout": 0.1,
-                     "ema": UNET_EMA, **unet_logs},
-            "esd": {"method": f"ESD-{args.esd_method}", "steps": args.esd_steps, "batch": 32, "lr": args.esd_lr,
-                    "negative_guidance": args.esd_negative_guidance, "sample_steps": 20, "sample_cfg": 3.0,
-                    "preserve_weight": args.preserve_weight, "loss": esd_log.summary(2),
-                    "seconds": round(esd_log.seconds, 1)},
-            "detector": det_log,
-            "text_encoder": {"init": "transformers' CLIPTextModel initialisation, seeded",
-                             "pretraining": "memora.micro.text.pretrain: distinct per-prompt directions", **clip_log},
-        },
+        "recipe": recipe(args, built, esd_log),
         "measurements": {
             "how": (f"{args.eval_images} images per concept and model, DDIM {args.eval_steps} steps, cfg "
                     f"{args.eval_cfg}, noise seeds {1000 * STAGE_SEEDS['eval']} + concept index; rate = share of "
@@ -507,15 +549,42 @@ def main(argv=None) -> int:
             "other_concepts_unlearned_over_original": ratios,
             "targets": {"erased_rate_unlearned_max": 0.10, "others_ratio_min": 0.80},
         },
-        "build": {"seconds": round(time.perf_counter() - t_all, 1), "cpu_seconds": round(time.process_time() - cpu_all, 1),
-                  "threads": args.threads, "stage_seconds": timings, "reused": reused, "torch": torch.__version__,
-                  "python": platform.python_version(), "machine": platform.machine()},
+        "build": build_info,
     }
-    tmp = out / (world.MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))
-    os.replace(tmp, out / world.MANIFEST)
-    log(f"erased '{erase}': unlearned rate {results['unlearned'][erase]:.3f} (original "
-        f"{results['original'][erase]:.3f}); others unlearned/original: "
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.unet_worker:
+        return unet_worker(args)
+    t_all, cpu_all = time.perf_counter(), time.process_time()
+    torch.set_num_threads(max(1, args.threads))
+    comfy_path = boot_comfy()
+    use_fast_attention()
+    timer = Timer()
+    x_all, labels, none_imgs = make_data(args)
+    timer.done("data")
+    if args.reuse:
+        # stages 2-5 from an earlier build with the same arguments and seeds (what they would compute again)
+        built = reuse_build(args, comfy_path)
+        timer.seconds.update(built.reused["stage_seconds"])
+    else:
+        built = train_stages(args, comfy_path, x_all, labels, none_imgs, timer)
+    timer.t0 = time.perf_counter()
+    esd_log = esd_stage(args, built)
+    timer.done("esd")
+    measured = measure(args, built)
+    timer.done("evaluation")
+    out = Path(args.out)
+    save_networks(out, built, measured[1])
+    build_info = {"seconds": round(time.perf_counter() - t_all, 1), "cpu_seconds": round(time.process_time() - cpu_all, 1),
+                  "threads": args.threads, "stage_seconds": timer.seconds, "reused": built.reused,
+                  "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    atomic_write(out / world.MANIFEST, json.dumps(manifest(args, built, esd_log, measured, build_info), indent=1,
+                                                   sort_keys=False), replace=True)
+    results, _, ratios = measured
+    log(f"erased '{args.erase}': unlearned rate {results['unlearned'][args.erase]:.3f} (original "
+        f"{results['original'][args.erase]:.3f}); others unlearned/original: "
         + ", ".join(f"{c} {r:.2f}" if r is not None else f"{c} n/a" for c, r in ratios.items()))
     log(f"wrote {out} in {time.perf_counter() - t_all:.0f} s")
     return 0

@@ -193,7 +193,7 @@ def curves(comfy, pipe: Pipeline, steps_list, variants=("unlearned", "never_lear
 
 
 def verdict(results: dict, original_rate: float, quick: int) -> str:
-    """Short-term vs long-term reading of the two curves (the memora-method doc's terms), in words: when each curve
+    """Short-term vs long-term reading of the two curves (docs/method.md's terms), in words: when each curve
     first reaches half of the original's rate, its peak, and what the control says about residual memory."""
     u = results.get("unlearned", [])
     n = results.get("never_learned", [])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: unit tests, then every ComfyUI-dependent test against each ComfyUI checkout
-# (COMFYUI_PATHS, default ~/comfy/ComfyUI and ~/comfy/ComfyUI-0.33), then ComfyUI's own execution suite with the
-# pack installed. Extra arguments go to pytest (e.g. -k slerp). Set MEMORA_SKIP_COMFY_SUITE=1 to skip the last part.
+# The test command: ruff (as configured in pyproject.toml), the unit tests (no ComfyUI), then every ComfyUI-dependent
+# test against each ComfyUI checkout (COMFYUI_PATHS, default ~/comfy/ComfyUI and ~/comfy/ComfyUI-0.33), then
+# ComfyUI's own execution suite with the pack installed. Extra arguments go to pytest (e.g. -k slerp).
+# Set MEMORA_SKIP_COMFY_SUITE=1 to skip the last part.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MEMORA_VENV:-$HOME/.cache/comfyui-memora/venv}"
@@ -9,6 +10,13 @@ VENV="${MEMORA_VENV:-$HOME/.cache/comfyui-memora/venv}"
 export PATH="$VENV/bin:$PATH"   # ComfyUI's own tests start `python main.py`
 cd "$ROOT"
 status=0
+echo "=== ruff check"
+if python -c "import ruff" 2>/dev/null; then
+  python -m ruff check . || status=1
+else
+  echo "ruff is not installed in $VENV: run bash scripts/setup.sh (it installs the test extra, ruff included)" >&2
+  status=1
+fi
 python tests/run_matrix.py "$@" || status=$?
 if [ "${MEMORA_SKIP_COMFY_SUITE:-0}" != 1 ] && [ $# -eq 0 ]; then
   python scripts/check_comfyui_suite.py || status=1

@@ -3,10 +3,12 @@
 
     python tests/run_matrix.py [pytest args...]
 
-Checkouts: COMFYUI_PATHS (colon-separated), default ~/comfy/ComfyUI and ~/comfy/ComfyUI-0.33 where they exist.
-The first checkout runs everything (unit tests included); each further checkout runs the ComfyUI-dependent
-directories again (ComfyUI's modules are global, so one pytest process per checkout). Prints the counts per version,
-which versions were absent, and a closing 'N passed, N failed, N skipped' line; exits non-zero on any failure."""
+Tiers: tests/unit runs once, in its own process, with COMFYUI_PATH pointing nowhere (it needs no ComfyUI; its
+conftest makes importing ComfyUI an error); the ComfyUI tiers (tests/comfy, server, workflows, browser) run once per
+checkout: COMFYUI_PATHS (colon-separated), default ~/comfy/ComfyUI and ~/comfy/ComfyUI-0.33 where they exist
+(ComfyUI's modules are global, so one pytest process per checkout). Every run reads the one test configuration,
+[tool.pytest.ini_options] in pyproject.toml. Prints the counts per run, which versions were absent, and a closing
+'N passed, N failed, N skipped' line; exits non-zero on any failure."""
 
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+UNIT_DIR = "unit"
 COMFY_DIRS = ["comfy", "server", "workflows", "browser"]
+NO_COMFYUI = TESTS / "no-comfyui-here"
 
 
 def candidates() -> list[Path]:
@@ -33,16 +38,30 @@ def version(path: Path) -> str:
     return m.group(1) if m else "unknown"
 
 
+def pytest_command(paths: list[str], extra: list[str], junit: Path, tag: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(TESTS),
+            f"--junitxml={junit}", f"--basetemp={junit.parent / ('tmp-' + tag)}", *paths, *extra]
+
+
+def plan(present: list[Path]) -> list[tuple[str, list[str], Path | None, str]]:
+    """(name, test paths, ComfyUI checkout or None, tag) per pytest process: the unit tier without ComfyUI, then the
+    ComfyUI tiers per checkout (with none present: once, so their skips are reported)."""
+    runs = [("unit tests (no ComfyUI)", [str(TESTS / UNIT_DIR)], None, "unit")]
+    comfy_dirs = [str(TESTS / d) for d in COMFY_DIRS if (TESTS / d).is_dir()]
+    if not present:
+        runs.append(("no ComfyUI (ComfyUI tests skipped)", comfy_dirs, None, "no-comfyui"))
+    for path in present:
+        ver = version(path)
+        runs.append((f"ComfyUI {ver} ({path})", comfy_dirs, path, f"comfyui-{ver}"))
+    return runs
+
+
 def run(paths: list[str], comfy: Path | None, extra: list[str], tag: str) -> dict:
-    junit = TESTS.parent / "test-artifacts" / f"junit-{tag}.xml"
+    junit = ROOT / "test-artifacts" / f"junit-{tag}.xml"
     junit.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    if comfy is not None:
-        env["COMFYUI_PATH"] = str(comfy)
-    else:
-        env["COMFYUI_PATH"] = str(TESTS / "no-comfyui-here")
-    cmd = [sys.executable, "-m", "pytest", "-c", str(TESTS / "pytest.ini"), "--rootdir", str(TESTS),
-           f"--junitxml={junit}", f"--basetemp={junit.parent / ('tmp-' + tag)}", *paths, *extra]
+    env["COMFYUI_PATH"] = str(comfy if comfy is not None else NO_COMFYUI)
+    cmd = pytest_command(paths, extra, junit, tag)
     print(f"\n=== {tag}: {' '.join(cmd[3:])}", flush=True)
     rc = subprocess.call(cmd, cwd=TESTS.parent, env=env)
     counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "rc": rc}
@@ -63,14 +82,7 @@ def main() -> int:
     present, absent = [], []
     for c in candidates():
         (present if (c / "main.py").is_file() else absent).append(c)
-    results = []
-    existing_comfy_dirs = [str(TESTS / d) for d in COMFY_DIRS if (TESTS / d).is_dir()]
-    if not present:
-        results.append(("no ComfyUI (ComfyUI tests skipped)", run([str(TESTS)], None, extra, "no-comfyui")))
-    for i, path in enumerate(present):
-        ver = version(path)
-        targets = [str(TESTS)] if i == 0 else existing_comfy_dirs
-        results.append((f"ComfyUI {ver} ({path})", run(targets, path, extra, f"comfyui-{ver}")))
+    results = [(name, run(paths, comfy, extra, tag)) for name, paths, comfy, tag in plan(present)]
     print("\n=== test matrix")
     total = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
     bad = False

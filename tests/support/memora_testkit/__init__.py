@@ -4,42 +4,34 @@ The tiny UNet (model_channels 32, context_dim 64) matches no real checkpoint, so
 ``comfy.supported_models.models`` changes nothing for real models; it lets a generated random checkpoint load through
 the stock CheckpointLoaderSimple (UNet + a tiny CLIP text model + a TAESD-structured VAE)."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
 
-TINY_CLIP_CONFIG = {
-    "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 64,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 128,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 2,
-    "num_hidden_layers": 2,
-    "pad_token_id": 1,
-    "projection_dim": 64,
-    "torch_dtype": "float32",
-    "vocab_size": 49408,
-}
+# The tiny CLIP is the micro world's text model (one definition: memora.micro.text.CLIP_CONFIG), wrapped in ComfyUI's
+# SD1 CLIP classes by the pack's own nodes/_micro_host.py (loaded here by file: this kit may load before the pack).
+_PACK_ROOT = Path(__file__).resolve().parents[3]  # tests/support/memora_testkit -> the pack (symlinks resolved)
+if str(_PACK_ROOT) not in sys.path:
+    sys.path.append(str(_PACK_ROOT))
+
+from memora.micro.text import CLIP_CONFIG as TINY_CLIP_CONFIG  # noqa: E402
 
 
-class TinyCheckpointClip(comfy.sd1_clip.SDClipModel):
-    def __init__(self, device="cpu", dtype=None, model_options={}):
-        super().__init__(device=device, return_projected_pooled=False, dtype=dtype, model_options=model_options,
-                         textmodel_json_config=dict(TINY_CLIP_CONFIG))
+def _micro_host():
+    name = "memora_testkit_micro_host"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _PACK_ROOT / "nodes" / "_micro_host.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-class TinyClip(comfy.sd1_clip.SD1ClipModel):
-    def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
-        super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=TinyCheckpointClip, **kwargs)
+TinyClip = _micro_host()._clip_classes(TINY_CLIP_CONFIG)
 
 
 class TinySD15(comfy.supported_models.SD15):

@@ -1,10 +1,11 @@
-"""Training and sampling loops for the micro world, over an abstract noise predictor (torch only).
+"""Build-only: the micro world's training and sampling loops, over an abstract noise predictor (torch only).
 
 A noise predictor is ``unet(x_vp, t, context) -> eps`` in Stable Diffusion's own (variance-preserving) convention:
 ``x_vp = sqrt(ab_t) * x0 + sqrt(1 - ab_t) * eps`` with ``x0`` the VAE latent times 0.18215, ``t`` a float tensor of
 timesteps in 0..999 and ``context`` the text encoder's [B, 77, C] hidden states. This is exactly what an ldm
-``UNetModel.forward(x, timesteps, context=...)`` computes, so the build script passes ComfyUI's UNet in directly and
-ComfyUI later samples the same network through its own model wrapper.
+``UNetModel.forward(x, timesteps, context=...)`` computes, so the build script (scripts/build_micro_world.py, the
+only user of this module) passes ComfyUI's UNet in directly and ComfyUI later samples the same network through its
+own model wrapper.
 
 - ``train_eps``: the standard DDPM objective (MSE between predicted and true noise, t uniform), with caption dropout
   so classifier-free guidance works, AdamW, a cosine schedule with warm-up, and an EMA of the weights.
@@ -26,7 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..schedule import leading_timesteps, scaled_linear_alphas_cumprod
+from memora.schedule import leading_timesteps, scaled_linear_alphas_cumprod
 
 Unet = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LATENT_SCALE = 0.18215  # SD1.x latent_format scale factor: the UNet sees VAE latents times this
