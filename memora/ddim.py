@@ -9,7 +9,7 @@ Two schedules:
   ``start_at_step``); inversion walks the same ladder upwards and solves each step's implicit equation
   ``x_b = x_a + (sigma_b - sigma_a) * eps(x_b, sigma_b)`` by fixed-point iteration (``refine_iterations`` extra
   evaluations per step), so regeneration over the same ladder returns the input.
-- ``reference``: the arithmetic of the reference implementation (VP coordinates, memora-method.md steps 3-6).
+- ``reference``: the arithmetic of the reference implementation (VP coordinates, docs/method.md steps 3-6).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ Stack, c, COL = mw.Stack, mw.c, mw.COL
 BLUE, PURPLE, GREEN, YELLOW = mw.BLUE, mw.PURPLE, mw.GREEN, mw.YELLOW
 
 CONCEPTS = {"A": "a photo of the parachute", "B": "a photo of the church"}
-# The reference's first seed of a pair for the first halves, second seed for the second halves (memora-method.md).
+# The reference's first seed of a pair for the first halves, second seed for the second halves (docs/method.md).
 SEEDS = (1805, 2821)
 
 README_MULTI = """Multi-MemoRa: recover SEVERAL concepts erased from one model at once (e.g. MACE with two celebrities erased).

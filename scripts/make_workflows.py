@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "example_workflows"
 
-# The reference implementation's seed pairs (memora-method.md, step 1); slerp pairs item i of A with item i of B.
+# The reference implementation's seed pairs (docs/method.md, step 1); slerp pairs item i of A with item i of B.
 SEED_PAIRS = [(1805, 2821), (1405, 2421), (1705, 2721)]
 CONCEPT = "a photo of the nude person"
 

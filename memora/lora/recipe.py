@@ -1,7 +1,7 @@
 """The MemoRa LoRA recipe: every hyperparameter of the reference training, named and documented.
 
 The reference (gmum/MemoRa) trains with diffusers' ``train_text_to_image_lora.py``; its settings are the defaults
-here (memora-method.md, step 7):
+here (docs/method.md, step 7):
 
 - LoRA on the UNet attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every attention (self and
   cross); rank 4, alpha 4 (scale alpha / rank = 1); ``A`` (lora_down) ~ N(0, (1/rank)^2), ``B`` (lora_up) = 0, so the

@@ -1,7 +1,7 @@
 """Fixtures for the browser test: the official front end at the version the ComfyUI checkout pins, a real ComfyUI
 server serving it with the pack, and headless Chromium (Debian's package) driven by Playwright.
 
-Missing pieces skip with a reason that says what to install (shown in the summary; pytest.ini has -ra):
+Missing pieces skip with a reason that says what to install (shown in the summary; pyproject.toml's pytest options have -ra):
   - chromium: ``apt-get update && apt-get install -y chromium`` (or CHROMIUM=/path/to/chrome)
   - the Playwright Python package: ``pip install playwright`` (its own browser download is not needed)
   - the front end: ``pip install --no-deps --target ~/.cache/comfyui-memora/frontend/<version>

@@ -65,7 +65,7 @@ def test_exact_inversion_then_regeneration_reconstructs_and_refinement_converges
 
 
 def _independent_reference(eps_vp, x0, ab, steps, start):
-    """fp64 re-derivation of the reference arithmetic straight from memora-method.md steps 3-6."""
+    """fp64 re-derivation of the reference arithmetic straight from docs/method.md steps 3-6."""
     stride = 1000 // steps
     timesteps = list(range(1, 1000, stride))[:steps]  # 1, 21, ..., 981
     x = x0.clone()

@@ -3,10 +3,13 @@ each weight needs, the LoRA switch and its per-layer call counts (docs/merge-and
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from memora import guidance as G
+from memora.lora import apply as A
 
 
 def _pair(seed: int = 0, shape=(2, 4, 8, 8)):
@@ -80,38 +83,42 @@ def _factors(seed, out_f, in_f, rank):
     return torch.randn(rank, in_f, generator=g), torch.randn(out_f, rank, generator=g)
 
 
-def test_switchable_delta_adds_scaled_up_down_only_while_on():
+def _wrapper(key, down, up, scale, switch, counter=None):
+    """AutoMemoRa's per-layer weight function: the pack's one LoRA wrapper, gated by the guider's switch."""
+    layer = SimpleNamespace(down=down, up=up, scale=scale)
+    counter = counter if counter is not None else A.CallCounter()
+    return A.LoraWeightWrapper(key, layer, counter, switch), counter
+
+
+def test_switched_wrapper_adds_scaled_up_down_only_while_on():
     down, up = _factors(7, 6, 5, 2)
-    switch = G.LoraSwitch()
-    fn = G.SwitchableDelta("layer", down, up, 0.75, switch)
+    switch = A.LoraSwitch()
+    fn, counter = _wrapper("layer", down, up, 0.75, switch)
     weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(8))
     keep = weight.clone()
-    assert fn(weight) is weight and switch.calls == {"layer": 0}  # off: the weight itself, not counted
+    assert fn(weight) is weight and counter.calls == {"layer": 0}  # off: the weight itself, not counted
     switch.on = True
     out = fn(weight)
     want = weight.double() + 0.75 * (up.double() @ down.double())
     assert torch.allclose(out.double(), want, rtol=0, atol=1e-5)
     assert torch.equal(weight, keep)  # never in place
-    assert switch.calls == {"layer": 1}
-    assert fn.shape == (6, 5)
+    assert counter.calls == {"layer": 1}
 
 
-def test_switchable_delta_on_a_linear_layer_equals_the_merged_dense_weight():
+def test_switched_wrapper_on_a_linear_layer_equals_the_merged_dense_weight():
     lin = torch.nn.Linear(5, 6, bias=False)
     down, up = _factors(9, 6, 5, 3)
-    switch = G.LoraSwitch(on=True)
-    fn = G.SwitchableDelta("lin", down, up, 0.5, switch)
+    fn, _ = _wrapper("lin", down, up, 0.5, A.LoraSwitch(on=True))
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(10))
     y = torch.nn.functional.linear(x, fn(lin.weight.detach()))
     merged = lin.weight.detach().double() + 0.5 * up.double() @ down.double()
     assert torch.allclose(y.double(), x.double() @ merged.T, rtol=0, atol=1e-5)
 
 
-def test_switchable_delta_keeps_dtype_and_conv_shapes():
+def test_switched_wrapper_keeps_dtype_and_conv_shapes():
     down = torch.randn(2, 3, 3, 3)  # a conv LoRA's down: [rank, in, kh, kw]
     up = torch.randn(4, 2, 1, 1)
-    switch = G.LoraSwitch(on=True)
-    fn = G.SwitchableDelta("conv", down, up, 1.0, switch)
+    fn, _ = _wrapper("conv", down, up, 1.0, A.LoraSwitch(on=True))
     weight = torch.zeros(4, 3, 3, 3, dtype=torch.float16)
     out = fn(weight)
     assert out.dtype == torch.float16 and out.shape == weight.shape
@@ -119,21 +126,23 @@ def test_switchable_delta_keeps_dtype_and_conv_shapes():
     assert torch.allclose(out.float(), want, rtol=1e-3, atol=1e-2)
 
 
-def test_switchable_delta_refuses_mismatched_ranks():
+def test_switched_wrapper_refuses_mismatched_ranks():
     with pytest.raises(ValueError, match="bad: down has rank 2 but up has rank 3"):
-        G.SwitchableDelta("bad", torch.zeros(2, 5), torch.zeros(6, 3), 1.0, G.LoraSwitch())
+        _wrapper("bad", torch.zeros(2, 5), torch.zeros(6, 3), 1.0, A.LoraSwitch())
 
 
-def test_run_with_lora_reports_layers_that_did_not_run_and_leaves_the_switch_off():
-    switch = G.LoraSwitch()
-    a = G.SwitchableDelta("a", *_factors(11, 3, 3, 1), 1.0, switch)
-    G.SwitchableDelta("b", *_factors(12, 3, 3, 1), 1.0, switch)
+def test_run_with_lora_finds_layers_that_did_not_run_and_leaves_the_switch_off():
+    switch, counter = A.LoraSwitch(), A.CallCounter()
+    a, _ = _wrapper("a", *_factors(11, 3, 3, 1), 1.0, switch, counter)
+    _wrapper("b", *_factors(12, 3, 3, 1), 1.0, switch, counter)
     w = torch.eye(3)
-    out, missing = G.run_with_lora(switch, True, lambda: a(w))
-    assert missing == ["b"] and not switch.on
+    out, before = G.run_with_lora(switch, counter, True, lambda: a(w))
+    assert counter.not_run_since(before) == ["b"] and not switch.on
+    with pytest.raises(A.LoraNotAppliedError, match="1 of 2 LoRA layers"):
+        counter.check(before, "test")
     assert not torch.equal(out, w)
-    out, missing = G.run_with_lora(switch, False, lambda: a(w))
-    assert out is w and missing == [] and switch.calls["a"] == 1
+    out, before = G.run_with_lora(switch, counter, False, lambda: a(w))
+    assert out is w and before is None and counter.calls["a"] == 1
     with pytest.raises(RuntimeError, match="boom"):
-        G.run_with_lora(switch, True, lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+        G.run_with_lora(switch, counter, True, lambda: (_ for _ in ()).throw(RuntimeError("boom")))
     assert not switch.on
