@@ -194,8 +194,7 @@ class MemoRaForgettingVerdict(io.ComfyNode):
             io.Float.Input("baseline_score", default=0.0, min=-1000.0, max=1000.0, step=0.01,
                            tooltip="The unlearned model's detector score (recovery is measured from it)."),
         ], outputs=[
-            io.String.Output(display_name="verdict",
-                             tooltip="short-term, long-term, not recovered or inconclusive."),
+            io.String.Output(display_name="verdict", tooltip="short-term, long-term, not recovered or inconclusive."),
             _schema.report_output("Verdict, reason, the curve's numbers, the rule."),
         ])
 

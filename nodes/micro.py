@@ -61,8 +61,8 @@ class MemoRaMicroDetector(io.ComfyNode):
             io.String.Input("title", default="micro world detector",
                             tooltip="Title of the score table shown on the node and sent to the editor."),
         ], outputs=[
-            io.Float.Output(display_name="rate",
-                            tooltip="Share of images (0..1) whose top class is the chosen concept."),
+            io.Float.Output(display_name="rate", tooltip="Share of images (0..1) whose top class is the chosen "
+                                                         "concept."),
             _schema.report_output("Per-concept rates and mean probabilities, and the top class of every image."),
         ])
 

@@ -16,6 +16,11 @@ from . import _host, _lora_host, _schema
 from . import _train_host as _th
 from . import _train_model as _tm
 
+_TARGETS_TOOLTIP = (
+    "attention: to_q, to_k, to_v, to_out.0 of every UNet attention (the reference; SD1.x: 128 layers, 797,184 "
+    "parameters at rank 4); attention+feedforward: also ff.net.0.proj and ff.net.2; all linear+conv: every Linear and "
+    "Conv layer of the UNet.")
+
 
 def _inputs():
     return [
@@ -42,10 +47,7 @@ def _inputs():
         io.Int.Input("gradient_accumulation", default=4, min=1, max=1024,
                      tooltip="Forward passes per update; the update's gradient is the mean over batch_size x "
                              "gradient_accumulation samples (the reference: 1 x 4 = 4)."),
-        io.Combo.Input("targets", options=list(_recipe.TARGETS), default=_recipe.ATTENTION,
-                       tooltip="attention: to_q, to_k, to_v, to_out.0 of every UNet attention (the reference; SD1.x: "
-                               "128 layers, 797,184 parameters at rank 4); attention+feedforward: also ff.net.0.proj "
-                               "and ff.net.2; all linear+conv: every Linear and Conv layer of the UNet."),
+        io.Combo.Input("targets", options=list(_recipe.TARGETS), default=_recipe.ATTENTION, tooltip=_TARGETS_TOOLTIP),
         io.Boolean.Input("random_flip", default=True,
                          tooltip="Flip each sample horizontally with probability 0.5 (the reference). The flipped "
                                  "latents are prepared once."),
