@@ -67,6 +67,10 @@ MEMORY_MODES = {
     "low": {"train_batch_size": 4, "train_accumulation": 1, "gradient_checkpointing": True},
 }
 
+# --attention: the ComfyUI command-line flag that selects each implementation ("auto" sets none).
+ATTENTION_FLAGS = {"pytorch": "use_pytorch_cross_attention", "sub_quad": "use_quad_cross_attention",
+                   "split": "use_split_cross_attention"}
+
 
 # -- command line --------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vram-budget", type=float, default=None,
                    help="CUDA only: behave as on a card with this many GiB: caps PyTorch's allocator and what "
                         "ComfyUI believes is free, so the run fails (OOM) if it would not fit")
-    p.add_argument("--attention", default="auto", choices=["auto", "pytorch", "sub_quad", "split"],
+    p.add_argument("--attention", default="auto", choices=["auto", *ATTENTION_FLAGS],
                    help="ComfyUI's attention implementation (auto: ComfyUI's own choice: PyTorch SDPA on NVIDIA, "
                         "sub-quadratic on the CPU)")
     p.add_argument("--compile", default="none", choices=["none", "inductor", "cudagraphs"],
@@ -329,12 +333,8 @@ def configure_comfy_args(a: argparse.Namespace, comfy_path: Path):
 
     if a.device == "cpu":
         args.cpu = True
-    if a.attention == "pytorch":
-        args.use_pytorch_cross_attention = True
-    elif a.attention == "sub_quad":
-        args.use_quad_cross_attention = True
-    elif a.attention == "split":
-        args.use_split_cross_attention = True
+    if a.attention in ATTENTION_FLAGS:
+        setattr(args, ATTENTION_FLAGS[a.attention], True)
 
 
 def apply_vram_budget(budget_gib: float):

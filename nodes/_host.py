@@ -92,6 +92,15 @@ def current_node_id() -> Optional[str]:
         return None
 
 
+def publish_scores(tables: list[dict]) -> dict:
+    """Send each score table ({title, columns, rows}) as a ``memora.scores`` event and return the matching UI output
+    (the node's ``ui=``), which the editor shows on the node."""
+    node = current_node_id()
+    for t in tables:
+        send_event("memora.scores", {"node": node, **t})
+    return {"memora_scores": tables}
+
+
 class StageProgress:
     """ComfyUI progress bar + interrupt check + a ``memora.progress`` event with an ETA, once per step."""
 

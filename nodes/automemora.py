@@ -22,7 +22,7 @@ from comfy_api.latest import io
 from memora import guidance
 from memora.lora import apply as lora_apply
 from memora.lora import formats
-from . import _lora_host
+from . import _lora_host, _schema
 
 
 def _flat_shape(shape) -> tuple[int, int]:
@@ -107,36 +107,30 @@ class AutoMemoRaGuider(comfy.samplers.CFGGuider):
 
 
 class MemoRaAutoGuider(io.ComfyNode):
+    """AutoMemoRa guidance for SamplerCustomAdvanced: eps = eps_bad + w (eps_main - eps_bad), where one side is the
+    unlearned model and the other the same model with the MemoRa LoRA, each with its own classifier-free guidance. w
+    = 0 gives the bad side, w = 1 the main side exactly; w > 1 pushes further. Keeps ONE copy of the model weights:
+    the LoRA is switched on and off between the two predictions (two forwards per step; one at w = 0 or 1)."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaAutoGuider",
-            display_name="AutoMemoRa Guider",
-            category="MemoRa",
-            description=(
-                "AutoMemoRa guidance for SamplerCustomAdvanced: eps = eps_bad + w (eps_main - eps_bad), where one side "
-                "is the unlearned model and the other the same model with the MemoRa LoRA, each with its own "
-                "classifier-free guidance. w = 0 gives the bad side, w = 1 the main side exactly; w > 1 pushes "
-                "further. Keeps ONE copy of the model weights: the LoRA is switched on and off between the two "
-                "predictions (two forwards per step; one at w = 0 or 1)."),
-            inputs=[
-                io.Model.Input("model", tooltip="The UNLEARNED model (without the LoRA)."),
-                io.LoraModel.Input("lora", tooltip="The MemoRa LoRA recovered for this model (e.g. from MemoRa LoRA "
-                                                   "Train, MemoRa Load LoRA or MemoRa Multi-LoRA Merge)."),
-                io.Conditioning.Input("positive", tooltip="The prompt's conditioning (used by both sides)."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning for CFG (MemoRa: the empty prompt)."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale of each side (MemoRa: 7.5)."),
-                io.Float.Input("w", default=1.0, min=-10.0, max=20.0, step=0.05, round=0.0001,
-                               tooltip="AutoMemoRa weight: 0 = the bad side only, 1 = the main side only, > 1 pushes "
-                                       "beyond the main side, away from the bad one."),
-                io.Combo.Input("main", options=list(guidance.MAIN_ROLES), default="lora",
-                               tooltip="lora: main = model + LoRA, bad = unlearned model (push toward the recovered "
-                                       "concept). unlearned: the roles swap (push away from it)."),
-            ],
-            outputs=[io.Guider.Output(display_name="guider",
-                                      tooltip="A GUIDER for the stock SamplerCustomAdvanced.")],
-        )
+        return _schema.node(cls, "AutoMemoRa Guider", inputs=[
+            io.Model.Input("model", tooltip="The UNLEARNED model (without the LoRA)."),
+            io.LoraModel.Input("lora", tooltip="The MemoRa LoRA recovered for this model (e.g. from MemoRa LoRA "
+                                               "Train, MemoRa Load LoRA or MemoRa Multi-LoRA Merge)."),
+            io.Conditioning.Input("positive", tooltip="The prompt's conditioning (used by both sides)."),
+            io.Conditioning.Input("negative", tooltip="Negative conditioning for CFG (MemoRa: the empty prompt)."),
+            io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                           tooltip="Classifier-free guidance scale of each side (MemoRa: 7.5)."),
+            io.Float.Input("w", default=1.0, min=-10.0, max=20.0, step=0.05, round=0.0001,
+                           tooltip="AutoMemoRa weight: 0 = the bad side only, 1 = the main side only, > 1 pushes "
+                                   "beyond the main side, away from the bad one."),
+            io.Combo.Input("main", options=list(guidance.MAIN_ROLES), default="lora",
+                           tooltip="lora: main = model + LoRA, bad = unlearned model (push toward the recovered "
+                                   "concept). unlearned: the roles swap (push away from it)."),
+        ], outputs=[
+            io.Guider.Output(display_name="guider", tooltip="A GUIDER for the stock SamplerCustomAdvanced."),
+        ])
 
     @classmethod
     def execute(cls, model, lora, positive, negative, cfg, w, main) -> io.NodeOutput:

@@ -6,7 +6,7 @@ import torch
 from comfy_api.latest import io
 
 from memora import ddim, schedule, slerp
-from . import _host
+from . import _host, _schema
 
 SCHEDULES = ["exact", "reference"]
 
@@ -48,30 +48,23 @@ def _step_inputs():
 
 
 class MemoRaDDIMInversion(io.ComfyNode):
+    """Deterministic DDIM inversion with classifier-free guidance: clean VAE latents -> the noisy latents where
+    sampling at start_at_step of steps begins. The output continues correctly through MemoRa Regenerate, and
+    (schedule 'exact') through the stock KSamplerAdvanced with add_noise disable, the same steps and start_at_step,
+    sampler ddim, scheduler ddim_uniform. The whole batch and its CFG pair go through the model in one call per
+    step."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaDDIMInversion",
-            display_name="MemoRa DDIM Inversion",
-            category="MemoRa",
-            description=(
-                "Deterministic DDIM inversion with classifier-free guidance: clean VAE latents -> the noisy latents "
-                "where sampling at start_at_step of steps begins. The output continues correctly through MemoRa "
-                "Regenerate, and (schedule 'exact') through the stock KSamplerAdvanced with add_noise disable, the "
-                "same steps and start_at_step, sampler ddim, scheduler ddim_uniform. The whole batch and its CFG "
-                "pair go through the model in one call per step."),
-            inputs=[
-                *_common_inputs(),
-                io.Latent.Input("latent", tooltip="Clean VAE latents of the concept images (any batch size)."),
-                *_step_inputs(),
-                io.Int.Input("refine_iterations", default=0, min=0, max=20,
-                             tooltip="Extra fixed-point evaluations per step (exact schedule): 0 is classic DDIM "
-                                     "inversion; 2-3 make regeneration reproduce the input almost exactly."),
-                io.Combo.Input("schedule", options=SCHEDULES, default="exact", tooltip=_SCHEDULE_TOOLTIP),
-            ],
-            outputs=[io.Latent.Output(display_name="latent",
-                                      tooltip="The inverted (noisy) latents; the input LATENT's other keys are kept.")],
-        )
+        return _schema.node(cls, "MemoRa DDIM Inversion", inputs=[
+            *_common_inputs(),
+            io.Latent.Input("latent", tooltip="Clean VAE latents of the concept images (any batch size)."),
+            *_step_inputs(),
+            io.Int.Input("refine_iterations", default=0, min=0, max=20,
+                         tooltip="Extra fixed-point evaluations per step (exact schedule): 0 is classic DDIM "
+                                 "inversion; 2-3 make regeneration reproduce the input almost exactly."),
+            io.Combo.Input("schedule", options=SCHEDULES, default="exact", tooltip=_SCHEDULE_TOOLTIP),
+        ], outputs=[_schema.latent_output("The inverted (noisy) latents; the input LATENT's other keys are kept.")])
 
     @classmethod
     def execute(cls, model, positive, negative, latent, steps, start_at_step, cfg, refine_iterations,
@@ -100,25 +93,19 @@ class MemoRaDDIMInversion(io.ComfyNode):
 
 
 class MemoRaRegenerate(io.ComfyNode):
+    """Deterministic DDIM (eta 0) sampling with classifier-free guidance from start_at_step of steps down to a clean
+    latent: the regeneration step of MemoRa, batched (one model call per step for the whole batch and its CFG pair).
+    With schedule 'exact' it equals the stock KSamplerAdvanced (add_noise disable, sampler ddim, scheduler
+    ddim_uniform)."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaRegenerate",
-            display_name="MemoRa Regenerate",
-            category="MemoRa",
-            description=(
-                "Deterministic DDIM (eta 0) sampling with classifier-free guidance from start_at_step of steps down "
-                "to a clean latent: the regeneration step of MemoRa, batched (one model call per step for the "
-                "whole batch and its CFG pair). With schedule 'exact' it equals the stock KSamplerAdvanced "
-                "(add_noise disable, sampler ddim, scheduler ddim_uniform)."),
-            inputs=[
-                *_common_inputs(),
-                io.Latent.Input("latent", tooltip="Inverted latents (e.g. from MemoRa DDIM Inversion or Slerp Latents)."),
-                *_step_inputs(),
-                io.Combo.Input("schedule", options=SCHEDULES, default="exact", tooltip=_SCHEDULE_TOOLTIP),
-            ],
-            outputs=[io.Latent.Output(display_name="latent", tooltip="Clean latents, ready for VAE Decode or training.")],
-        )
+        return _schema.node(cls, "MemoRa Regenerate", inputs=[
+            *_common_inputs(),
+            io.Latent.Input("latent", tooltip="Inverted latents (e.g. from MemoRa DDIM Inversion or Slerp Latents)."),
+            *_step_inputs(),
+            io.Combo.Input("schedule", options=SCHEDULES, default="exact", tooltip=_SCHEDULE_TOOLTIP),
+        ], outputs=[_schema.latent_output("Clean latents, ready for VAE Decode or training.")])
 
     @classmethod
     def execute(cls, model, positive, negative, latent, steps, start_at_step, cfg, schedule) -> io.NodeOutput:
@@ -168,30 +155,22 @@ def _interp_mask(mask_a, mask_b, pts, batch):
 
 
 class MemoRaSlerpLatents(io.ComfyNode):
+    """Spherical interpolation between item i of latent_a and item i of latent_b (never across pairs), at t = k /
+    intervals. Output is pair-major: 3 pairs x 11 points = 33 latents. Computed in fp32 with the cosine clamped and
+    a linear fallback for (anti)parallel inputs, so identical latents give finite results; endpoints are returned
+    exactly. Unlike the core LatentInterpolate, this is a true slerp over the whole latent."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaSlerpLatents",
-            display_name="MemoRa Slerp Latents",
-            category="MemoRa",
-            description=(
-                "Spherical interpolation between item i of latent_a and item i of latent_b (never across pairs), at "
-                "t = k / intervals. Output is pair-major: 3 pairs x 11 points = 33 latents. Computed in fp32 with "
-                "the cosine clamped and a linear fallback for (anti)parallel inputs, so identical latents give "
-                "finite results; endpoints are returned exactly. Unlike the core LatentInterpolate, this is a "
-                "true slerp over the whole latent."),
-            inputs=[
-                io.Latent.Input("latent_a", tooltip="First latent of each pair (batch of B)."),
-                io.Latent.Input("latent_b", tooltip="Second latent of each pair (same shape as latent_a)."),
-                io.Int.Input("intervals", default=10, min=1, max=1000,
-                             tooltip="Number of intervals between the two latents of a pair (MemoRa: 10)."),
-                io.Boolean.Input("include_endpoints", default=True,
-                                 tooltip="Include t = 0 and t = 1 (the inputs themselves): 11 points per pair for "
-                                         "intervals 10; without them, 9."),
-            ],
-            outputs=[io.Latent.Output(display_name="latent",
-                                      tooltip="B x points latents, pair-major; noise_mask interpolated alongside.")],
-        )
+        return _schema.node(cls, "MemoRa Slerp Latents", inputs=[
+            io.Latent.Input("latent_a", tooltip="First latent of each pair (batch of B)."),
+            io.Latent.Input("latent_b", tooltip="Second latent of each pair (same shape as latent_a)."),
+            io.Int.Input("intervals", default=10, min=1, max=1000,
+                         tooltip="Number of intervals between the two latents of a pair (MemoRa: 10)."),
+            io.Boolean.Input("include_endpoints", default=True,
+                             tooltip="Include t = 0 and t = 1 (the inputs themselves): 11 points per pair for "
+                                     "intervals 10; without them, 9."),
+        ], outputs=[_schema.latent_output("B x points latents, pair-major; noise_mask interpolated alongside.")])
 
     @classmethod
     def execute(cls, latent_a, latent_b, intervals, include_endpoints) -> io.NodeOutput:

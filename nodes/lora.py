@@ -11,7 +11,7 @@ from comfy_api.latest import io
 import memora
 from memora.lora import formats
 from memora.lora import metadata as _metadata
-from . import _lora_host
+from . import _lora_host, _schema
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -71,34 +71,26 @@ def report_text(name: str, fmt: str, summary: dict) -> str:
 
 
 class MemoRaLoadLoRA(io.ComfyNode):
+    """Reads a LoRA file from the loras folder in any common key format (kohya / lycoris, diffusers '.lora.down',
+    diffusers-PEFT 'lora_A/lora_B', ComfyUI-native 'diffusion_model.*' from core TrainLoraNode) and returns it as a
+    kohya-format LORA_MODEL, which core LoraModelLoader and the MemoRa nodes apply with every layer loaded. Fails
+    with the format's name when keys match nothing."""
+
     @classmethod
     def define_schema(cls):
         import folder_paths
 
-        return io.Schema(
-            node_id="MemoRaLoadLoRA",
-            display_name="MemoRa Load LoRA",
-            category="MemoRa/LoRA",
-            description=(
-                "Reads a LoRA file from the loras folder in any common key format (kohya / lycoris, diffusers "
-                "'.lora.down', diffusers-PEFT 'lora_A/lora_B', ComfyUI-native 'diffusion_model.*' from core "
-                "TrainLoraNode) and returns it as a kohya-format LORA_MODEL, which core LoraModelLoader and the "
-                "MemoRa nodes apply with every layer loaded. Fails with the format's name when keys match nothing."),
-            inputs=[
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="A LoRA file from models/loras (any of the formats listed in the description)."),
-                io.Model.Input("model", optional=True,
-                               tooltip="Optional: the model the LoRA is meant for. Needed for ComfyUI-native files of "
-                                       "non-SD1.x UNets; when given, every UNet layer must match one of its weights."),
-            ],
-            outputs=[
-                io.LoraModel.Output(display_name="lora",
-                                    tooltip="The LoRA in kohya SD format (lora_unet_<diffusers path> lora_down / "
-                                            "lora_up / alpha), for LoraModelLoader and the MemoRa nodes."),
-                io.String.Output(display_name="report",
-                                 tooltip="Format detected, number of layers and parameters, ranks and alphas."),
-            ],
-        )
+        return _schema.node(cls, "MemoRa Load LoRA", "LoRA", inputs=[
+            io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                           tooltip="A LoRA file from models/loras (any of the formats listed in the description)."),
+            io.Model.Input("model", optional=True,
+                           tooltip="Optional: the model the LoRA is meant for. Needed for ComfyUI-native files of "
+                                   "non-SD1.x UNets; when given, every UNet layer must match one of its weights."),
+        ], outputs=[
+            _schema.lora_output("The LoRA in kohya SD format (lora_unet_<diffusers path> lora_down / lora_up / "
+                                "alpha), for LoraModelLoader and the MemoRa nodes."),
+            _schema.report_output("Format detected, number of layers and parameters, ranks and alphas."),
+        ])
 
     @classmethod
     def execute(cls, lora_name, model=None) -> io.NodeOutput:
@@ -110,26 +102,19 @@ class MemoRaLoadLoRA(io.ComfyNode):
 
 
 class MemoRaSaveLoRA(io.ComfyNode):
+    """Saves a LORA_MODEL (kohya format; other formats are converted) as
+    models/loras/<save_name>_<counter>_.safetensors: written atomically, never overwriting a file, name checked to
+    stay inside the loras folder. Loads in LoraLoader and in diffusers."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaSaveLoRA",
-            display_name="MemoRa Save LoRA",
-            category="MemoRa/LoRA",
-            description=(
-                "Saves a LORA_MODEL (kohya format; other formats are converted) as models/loras/<save_name>_"
-                "<counter>_.safetensors: written atomically, never overwriting a file, name checked to stay inside "
-                "the loras folder. Loads in LoraLoader and in diffusers."),
-            inputs=[
-                io.LoraModel.Input("lora", tooltip="The LoRA to save (e.g. from MemoRa LoRA Train or MemoRa Load LoRA)."),
-                io.String.Input("save_name", default="memora/lora",
-                                tooltip="File prefix under models/loras; '/' makes subfolders. A 5-digit counter is "
-                                        "added so no file is ever overwritten."),
-            ],
-            outputs=[io.String.Output(display_name="filename",
-                                      tooltip="The saved file, relative to the loras folder (as LoraLoader lists it).")],
-            is_output_node=True,
-        )
+        return _schema.node(cls, "MemoRa Save LoRA", "LoRA", inputs=[
+            io.LoraModel.Input("lora", tooltip="The LoRA to save (e.g. from MemoRa LoRA Train or MemoRa Load LoRA)."),
+            _schema.save_name_input("memora/lora", "File prefix under models/loras; '/' makes subfolders. A "
+                                                   "5-digit counter is added so no file is ever overwritten."),
+        ], outputs=[
+            _schema.filename_output("The saved file, relative to the loras folder (as LoraLoader lists it)."),
+        ], is_output_node=True)
 
     @classmethod
     def execute(cls, lora, save_name) -> io.NodeOutput:

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 import memora
 from memora.lora import formats, merge
 from memora.lora import metadata as _metadata
-from . import _host, _lora_host
+from . import _host, _lora_host, _schema
 
 SLOTS = 4
 
@@ -63,45 +63,35 @@ def merge_metadata(result: merge.MergeResult, sources: list[dict], title: str) -
 
 
 class MemoRaMultiLoRAMerge(io.ComfyNode):
+    """Merges up to four LoRAs into one (Multi-MemoRa: one recovered concept per LoRA, all brought back by one
+    adapter). Inputs of different ranks, layer sets (a missing layer counts as zero) or key formats are normalised
+    first; layers whose shapes differ between inputs are refused by name. The order of the inputs never changes the
+    result. Optionally saves the merge to models/loras (atomic, never overwriting; the file's metadata lists the
+    sources and the method)."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaMultiLoRAMerge",
-            display_name="MemoRa Multi-LoRA Merge",
-            category="MemoRa/LoRA",
-            description=(
-                "Merges up to four LoRAs into one (Multi-MemoRa: one recovered concept per LoRA, all brought back by "
-                "one adapter). Inputs of different ranks, layer sets (a missing layer counts as zero) or key formats "
-                "are normalised first; layers whose shapes differ between inputs are refused by name. The order of "
-                "the inputs never changes the result. Optionally saves the merge to models/loras (atomic, never "
-                "overwriting; the file's metadata lists the sources and the method)."),
-            inputs=[
-                *_slot_inputs(),
-                io.Combo.Input("method", options=list(merge.METHODS), default="concat", tooltip=_METHOD_TOOLTIP),
-                io.Int.Input("rank", default=0, min=0, max=4096,
-                             tooltip="Output rank per layer for svd and the peft methods; 0 = automatic (svd: every "
-                                     "component, i.e. exact; peft methods: the sum of the input ranks). concat "
-                                     "ignores it."),
-                io.Float.Input("density", default=0.5, min=0.01, max=1.0, step=0.01, round=0.0001,
-                               tooltip="ties / dare / magnitude_prune: the fraction of each delta's entries kept "
-                                       "(1 keeps everything). Ignored by concat and svd."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="dare_linear / dare_ties: seed of the random drop (the same seed gives the same "
-                                     "merge). Ignored by the other methods."),
-                io.String.Input("save_name", default="",
-                                tooltip="Empty: do not save. Otherwise a file prefix under models/loras ('/' makes "
-                                        "subfolders); a counter is added so no file is ever overwritten."),
-            ],
-            outputs=[
-                io.LoraModel.Output(display_name="lora",
-                                    tooltip="The merged LoRA (kohya format) for LoraModelLoader or the MemoRa nodes."),
-                io.String.Output(display_name="report",
-                                 tooltip="The sources, the method, and per layer the merged rank and the energy kept "
-                                         "(sum of kept s^2 / total; 1 = exact)."),
-                io.String.Output(display_name="filename",
-                                 tooltip="The saved file relative to the loras folder (empty when not saved)."),
-            ],
-        )
+        return _schema.node(cls, "MemoRa Multi-LoRA Merge", "LoRA", inputs=[
+            *_slot_inputs(),
+            io.Combo.Input("method", options=list(merge.METHODS), default="concat", tooltip=_METHOD_TOOLTIP),
+            io.Int.Input("rank", default=0, min=0, max=4096,
+                         tooltip="Output rank per layer for svd and the peft methods; 0 = automatic (svd: every "
+                                 "component, i.e. exact; peft methods: the sum of the input ranks). concat "
+                                 "ignores it."),
+            io.Float.Input("density", default=0.5, min=0.01, max=1.0, step=0.01, round=0.0001,
+                           tooltip="ties / dare / magnitude_prune: the fraction of each delta's entries kept "
+                                   "(1 keeps everything). Ignored by concat and svd."),
+            io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                         tooltip="dare_linear / dare_ties: seed of the random drop (the same seed gives the same "
+                                 "merge). Ignored by the other methods."),
+            _schema.save_name_input("", "Empty: do not save. Otherwise a file prefix under models/loras ('/' "
+                                        "makes subfolders); a counter is added so no file is ever overwritten."),
+        ], outputs=[
+            _schema.lora_output("The merged LoRA (kohya format) for LoraModelLoader or the MemoRa nodes."),
+            _schema.report_output("The sources, the method, and per layer the merged rank and the energy kept "
+                                  "(sum of kept s^2 / total; 1 = exact)."),
+            _schema.filename_output("The saved file relative to the loras folder (empty when not saved)."),
+        ])
 
     @classmethod
     def execute(cls, lora_1, weight_1, method, rank, density, seed, save_name, lora_2=None, weight_2=1.0,

@@ -10,40 +10,33 @@ from comfy_api.latest import io
 
 from memora.micro import data, world
 from memora.micro import detector as _det
-from . import _host, _micro_host
+from . import _host, _micro_host, _schema
 
 
 class MemoRaLoadMicroWorld(io.ComfyNode):
+    """Loads the micro world shipped with the pack: a tiny Stable Diffusion 1.x-family model (UNet, CLIP text
+    encoder, VAE; about 1 M UNet parameters) trained on five procedural shapes (circle, square, triangle, star,
+    cross) at 32 x 32 pixels. 'original' knows every shape; 'unlearned' had the star erased with ESD-x;
+    'never_learned' was trained the same way without stars. Its VAE downsamples 4x (SD's downsamples 8x): an Empty
+    Latent Image of 64 x 64 gives its 8 x 8 latents, which decode to 32 x 32 images. Nothing is registered with
+    ComfyUI's checkpoint detection: real checkpoints load exactly as before."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaLoadMicroWorld",
-            display_name="MemoRa Load Micro World",
-            category="MemoRa/micro world",
-            description=(
-                "Loads the micro world shipped with the pack: a tiny Stable Diffusion 1.x-family model (UNet, CLIP "
-                "text encoder, VAE; about 1 M UNet parameters) trained on five procedural shapes (circle, square, "
-                "triangle, star, cross) at 32 x 32 pixels. 'original' knows every shape; 'unlearned' had the star "
-                "erased with ESD-x; 'never_learned' was trained the same way without stars. Its VAE downsamples 4x "
-                "(SD's downsamples 8x): an Empty Latent Image of 64 x 64 gives its 8 x 8 latents, which decode to "
-                "32 x 32 images. Nothing is registered with ComfyUI's checkpoint detection: real checkpoints load "
-                "exactly as before."),
-            inputs=[
-                io.Combo.Input("variant", options=list(world.VARIANTS), default="unlearned",
-                               tooltip="original: trained on all five shapes; unlearned: the original with the "
-                                       "star erased by ESD-x; never_learned: trained without any star."),
-            ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The micro UNet (SD1.x family, eps prediction)."),
-                io.Clip.Output(display_name="CLIP", tooltip="The micro CLIP text encoder (SD1 tokenizer, width 64); "
-                                                            "shared by all three variants."),
-                io.Vae.Output(display_name="VAE", tooltip="The micro VAE (4x downsampling, 4 latent channels); "
-                                                          "shared by all three variants."),
-                io.String.Output(display_name="erased_prompt",
-                                 tooltip="The prompt of the erased concept ('a photo of a star'), for CLIP Text "
-                                         "Encode and MemoRa's recovery."),
-            ],
-        )
+        return _schema.node(cls, "MemoRa Load Micro World", "micro world", inputs=[
+            io.Combo.Input("variant", options=list(world.VARIANTS), default="unlearned",
+                           tooltip="original: trained on all five shapes; unlearned: the original with the "
+                                   "star erased by ESD-x; never_learned: trained without any star."),
+        ], outputs=[
+            io.Model.Output(display_name="MODEL", tooltip="The micro UNet (SD1.x family, eps prediction)."),
+            io.Clip.Output(display_name="CLIP", tooltip="The micro CLIP text encoder (SD1 tokenizer, width 64); "
+                                                        "shared by all three variants."),
+            io.Vae.Output(display_name="VAE", tooltip="The micro VAE (4x downsampling, 4 latent channels); "
+                                                      "shared by all three variants."),
+            io.String.Output(display_name="erased_prompt",
+                             tooltip="The prompt of the erased concept ('a photo of a star'), for CLIP Text "
+                                     "Encode and MemoRa's recovery."),
+        ])
 
     @classmethod
     def execute(cls, variant) -> io.NodeOutput:
@@ -53,35 +46,25 @@ class MemoRaLoadMicroWorld(io.ComfyNode):
 
 
 class MemoRaMicroDetector(io.ComfyNode):
+    """Names the shape in each image with the micro world's concept detector (a small CNN trained by the build
+    script on fresh procedural images; its held-out accuracy is in the micro world's manifest and
+    docs/micro-world.md). An image counts as showing a concept when that concept is the detector's top class among
+    circle, square, triangle, star, cross and none. Images of another size are resized to 32 x 32."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaMicroDetector",
-            is_output_node=True,
-            display_name="MemoRa Micro World Detector",
-            category="MemoRa/micro world",
-            description=(
-                "Names the shape in each image with the micro world's concept detector (a small CNN trained by the "
-                "build script on fresh procedural images; its held-out accuracy is in the micro world's manifest "
-                "and docs/micro-world.md). An image counts as showing a concept when that concept is the "
-                "detector's top class among circle, square, triangle, star, cross and none. Images of another size "
-                "are resized to 32 x 32."),
-            inputs=[
-                io.Image.Input("images", tooltip="Images to score (e.g. decoded micro-world samples)."),
-                io.Combo.Input("concept", options=list(data.CONCEPTS), default=world.ERASED_CONCEPT,
-                               tooltip="The concept whose rate is returned as the FLOAT output (the report lists "
-                                       "every concept)."),
-                io.String.Input("title", default="micro world detector",
-                                tooltip="Title of the score table shown on the node and sent to the editor."),
-            ],
-            outputs=[
-                io.Float.Output(display_name="rate",
-                                tooltip="Share of images (0..1) whose top class is the chosen concept."),
-                io.String.Output(display_name="report",
-                                 tooltip="Per-concept rates and mean probabilities, and the top class of every "
-                                         "image."),
-            ],
-        )
+        return _schema.node(cls, "MemoRa Micro World Detector", "micro world", is_output_node=True, inputs=[
+            _schema.images_input("images", "Images to score (e.g. decoded micro-world samples)."),
+            io.Combo.Input("concept", options=list(data.CONCEPTS), default=world.ERASED_CONCEPT,
+                           tooltip="The concept whose rate is returned as the FLOAT output (the report lists "
+                                   "every concept)."),
+            io.String.Input("title", default="micro world detector",
+                            tooltip="Title of the score table shown on the node and sent to the editor."),
+        ], outputs=[
+            io.Float.Output(display_name="rate", tooltip="Share of images (0..1) whose top class is the chosen "
+                                                         "concept."),
+            _schema.report_output("Per-concept rates and mean probabilities, and the top class of every image."),
+        ])
 
     @classmethod
     def execute(cls, images, concept, title) -> io.NodeOutput:
@@ -91,9 +74,7 @@ class MemoRaMicroDetector(io.ComfyNode):
         probs = _det.probabilities(det, x)
         rates = _det.rates(probs)
         table, report = score_table(probs, rates, concept, title)
-        node = _host.current_node_id()
-        _host.send_event("memora.scores", {"node": node, **table})
-        return io.NodeOutput(rates[concept], report, ui={"memora_scores": [table]})
+        return io.NodeOutput(rates[concept], report, ui=_host.publish_scores([table]))
 
 
 _DETECTOR_CACHE: dict = {}

@@ -12,18 +12,14 @@ from memora.lora import denoiser as _precision
 from memora.lora import fingerprint, formats
 from memora.lora import metadata as _metadata
 from memora.lora import recipe as _recipe
-from . import _host, _lora_host
+from . import _host, _lora_host, _schema
 from . import _train_host as _th
 from . import _train_model as _tm
 
-DESCRIPTION = (
-    "Trains a LoRA on the given (unlearned) model with the MemoRa recipe: epsilon-prediction MSE (the model's own "
-    "velocity objective for v-prediction models) with t uniform over the training timesteps, LoRA down ~ N(0, "
-    "(1/rank)^2) and up = 0 on the attention projections, AdamW with a cosine schedule to 0 and gradient norm "
-    "clipping at 1.0, random horizontal flips, every random draw from one seeded generator (bit-identical results "
-    "on the CPU for the same inputs). The input model is never modified; the queue's cancel stops within one "
-    "step and writes nothing. The LoRA is saved in kohya format (loads in LoraLoader and diffusers) under "
-    "models/loras/<save_name>_<counter>_.safetensors, never overwriting a file.")
+_TARGETS_TOOLTIP = (
+    "attention: to_q, to_k, to_v, to_out.0 of every UNet attention (the reference; SD1.x: 128 layers, 797,184 "
+    "parameters at rank 4); attention+feedforward: also ff.net.0.proj and ff.net.2; all linear+conv: every Linear and "
+    "Conv layer of the UNet.")
 
 
 def _inputs():
@@ -51,10 +47,7 @@ def _inputs():
         io.Int.Input("gradient_accumulation", default=4, min=1, max=1024,
                      tooltip="Forward passes per update; the update's gradient is the mean over batch_size x "
                              "gradient_accumulation samples (the reference: 1 x 4 = 4)."),
-        io.Combo.Input("targets", options=list(_recipe.TARGETS), default=_recipe.ATTENTION,
-                       tooltip="attention: to_q, to_k, to_v, to_out.0 of every UNet attention (the reference; SD1.x: "
-                               "128 layers, 797,184 parameters at rank 4); attention+feedforward: also ff.net.0.proj "
-                               "and ff.net.2; all linear+conv: every Linear and Conv layer of the UNet."),
+        io.Combo.Input("targets", options=list(_recipe.TARGETS), default=_recipe.ATTENTION, tooltip=_TARGETS_TOOLTIP),
         io.Boolean.Input("random_flip", default=True,
                          tooltip="Flip each sample horizontally with probability 0.5 (the reference). The flipped "
                                  "latents are prepared once."),
@@ -68,9 +61,9 @@ def _inputs():
         io.Int.Input("seed", default=2024, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                      tooltip="Seeds the one generator behind every random draw: LoRA init, sample order, flips, "
                              "timesteps, noise (the reference: 2024)."),
-        io.String.Input("save_name", default="memora/recovered",
-                        tooltip="File prefix under models/loras (subfolders with '/'); the file is "
-                                "<save_name>_<counter>_.safetensors and never overwrites one. Empty: do not save."),
+        _schema.save_name_input("memora/recovered", "File prefix under models/loras (subfolders with '/'); the file "
+                                                    "is <save_name>_<counter>_.safetensors and never overwrites one. "
+                                                    "Empty: do not save."),
     ]
 
 
@@ -98,30 +91,26 @@ def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str
 
 
 class MemoRaLoRATrain(io.ComfyNode):
+    """Trains a LoRA on the given (unlearned) model with the MemoRa recipe: epsilon-prediction MSE (the model's own
+    velocity objective for v-prediction models) with t uniform over the training timesteps, LoRA down ~ N(0,
+    (1/rank)^2) and up = 0 on the attention projections, AdamW with a cosine schedule to 0 and gradient norm
+    clipping at 1.0, random horizontal flips, every random draw from one seeded generator (bit-identical results on
+    the CPU for the same inputs). The input model is never modified; the queue's cancel stops within one step and
+    writes nothing. The LoRA is saved in kohya format (loads in LoraLoader and diffusers) under
+    models/loras/<save_name>_<counter>_.safetensors, never overwriting a file."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaLoRATrain",
-            display_name="MemoRa LoRA Train",
-            category="MemoRa",
-            description=DESCRIPTION,
-            inputs=_inputs(),
-            outputs=[
-                io.Model.Output(display_name="model",
-                                tooltip="The input model with the trained LoRA applied at strength 1 (a patched clone)."),
-                io.Custom("LORA_MODEL").Output(display_name="lora",
-                                               tooltip="The trained LoRA in kohya format (for LoraModelLoader, MemoRa "
-                                                       "nodes, Save LoRA)."),
-                io.Custom("LOSS_MAP").Output(display_name="loss",
-                                             tooltip="Per-update training loss {'loss': [...], 'lr': [...]}; plug "
-                                                     "into the core Plot Loss Graph node."),
-                io.String.Output(display_name="filename",
-                                 tooltip="The saved file relative to the loras folder, as LoraLoader lists it "
-                                         "(empty when save_name is empty)."),
-            ],
-            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
-            is_output_node=True,
-        )
+        return _schema.node(cls, "MemoRa LoRA Train", inputs=_inputs(), outputs=[
+            io.Model.Output(display_name="model",
+                            tooltip="The input model with the trained LoRA applied at strength 1 (a patched clone)."),
+            _schema.lora_output("The trained LoRA in kohya format (for LoraModelLoader, MemoRa nodes, Save LoRA)."),
+            io.Custom("LOSS_MAP").Output(display_name="loss",
+                                         tooltip="Per-update training loss {'loss': [...], 'lr': [...]}; plug "
+                                                 "into the core Plot Loss Graph node."),
+            _schema.filename_output("The saved file relative to the loras folder, as LoraLoader lists it (empty "
+                                    "when save_name is empty)."),
+        ], hidden=[io.Hidden.unique_id, io.Hidden.prompt], is_output_node=True)
 
     @classmethod
     def execute(cls, model, latents, positive, steps, rank, alpha, learning_rate, lr_schedule, batch_size,

@@ -23,7 +23,7 @@ import folder_paths
 
 from memora import zoo
 from memora.lora import apply as lora_apply
-from . import _lora_host
+from . import _lora_host, _schema
 
 UNLEARNED_FOLDER = "unlearned"
 # (prefix shown in the list, ComfyUI folder name)
@@ -254,40 +254,32 @@ def load_base_checkpoint(ckpt_name: str):
 
 
 class MemoRaLoadUnlearnedModel(io.ComfyNode):
+    """Load a base checkpoint and an unlearned model's weights in any of the formats the unlearning literature ships
+    (full or partial diffusers UNet, ldm checkpoint, AdvUnlearn text encoder with or without its 'text_encoder.'
+    prefix, Concept Ablation delta.bin, SPM kohya LoRA, diffusers pipeline folder). The format is detected; partial
+    files are merged onto the base through weight patches (the base is never modified in place); loads that match
+    nothing or almost nothing of the base are refused instead of silently returning the base model. Pickles load
+    with weights_only: a file that needs code to load is refused. Files: models/unlearned, models/unet,
+    models/loras, and pipeline folders in models/unlearned or models/diffusers."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="MemoRaLoadUnlearnedModel",
-            display_name="MemoRa Load Unlearned Model",
-            category="MemoRa/loaders",
-            description=(
-                "Load a base checkpoint and an unlearned model's weights in any of the formats the unlearning "
-                "literature ships (full or partial diffusers UNet, ldm checkpoint, AdvUnlearn text encoder with or "
-                "without its 'text_encoder.' prefix, Concept Ablation delta.bin, SPM kohya LoRA, diffusers "
-                "pipeline folder). The format is detected; partial files are merged onto the base through weight "
-                "patches (the base is never modified in place); loads that match nothing or almost nothing of the "
-                "base are refused instead of silently returning the base model. Pickles load with "
-                "weights_only: a file that needs code to load is refused. Files: models/unlearned, models/unet, "
-                "models/loras, and pipeline folders in models/unlearned or models/diffusers."),
-            inputs=[
-                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
-                               tooltip="The base checkpoint the model was unlearned from (the zoo: Stable "
-                                       "Diffusion 1.4). Partial files are merged onto it; its VAE is used."),
-                io.Combo.Input("unlearned_weights", options=weight_choices(),
-                               tooltip="The unlearned weights: a file from models/unlearned, models/unet or "
-                                       "models/loras, or a diffusers pipeline folder (entries ending in '/')."),
-                io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="Strength for LoRA-format files (SPM); ignored for every other format."),
-            ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The unlearned UNet (the base with the file applied)."),
-                io.Clip.Output(display_name="CLIP", tooltip="The text encoder (changed only if the file holds one)."),
-                io.Vae.Output(display_name="VAE", tooltip="The base checkpoint's VAE."),
-                io.String.Output(display_name="report",
-                                 tooltip="Format detected; tensors matched / unexpected / missing per component; "
-                                         "which component changed and how much; what was ignored."),
-            ],
-        )
+        return _schema.node(cls, "MemoRa Load Unlearned Model", "loaders", inputs=[
+            io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                           tooltip="The base checkpoint the model was unlearned from (the zoo: Stable "
+                                   "Diffusion 1.4). Partial files are merged onto it; its VAE is used."),
+            io.Combo.Input("unlearned_weights", options=weight_choices(),
+                           tooltip="The unlearned weights: a file from models/unlearned, models/unet or "
+                                   "models/loras, or a diffusers pipeline folder (entries ending in '/')."),
+            io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                           tooltip="Strength for LoRA-format files (SPM); ignored for every other format."),
+        ], outputs=[
+            io.Model.Output(display_name="MODEL", tooltip="The unlearned UNet (the base with the file applied)."),
+            io.Clip.Output(display_name="CLIP", tooltip="The text encoder (changed only if the file holds one)."),
+            io.Vae.Output(display_name="VAE", tooltip="The base checkpoint's VAE."),
+            _schema.report_output("Format detected; tensors matched / unexpected / missing per component; which "
+                                  "component changed and how much; what was ignored."),
+        ])
 
     @classmethod
     def execute(cls, ckpt_name, unlearned_weights, lora_strength) -> io.NodeOutput:

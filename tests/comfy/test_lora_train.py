@@ -77,19 +77,25 @@ def _execute(model, latent, pos, **kw):
         return _train_node().execute(model, latent, pos, **_train_inputs(**kw))
 
 
+def _sampled_batch_graph(tiny_ckpt, batch_size: int, steps: int):
+    """(graph, checkpoint, prompt, empty latent, KSampler) nodes: the tiny model samples a batch of the prompt with
+    DDIM, decoded into a PreviewImage (an output, so that the loader and sampler run before training)."""
+    g = Graph()
+    ck = g.node("CheckpointLoaderSimple", ckpt_name=tiny_ckpt)
+    pos = g.node("CLIPTextEncode", text=PROMPT, clip=ck[1])
+    lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=batch_size)
+    ks = g.node("KSampler", model=ck[0], positive=pos[0], negative=pos[0], latent_image=lat[0], seed=3, steps=steps,
+                cfg=2.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+    g.node("PreviewImage", images=g.node("VAEDecode", samples=ks[0], vae=ck[2])[0])
+    return g, ck, pos, lat, ks
+
+
 # -- one recipe training, run twice through the executor -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def recipe_runs(comfy, tiny_ckpt):
     """The regenerated batch of the tiny model (KSampler) -> MemoRa LoRA Train with the reference recipe except the
     number of steps and the batch layout (4 updates of 2 x 2 samples), run twice with the same seed."""
-    g = Graph()
-    ck = g.node("CheckpointLoaderSimple", ckpt_name=tiny_ckpt)
-    pos = g.node("CLIPTextEncode", text=PROMPT, clip=ck[1])
-    lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=3)
-    ks = g.node("KSampler", model=ck[0], positive=pos[0], negative=pos[0], latent_image=lat[0], seed=3, steps=3,
-                cfg=2.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    dec = g.node("VAEDecode", samples=ks[0], vae=ck[2])
-    g.node("PreviewImage", images=dec[0])  # an output, so that the loader and sampler run before training
+    g, ck, pos, _lat, ks = _sampled_batch_graph(tiny_ckpt, batch_size=3, steps=3)
     res = comfy.run(g.prompt)
     assert res.success, res.error_message
     model = comfy.node_outputs(ck.id)[0]
@@ -335,13 +341,7 @@ def test_cancel_stops_within_one_step_writes_nothing_and_leaves_the_model(comfy,
     comfy_utils = importlib.import_module("comfy.utils")
 
     root = _loras_root()
-    g = Graph()
-    ck = g.node("CheckpointLoaderSimple", ckpt_name=tiny_ckpt)
-    pos = g.node("CLIPTextEncode", text=PROMPT, clip=ck[1])
-    lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=2)
-    ks = g.node("KSampler", model=ck[0], positive=pos[0], negative=pos[0], latent_image=lat[0], seed=3, steps=2,
-                cfg=2.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    g.node("PreviewImage", images=g.node("VAEDecode", samples=ks[0], vae=ck[2])[0])
+    g, ck, pos, lat, ks = _sampled_batch_graph(tiny_ckpt, batch_size=2, steps=2)
     res = comfy.run(g.prompt)
     assert res.success, res.error_message
     model, cond = comfy.node_outputs(ck.id)[0], comfy.node_outputs(pos.id)[0]
