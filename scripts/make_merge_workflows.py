@@ -107,7 +107,7 @@ def concept_branch(g, side, unl, orig, enc_orig, enc_unl, seed_size, x, y):
 
 
 def build_multi(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_MULTI, "Read me", pos=(-560, 0), size=(520, 1000))
@@ -169,7 +169,7 @@ def build_multi(info):
 
 
 def build_auto(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_AUTO, "Read me", pos=(-560, 0), size=(520, 640))

@@ -215,7 +215,7 @@ README_EVAL = """Evaluation: the reference evaluates with LMS, 50 steps, a per-p
 
 
 def build_recovery(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_RECOVERY, "Read me", pos=(-560, 0), size=(520, 900))
@@ -244,7 +244,7 @@ Then as in memora_recovery: inversion -> slerp -> regeneration -> MemoRa LoRA Tr
 
 
 def build_from_images(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_IMAGES, "Read me", pos=(-560, 0), size=(520, 820))
@@ -292,7 +292,7 @@ Seed and regenerated images are previewed, not saved (a sweep would write thousa
 
 
 def build_sweep(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_SWEEP, "Read me: batch runs", pos=(-560, 0), size=(520, 900))

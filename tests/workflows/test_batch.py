@@ -15,7 +15,7 @@ import pytest
 
 from memora_batch import cli
 from memora_batch.runner import EmbeddedBackend, plan_jobs, run_plan
-from memora_batch.uigraph import UIGraph
+from memora_build.uigraph import UIGraph
 from memora_batch.workflow import MissingNodeTypes, Workflow, object_info_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
