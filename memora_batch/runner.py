@@ -106,14 +106,15 @@ def plan_jobs(workflow: Workflow, backend: Backend, rows: Optional[list[dict]] =
     ``quick``, ``texts`` (--concept) and ``overrides`` (--set; every job), sweep rows."""
     profile = profile or ModelProfile()
     object_info = _definitions(workflow, backend, profile)
-    aliases = workflow.aliases
-    base, settings, problems = apply_profile(workflow.to_api(object_info), profile, object_info, aliases)
+    api = workflow.to_api(object_info)
+    aliases = workflow.aliases  # set by the conversion (front-end Primitive nodes)
+    base, settings, problems = apply_profile(api, profile, object_info, aliases)
     if quick:
         quick_api = quick_settings(base, object_info)
         settings += _changes(base, quick_api, "--quick")
         base = quick_api
-    base, global_settings = _global_settings(base, object_info, workflow.aliases, dict(overrides or {}),
-                                             dict(texts or {}), problems)
+    base, global_settings = _global_settings(base, object_info, aliases, dict(overrides or {}), dict(texts or {}),
+                                             problems)
     settings += global_settings
 
     rows = rows if rows else [{}]

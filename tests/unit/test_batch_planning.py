@@ -176,3 +176,29 @@ def test_dry_run_prints_every_setting_and_job(micro, capsys):
     for s in plan.settings:
         assert s.address in out
     assert f"{plan.jobs[0].key}  {{\"Evaluation seed.value\": 3}}" in out
+
+
+def test_front_end_primitive_node_is_addressed_by_its_title():
+    """A legacy PrimitiveNode vanishes in the API graph; its title still addresses every input it feeds."""
+    from memora_build.uigraph import UIGraph
+
+    g = UIGraph(DEFINITIONS)
+    ck = g.add("CheckpointLoaderSimple", K.TITLE_UNLEARNED_MODEL, ckpt_name="sd-v1-4.ckpt")
+    pos = g.wire(g.add("CLIPTextEncode", K.TITLE_CONCEPT_PROMPT, text="a photo of a cat"), clip=ck[1])
+    lat = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
+    ks = g.wire(g.add("KSampler", "Sampler", seed=0, steps=1, cfg=2.0, sampler_name="ddim", scheduler="ddim_uniform"),
+                model=ck[0], positive=pos[0], negative=pos[0], latent_image=lat[0])
+    g.primitive(1, "Seed", (ks, "seed"))
+    g.wire(g.add("SaveImage", filename_prefix="t"), images=g.wire(g.add("VAEDecode"), samples=ks[0], vae=ck[2])[0])
+    plan = plan_jobs(Workflow.load(g.to_json()), StoredDefinitions(), [{"Seed.value": 5}, {"Seed.value": "6"}],
+                     texts={K.TITLE_CONCEPT_PROMPT: "a photo of a dog"})
+    assert [j.overrides for j in plan.jobs] == [{"Concept prompt.text": "a photo of a dog", "Seed.value": s}
+                                                for s in (5, 6)]
+    assert [_seed(j) for j in plan.jobs] == [5, 6]
+    with pytest.raises(PlanError, match="Seed.value: -1 is outside the input's range 0.."):
+        plan_jobs(Workflow.load(g.to_json()), StoredDefinitions(), [{"Seed.value": -1}])
+
+
+def _seed(job) -> int:
+    (node,) = [n for n in job.api.values() if n["class_type"] == "KSampler"]
+    return node["inputs"]["seed"]
