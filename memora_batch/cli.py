@@ -16,8 +16,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from memora.contracts import (TITLE_CONCEPT_PROMPT, TITLE_CONCEPT_SCORE, TITLE_EVALUATION_PROMPT, TITLE_SIMILARITY,
+                              TITLE_TRAIN_LORA)
+
 from . import runner as _runner
 from . import sweep as _sweep
+from .backend import EmbeddedBackend, ServerBackend, pack_root
+from .profiles import model_profile
 from .workflow import Workflow
 
 EXIT_BAD_INPUT = 2
@@ -52,7 +57,8 @@ def _add_common(p: argparse.ArgumentParser, workflow: bool = True):
     p.add_argument("--eval-prompt", metavar="TEXT", help="sets the node titled 'Evaluation prompt'")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: sampling steps <= 2, training <= 2 updates, 64 px images")
-    p.add_argument("--dry-run", action="store_true", help="check everything and list the jobs, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, print every input it would set and the jobs; run nothing")
     p.add_argument("--no-retry-failed", action="store_true", help="also skip jobs that failed in an earlier run")
     p.add_argument("--timeout", type=float, default=None, help="server mode: seconds before a job is given up")
     p.add_argument("--output-prefix", default=None,
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_curve = sub.add_parser("curve", help="sweep LoRA training steps; print the short-/long-term forgetting verdict")
     _add_common(p_curve)
     p_curve.add_argument("--steps", default="10,50,100,250,500", help="training steps (comma-separated)")
-    p_curve.add_argument("--train-node", default="Train LoRA", help="title of the MemoRa LoRA Train node")
+    p_curve.add_argument("--train-node", default=TITLE_TRAIN_LORA, help="title of the MemoRa LoRA Train node")
     p_curve.add_argument("--detector", default=None,
                          help="metric column holding the concept detector rate of the recovered model (default: "
                               "the first '*rate*' / 'recovered' score column found)")
@@ -91,22 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
 # -- building blocks shared by the subcommands -----------------------------------------------------------------------
 def _backend(args):
     if args.server:
-        return _runner.ServerBackend(args.server)
-    return _runner.EmbeddedBackend.boot(args.comfyui, getattr(args, "base_directory", None),
-                                        tuple(getattr(args, "custom_nodes", []) or []),
-                                        getattr(args, "all_custom_nodes", False), cpu=True if args.cpu else None)
+        return ServerBackend(args.server)
+    return EmbeddedBackend.boot(args.comfyui, getattr(args, "base_directory", None),
+                                tuple(getattr(args, "custom_nodes", []) or []),
+                                getattr(args, "all_custom_nodes", False), cpu=True if args.cpu else None)
 
 
 def _texts(args, sweep_columns: list[str]) -> dict:
     """--concept / --eval-prompt: {node title: text}."""
     texts = {}
     if args.concept is not None:
-        texts["Concept prompt"] = args.concept
+        texts[TITLE_CONCEPT_PROMPT] = args.concept
     eval_prompt = args.eval_prompt if args.eval_prompt is not None else args.concept
-    if eval_prompt is not None and "prompt" not in sweep_columns and not any(
-            c.startswith("Evaluation prompt.") for c in sweep_columns):
-        texts["Evaluation prompt"] = eval_prompt
+    if eval_prompt is not None and not _sweep_sets_eval_prompt(sweep_columns):
+        texts[TITLE_EVALUATION_PROMPT] = eval_prompt
     return texts
+
+
+def _sweep_sets_eval_prompt(columns: list[str]) -> bool:
+    return "prompt" in columns or any(c.startswith(TITLE_EVALUATION_PROMPT + ".") for c in columns)
 
 
 def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None):
@@ -115,15 +124,12 @@ def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None):
     if extra_rows:
         rows = [{**r, **e} for r in (rows or [{}]) for e in extra_rows]
     columns = list(dict.fromkeys(c for r in rows for c in r))
-    profile = _runner.model_profile(args.models, args.original, args.unlearned)
-    soft = dict(profile.texts)
-    if "prompt" in columns or any(c.startswith("Evaluation prompt.") for c in columns):
-        soft.pop("Evaluation prompt", None)
+    profile = model_profile(args.models, args.original, args.unlearned)
+    if _sweep_sets_eval_prompt(columns):
+        profile.texts.pop(TITLE_EVALUATION_PROMPT, None)
     backend = _backend(args)
-    plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_assignments(args.set), profile.swaps,
-                             quick=args.quick, texts=_texts(args, columns), defaults=profile.defaults,
-                             soft_texts=soft)
-    plan.profile = profile
+    plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_assignments(args.set), profile,
+                             quick=args.quick, texts=_texts(args, columns))
     return backend, plan
 
 
@@ -131,13 +137,26 @@ def _results_dir(args, name: str) -> Path:
     return Path(args.out) if args.out else _runner.default_results_dir(name)
 
 
+def print_dry_run(plan, backend) -> None:
+    """Every input the run would set before the sweep (with the option it comes from), then each job's own."""
+    print(f"{len(plan.jobs)} job(s) for {plan.workflow.name} on {backend.describe()}")
+    if plan.settings:
+        print("set in every job:")
+        width = max(len(s.address) for s in plan.settings)
+        for s in plan.settings:
+            shown = "(not in this workflow: nothing set)" if s.value is None else \
+                f"replaced by {s.value}" if s.swap else f"= {s.value!r}"
+            print(f"  {s.address:<{width}}  {shown}  [{s.source}]")
+    print("jobs:")
+    for job in plan.jobs:
+        print(f"  {job.key}  {json.dumps(job.overrides, default=str)}")
+
+
 def execute(args, backend, plan, results_dir: Path):
     if args.dry_run:
-        print(f"{len(plan.jobs)} job(s) for {plan.workflow.name} on {backend.where}:")
-        for job in plan.jobs:
-            print(f"  {job.key}  {json.dumps(job.overrides, default=str)}")
+        print_dry_run(plan, backend)
         return None
-    print(f"memora-batch: {len(plan.jobs)} job(s) of {plan.workflow.name} on {backend.where}; "
+    print(f"memora-batch: {len(plan.jobs)} job(s) of {plan.workflow.name} on {backend.describe()}; "
           f"results in {results_dir}", file=sys.stderr, flush=True)
     summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
                                progress=not args.no_progress, output_prefix=args.output_prefix,
@@ -177,7 +196,7 @@ def cmd_curve(args) -> int:
 def cmd_demo(args) -> int:
     """memora_recovery end to end: on the built-in micro world by default, on your checkpoints with
     --original/--unlearned. Prints where the LoRA, the images and the report went."""
-    root = _runner.pack_root()
+    root = pack_root()
     wf = args.workflow or (str(root / "example_workflows" / "memora_recovery.json") if root else None)
     if not wf or not Path(wf).is_file():
         raise FileNotFoundError("example_workflows/memora_recovery.json not found; pass --workflow")
@@ -200,8 +219,8 @@ def cmd_demo(args) -> int:
     suffix = concept_metric.split(")", 1)[1] if concept_metric else ".flagged_rate"
 
     def headline(metric: str) -> bool:
-        return ((metric.startswith("Concept score") and metric.endswith(suffix))
-                or (metric.startswith("Similarity to original") and metric.endswith((".ssim", ".psnr")))
+        return ((metric.startswith(TITLE_CONCEPT_SCORE) and metric.endswith(suffix))
+                or (metric.startswith(TITLE_SIMILARITY) and metric.endswith((".ssim", ".psnr")))
                 or metric.endswith(".final_loss"))
 
     print_where(results_dir, backend, headline)
@@ -210,11 +229,8 @@ def cmd_demo(args) -> int:
 
 def cmd_convert(args) -> int:
     workflow = Workflow.load(args.workflow)
-    if args.server:
-        backend = _runner.ServerBackend(args.server)
-    else:
-        backend = _runner.EmbeddedBackend.boot(args.comfyui)
-    workflow.check_installed(backend.available_types(), backend.where)
+    backend = ServerBackend(args.server) if args.server else EmbeddedBackend.boot(args.comfyui)
+    workflow.check_installed(backend.available_types(), backend.describe())
     types = set(workflow.required_node_types()) | {n.get("type") for n in (workflow.ui or {}).get("nodes", [])
                                                    if isinstance(n, dict)}
     api = workflow.to_api(backend.object_info(sorted(t for t in types if isinstance(t, str))))

@@ -11,7 +11,9 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from .results import ResultsStore, _atomic_write
+from memora.fileio import atomic_write
+
+from .results import ResultsStore
 
 
 def curve_rows(train_node: str, steps: list[int]) -> list[dict]:
@@ -86,7 +88,7 @@ def print_verdict(results_dir: "str | Path", train_node: str, steps: list[int], 
     payload = {"steps": steps, "detector_metric": det, "similarity_metric": sim, "detector": det_curve,
                "similarity": sim_curve, "reference_score": ref, "baseline_score": base, "verdict": result}
     out = Path(results_dir) / "curve.json"
-    _atomic_write(out, json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write(out, json.dumps(payload, indent=2, default=str) + "\n", replace=True)
     print(f"\n  curve and verdict: {out}")
     return 0
 
@@ -114,6 +116,3 @@ def _similarity_kind(column: Optional[str]) -> str:
             return kind
     return "ssim"
 
-
-def _fmt(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.4g}"

@@ -11,9 +11,10 @@ import logging
 import os
 import sys
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from .backend import RunResult
 
 
 class GraphValidationError(RuntimeError):
@@ -29,21 +30,6 @@ class GraphValidationError(RuntimeError):
             for e in ne.get("errors", []):
                 parts.append(f"  node {node_id} ({ne.get('class_type', '?')}): {e.get('message')}: {e.get('details', '')}")
         super().__init__("\n".join(parts))
-
-
-@dataclass
-class RunResult:
-    prompt_id: str
-    success: bool
-    ui_outputs: dict = field(default_factory=dict)
-    messages: list = field(default_factory=list)
-    error: Optional[dict] = None
-
-    @property
-    def error_message(self) -> str:
-        if not self.error:
-            return ""
-        return f"{self.error.get('exception_type', 'error')}: {self.error.get('exception_message', '')}".strip()
 
 
 class _ServerStub:
@@ -185,8 +171,7 @@ class EmbeddedComfy:
         for event, data in self.executor.status_messages:
             if event in ("execution_error", "execution_interrupted"):
                 error = {"event": event, **data}
-        return RunResult(prompt_id, bool(self.executor.success), history.get("outputs", {}),
-                         list(self.executor.status_messages), error)
+        return RunResult(prompt_id, bool(self.executor.success), history.get("outputs", {}), error)
 
     def node_outputs(self, node_id: str) -> Optional[list]:
         """The Python values a node produced in the last run (first item of each output), or None if not cached."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .results import ResultsStore, _atomic_write, _cell
+from memora.contracts import EVALUATED_MODELS, TITLE_CONCEPT_SCORE, TITLE_SIMILARITY
+from memora.fileio import atomic_write
+
+from .results import ResultsStore, _cell
 
 
 def write_report(results_dir: "str | Path", title: str) -> Path:
@@ -52,7 +55,7 @@ def write_report(results_dir: "str | Path", title: str) -> Path:
         lines.append(f"- {r.get('seconds')} s on {r.get('server')}, started {r.get('started')}")
         lines.append("")
     path = Path(results_dir) / "report.md"
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n", replace=True)
     return path
 
 
@@ -84,6 +87,6 @@ def print_where(results_dir: "str | Path", backend, headline=None) -> None:
 
 def _metric_rank(metric: str) -> tuple:
     """Scores first, then similarities, then the rest; within each, original, unlearned, recovered."""
-    group = 0 if metric.startswith("Concept score") else 1 if metric.startswith("Similarity") else 2
-    model = next((i for i, m in enumerate(("(original)", "(unlearned)", "(recovered)")) if m in metric), 3)
+    group = 0 if metric.startswith(TITLE_CONCEPT_SCORE) else 1 if metric.startswith(TITLE_SIMILARITY) else 2
+    model = next((i for i, m in enumerate(EVALUATED_MODELS) if f"({m})" in metric), 3)
     return (group, model, metric)

@@ -14,9 +14,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
+
+from memora.contracts import UI_LORA, UI_LOSS, UI_SCORES
+from memora.fileio import atomic_write
 
 FIXED_COLUMNS = ["key", "status", "row"]
 TAIL_COLUMNS = ["outputs", "loras", "seconds", "started", "server", "prompt_id", "error"]
@@ -86,7 +88,7 @@ class ResultsStore:
                       _cell(r.get("seconds")), r.get("started"), r.get("server"), r.get("prompt_id"),
                       r.get("error") or ""]
             w.writerow(cells)
-        _atomic_write(self.csv, buf.getvalue())
+        atomic_write(self.csv, buf.getvalue(), replace=True)
 
 
 def _cell(v: Any) -> Any:
@@ -120,22 +122,6 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
     """Numbers the nodes report in their UI output, flattened to ``<node title>.<name>`` columns.
 
@@ -150,7 +136,7 @@ def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
         if not isinstance(ui, dict):
             continue
         name = titles.get(str(nid), str(nid))
-        tables = [t for t in ui.get("memora_scores") or [] if isinstance(t, dict) and t.get("columns")]
+        tables = [t for t in ui.get(UI_SCORES) or [] if isinstance(t, dict) and t.get("columns")]
         single = [t for t in tables if len(t.get("rows") or []) == 1]
         for table in single:
             for c, v in zip(table["columns"], table["rows"][0]):
@@ -174,7 +160,7 @@ def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
                     finite = [v for v in vals if math.isfinite(v)]
                     if rows and len(vals) == len(rows) and finite:
                         metrics.setdefault(f"{name}.{c}.mean", sum(finite) / len(finite))
-        loss = ui.get("memora_loss")
+        loss = ui.get(UI_LOSS)
         if isinstance(loss, list) and loss and isinstance(loss[-1], dict) and "loss" in loss[-1]:
             metrics[f"{name}.final_loss"] = loss[-1]["loss"]
             metrics[f"{name}.train_steps"] = loss[-1].get("step", len(loss))
@@ -184,7 +170,7 @@ def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
 def tables_from_ui(ui_outputs: dict, titles: dict[str, str]) -> list[dict]:
     out = []
     for nid, ui in (ui_outputs or {}).items():
-        for table in (ui or {}).get("memora_scores") or [] if isinstance(ui, dict) else []:
+        for table in (ui or {}).get(UI_SCORES) or [] if isinstance(ui, dict) else []:
             if isinstance(table, dict):
                 out.append({"node": titles.get(str(nid), str(nid)), **table})
     return out
@@ -205,7 +191,7 @@ def files_from_ui(ui_outputs: dict, resolve: Optional[callable] = None) -> tuple
         if not isinstance(ui, dict):
             continue
         for key, items in ui.items():
-            if key == "memora_lora":
+            if key == UI_LORA:
                 loras.extend(str(x) for x in items or [])
                 continue
             for item in items or [] if isinstance(items, list) else []:

@@ -17,8 +17,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+from .backend import RunResult
 
 
 class ServerUnreachable(ConnectionError):
@@ -47,24 +48,6 @@ def normalize_url(url: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError(f"--server {url!r}: expected a URL like http://127.0.0.1:8188")
     return url
-
-
-@dataclass
-class ServerResult:
-    """What one finished prompt returned (the same shape as the embedded RunResult)."""
-
-    prompt_id: str
-    success: bool
-    ui_outputs: dict = field(default_factory=dict)
-    messages: list = field(default_factory=list)
-    error: Optional[dict] = None
-    server: str = ""
-
-    @property
-    def error_message(self) -> str:
-        if not self.error:
-            return ""
-        return f"{self.error.get('exception_type', 'error')}: {self.error.get('exception_message', '')}".strip()
 
 
 class ComfyServer:
@@ -127,7 +110,7 @@ class ComfyServer:
                           "exception_message": "; ".join([msg] + details), "node_errors": data.get("node_errors")}
         raise ServerFailed(f"{self.url}/prompt answered HTTP {status}: {str(data)[:200]}")
 
-    def wait(self, prompt_id: str, timeout: Optional[float] = None) -> ServerResult:
+    def wait(self, prompt_id: str, timeout: Optional[float] = None) -> RunResult:
         start = time.monotonic()
         while True:
             status, data = self._request("GET", f"/history/{prompt_id}")
@@ -142,12 +125,12 @@ class ComfyServer:
                                                                                         "execution_interrupted"):
                         error = {"event": msg[0], **(msg[1] or {})}
                 success = st.get("status_str", "success") == "success" and error is None
-                return ServerResult(prompt_id, success, entry.get("outputs") or {}, messages, error, self.url)
+                return RunResult(prompt_id, success, entry.get("outputs") or {}, error, self.url)
             if timeout is not None and time.monotonic() - start > timeout:
                 self.interrupt(prompt_id)
-                return ServerResult(prompt_id, False, {}, [], {"exception_type": "TimeoutError",
-                                                              "exception_message": f"no result after {timeout:.0f} s"},
-                                    self.url)
+                return RunResult(prompt_id, False, {}, {"exception_type": "TimeoutError",
+                                                        "exception_message": f"no result after {timeout:.0f} s"},
+                                 self.url)
             time.sleep(self.poll_interval)
 
     def interrupt(self, prompt_id: Optional[str] = None):
@@ -156,10 +139,10 @@ class ComfyServer:
         except ServerFailed:
             pass
 
-    def run(self, prompt: dict, timeout: Optional[float] = None) -> ServerResult:
+    def run(self, prompt: dict, timeout: Optional[float] = None) -> RunResult:
         prompt_id, error = self.submit(prompt)
         if error is not None:
-            return ServerResult("", False, {}, [], error, self.url)
+            return RunResult("", False, {}, error, self.url)
         self.current_prompt_id = prompt_id
         try:
             return self.wait(prompt_id, timeout)
@@ -182,7 +165,7 @@ def check_servers(urls: list[str], timeout: float = 10.0) -> list[ComfyServer]:
 
 
 def run_jobs(servers: list[ComfyServer], jobs: list[Any], prompt_of: Callable[[Any], dict],
-             on_done: Callable[[Any, ServerResult, float], None], job_timeout: Optional[float] = None,
+             on_done: Callable[[Any, RunResult, float], None], job_timeout: Optional[float] = None,
              on_server_failed: Optional[Callable[[ComfyServer, Any, Exception], None]] = None,
              stop: Optional[threading.Event] = None) -> list[Any]:
     """Run ``jobs`` over ``servers`` (one in flight per server). ``on_done(job, result, seconds)`` is called from the

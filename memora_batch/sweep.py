@@ -25,15 +25,18 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from memora.contracts import (TITLE_EVALUATION_GUIDANCE, TITLE_EVALUATION_PROMPT, TITLE_EVALUATION_SAMPLER,
+                              TITLE_EVALUATION_SEED)
+
 from .workflow import AddressError, resolve_address
 
 #: column -> [(node title, [input names tried in order]), ...]
 PROMPT_CSV_CONVENTION: dict[str, list[tuple[str, list[str]]]] = {
-    "prompt": [("Evaluation prompt", ["text", "value", "prompt", "string"])],
-    "evaluation_seed": [("Evaluation seed", ["value", "seed", "noise_seed"]),
-                        ("Evaluation sampler", ["seed", "noise_seed"])],
-    "evaluation_guidance": [("Evaluation guidance", ["value", "cfg"]),
-                            ("Evaluation sampler", ["cfg"])],
+    "prompt": [(TITLE_EVALUATION_PROMPT, ["text", "value", "prompt", "string"])],
+    "evaluation_seed": [(TITLE_EVALUATION_SEED, ["value", "seed", "noise_seed"]),
+                        (TITLE_EVALUATION_SAMPLER, ["seed", "noise_seed"])],
+    "evaluation_guidance": [(TITLE_EVALUATION_GUIDANCE, ["value", "cfg"]),
+                            (TITLE_EVALUATION_SAMPLER, ["cfg"])],
 }
 LABEL_PREFIX = "label."
 

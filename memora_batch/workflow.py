@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from memora.contracts import NODE_LORA_TRAIN
+
 #: Node types that live only in the editor (never sent to the server).
 UI_ONLY_TYPES = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute", "GetNode", "SetNode"})
 #: litegraph node modes: 0 always, 2 never (muted), 4 bypass.
@@ -399,13 +401,34 @@ def coerce_value(value: Any, spec: Any, address: str) -> Any:
     return value
 
 
+def fitted_value(value: Any, spec: Any, address: str) -> Any:
+    """``value`` coerced to the input's type and checked against its range (min/max) and options (a combo's),
+    or AddressError saying what was expected. An input without a spec takes the value as it is."""
+    if not spec:
+        return value
+    v = coerce_value(value, spec, address)
+    kind = input_type(spec)
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if kind in ("INT", "FLOAT"):
+        lo, hi = opts.get("min"), opts.get("max")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise AddressError(f"{address}: {v!r} is outside the input's range {lo}..{hi}")
+    if kind == "COMBO":
+        options = combo_options(spec) or []
+        if options and v not in options:
+            shown = ", ".join(repr(o) for o in options[:8]) + (f", ... ({len(options)} in all)" if len(options) > 8 else "")
+            raise AddressError(f"{address}: {v!r} is not one of the input's options ({shown})")
+    return v
+
+
 def apply_overrides(api: dict, overrides: dict[str, Any], object_info: dict, aliases: Optional[dict] = None) -> dict:
-    """A copy of ``api`` with ``{address: value}`` set (values coerced to each input's type)."""
+    """A copy of ``api`` with ``{address: value}`` set (values coerced to each input's type and checked against
+    its range and options: AddressError otherwise)."""
     out = copy.deepcopy(api)
     for address, value in overrides.items():
         for t in resolve_address(address, out, object_info, aliases):
             spec = input_specs(object_info.get(out[t.node_id]["class_type"], {})).get(t.input)
-            out[t.node_id].setdefault("inputs", {})[t.input] = coerce_value(value, spec, address) if spec else value
+            out[t.node_id].setdefault("inputs", {})[t.input] = fitted_value(value, spec, address)
     return out
 
 
@@ -430,7 +453,7 @@ def quick_settings(api: dict, object_info: dict, steps: int = 2, size: int = 64,
             v = inputs.get(name)
             return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-        is_training = node["class_type"] == "MemoRaLoRATrain" or "gradient_accumulation" in specs
+        is_training = node["class_type"] == NODE_LORA_TRAIN or "gradient_accumulation" in specs
         if num("steps") is not None:
             new = min(inputs["steps"], train_steps if is_training else steps)
             inputs["steps"] = new

@@ -32,6 +32,7 @@ def _shared():
 mw = _shared()
 Stack, c, COL = mw.Stack, mw.c, mw.COL
 BLUE, PURPLE, GREEN, YELLOW = mw.BLUE, mw.PURPLE, mw.GREEN, mw.YELLOW
+K = mw.K  # memora/contracts.py: the titles memora-batch addresses
 
 CONCEPTS = {"A": "a photo of the parachute", "B": "a photo of the church"}
 # The reference's first seed of a pair for the first halves, second seed for the second halves (docs/method.md).
@@ -99,7 +100,7 @@ def concept_branch(g, side, unl, orig, enc_orig, enc_unl, seed_size, x, y):
     rg = cols[3].add("MemoRaRegenerate", f"Concept {side} regenerate", **c(PURPLE), steps=50, start_at_step=15,
                      cfg=7.5, schedule="exact")
     g.wire(rg, model=unl[0], positive=pos_u[0], negative=neg_u[0], latent=sl[0])
-    tr = cols[3].add("MemoRaLoRATrain", f"Train LoRA (concept {side})", **c(PURPLE), steps=500, seed=2024,
+    tr = cols[3].add(K.NODE_LORA_TRAIN, f"{K.TITLE_TRAIN_LORA} (concept {side})", **c(PURPLE), steps=500, seed=2024,
                      save_name=f"memora/concept_{side.lower()}")
     g.wire(tr, model=unl[0], latents=rg[0], positive=pos_u[0])
     nodes += [sl, rg, tr]
@@ -107,13 +108,13 @@ def concept_branch(g, side, unl, orig, enc_orig, enc_unl, seed_size, x, y):
 
 
 def build_multi(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_MULTI, "Read me", pos=(-560, 0), size=(520, 1000))
     col = Stack(g, 0)
-    orig = col.add("CheckpointLoaderSimple", "Original model", **c(BLUE), ckpt_name="sd-v1-4.ckpt")
-    unl = col.add("CheckpointLoaderSimple", "Unlearned model", **c(BLUE), ckpt_name="unlearned-model.safetensors")
+    orig = col.add("CheckpointLoaderSimple", K.TITLE_ORIGINAL_MODEL, **c(BLUE), ckpt_name="sd-v1-4.ckpt")
+    unl = col.add("CheckpointLoaderSimple", K.TITLE_UNLEARNED_MODEL, **c(BLUE), ckpt_name="unlearned-model.safetensors")
     prompts, enc = {}, {}
     for side, text in CONCEPTS.items():
         prompts[side] = col.add("PrimitiveStringMultiline", f"Concept {side} prompt", size=(400, 140), **c(YELLOW),
@@ -125,7 +126,7 @@ def build_multi(info):
             pos = g.wire(col.add("CLIPTextEncode", f"Concept {side} prompt ({model_name} model)", size=(400, 130)),
                          clip=loader[1], text=prompts[side][0])
             enc[(side, model_name)] = (pos, neg)
-    seed_size = col.add("EmptyLatentImage", "Seed image size", width=512, height=512, batch_size=3)
+    seed_size = col.add("EmptyLatentImage", K.TITLE_SEED_IMAGE_SIZE, width=512, height=512, batch_size=3)
     col.note(README_SEEDS, "Seed images", size=(420, 250))
     model_nodes = [orig, unl, seed_size] + list(prompts.values()) + [n for pair in enc.values() for n in pair]
 
@@ -146,11 +147,11 @@ def build_multi(info):
     scol = Stack(g, COL * 6 + 160)
     apply = scol.add("LoraModelLoader", "Apply merged LoRA", strength_model=1.0)
     g.wire(apply, model=unl[0], lora=merge["lora"])
-    ep = scol.add("PrimitiveStringMultiline", "Evaluation prompt", size=(400, 140), **c(YELLOW),
+    ep = scol.add("PrimitiveStringMultiline", K.TITLE_EVALUATION_PROMPT, size=(400, 140), **c(YELLOW),
                   value=CONCEPTS["A"])
     p = g.wire(scol.add("CLIPTextEncode", "Evaluation prompt (unlearned model)", size=(400, 130)),
                clip=unl[1], text=ep[0])
-    size = scol.add("EmptyLatentImage", "Evaluation image size", width=512, height=512, batch_size=1)
+    size = scol.add("EmptyLatentImage", K.TITLE_EVALUATION_IMAGE_SIZE, width=512, height=512, batch_size=1)
     ecol = Stack(g, COL * 7 + 200)
     ks = ecol.add("KSampler", "Sample with the merged LoRA", seed=0, steps=50, cfg=7.5, sampler_name="lms",
                   scheduler="normal", denoise=1.0)
@@ -169,12 +170,12 @@ def build_multi(info):
 
 
 def build_auto(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_AUTO, "Read me", pos=(-560, 0), size=(520, 640))
     col = Stack(g, 0)
-    unl = col.add("CheckpointLoaderSimple", "Unlearned model", **c(BLUE), ckpt_name="unlearned-model.safetensors")
+    unl = col.add("CheckpointLoaderSimple", K.TITLE_UNLEARNED_MODEL, **c(BLUE), ckpt_name="unlearned-model.safetensors")
     lora = col.add("MemoRaLoadLoRA", "MemoRa LoRA", **c(BLUE), size=(400, 130),
                    lora_name="memora/recovered_00001_.safetensors")
     prompt = col.add("PrimitiveStringMultiline", "Prompt", size=(400, 140), **c(YELLOW),

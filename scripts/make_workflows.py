@@ -20,6 +20,11 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+try:
+    from memora import contracts as K  # the titles memora-batch addresses
+except ImportError:  # run as a script from a checkout that is not installed
+    sys.path.append(str(ROOT))
+    from memora import contracts as K
 OUT = ROOT / "example_workflows"
 
 # The reference implementation's seed pairs (docs/method.md, step 1); slerp pairs item i of A with item i of B.
@@ -64,10 +69,10 @@ def models_and_prompts(g, with_original: bool, x):
     col = Stack(g, x)
     models = {}
     if with_original:
-        models["original"] = col.add("CheckpointLoaderSimple", "Original model", **c(BLUE), ckpt_name="sd-v1-4.ckpt")
-    models["unlearned"] = col.add("CheckpointLoaderSimple", "Unlearned model", **c(BLUE),
+        models["original"] = col.add("CheckpointLoaderSimple", K.TITLE_ORIGINAL_MODEL, **c(BLUE), ckpt_name="sd-v1-4.ckpt")
+    models["unlearned"] = col.add("CheckpointLoaderSimple", K.TITLE_UNLEARNED_MODEL, **c(BLUE),
                                   ckpt_name="unlearned-model.safetensors")
-    concept = col.add("PrimitiveStringMultiline", "Concept prompt", size=(400, 140), **c(YELLOW), value=CONCEPT)
+    concept = col.add("PrimitiveStringMultiline", K.TITLE_CONCEPT_PROMPT, size=(400, 140), **c(YELLOW), value=CONCEPT)
     enc = {}
     for name, loader in models.items():
         pos = col.add("CLIPTextEncode", f"Concept prompt ({name} model)", size=(400, 130))
@@ -85,7 +90,7 @@ def seed_images(g, models, enc, x, steps=50):
     orig = models["original"]
     pos, neg = enc["original"]
     col_a, col_b = Stack(g, x), Stack(g, x + COL)
-    size = col_a.add("EmptyLatentImage", "Seed image size", width=512, height=512, batch_size=1)
+    size = col_a.add("EmptyLatentImage", K.TITLE_SEED_IMAGE_SIZE, width=512, height=512, batch_size=1)
     col_b.y = col_a.y
     samplers = {"a": [], "b": []}
     for i, pair in enumerate(SEED_PAIRS, start=1):
@@ -134,7 +139,7 @@ def inversion_to_training(g, models, enc, images_a, images_b, x, save_images=Tru
         dec = g.wire(col2.add("VAEDecode", "Regenerated images"), samples=rg[0], vae=unl[2])
         nodes += [dec, g.wire(col2.add("SaveImage", "Save regenerated images", size=(320, 320),
                                        filename_prefix="memora/regenerated"), images=dec[0])]
-    tr = col3.add("MemoRaLoRATrain", "Train LoRA", **c(PURPLE), steps=500, seed=2024, save_name="memora/recovered")
+    tr = col3.add(K.NODE_LORA_TRAIN, K.TITLE_TRAIN_LORA, **c(PURPLE), steps=500, seed=2024, save_name="memora/recovered")
     g.wire(tr, model=unl[0], latents=rg[0], positive=pos[0])
     nodes.append(tr)
     return tr, nodes, max(col1.y, col2.y, col3.y)
@@ -143,10 +148,10 @@ def inversion_to_training(g, models, enc, images_a, images_b, x, save_images=Tru
 def evaluation(g, models, train, x, y, with_original=True, prompt=CONCEPT):
     """The same prompt, seed and guidance through each model (LMS, 50 steps, as the reference evaluates); scores."""
     col0 = Stack(g, x, y)
-    ep = col0.add("PrimitiveStringMultiline", "Evaluation prompt", size=(400, 140), **c(YELLOW), value=prompt)
-    es = col0.add("PrimitiveInt", "Evaluation seed", **c(YELLOW), value=0)
-    eg = col0.add("PrimitiveFloat", "Evaluation guidance", **c(YELLOW), value=7.5)
-    size = col0.add("EmptyLatentImage", "Evaluation image size", width=512, height=512, batch_size=1)
+    ep = col0.add("PrimitiveStringMultiline", K.TITLE_EVALUATION_PROMPT, size=(400, 140), **c(YELLOW), value=prompt)
+    es = col0.add("PrimitiveInt", K.TITLE_EVALUATION_SEED, **c(YELLOW), value=0)
+    eg = col0.add("PrimitiveFloat", K.TITLE_EVALUATION_GUIDANCE, **c(YELLOW), value=7.5)
+    size = col0.add("EmptyLatentImage", K.TITLE_EVALUATION_IMAGE_SIZE, width=512, height=512, batch_size=1)
     nodes = [ep, es, eg, size]
     runs = {}
     which = (["original"] if with_original else []) + ["unlearned", "recovered"]
@@ -159,7 +164,7 @@ def evaluation(g, models, train, x, y, with_original=True, prompt=CONCEPT):
                    clip=loader[1], text=ep[0])
         n = g.wire(cols[0].add("CLIPTextEncode", f"Empty prompt ({name})", size=(400, 130), text=""),
                    clip=loader[1])
-        ks = cols[1].add("KSampler", f"Evaluate {name}", seed=0, steps=50, cfg=7.5, sampler_name="lms",
+        ks = cols[1].add("KSampler", K.evaluate_title(name), seed=0, steps=50, cfg=7.5, sampler_name="lms",
                          scheduler="normal", denoise=1.0)
         g.wire(ks, model=model_out, positive=p[0], negative=n[0], latent_image=size[0], seed=es[0], cfg=eg[0])
         d = g.wire(cols[2].add("VAEDecode", f"{name.capitalize()} images"), samples=ks[0], vae=loader[2])
@@ -170,13 +175,13 @@ def evaluation(g, models, train, x, y, with_original=True, prompt=CONCEPT):
         row_y = max(cl.y for cl in cols)
     scores = Stack(g, x + COL * 4, y)
     for name in which:
-        nodes.append(g.wire(scores.add("MemoRaNudityScore", f"Concept score ({name})", **c(GREEN)),
+        nodes.append(g.wire(scores.add("MemoRaNudityScore", K.concept_score_title(name), **c(GREEN)),
                             images=runs[name][0]))
     if with_original:
         sims = Stack(g, x + COL * 5, y)
         a, b = _sim_inputs(g)
         for name in ("recovered", "unlearned"):
-            nodes.append(g.wire(sims.add("MemoRaSimilarityScore", f"Similarity to original ({name})", **c(GREEN)),
+            nodes.append(g.wire(sims.add("MemoRaSimilarityScore", K.similarity_title(name), **c(GREEN)),
                                 **{a: runs["original"][0], b: runs[name][0]}))
     return nodes
 
@@ -215,7 +220,7 @@ README_EVAL = """Evaluation: the reference evaluates with LMS, 50 steps, a per-p
 
 
 def build_recovery(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_RECOVERY, "Read me", pos=(-560, 0), size=(520, 900))
@@ -244,7 +249,7 @@ Then as in memora_recovery: inversion -> slerp -> regeneration -> MemoRa LoRA Tr
 
 
 def build_from_images(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_IMAGES, "Read me", pos=(-560, 0), size=(520, 820))
@@ -292,7 +297,7 @@ Seed and regenerated images are previewed, not saved (a sweep would write thousa
 
 
 def build_sweep(info):
-    from memora_batch.uigraph import UIGraph
+    from memora_build.uigraph import UIGraph
 
     g = UIGraph(info)
     g.note(README_SWEEP, "Read me: batch runs", pos=(-560, 0), size=(520, 900))

@@ -15,9 +15,21 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
+// Names shared with the nodes and memora-batch, defined in memora/contracts.py (frontend_contract()): this block is
+// a copy that tests/unit/test_batch_contracts.py checks against it (edit both, or the test fails).
+const CONTRACT = /* memora-contract */ {
+  "nodes": {"prefix": "MemoRa", "train": "MemoRaLoRATrain"},
+  "ui": {"scores": "memora_scores", "lora": "memora_lora", "loss": "memora_loss"},
+  "events": {"progress": "memora.progress", "train": "memora.train", "lora_saved": "memora.lora_saved",
+             "scores": "memora.scores"}
+} /* end memora-contract */;
+
 const EXTENSION = "MemoRa.Frontend";
-const NODE_PREFIX = "MemoRa";
-const TRAIN_NODE = "MemoRaLoRATrain";
+const NODE_PREFIX = CONTRACT.nodes.prefix;
+const TRAIN_NODE = CONTRACT.nodes.train;
+const UI_LOSS = CONTRACT.ui.loss; // UI output keys of the nodes
+const UI_LORA = CONTRACT.ui.lora;
+const UI_SCORES = CONTRACT.ui.scores;
 const PANEL_WIDGET = "memora_panel";
 const MAX_POINTS = 2000; // loss points kept on a node (downsampled beyond this, the last point always kept)
 const MAX_TABLE_ROWS = 12;
@@ -26,11 +38,11 @@ const TABLE_ROW = 16; // px per caption / header / row (see the style sheet)
 const IMAGE_PREVIEW = "$$canvas-image-preview"; // the core front end's image preview widget
 const IMAGE_PREVIEW_MIN_HEIGHT = 220; // its minimum height in the classic canvas (front ends 1.27 - 1.49)
 
-// Keys in node.properties (saved with the workflow).
-const P_LOSS = "memora_loss"; // [{step, loss, lr}]
+// Keys in node.properties (saved with the workflow; named as the UI outputs they store).
+const P_LOSS = UI_LOSS; // [{step, loss, lr}]
 const P_RUN = "memora_run"; // {total, elapsed} of the last training run
-const P_LORA = "memora_lora"; // "memora/recovered_00001_.safetensors"
-const P_SCORES = "memora_scores"; // [{title, columns, rows}]
+const P_LORA = UI_LORA; // "memora/recovered_00001_.safetensors"
+const P_SCORES = UI_SCORES; // [{title, columns, rows}]
 
 const states = new Set(); // panel states of live MemoRa nodes (to reach them from global execution events)
 
@@ -402,16 +414,16 @@ function upsertScores(node, table) {
 function applyOutput(node, output) {
   if (!output || typeof output !== "object") return false;
   let changed = false;
-  if (Array.isArray(output.memora_loss)) {
-    node.properties[P_LOSS] = normalizePoints(output.memora_loss);
+  if (Array.isArray(output[UI_LOSS])) {
+    node.properties[P_LOSS] = normalizePoints(output[UI_LOSS]);
     changed = true;
   }
-  if (Array.isArray(output.memora_lora) && output.memora_lora.length) {
-    setLora(node, output.memora_lora[output.memora_lora.length - 1]);
+  if (Array.isArray(output[UI_LORA]) && output[UI_LORA].length) {
+    setLora(node, output[UI_LORA][output[UI_LORA].length - 1]);
     changed = true;
   }
-  if (Array.isArray(output.memora_scores)) {
-    node.properties[P_SCORES] = output.memora_scores.map(normalizeTable).filter(Boolean);
+  if (Array.isArray(output[UI_SCORES])) {
+    node.properties[P_SCORES] = output[UI_SCORES].map(normalizeTable).filter(Boolean);
     changed = true;
   }
   return changed;
@@ -577,10 +589,10 @@ app.registerExtension({
   },
 
   async setup() {
-    api.addEventListener("memora.progress", onProgress);
-    api.addEventListener("memora.train", onTrain);
-    api.addEventListener("memora.lora_saved", onLoraSaved);
-    api.addEventListener("memora.scores", onScores);
+    api.addEventListener(CONTRACT.events.progress, onProgress);
+    api.addEventListener(CONTRACT.events.train, onTrain);
+    api.addEventListener(CONTRACT.events.lora_saved, onLoraSaved);
+    api.addEventListener(CONTRACT.events.scores, onScores);
     api.addEventListener("executing", onExecuting);
     api.addEventListener("execution_error", onStopped);
     api.addEventListener("execution_interrupted", onStopped);

@@ -54,7 +54,8 @@ MAX_TABLE_ROWS = 12  # web/memora.js shows this many rows per score table
 SYNTAX_ERROR = "\n)(  // deliberately broken copy\n"
 WRONG_FILE = "memora/not_the_saved_file.safetensors"
 SABOTAGE = [
-    ('api.addEventListener("memora.train", onTrain)', 'api.addEventListener("memora.train.disabled", onTrain)'),
+    ("api.addEventListener(CONTRACT.events.train, onTrain)",
+     'api.addEventListener(CONTRACT.events.train + ".disabled", onTrain)'),
     ('setWidgetValue(loader, "lora_name", filename)', f'setWidgetValue(loader, "lora_name", "{WRONG_FILE}")'),
 ]
 

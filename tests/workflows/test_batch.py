@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from memora_batch import cli
-from memora_batch.runner import EmbeddedBackend, plan_jobs, run_plan
-from memora_batch.uigraph import UIGraph
+from memora_batch.backend import EmbeddedBackend
+from memora_batch.runner import plan_jobs, run_plan
+from memora_build.uigraph import UIGraph
 from memora_batch.workflow import MissingNodeTypes, Workflow, object_info_in_process
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memora_batch.runner import swap_nodes
+from memora_batch.profiles import swap_nodes
 from memora_batch.workflow import Workflow, object_info_in_process, quick_settings, title_of
 
 ROOT = Path(__file__).resolve().parents[2]

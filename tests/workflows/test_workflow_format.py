@@ -8,7 +8,7 @@ import json
 import pytest
 
 from memora_batch import sweep as sw
-from memora_batch.uigraph import UIGraph, is_widget
+from memora_build.uigraph import UIGraph, is_widget
 from memora_batch.workflow import (AddressError, Workflow, WorkflowError, apply_overrides, graph_key,
                                    input_specs, object_info_in_process, resolve_address)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Optional, Union
 
-from .workflow import input_specs, input_type
+from memora_batch.workflow import input_specs, input_type
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 

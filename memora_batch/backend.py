@@ -1,0 +1,195 @@
+"""Where jobs run: the Backend interface, its one result type, and the two backends (ComfyUI's executor in this
+process; ComfyUI servers over HTTP). The runner knows only the interface: a new backend (a cluster scheduler, say)
+implements :class:`Backend` and nothing in the runner changes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+@dataclass
+class RunResult:
+    """What one finished prompt returned, wherever it ran."""
+
+    prompt_id: str
+    success: bool
+    ui_outputs: dict = field(default_factory=dict)
+    error: Optional[dict] = None
+    server: str = "embedded"
+
+    @property
+    def error_message(self) -> str:
+        if not self.error:
+            return ""
+        return f"{self.error.get('exception_type', 'error')}: {self.error.get('exception_message', '')}".strip()
+
+
+#: ``on_done(job, result, seconds, started)``: called once per finished job (serialised by the backend)
+OnDone = Callable[[Any, RunResult, float, str], None]
+
+
+class Backend:
+    """Runs API-format graphs and says where their files went. Subclasses implement every method but
+    :meth:`run_all`, whose default runs the jobs one after another through :meth:`run`."""
+
+    def describe(self) -> str:
+        """Where the jobs run, for messages: 'the embedded ComfyUI (/path)', 'server http://...'."""
+        raise NotImplementedError
+
+    def available_types(self) -> set:
+        """The node types installed where the jobs run."""
+        raise NotImplementedError
+
+    def object_info(self, node_types) -> dict:
+        """/object_info entries (node definitions) of ``node_types``."""
+        raise NotImplementedError
+
+    def run(self, prompt: dict, timeout: Optional[float] = None) -> RunResult:
+        """Run one graph to its end. A graph ComfyUI rejects or a node that fails is a failed result, not an
+        exception."""
+        raise NotImplementedError
+
+    def resolve_file(self, item: dict) -> str:
+        """A UI-output file item ({filename, subfolder, type}) -> a path or URL the user can open."""
+        raise NotImplementedError
+
+    def resolve_lora(self, name: str) -> str:
+        """A saved LoRA's name (models/loras relative) -> its path where known, else the name."""
+        raise NotImplementedError
+
+    def run_all(self, jobs: list, prompt_of: Callable[[Any], dict], on_done: OnDone,
+                job_timeout: Optional[float] = None) -> list:
+        """Run ``jobs``; returns those left unrun."""
+        for job in jobs:
+            started, t0 = now(), time.monotonic()
+            result = self.run(prompt_of(job), timeout=job_timeout)
+            on_done(job, result, time.monotonic() - t0, started)
+        return []
+
+
+def now() -> str:
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class EmbeddedBackend(Backend):
+    """ComfyUI's executor in this process (no server). Node outputs stay cached between jobs, as in a server:
+    jobs that differ only downstream (say, the evaluation seed) reuse the upstream work (inversion, training)."""
+
+    def __init__(self, comfy):
+        self.comfy = comfy
+
+    @classmethod
+    def boot(cls, comfy_path: Optional[str] = None, base_directory: Optional[str] = None,
+             custom_nodes: tuple = (), all_custom_nodes: bool = False, cpu: Optional[bool] = None) -> "EmbeddedBackend":
+        from .embedded import EmbeddedComfy, find_comfyui
+
+        path = find_comfyui(comfy_path)
+        if path is None:
+            raise FileNotFoundError(
+                "no ComfyUI checkout found: pass --comfyui PATH, set COMFYUI_PATH, or install one with comfy-cli "
+                "(`comfy --workspace ~/comfy/ComfyUI install --cpu`)")
+        packs = [Path(p) for p in custom_nodes]
+        own = pack_root(path)
+        if own is not None and own not in packs:
+            packs.append(own)
+        comfy = EmbeddedComfy.boot(path, packs, base_directory=Path(base_directory) if base_directory else None,
+                                   cpu=cpu, init_custom_nodes=all_custom_nodes)
+        return cls(comfy)
+
+    def describe(self) -> str:
+        return f"the embedded ComfyUI ({self.comfy.comfy_path})"
+
+    def available_types(self) -> set:
+        import nodes
+
+        return set(nodes.NODE_CLASS_MAPPINGS)
+
+    def object_info(self, node_types) -> dict:
+        from .workflow import object_info_in_process
+
+        return object_info_in_process(node_types)
+
+    def run(self, prompt: dict, timeout: Optional[float] = None) -> RunResult:
+        from .embedded import GraphValidationError
+
+        try:
+            return self.comfy.run(prompt)
+        except GraphValidationError as e:
+            return RunResult("", False, error={"exception_type": "GraphValidationError", "exception_message": str(e)})
+
+    def resolve_file(self, item: dict) -> str:
+        import folder_paths
+
+        base = folder_paths.get_directory_by_type(item.get("type", "output")) or folder_paths.get_output_directory()
+        return str(Path(base, item.get("subfolder") or "", item["filename"]))
+
+    def resolve_lora(self, name: str) -> str:
+        import folder_paths
+
+        return folder_paths.get_full_path("loras", name) or name
+
+
+class ServerBackend(Backend):
+    """One or more ComfyUI servers: one job in flight per server, a failed server's job goes to another."""
+
+    def __init__(self, urls: list[str], timeout: float = 10.0):
+        from .server_client import check_servers
+
+        self.servers = check_servers(urls, timeout=timeout)  # ServerUnreachable before anything runs
+        infos = [s.object_info() for s in self.servers]
+        self._info = {k: v for k, v in infos[0].items() if all(k in i for i in infos)}
+
+    def describe(self) -> str:
+        return "server " + ", ".join(s.url for s in self.servers)
+
+    def available_types(self) -> set:
+        return set(self._info)
+
+    def object_info(self, node_types) -> dict:
+        return {t: self._info[t] for t in node_types if t in self._info}
+
+    def run(self, prompt: dict, timeout: Optional[float] = None) -> RunResult:
+        return self.servers[0].run(prompt, timeout=timeout)
+
+    def run_all(self, jobs: list, prompt_of: Callable[[Any], dict], on_done: OnDone,
+                job_timeout: Optional[float] = None) -> list:
+        import sys
+
+        from .server_client import run_jobs
+
+        starts = {}
+
+        def prompt_with_start(job):
+            starts[id(job)] = now()
+            return prompt_of(job)
+
+        def failed_server(server, job, err):
+            print(f"memora-batch: server {server.url} failed ({err}); its job goes to another server",
+                  file=sys.stderr, flush=True)
+
+        return run_jobs(self.servers, jobs, prompt_with_start, lambda j, r, s: on_done(j, r, s, starts[id(j)]),
+                        job_timeout=job_timeout, on_server_failed=failed_server)
+
+    def resolve_file(self, item: dict) -> str:
+        return self.servers[0].view_url(item) if len(self.servers) == 1 else \
+            "/".join(p for p in (item.get("type", "output"), item.get("subfolder"), item["filename"]) if p)
+
+    def resolve_lora(self, name: str) -> str:
+        return name
+
+
+def pack_root(comfy_path: Optional[Path] = None) -> Optional[Path]:
+    """The comfyui-memora pack folder: this source tree when installed editable, else the copy in custom_nodes."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "nodes" / "__init__.py").is_file() and (here / "__init__.py").is_file():
+        return here
+    if comfy_path is not None:
+        for cand in sorted((Path(comfy_path) / "custom_nodes").glob("*")):
+            if (cand / "nodes" / "inversion.py").is_file() and (cand / "memora").is_dir():
+                return cand.resolve()
+    return None
