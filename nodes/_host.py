@@ -12,6 +12,7 @@ import comfy.model_management
 import comfy.samplers
 import comfy.utils
 
+from memora import contracts
 from memora import schedule as _schedule
 
 
@@ -97,8 +98,8 @@ def publish_scores(tables: list[dict]) -> dict:
     (the node's ``ui=``), which the editor shows on the node."""
     node = current_node_id()
     for t in tables:
-        send_event("memora.scores", {"node": node, **t})
-    return {"memora_scores": tables}
+        send_event(contracts.EVENT_SCORES, {"node": node, **t})
+    return {contracts.UI_SCORES: tables}
 
 
 class StageProgress:
@@ -117,7 +118,7 @@ class StageProgress:
         self.bar.update_absolute(step, total)
         elapsed = time.perf_counter() - self.start
         eta = elapsed / step * (total - step) if step > 0 else None
-        send_event("memora.progress", {"node": self.node_id, "stage": self.stage, "step": step, "total": total,
+        send_event(contracts.EVENT_PROGRESS, {"node": self.node_id, "stage": self.stage, "step": step, "total": total,
                                        "elapsed": elapsed, "eta": eta})
         comfy.model_management.throw_exception_if_processing_interrupted()
 
@@ -137,7 +138,7 @@ class TrainProgress:
     def update(self, info) -> None:
         """``info``: a ``memora.lora.train.UpdateInfo``."""
         self.bar.update_absolute(info.update, self.total)
-        send_event("memora.train", {"node": self.node_id, "step": info.update, "total": info.total,
+        send_event(contracts.EVENT_TRAIN, {"node": self.node_id, "step": info.update, "total": info.total,
                                     "loss": info.loss, "lr": info.lr, "elapsed": info.elapsed, "eta": info.eta})
 
 

@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from memora import contracts
 from memora.lora import apply as _apply
 from memora.lora import formats
 from memora.lora import save as _save
@@ -237,10 +238,10 @@ def save_lora_file(sd: Mapping[str, torch.Tensor], save_name: str, metadata: Map
     path = _save.save_safetensors_atomic(sd, loras_root(), save_name.strip(), metadata)
     filename = relative_to_loras(path)
     node = node_id if node_id is not None else _host.current_node_id()
-    _host.send_event("memora.lora_saved", {"node": node, "filename": filename})
+    _host.send_event(contracts.EVENT_LORA_SAVED, {"node": node, "filename": filename})
     return filename
 
 
 def saved_ui(filename: str) -> Optional[dict]:
     """The UI output that lists a saved LoRA in the front end (None when nothing was saved)."""
-    return {"memora_lora": [filename]} if filename else None
+    return {contracts.UI_LORA: [filename]} if filename else None

@@ -7,6 +7,7 @@ import json
 from comfy_api.latest import io
 
 import memora
+from memora import contracts
 from memora.lora import conditioning as _conditioning
 from memora.lora import denoiser as _precision
 from memora.lora import fingerprint, formats
@@ -144,7 +145,7 @@ class MemoRaLoRATrain(io.ComfyNode):
             metadata = lora_metadata(recipe, run, concept, samples, lora_sd, title=save_name.strip())
             filename = _lora_host.save_lora_file(lora_sd, save_name, metadata, progress.node_id)
         loss_map = {"loss": list(run.result.losses), "lr": list(run.result.lrs)}
-        ui = {"memora_loss": run.result.history(), "memora_lora": [filename] if filename else []}
+        ui = {contracts.UI_LOSS: run.result.history(), contracts.UI_LORA: [filename] if filename else []}
         return io.NodeOutput(out_model, lora_sd, loss_map, filename, ui=ui)
 
 

@@ -114,3 +114,12 @@ def test_the_recovery_workflow_emits_every_contract_key_and_event(comfy, tiny_ck
     # the metrics the demo reports come from the titled nodes
     titles = {job.titles[nid] for nid, ui in result.ui_outputs.items() if K.UI_SCORES in ui}
     assert {K.concept_score_title(m) for m in K.EVALUATED_MODELS} <= titles, titles
+
+
+def test_every_node_id_in_the_contracts_is_a_registered_memora_node(comfy):
+    """The node ids memora-batch and the front end name (memora/contracts.py) are node types the pack registers."""
+    import nodes
+
+    named = {v for k, v in vars(K).items() if k.startswith("NODE_") and k != "NODE_PREFIX"}
+    assert named and named <= set(nodes.NODE_CLASS_MAPPINGS), sorted(named - set(nodes.NODE_CLASS_MAPPINGS))
+    assert all(n.startswith(K.NODE_PREFIX) for n in named)
