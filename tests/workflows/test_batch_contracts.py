@@ -104,6 +104,10 @@ def test_the_recovery_workflow_emits_every_contract_key_and_event(comfy, tiny_ck
     wf = Workflow.load(ROOT / "example_workflows" / "memora_recovery.json")
     plan = plan_jobs(wf, backend, profile=model_profile(None, tiny_ckpt, tiny_ckpt), quick=True)
     (job,) = plan.jobs
+    # a prompt no other test uses: every node runs here (cached outputs from earlier tests send no events)
+    (prompt_id,) = [nid for nid, title in job.titles.items() if title == K.TITLE_CONCEPT_PROMPT]
+    text_input = next(k for k, v in job.api[prompt_id]["inputs"].items() if isinstance(v, str))
+    job.api[prompt_id]["inputs"][text_input] = f"a photo of a star ({os.getpid()}, contract test)"
     result = backend.run(job.api)
     assert result.success, result.error_message
     ui_keys = {k for ui in result.ui_outputs.values() for k in ui}
