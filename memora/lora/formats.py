@@ -199,13 +199,26 @@ def _peft_module(key: str) -> tuple[str, str]:
             break
     else:
         if mod.startswith("text_encoder."):
-            return "te", mod[len("text_encoder."):]
+            return "te", _clip_path(mod[len("text_encoder."):])
         if mod.startswith("text_encoder_2."):
-            return "te2", mod[len("text_encoder_2."):]
+            return "te2", _clip_path(mod[len("text_encoder_2."):])
     # 'base_model.model.text_model...' comes from a peft-wrapped CLIP text model
     if mod.startswith("text_model."):
         return "te", mod
+    # transformers >= 5 names CLIPTextModel's modules without the 'text_model.' level ('encoder.layers.0...');
+    # SD UNets have no such module, and kohya/ComfyUI names keep the level: 'lora_te_text_model_encoder_layers_0_...'
+    if mod.startswith(_CLIP_BODY):
+        return "te", "text_model." + mod
     return "unet", mod
+
+
+# Top-level modules of a CLIP text transformer (what transformers >= 5 puts directly under CLIPTextModel).
+_CLIP_BODY = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
+def _clip_path(mod: str) -> str:
+    """A text encoder's module path in the checkpoints' spelling ('text_model.encoder.layers...')."""
+    return "text_model." + mod if mod.startswith(_CLIP_BODY) else mod
 
 
 def _kohya_prefix(part: str) -> str:
