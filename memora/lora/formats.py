@@ -425,8 +425,12 @@ def kohya_to_diffusers(sd: Mapping[str, torch.Tensor], known_modules: Iterable[s
             raise LoraFormatError(f"kohya layer {name!r} has an unknown prefix")
         scale = layer.scale
         up = layer.up.to(torch.float32) * scale if scale != 1.0 else layer.up
+        folded = up.to(layer.up.dtype)
+        if scale != 1.0 and not bool(torch.isfinite(folded).all()) and bool(torch.isfinite(up).all()):
+            raise LoraFormatError(f"{name}: lora_up * alpha / rank (scale {scale:g}) exceeds the range of "
+                                  f"{layer.up.dtype}; convert the LoRA to float32 before writing it for diffusers")
         out[f"{key}.lora_A.weight"] = layer.down.contiguous()
-        out[f"{key}.lora_B.weight"] = up.to(layer.up.dtype).contiguous()
+        out[f"{key}.lora_B.weight"] = folded.contiguous()
     return out
 
 

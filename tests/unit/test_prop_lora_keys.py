@@ -260,3 +260,23 @@ def test_sdxl_text_encoder_prefixes():
     assert {x.rsplit(".", 2)[0] for x in peft} == {f"text_encoder.{m}", f"text_encoder_2.{m}",
                                                    "text_encoder_2.text_projection"}
     assert set(F.to_kohya(peft)) == set(k)
+
+
+@PROP
+@given(st.sampled_from([torch.float16, torch.bfloat16]), st.floats(1.0, 60000.0), st.integers(1, 4),
+       st.floats(0.5, 2 ** 20))
+def test_folding_alpha_never_writes_inf(dtype, magnitude, rank, alpha):
+    """kohya_to_diffusers folds alpha / r into lora_B in lora_B's dtype: the result is the exact scaled factor
+    rounded once, or, when that leaves the dtype's range, a LoraFormatError naming the layer (before: inf)."""
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    up = torch.full((3, rank), magnitude).to(dtype)
+    sd = {f"{name}.lora_down.weight": torch.ones(rank, 2, dtype=dtype), f"{name}.lora_up.weight": up,
+          f"{name}.alpha": torch.tensor(alpha)}
+    exact = up.double() * (alpha / rank)
+    if float(exact.abs().max()) > torch.finfo(dtype).max:
+        with pytest.raises(F.LoraFormatError, match=f"{name}: .*exceeds the range"):
+            F.kohya_to_diffusers(sd)
+        return
+    b = F.kohya_to_diffusers(sd)["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"]
+    assert torch.isfinite(b).all()
+    assert torch.allclose(b.double(), exact, rtol=torch.finfo(dtype).eps, atol=0)
