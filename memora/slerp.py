@@ -27,6 +27,41 @@ def interpolation_points(intervals: int, include_endpoints: bool = True) -> list
     return pts
 
 
+def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / |x| per row (zero rows stay zero) and whether the row is non-zero. Each row is first scaled by a power of
+    two (exact) that brings its largest entry near 1, so the norm neither overflows (entries near the dtype's
+    maximum: the unscaled norm is inf and the angle NaN) nor underflows (tiny entries: the norm would be 0)."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    nonzero = amax > 0
+    _, exp = torch.frexp(torch.where(nonzero, amax, torch.ones_like(amax)))
+    xs = torch.ldexp(x, -exp.to(x.dtype))
+    n = xs.norm(dim=1, keepdim=True)
+    return xs / torch.where(nonzero, n, torch.ones_like(n)), nonzero
+
+
+def _angles(fa: torch.Tensor, fb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The angle omega [B, 1] between matching rows and whether the spherical formula applies there.
+
+    omega = arccos of the clamped cosine, except near parallel or opposite vectors (|cos| >= 0.9), where arccos is
+    ill-conditioned and omega = 2 atan2(|ua - ub|, |ua + ub|) is used instead (accurate to rounding there)."""
+    ua, nza = _unit(fa)
+    ub, nzb = _unit(fb)
+    cos = (ua * ub).sum(dim=1, keepdim=True).clamp(-1.0, 1.0)
+    chord = 2.0 * torch.atan2((ua - ub).norm(dim=1, keepdim=True), (ua + ub).norm(dim=1, keepdim=True))
+    omega = torch.where(cos.abs() < 0.9, torch.arccos(cos), chord)
+    spherical = (torch.sin(omega).abs() > SIN_EPSILON) & nza & nzb
+    return omega, spherical
+
+
+def _check_finite(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    if bool(torch.isfinite(out).all()):
+        return
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise ValueError("slerp inputs hold NaN or infinite values; the latents to interpolate must be finite")
+    raise ValueError(f"slerp result exceeds the range of {out.dtype} (largest input magnitude "
+                     f"{max(float(a.abs().max()), float(b.abs().max())):g}); interpolate these latents in float32")
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, ts: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Slerp between matching items of ``a`` and ``b`` ([B, ...] each) at every t in ``ts``.
 
@@ -42,14 +77,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, ts: Sequence[float] | torch.Tensor) 
     batch = a.shape[0]
     fa = a.detach().reshape(batch, -1).to(work)
     fb = b.detach().reshape(batch, -1).to(work)
-    na = fa.norm(dim=1, keepdim=True)
-    nb = fb.norm(dim=1, keepdim=True)
-    safe_na = torch.where(na > 0, na, torch.ones_like(na))
-    safe_nb = torch.where(nb > 0, nb, torch.ones_like(nb))
-    cos = ((fa / safe_na) * (fb / safe_nb)).sum(dim=1, keepdim=True).clamp(-1.0, 1.0)
-    omega = torch.arccos(cos)  # [B, 1]
+    omega, spherical = _angles(fa, fb)
     sin_omega = torch.sin(omega)
-    spherical = (sin_omega.abs() > SIN_EPSILON) & (na > 0) & (nb > 0)  # [B, 1]
     safe_sin = torch.where(spherical, sin_omega, torch.ones_like(sin_omega))
     tt = t.view(1, -1, 1)  # [1, T, 1]
     om = omega.unsqueeze(1)  # [B, 1, 1]
@@ -58,6 +87,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, ts: Sequence[float] | torch.Tensor) 
     w_b = torch.where(spherical.unsqueeze(1), torch.sin(tt * om) / ss, tt)
     out = w_a * fa.unsqueeze(1) + w_b * fb.unsqueeze(1)  # [B, T, N]
     out = out.to(out_dtype)
+    _check_finite(a, b, out)
     # Endpoints exactly, not up to rounding.
     for j, tj in enumerate(t.tolist()):
         if tj == 0.0:

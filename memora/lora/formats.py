@@ -199,13 +199,26 @@ def _peft_module(key: str) -> tuple[str, str]:
             break
     else:
         if mod.startswith("text_encoder."):
-            return "te", mod[len("text_encoder."):]
+            return "te", _clip_path(mod[len("text_encoder."):])
         if mod.startswith("text_encoder_2."):
-            return "te2", mod[len("text_encoder_2."):]
+            return "te2", _clip_path(mod[len("text_encoder_2."):])
     # 'base_model.model.text_model...' comes from a peft-wrapped CLIP text model
     if mod.startswith("text_model."):
         return "te", mod
+    # transformers >= 5 names CLIPTextModel's modules without the 'text_model.' level ('encoder.layers.0...');
+    # SD UNets have no such module, and kohya/ComfyUI names keep the level: 'lora_te_text_model_encoder_layers_0_...'
+    if mod.startswith(_CLIP_BODY):
+        return "te", "text_model." + mod
     return "unet", mod
+
+
+# Top-level modules of a CLIP text transformer (what transformers >= 5 puts directly under CLIPTextModel).
+_CLIP_BODY = ("encoder.layers.", "embeddings.", "final_layer_norm")
+
+
+def _clip_path(mod: str) -> str:
+    """A text encoder's module path in the checkpoints' spelling ('text_model.encoder.layers...')."""
+    return "text_model." + mod if mod.startswith(_CLIP_BODY) else mod
 
 
 def _kohya_prefix(part: str) -> str:
@@ -412,8 +425,12 @@ def kohya_to_diffusers(sd: Mapping[str, torch.Tensor], known_modules: Iterable[s
             raise LoraFormatError(f"kohya layer {name!r} has an unknown prefix")
         scale = layer.scale
         up = layer.up.to(torch.float32) * scale if scale != 1.0 else layer.up
+        folded = up.to(layer.up.dtype)
+        if scale != 1.0 and not bool(torch.isfinite(folded).all()) and bool(torch.isfinite(up).all()):
+            raise LoraFormatError(f"{name}: lora_up * alpha / rank (scale {scale:g}) exceeds the range of "
+                                  f"{layer.up.dtype}; convert the LoRA to float32 before writing it for diffusers")
         out[f"{key}.lora_A.weight"] = layer.down.contiguous()
-        out[f"{key}.lora_B.weight"] = up.to(layer.up.dtype).contiguous()
+        out[f"{key}.lora_B.weight"] = folded.contiguous()
     return out
 
 
