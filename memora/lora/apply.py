@@ -25,6 +25,8 @@ import torch
 LAYER_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale", ".diff",
                   ".diff_b", ".set_weight", ".reshape_weight", ".w_norm", ".b_norm")
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")
+# the diffusers spelling kept when ComfyUI names one ldm module twice (see module_map)
+PREFERRED_DIFFUSERS_PREFIXES = ("add_embedding.",)
 
 
 class LoraKeyError(ValueError):
@@ -55,12 +57,20 @@ def is_text_encoder_layer(name: str) -> bool:
 def module_map(diffusers_to_ldm_keys: Mapping[str, str]) -> dict[str, str]:
     """ldm module path -> diffusers module path, from a diffusers -> ldm WEIGHT-key map (what
     ``comfy.utils.unet_to_diffusers`` returns): 'input_blocks.1.1.transformer_blocks.0.attn1.to_q' ->
-    'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'. Only .weight / .bias pairs are modules."""
+    'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'. Only .weight / .bias pairs are modules.
+
+    Deterministic: where the map names one ldm module under two diffusers names (ComfyUI lists SDXL's
+    ``label_emb.0.0``/``.2`` as both ``class_embedding.linear_1/2`` and ``add_embedding.linear_1/2``, from a set whose
+    order follows PYTHONHASHSEED), the name in ``PREFERRED_DIFFUSERS_PREFIXES`` wins (``add_embedding``: the
+    diffusers SDXL UNet's), else the alphabetically first."""
     out: dict[str, str] = {}
-    for diff_key, ldm_key in diffusers_to_ldm_keys.items():
+    for diff_key, ldm_key in sorted(diffusers_to_ldm_keys.items()):
         for suffix in (".weight", ".bias"):
             if diff_key.endswith(suffix) and ldm_key.endswith(suffix):
-                out[ldm_key[: -len(suffix)]] = diff_key[: -len(suffix)]
+                ldm, diff = ldm_key[: -len(suffix)], diff_key[: -len(suffix)]
+                if ldm not in out or (diff.startswith(PREFERRED_DIFFUSERS_PREFIXES)
+                                      and not out[ldm].startswith(PREFERRED_DIFFUSERS_PREFIXES)):
+                    out[ldm] = diff
                 break
     return out
 

@@ -93,10 +93,7 @@ def test_every_unet_layer_native_kohya_comfyui_loop(comfy, arch):
     layers = U.unet_layers(arch)
     to_ldm = _diffusers_to_ldm(arch)
     missing = sorted(set(layers) - set(to_ldm))
-    # SDXL's add_embedding: ComfyUI's unet_to_diffusers names label_emb.0.* both class_embedding.* and
-    # add_embedding.*, and memora.lora.apply.module_map keeps whichever comes last (see the xfail test below)
-    assert set(missing) <= SDXL_AMBIGUOUS, f"diffusers layers without a ComfyUI module: {missing[:10]}"
-    layers = {m: s for m, s in layers.items() if m not in SDXL_AMBIGUOUS}
+    assert missing == [], f"diffusers layers without a ComfyUI module: {missing[:10]}"
     native = {}
     for m in layers:
         native[f"diffusion_model.{to_ldm[m]}.lora_up.weight"] = torch.ones(1, 1)
@@ -138,8 +135,6 @@ def test_every_text_encoder_layer_is_in_comfyui_clip_key_map(comfy, arch):
         assert unloaded == ({f"{diffusers_prefix}text_projection"} if "text_projection" in layers else set())
 
 
-SDXL_AMBIGUOUS = {"add_embedding.linear_1", "add_embedding.linear_2"}
-
 _MODULE_MAP_SDXL = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -153,11 +148,6 @@ print(m["label_emb.0.0"], m["label_emb.0.2"])
 """
 
 
-@pytest.mark.xfail(strict=True, reason="memora.lora.apply.module_map inverts comfy.utils.unet_to_diffusers, which "
-                   "names SDXL's label_emb.0.0/.2 both class_embedding.linear_1/2 and add_embedding.linear_1/2 (from "
-                   "a set: the order follows PYTHONHASHSEED); the inverse keeps the last one seen, so an SDXL "
-                   "ComfyUI-native LoRA on label_emb becomes lora_unet_class_embedding_* in some processes (a name "
-                   "the diffusers SDXL UNet does not have) and the same file converts to different names per run")
 def test_sdxl_label_emb_maps_to_add_embedding_in_every_process(comfy_path, repo_root):
     import os
     import subprocess
@@ -173,7 +163,7 @@ def test_sdxl_label_emb_maps_to_add_embedding_in_every_process(comfy_path, repo_
 @st.composite
 def native_loras(draw, arch):
     layers = U.unet_layers(arch)
-    names = sorted(set(layers) - SDXL_AMBIGUOUS)
+    names = sorted(layers)
     chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=5, unique=True))
     seed = draw(st.integers(0, 2 ** 31 - 1))
     g = torch.Generator().manual_seed(seed)
