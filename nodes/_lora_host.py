@@ -171,10 +171,10 @@ def apply_lora(owner, lora_sd: dict[str, torch.Tensor], strength: float = 1.0, *
     (patches live on the clone); the report counts as patched only the weights the LoRA really changes."""
     _lora, to_load, unmatched, te, patches = _plan(owner, lora_sd, text_encoder, min_share)
     clone = _add_checked(owner, patches, strength)
-    inert = sorted(_key_name(k) for k, p in patches.items() if changes_nothing(p, strength))
-    patched = sorted(_key_name(k) for k in patches if _key_name(k) not in set(inert))
+    inert = {_key_name(k) for k, p in patches.items() if changes_nothing(p, strength)}
+    patched = sorted({_key_name(k) for k in patches} - inert)
     return clone, ApplyReport(patched=patched, layers=sorted(to_load), unmatched=unmatched,
-                              text_encoder_layers=te, inert=inert)
+                              text_encoder_layers=te, inert=sorted(inert))
 
 
 def add_patches(owner, patches: dict, strength: float = 1.0):
