@@ -134,6 +134,29 @@ def test_output_changes_exactly_when_the_report_says_patched(comfy, tiny_ckpt, l
         assert f"{n} patches change nothing" in report, report
 
 
+def test_dora_and_full_diff_patches_are_checked_too(loaded_tiny):
+    """Patches other than plain LoRA factors (DoRA: computed on a zero weight, catching what ComfyUI only logs;
+    full-weight diffs: by shape) are checked the same way; fitting ones apply and are counted."""
+    host = _pack("_lora_host")
+    model = loaded_tiny[0]
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(1)
+
+    def dora(in_f):
+        return {f"{name}.lora_down.weight": torch.randn(RANK, in_f, generator=g),
+                f"{name}.lora_up.weight": torch.randn(32, RANK, generator=g),
+                f"{name}.alpha": torch.tensor(ALPHA), f"{name}.dora_scale": torch.rand(32, 1, generator=g) + 0.5}
+
+    clone, report = host.apply_lora(model, dora(32), 1.0)
+    assert len(report.patched) == 1 and len(clone.patches) >= 1
+    with pytest.raises(host.LoraShapeError, match=r"attn1_to_q -> .*the lora patch does not apply.*\[32, 32\]"):
+        host.apply_lora(model, dora(48), 1.0)
+    with pytest.raises(host.LoraShapeError, match=r"the diff tensor is \[32, 31\], but the weight is \[32, 32\]"):
+        host.apply_lora(model, {f"{name}.diff": torch.randn(32, 31, generator=g)}, 1.0)
+    clone, report = host.apply_lora(model, {f"{name}.diff": torch.zeros(32, 32)}, 1.0)
+    assert report.patched == [] and len(report.inert) == 1  # a zero diff changes nothing, and says so
+
+
 # -- 2. the wrong kind of model is refused, not run -------------------------------------------------------------------
 KINDS = [
     ("ModelSamplingFlux", dict(max_shift=1.15, base_shift=0.5, width=64, height=64), "ModelSamplingFlux + CONST"),
