@@ -69,8 +69,10 @@ def _sample(g: Graph, model, clip, seed: int = 3):
     """One KSampler step from a fixed latent: its output is the model's prediction."""
     pos = g.node("CLIPTextEncode", text="a photo of the parachute", clip=clip)
     lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=1)
-    return g.node("KSampler", model=model, positive=pos[0], negative=pos[0], latent_image=lat[0], seed=seed, steps=1,
-                  cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    ks = g.node("KSampler", model=model, positive=pos[0], negative=pos[0], latent_image=lat[0], seed=seed, steps=1,
+                cfg=1.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    g.node("PreviewAny", source=ks[0])  # an output node, so the executor runs the sampler
+    return ks
 
 
 def _samples(comfy, ref) -> torch.Tensor:
