@@ -167,9 +167,20 @@ _PIPELINE_WEIGHT_NAMES = {
 
 
 def is_pipeline_folder(path: Union[str, Path]) -> bool:
+    """A diffusers pipeline folder (model_index.json, or unet/ or text_encoder/ weights). A folder whose shard
+    index is broken or refused counts as one: loading it then says what is wrong."""
     path = Path(path)
-    return path.is_dir() and ((path / "model_index.json").is_file() or
-                              any(_component_files(path / c) for c in ("unet", "text_encoder")))
+    if not path.is_dir():
+        return False
+    if (path / "model_index.json").is_file():
+        return True
+    for c in ("unet", "text_encoder"):
+        try:
+            if _component_files(path / c):
+                return True
+        except ZooError:
+            return True
+    return False
 
 
 def _component_files(folder: Path) -> list[Path]:
@@ -179,10 +190,13 @@ def _component_files(folder: Path) -> list[Path]:
     # Sharded weights: the index lists the shard files (full-precision index first, then fp16 variants).
     for index in sorted(folder.glob("*.index.json"), key=lambda p: (".fp16." in p.name, p.name)):
         try:
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            data = json.loads(index.read_text())
+            weight_map = data.get("weight_map", {}) if isinstance(data, dict) else None
         except (OSError, ValueError) as e:
             raise ZooError(f"{index}: unreadable shard index ({e})") from e
-        shards = sorted({folder / name for name in weight_map.values()})
+        if not isinstance(weight_map, Mapping):
+            raise ZooError(f"{index}: 'weight_map' is not a mapping of tensor name -> shard file")
+        shards = sorted({folder / _shard_name(index, name) for name in weight_map.values()})
         if shards:
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
@@ -192,6 +206,17 @@ def _component_files(folder: Path) -> list[Path]:
         if (folder / name).is_file():
             return [folder / name]
     return []
+
+
+def _shard_name(index: Path, name) -> str:
+    """A shard file name from an index's weight_map: a plain file name in the index's own folder (diffusers and
+    transformers write nothing else). Anything else could make the index read a file outside the model folders."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or (len(name) > 1 and name[1] == ":")):
+        raise ZooError(f"{index}: refused: the shard index names {name!r} as a shard file; shards must be plain file "
+                       f"names in the index's own folder ({index.parent}), not paths (an index must not make MemoRa "
+                       f"read files outside the model folders)")
+    return name
 
 
 def read_pipeline_folder(path: Union[str, Path]) -> dict[str, dict]:

@@ -35,6 +35,61 @@ def sampling_sigmas(model, steps: int, scheduler: str = "ddim_uniform") -> torch
     return comfy.samplers.calculate_sigmas(model_sampling(model), scheduler, steps).cpu()
 
 
+# -- model kinds -------------------------------------------------------------------------------------------------
+EPSILON = "epsilon"
+V_PREDICTION = "v_prediction"
+SUPPORTED_SAMPLING = ("discrete-timestep epsilon- or v-prediction models (SD1.x, SD2.x, SDXL: ComfyUI's "
+                      "ModelSamplingDiscrete with EPS or V_PREDICTION)")
+# What the prediction classes ComfyUI (and its ModelSampling* nodes) combine into a model_sampling object mean.
+_KIND_NAMES = {"CONST": "flow matching (Flux, SD3, ...)", "EDM": "EDM", "X0": "x0-prediction",
+               "IMG_TO_IMG": "image-to-image x0-prediction", "IMG_TO_IMG_FLOW": "image-to-image flow matching",
+               "COSMOS_RFLOW": "rectified flow (Cosmos)", "LCM": "LCM", "V_PREDICTION_DDPM": "v-prediction (DDPM)",
+               "ModelSamplingContinuousEDM": "continuous-time EDM schedule",
+               "ModelSamplingContinuousV": "continuous-time v schedule",
+               "ModelSamplingDiscreteFlow": "discrete flow schedule", "ModelSamplingFlux": "Flux flow schedule",
+               "StableCascadeSampling": "Stable Cascade schedule", "ModelSamplingDiscreteEDM": "discrete EDM schedule"}
+
+
+class UnsupportedModelError(ValueError):
+    """A model whose sampling type (prediction and noise schedule) a node does not implement."""
+
+
+def describe_sampling(model) -> str:
+    """The model's sampling type in words: its model_sampling classes (the stock ModelSampling* nodes' wrapper
+    class left out) and what they mean, e.g. 'ModelSamplingFlux + CONST: flow matching (Flux, SD3, ...)'."""
+    ms = model_sampling(model)
+    names = [c.__name__ for c in type(ms).__mro__
+             if c not in (object, torch.nn.Module) and c.__name__ != "ModelSamplingAdvanced"]
+    meaning = [_KIND_NAMES[n] for n in names if n in _KIND_NAMES]
+    return " + ".join(names) + (f": {', '.join(meaning)}" if meaning else "")
+
+
+def check_model_kind(model, what: str) -> str:
+    """EPSILON or V_PREDICTION for the models the pack's DDIM and training math implement: ComfyUI's
+    ModelSamplingDiscrete schedule (sigma_data 1, its own sigma/timestep) with EPS or V_PREDICTION's exact
+    prediction math (no subclass overriding it: LCM, X0, EDM ... are refused). UnsupportedModelError naming the
+    node (``what``), the model's sampling type and what is supported otherwise."""
+    import comfy.model_sampling as ms_mod
+
+    ms = model_sampling(model)
+    cls = type(ms)
+    discrete = (isinstance(ms, ms_mod.ModelSamplingDiscrete)
+                and all(getattr(cls, f, None) is getattr(ms_mod.ModelSamplingDiscrete, f, None)
+                        for f in ("sigma", "timestep", "percent_to_sigma"))
+                and float(getattr(ms, "sigma_data", 1.0)) == 1.0)
+    same = ("calculate_input", "noise_scaling", "inverse_noise_scaling")
+    eps_math = all(getattr(cls, f, None) is getattr(ms_mod.EPS, f) for f in same)
+    if discrete and eps_math:
+        if cls.calculate_denoised is ms_mod.EPS.calculate_denoised:
+            return EPSILON
+        if cls.calculate_denoised is ms_mod.V_PREDICTION.calculate_denoised:
+            return V_PREDICTION
+    raise UnsupportedModelError(
+        f"{what} does not support this model: its sampling type is {describe_sampling(model)}. Supported: "
+        f"{SUPPORTED_SAMPLING}. Flow-matching (Flux, SD3), EDM, x0-prediction and LCM models would silently give "
+        f"wrong results, so they are refused.")
+
+
 # -- validation --------------------------------------------------------------------------------------------------
 def latent_channels(model) -> Optional[int]:
     fmt = getattr(model.model, "latent_format", None)

@@ -4,8 +4,10 @@ weight wrapper (``memora.lora.apply.LoraWeightWrapper``: training, the AutoMemoR
 a LoRA file in the loras folder. The ComfyUI-free half (layer names, the delta formula, the wrapper, its call
 counter) is ``memora.lora.apply``.
 
-Unlike ComfyUI's loaders, which only log "lora key not loaded" and carry on, :func:`apply_lora` raises a
-LoraKeyError naming the layers that match nothing in the model (policy: :func:`match_layers`)."""
+Unlike ComfyUI's loaders, which only log "lora key not loaded" or "shape mismatch" and carry on, :func:`apply_lora`
+raises a LoraKeyError naming the layers that match nothing in the model (policy: :func:`match_layers`) and a
+LoraShapeError naming the layers whose shapes do not fit the weights they name (:func:`check_patches`, also run by
+:func:`add_patches`); its report counts as patched only the weights that really change."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from memora.lora.apply import LoraKeyError
 
 from . import _host
 
-__all__ = ["LoraKeyError", "apply_lora", "match_layers", "install_lora_wrappers", "save_lora_file"]
+__all__ = ["LoraKeyError", "LoraShapeError", "apply_lora", "match_layers", "add_patches", "check_patches",
+           "install_lora_wrappers", "save_lora_file"]
 
 
 def _unet_config(model) -> dict:
@@ -92,18 +95,27 @@ def sd15_ldm_to_diffusers_map() -> dict[str, str]:
     return _apply.module_map(_unet_to_diffusers(SD15_UNET_LAYOUT))
 
 
+class LoraShapeError(LoraKeyError):
+    """LoRA layers whose names match weights of the model but whose shapes do not fit them (ComfyUI would skip
+    each such patch with only a log line, leaving the weight unchanged)."""
+
+
 @dataclass
 class ApplyReport:
-    """What apply_lora did: the weights patched, the LoRA layers used, those that matched no weight (only with a
-    min_share below 1) and the text-encoder layers left out of a MODEL."""
+    """What apply_lora did: the weights whose patch changes the model (``patched``), those whose patch changes
+    nothing (``inert``: strength 0 or all-zero factors), the LoRA layers used, those that matched no weight (only
+    with a min_share below 1) and the text-encoder layers left out of a MODEL."""
 
     patched: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     text_encoder_layers: list[str] = field(default_factory=list)
+    inert: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         s = f"{len(self.layers)} LoRA layers -> {len(self.patched)} UNet weights patched"
+        if self.inert:
+            s += f"; {len(self.inert)} patches change nothing (strength 0 or all-zero layers)"
         if self.text_encoder_layers:
             s += f"; {len(self.text_encoder_layers)} text-encoder layers not applied (MODEL only)"
         return s
@@ -116,7 +128,13 @@ def match_layers(owner, lora_sd: dict[str, torch.Tensor], *, text_encoder: bool 
     The one policy for partial matches: every layer must match a weight of the model (LoraKeyError naming the format
     and the first unmatched layers otherwise), unless the caller states a ``min_share`` below 1: then at least that
     share of the layers must match, and the others are returned as unmatched (to be reported, never silently
-    dropped). On a MODEL, text-encoder layers (lora_te*) are set apart, not matched."""
+    dropped). On a MODEL, text-encoder layers (lora_te*) are set apart, not matched. A layer whose name matches but
+    whose shape does not fit the weight is always refused (LoraShapeError naming the layers and both shapes)."""
+    return _plan(owner, lora_sd, text_encoder, min_share)[:4]
+
+
+def _plan(owner, lora_sd, text_encoder: bool, min_share: float):
+    """match_layers' four results plus ComfyUI's patches for the matched layers, every one checked to fit."""
     import comfy.lora
     import comfy.lora_convert
 
@@ -136,34 +154,161 @@ def match_layers(owner, lora_sd: dict[str, torch.Tensor], *, text_encoder: bool 
             f"{len(unmatched)} of {len(names)} LoRA layers (format {_format_or_unknown(lora_sd)}) match no weight of "
             f"this {'text encoder' if text_encoder else 'model'}: {unmatched[:5]}{' ...' if len(unmatched) > 5 else ''}"
             f". Is the LoRA made for another architecture?")
-    return lora, {n: key_map[n] for n in names if n in key_map}, unmatched, te
+    to_load = {n: key_map[n] for n in names if n in key_map}
+    patches = comfy.lora.load_lora(lora, to_load, log_missing=False)
+    missing = [n for n, w in to_load.items() if w not in patches and f"{w[:-len('.weight')]}.bias" not in patches]
+    if missing:
+        raise LoraKeyError(f"ComfyUI built no patch for LoRA layers {missing[:5]} (keys not understood)")
+    check_patches(owner, patches, {w: n for n, w in to_load.items()})
+    return lora, to_load, unmatched, te, patches
 
 
 def apply_lora(owner, lora_sd: dict[str, torch.Tensor], strength: float = 1.0, *, text_encoder: bool = False,
                min_share: float = 1.0):
     """A CLONE of the MODEL (or CLIP, with ``text_encoder``) with the LoRA applied through ComfyUI's own LoRA
-    patches; returns (clone, ApplyReport). Partial matches follow :func:`match_layers`'s policy; everything is
-    checked before the clone is made. The input is not modified (patches live on the clone)."""
-    import comfy.lora
-
-    lora, to_load, unmatched, te = match_layers(owner, lora_sd, text_encoder=text_encoder, min_share=min_share)
-    patches = comfy.lora.load_lora(lora, to_load, log_missing=False)
-    missing = [n for n, w in to_load.items() if w not in patches and f"{w[:-len('.weight')]}.bias" not in patches]
-    if missing:
-        raise LoraKeyError(f"ComfyUI built no patch for LoRA layers {missing[:5]} (keys not understood)")
-    clone = add_patches(owner, patches, strength)
-    return clone, ApplyReport(patched=sorted(patches), layers=sorted(to_load), unmatched=unmatched,
-                              text_encoder_layers=te)
+    patches; returns (clone, ApplyReport). Partial matches follow :func:`match_layers`'s policy; every patch is
+    checked against the weight it targets before the clone is made (LoraShapeError). The input is not modified
+    (patches live on the clone); the report counts as patched only the weights the LoRA really changes."""
+    _lora, to_load, unmatched, te, patches = _plan(owner, lora_sd, text_encoder, min_share)
+    clone = _add_checked(owner, patches, strength)
+    inert = {_key_name(k) for k, p in patches.items() if changes_nothing(p, strength)}
+    patched = sorted({_key_name(k) for k in patches} - inert)
+    return clone, ApplyReport(patched=patched, layers=sorted(to_load), unmatched=unmatched,
+                              text_encoder_layers=te, inert=sorted(inert))
 
 
 def add_patches(owner, patches: dict, strength: float = 1.0):
-    """A clone of a MODEL or CLIP with ComfyUI weight patches added; RuntimeError when it refuses any."""
+    """A clone of a MODEL or CLIP with ComfyUI weight patches added; LoraShapeError when a patch does not fit the
+    weight it targets, RuntimeError when ComfyUI refuses any (a key the model does not have)."""
+    check_patches(owner, patches)
+    return _add_checked(owner, patches, strength)
+
+
+def _add_checked(owner, patches: dict, strength: float):
     clone = owner.clone()
     done = set(clone.add_patches(patches, strength))
-    refused = sorted(set(patches) - done)
+    refused = sorted(set(patches) - done, key=str)
     if refused:
         raise RuntimeError(f"ComfyUI refused patches for {refused[:5]} ({len(refused)} keys)")
     return clone
+
+
+# -- checking patches against the weights they target ------------------------------------------------------------
+def _key_name(key) -> str:
+    """The weight key of a patch key (a name, or (name, offset[, function]) for part of a fused weight)."""
+    return key if isinstance(key, str) else key[0]
+
+
+def _target_shape(shapes: Mapping[str, tuple], key) -> Optional[tuple]:
+    shape = shapes.get(_key_name(key))
+    if shape is not None and not isinstance(key, str) and len(key) > 1 and key[1] is not None:
+        dim, _start, length = key[1]
+        shape = tuple(length if i == dim else s for i, s in enumerate(shape))
+    return shape
+
+
+def _weight_shapes(owner) -> dict[str, tuple]:
+    patcher = getattr(owner, "patcher", owner)  # a CLIP holds its ModelPatcher
+    return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items()}
+
+
+def check_patches(owner, patches: Mapping, layer_of: Optional[Mapping[str, str]] = None) -> None:
+    """LoraShapeError unless every ComfyUI weight patch fits the weight it targets (ComfyUI would skip a misfit
+    with only a log line). ``layer_of``: weight key -> LoRA layer name, for the message."""
+    shapes = _weight_shapes(owner)
+    bad = []
+    for key, patch in patches.items():
+        shape = _target_shape(shapes, key)
+        if shape is None:
+            continue  # not a weight of the model: add_patches refuses it by name
+        why = patch_misfit(patch, shape)
+        if why:
+            name = _key_name(key)
+            layer = (layer_of or {}).get(name) or (layer_of or {}).get(name[: -len(".bias")] + ".weight")
+            bad.append(f"{layer + ' -> ' if layer else ''}{name}: {why}, but the weight is {list(shape)}")
+    if bad:
+        raise LoraShapeError(
+            f"{len(bad)} of {len(patches)} LoRA patches do not fit the shape of the model weight they name (the "
+            f"names match, the shapes do not: the LoRA was made for another model or architecture): "
+            f"{'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def patch_misfit(patch, shape: tuple) -> Optional[str]:
+    """Why one ComfyUI weight patch cannot change a weight of ``shape`` (None when it fits): plain LoRA factors
+    by their shapes, full-weight tensors by theirs, other adapters by computing the patch on a zero weight."""
+    import comfy.weight_adapter as wa
+
+    if isinstance(patch, wa.LoRAAdapter) and patch.weights[3] is None and patch.weights[4] is None:
+        up, down, reshape = patch.weights[0], patch.weights[1], patch.weights[5]
+        target = tuple(reshape) if reshape is not None else tuple(shape)
+        if reshape is not None and (len(target) != len(shape) or any(r < s for r, s in zip(target, shape))):
+            return f"reshape_weight {list(target)} is smaller than the weight"
+        if _numel(up.shape[1:]) != down.shape[0]:
+            return f"lora_up {list(up.shape)} and lora_down {list(down.shape)} have different ranks"
+        delta = (int(up.shape[0]), _numel(down.shape[1:]))
+        if delta != (int(target[0]), _numel(target[1:])):
+            return f"the LoRA delta is {list(delta)} (lora_up {list(up.shape)}, lora_down {list(down.shape)})"
+        return None
+    if isinstance(patch, wa.WeightAdapterBase):
+        return _probe_misfit(patch, shape)
+    if isinstance(patch, tuple) and patch:
+        kind, v = ("diff", patch) if len(patch) == 1 else (patch[0], patch[1])
+        if kind in ("diff", "set", "model_as_lora") and isinstance(v, tuple) and isinstance(v[0], torch.Tensor):
+            got = tuple(v[0].shape)
+            pad = kind == "diff" and len(v) > 1 and isinstance(v[1], dict) and v[1].get("pad_weight")
+            if got != tuple(shape) and not (pad and len(got) == len(shape) and all(g >= s for g, s in zip(got, shape))):
+                return f"the {kind} tensor is {list(got)}"
+    return None
+
+
+def _probe_misfit(adapter, shape: tuple) -> Optional[str]:
+    """Compute an adapter's patch on a zero weight, catching what ComfyUI would only log."""
+    import logging
+
+    class _Catch(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    catch = _Catch()
+    root = logging.getLogger()
+    root.addHandler(catch)
+    try:
+        out = adapter.calculate_weight(torch.zeros(shape, dtype=torch.float32), "probe", 1.0, 1.0, None,
+                                       lambda a: a, torch.float32, None)
+    except Exception as e:  # ComfyUI would fail or skip the same way when applying it
+        return f"the {getattr(adapter, 'name', type(adapter).__name__)} patch fails ({e})"
+    finally:
+        root.removeHandler(catch)
+    if catch.messages or out is None or tuple(out.shape) != tuple(shape):
+        return (f"the {getattr(adapter, 'name', type(adapter).__name__)} patch does not apply "
+                f"({catch.messages[0] if catch.messages else 'no weight of that shape computed'})")
+    return None
+
+
+def changes_nothing(patch, strength: float) -> bool:
+    """True when a (fitting) patch leaves the weight as it is: strength 0, or a plain LoRA / diff of zeros."""
+    import comfy.weight_adapter as wa
+
+    if float(strength) == 0.0:
+        return True
+    if isinstance(patch, wa.LoRAAdapter) and patch.weights[4] is None:
+        return not bool(patch.weights[0].any()) or not bool(patch.weights[1].any())
+    if isinstance(patch, tuple) and len(patch) in (1, 2):
+        kind, v = ("diff", patch) if len(patch) == 1 else (patch[0], patch[1])
+        if kind == "diff" and isinstance(v, tuple) and isinstance(v[0], torch.Tensor):
+            return not bool(v[0].any())
+    return False
 
 
 def _format_or_unknown(sd) -> str:
@@ -184,16 +329,23 @@ def loras_root() -> Path:
 
 
 def relative_to_loras(path: Path) -> str:
-    """A saved file's name as LoraLoader lists it (relative to its loras folder, '/' separated)."""
+    """A file's name as LoraLoader lists it (relative to its loras folder, '/' separated): the path as given first
+    (a symlinked subfolder keeps its name, as ComfyUI's listing shows it), then with links resolved."""
     import folder_paths
 
-    path = Path(path).resolve()
-    for root in folder_paths.get_folder_paths("loras"):
+    roots = folder_paths.get_folder_paths("loras")
+    for root in roots:
         try:
-            return path.relative_to(Path(root).resolve()).as_posix()
+            return _save.name_in_root(root, path)
         except ValueError:
             continue
-    return path.name
+    resolved = Path(path).resolve()
+    for root in roots:
+        try:
+            return resolved.relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            continue
+    return resolved.name
 
 
 # -- weight wrappers ---------------------------------------------------------------------------------------------
@@ -235,8 +387,9 @@ def save_lora_file(sd: Mapping[str, torch.Tensor], save_name: str, metadata: Map
                    node_id: Optional[str] = None) -> str:
     """Save a LoRA as loras/<save_name>_<counter>_.safetensors (atomic, never overwriting), announce it with a
     ``memora.lora_saved`` event, and return its name as LoraLoader lists it."""
-    path = _save.save_safetensors_atomic(sd, loras_root(), save_name.strip(), metadata)
-    filename = relative_to_loras(path)
+    root = loras_root()
+    path = _save.save_safetensors_atomic(sd, root, save_name.strip(), metadata)
+    filename = _save.name_in_root(root, path)
     node = node_id if node_id is not None else _host.current_node_id()
     _host.send_event(contracts.EVENT_LORA_SAVED, {"node": node, "filename": filename})
     return filename

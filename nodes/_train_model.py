@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 import comfy.model_management
-import comfy.model_sampling
 
 from memora.lora import denoiser as _denoiser
 from memora.lora import fingerprint as _fingerprint
@@ -15,23 +14,10 @@ from . import _host
 
 
 def prediction_type(model) -> str:
-    """"epsilon" or "v_prediction" for discrete-timestep models (SD1.x, SD2.x, SDXL ...); ValueError otherwise."""
-    ms = _host.model_sampling(model)
-    mro = type(ms).__mro__
-    discrete = (isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete)
-                and not isinstance(ms, (comfy.model_sampling.ModelSamplingDiscreteEDM,
-                                        comfy.model_sampling.StableCascadeSampling)))
-    sigma_data = float(getattr(ms, "sigma_data", 1.0))
-    if discrete and sigma_data == 1.0:
-        if comfy.model_sampling.V_PREDICTION in mro and comfy.model_sampling.EDM not in mro:
-            return _train.V_PREDICTION
-        if (comfy.model_sampling.EPS in mro and comfy.model_sampling.V_PREDICTION not in mro
-                and comfy.model_sampling.X0 not in mro):
-            return _train.EPSILON
-    kinds = [c.__name__ for c in mro if c.__module__ == comfy.model_sampling.__name__]
-    raise ValueError(f"MemoRa LoRA training supports discrete-timestep epsilon- or v-prediction models (SD1.x, SD2.x, "
-                     f"SDXL); this model's sampling is {kinds or type(ms).__name__} (flow-matching, EDM and x0 models "
-                     f"are not supported)")
+    """"epsilon" or "v_prediction" for discrete-timestep models (SD1.x, SD2.x, SDXL ...); the pack's one model-kind
+    check (``_host.check_model_kind``) refuses every other sampling type, naming it."""
+    kind = _host.check_model_kind(model, "MemoRa LoRA training")
+    return {_host.EPSILON: _train.EPSILON, _host.V_PREDICTION: _train.V_PREDICTION}[kind]
 
 
 def diffusion_schedule(model) -> _train.DiffusionSchedule:

@@ -17,7 +17,10 @@ _SCHEDULE_TOOLTIP = (
     "starts; last step leaves sqrt(1 - alpha_bar_1) of noise), for parity studies.")
 
 
-def _plan(model, steps: int, start_at_step: int, schedule_name: str):
+def _plan(model, steps: int, start_at_step: int, schedule_name: str, what: str):
+    # Both schedules are DDIM on a discrete epsilon/v-prediction model (x = x0 + sigma * eps, alpha_bar from the
+    # model's own sigma table): refuse flow-matching, EDM, x0 ... models instead of returning wrong latents.
+    _host.check_model_kind(model, what)
     _host.check_steps(steps, start_at_step)
     if schedule_name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule_name!r}")
@@ -69,8 +72,8 @@ class MemoRaDDIMInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, steps, start_at_step, cfg, refine_iterations,
                 schedule) -> io.NodeOutput:
+        sigmas, plan = _plan(model, steps, start_at_step, schedule, "MemoRa DDIM Inversion")
         samples = _host.check_latent(model, latent.get("samples") if isinstance(latent, dict) else None, "latent")
-        sigmas, plan = _plan(model, steps, start_at_step, schedule)
         if refine_iterations < 0:
             raise ValueError(f"refine_iterations must be >= 0, got {refine_iterations}")
         if plan is None:
@@ -109,8 +112,8 @@ class MemoRaRegenerate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, steps, start_at_step, cfg, schedule) -> io.NodeOutput:
+        sigmas, plan = _plan(model, steps, start_at_step, schedule, "MemoRa Regenerate")
         samples = _host.check_latent(model, latent.get("samples") if isinstance(latent, dict) else None, "latent")
-        sigmas, plan = _plan(model, steps, start_at_step, schedule)
         if plan is None:
             progress = _host.StageProgress("regeneration", len(sigmas) - 1)
 

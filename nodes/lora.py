@@ -9,23 +9,36 @@ import torch
 from comfy_api.latest import io
 
 import memora
+from memora import zoo
 from memora.lora import formats
 from memora.lora import metadata as _metadata
 from . import _lora_host, _schema
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) of a LoRA file; .safetensors read without pickle, others via ComfyUI."""
+    """(tensors, safetensors metadata) of a LoRA file, read without running code from it: .safetensors with
+    safetensors, every other file with the pack's safe pickle reader (``memora.zoo.read_file``: torch.load with
+    weights_only, and the pack's own message naming the file when a pickle needs code to load)."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
-    import comfy.utils
-
-    return comfy.utils.load_torch_file(str(path), safe_load=True), {}
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except Exception as e:  # safetensors' own error types for corrupt or non-safetensors files
+            raise formats.LoraFormatError(f"LoRA file {path.name}: not a readable safetensors file ({e})") from e
+    try:
+        obj = zoo.read_file(path)
+    except zoo.ZooError as e:
+        raise type(e)(f"LoRA file {e}") from e
+    # What comfy.utils.load_torch_file unwraps: a 'state_dict' entry, or a single entry holding the dict.
+    if isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    elif len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+        obj = next(iter(obj.values()))
+    return dict(obj), {}
 
 
 def peft_alpha_from_metadata(meta: dict[str, str]):
@@ -55,9 +68,11 @@ def load_lora_as_kohya(path: str | Path, model=None) -> tuple[dict[str, torch.Te
         hint = (" Connect the model input: without it ComfyUI-native files are read with the standard SD1.x UNet "
                 "layout." if fmt == formats.COMFY and model is None else "")
         raise formats.LoraFormatError(f"{Path(path).name} ({fmt} format): {e}{hint}") from e
+    summary = formats.summarize(kohya)
     if model is not None:
-        _lora_host.match_layers(model, kohya)
-    return kohya, fmt, formats.summarize(kohya)
+        _, to_load, _, _ = _lora_host.match_layers(model, kohya)  # names and shapes checked against the model
+        summary["model_layers"] = len(to_load)
+    return kohya, fmt, summary
 
 
 def report_text(name: str, fmt: str, summary: dict) -> str:
@@ -67,6 +82,8 @@ def report_text(name: str, fmt: str, summary: dict) -> str:
             f"{summary['text_encoder_layers']}), {summary['params']:,} parameters; rank {ranks}; alpha {alphas}")
     if summary["full_diffs"]:
         text += f"; {summary['full_diffs']} full-weight diffs"
+    if "model_layers" in summary:
+        text += f"; checked against the model: {summary['model_layers']} UNet layers fit its weights (names and shapes)"
     return text
 
 

@@ -7,6 +7,7 @@ import json
 from comfy_api.latest import io
 
 import memora
+from memora.lora import apply as lora_apply
 from memora.lora import formats, merge
 from memora.lora import metadata as _metadata
 from . import _host, _lora_host, _schema
@@ -43,9 +44,25 @@ def _normalise(sd, slot: int) -> tuple[dict, str]:
         fmt = formats.detect_format(sd)
     except formats.LoraFormatError as e:
         raise ValueError(f"{what}: {e}") from e
-    # ComfyUI-native keys name ldm modules: map them with SD1.x's layout (the family MemoRa works on).
-    ldm = _lora_host.sd15_ldm_to_diffusers_map() if fmt == formats.COMFY else None
+    # ComfyUI-native keys name ldm modules: map them with SD1.x's layout (the family MemoRa works on; SD2.x has the
+    # same layout), refusing names that layout does not have (this node has no model to read another layout from).
+    ldm = None
+    if fmt == formats.COMFY:
+        ldm = _lora_host.sd15_ldm_to_diffusers_map()
+        _check_sd_layout(sd, ldm, what)
     return merge.normalise(sd, ldm, what=what), fmt
+
+
+def _check_sd_layout(sd: dict, ldm_map: dict, what: str) -> None:
+    prefix = "diffusion_model."
+    unknown = [n for n in lora_apply.layer_names(sd) if not n.startswith(prefix) or n[len(prefix):] not in ldm_map]
+    if unknown:
+        raise ValueError(
+            f"{what}: a ComfyUI-native LoRA (diffusion_model.<ldm path> keys) with {len(unknown)} layers that do not "
+            f"exist in the SD1.x/SD2.x UNet layout, the only layout this node reads ComfyUI-native names with (it has "
+            f"no model input): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}. Is it made for another architecture "
+            f"(SDXL, Flux, ...)? Load it with MemoRa Load LoRA with its model connected, which converts it to kohya "
+            f"names, and merge that output.")
 
 
 def merge_metadata(result: merge.MergeResult, sources: list[dict], title: str) -> dict[str, str]:

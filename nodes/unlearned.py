@@ -163,9 +163,15 @@ def _apply_part(owner, part: dict, strength: float, source: str, text_encoder: b
         raise zoo.UnrecognisedWeightsError(f"{source}: {what} LoRA layers do not fit the base model: {e}. "
                                            f"Known formats:\n{zoo.known_formats_text()}") from e
     n = len(rep.layers) + len(rep.unmatched)
-    line = f"{what} CHANGED by LoRA: {len(rep.layers)} of {n} layers matched, {len(rep.patched)} weights patched"
-    if not text_encoder:
-        line += f" ({zoo.summarize_keys(rep.patched)})"
+    if rep.patched:
+        line = f"{what} CHANGED by LoRA: {len(rep.layers)} of {n} layers matched, {len(rep.patched)} weights patched"
+        if not text_encoder:
+            line += f" ({zoo.summarize_keys(rep.patched)})"
+    else:
+        line = f"{what} UNCHANGED: {len(rep.layers)} of {n} layers matched, 0 weights patched"
+    if rep.inert:
+        line += (f"; {len(rep.inert)} patches change nothing ("
+                 f"{'strength 0' if strength == 0 else 'all-zero LoRA factors'})")
     warning = (f"  WARNING: LoRA layers not applied (no matching weight): {rep.unmatched[:5]}" if rep.unmatched
                else None)
     return clone, line, warning

@@ -3,8 +3,8 @@
 SSIM is the standard one (Wang, Bovik, Sheikh, Simoncelli 2004): an 11x11 Gaussian window with sigma 1.5,
 K1 = 0.01, K2 = 0.03, data range L = 1 (images in 0..1), population (not sample) covariances, computed per colour
 channel over the 'valid' region (every position where the whole window fits, as the reference MATLAB code and
-scikit-image do) and averaged over channels and positions. Images smaller than 11 px use the largest odd window
-that fits. PSNR = 10 log10(L^2 / MSE), infinite for identical images. Cosine similarity compares embeddings (the
+scikit-image do) and averaged over channels and positions. Images smaller than the window (11 px in height or
+width) are refused: a smaller window is another measure, not comparable with published SSIM values. PSNR = 10 log10(L^2 / MSE), infinite for identical images. Cosine similarity compares embeddings (the
 node feeds it CLIP-vision image embeddings).
 
 Tensors are [B, C, H, W] here (``from_comfy`` converts ComfyUI's [B, H, W, C]). Comparisons pair image i with image
@@ -62,17 +62,25 @@ def gaussian_window(size: int = WINDOW, sigma: float = SIGMA, dtype=torch.float6
     return torch.outer(g, g)
 
 
+def check_ssim_size(height: int, width: int, window_size: int = WINDOW) -> None:
+    """ValueError unless an image of height x width holds the whole SSIM window at least once."""
+    if window_size < 1 or window_size % 2 == 0:
+        raise ValueError(f"SSIM window size must be a positive odd number, got {window_size}")
+    if height < window_size or width < window_size:
+        raise ValueError(f"images of {height}x{width} pixels (height x width) are smaller than SSIM's "
+                         f"{window_size}x{window_size} Gaussian window: SSIM is not defined for them (a smaller window "
+                         f"would give a number not comparable with standard SSIM). Compare images of at least "
+                         f"{window_size}x{window_size} pixels (PSNR has no minimum size).")
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window_size: int = WINDOW,
          sigma: float = SIGMA) -> torch.Tensor:
     """Per-image SSIM [B] of two [B, C, H, W] batches (see the module docstring for the definition)."""
     a, b = pair(a, b)
     a = a.to(torch.float64)
     b = b.to(torch.float64)
-    size = min(window_size, a.shape[-2], a.shape[-1])
-    if size % 2 == 0:
-        size -= 1
-    if size < 1:
-        raise ValueError(f"images too small for SSIM: {tuple(a.shape[-2:])}")
+    check_ssim_size(a.shape[-2], a.shape[-1], window_size)
+    size = window_size
     C = a.shape[1]
     w = gaussian_window(size, sigma).to(a.dtype).expand(C, 1, size, size)
 

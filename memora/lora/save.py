@@ -162,6 +162,17 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path_or_root: s
                                  _next_counter(target.parent, base, ext), data)
 
 
+def name_in_root(root: str | os.PathLike, path: str | os.PathLike) -> str:
+    """A saved file's name relative to the root it was saved under, '/'-separated, with symlinked subfolders kept
+    as named (``link/x_00001_.safetensors`` for a save through ``<root>/link -> elsewhere``, as folder listings that
+    follow links show it). Lexical: nothing is resolved. ValueError when ``path`` is not under ``root``."""
+    root_abs = os.path.abspath(os.fspath(root))
+    p = os.path.abspath(os.fspath(path))
+    if os.path.commonpath([root_abs, p]) != root_abs or p == root_abs:
+        raise ValueError(f"{p} is not a file under {root_abs}")
+    return Path(os.path.relpath(p, root_abs)).as_posix()
+
+
 def check_save_target(root: str | os.PathLike, save_name: str, ext: str = EXT) -> Path:
     """Validate ``save_name`` against ``root`` and that the folder it names can be written, creating nothing.
     Returns the path the file would get now (the final name may move on if it is taken meanwhile). SaveNameError

@@ -221,7 +221,12 @@ def test_pairing_rules_and_cosine():
     e = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     assert torch.allclose(similarity.cosine(e, e), torch.ones(2, dtype=torch.float64))
     assert torch.allclose(similarity.cosine(e, e.flip(1)), torch.zeros(2, dtype=torch.float64))
-    assert similarity.ssim(torch.rand(1, 3, 5, 6), torch.rand(1, 3, 5, 6)).shape == (1,)  # window shrinks to fit
+    # Smaller than the 11x11 window: refused (issue 17), not computed with a shrunken window.
+    with pytest.raises(ValueError, match=r"5x6 pixels .* smaller than SSIM's 11x11 Gaussian window"):
+        similarity.ssim(torch.rand(1, 3, 5, 6), torch.rand(1, 3, 5, 6))
+    with pytest.raises(ValueError, match=r"11x10 pixels"):
+        similarity.ssim(torch.rand(1, 3, 11, 10), torch.rand(1, 3, 11, 10))
+    assert similarity.ssim(torch.rand(1, 3, 11, 11), torch.rand(1, 3, 11, 11)).shape == (1,)  # exactly one window
 
 
 # -- forgetting verdict -------------------------------------------------------------------------------------------------

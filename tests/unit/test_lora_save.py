@@ -184,3 +184,21 @@ def test_failure_while_publishing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output"):
         S.save_safetensors_atomic(_tensors(), tmp_path, "sub/x")
     assert _tree(tmp_path) == []
+
+
+def test_saved_name_through_a_symlinked_subfolder(tmp_path):
+    """root/link -> elsewhere: a save as 'link/x' is named 'link/x_00001_.safetensors' relative to root (what a
+    listing that follows links, like ComfyUI's, shows), not the bare file name or the link's target."""
+    root = tmp_path / "loras"
+    root.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "link").symlink_to(elsewhere, target_is_directory=True)
+    path = S.save_safetensors_atomic(_tensors(), root, "link/x")
+    assert S.name_in_root(root, path) == "link/x_00001_.safetensors"
+    assert (elsewhere / "x_00001_.safetensors").is_file()
+    assert load_file(str(root / S.name_in_root(root, path))).keys() == _tensors().keys()
+    deeper = S.save_safetensors_atomic(_tensors(), root, "link/sub/y")
+    assert S.name_in_root(root, deeper) == "link/sub/y_00001_.safetensors"
+    with pytest.raises(ValueError, match="not a file under"):
+        S.name_in_root(root, elsewhere / "x_00001_.safetensors")

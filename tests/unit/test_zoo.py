@@ -175,6 +175,37 @@ def test_pipeline_folder_single_and_sharded(tmp_path):
         zoo.read_pipeline_folder(empty)
 
 
+@pytest.mark.parametrize("shard", ["../../secret.safetensors", "/abs/secret.safetensors", "sub/x.safetensors",
+                                   "..", "C:secret.safetensors", "a\\..\\b.safetensors"])
+def test_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path, shard):
+    import json
+
+    models = tmp_path / "models"
+    p = models / "unlearned" / "evil"
+    (p / "unet").mkdir(parents=True)
+    # The file the index points at exists and is readable weights: only the refusal keeps it from being read.
+    outside = tmp_path / "secret.safetensors"
+    save_file({"conv_in.weight": _t()}, str(outside))
+    if shard.startswith("/abs/"):
+        shard = str(outside)
+    (p / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"conv_in.weight": shard}}))
+    assert zoo.is_pipeline_folder(p)  # listed, so that loading it can say what is wrong
+    with pytest.raises(zoo.ZooError, match=r"refused: the shard index names .* plain file names"):
+        zoo.load_unlearned(p)
+
+
+def test_shard_index_that_is_not_a_mapping_is_refused(tmp_path):
+    p = tmp_path / "bad"
+    (p / "unet").mkdir(parents=True)
+    (p / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": ["a", "b"]}')
+    with pytest.raises(zoo.ZooError, match="weight_map"):
+        zoo.read_pipeline_folder(p)
+    (p / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text('[1, 2]')
+    with pytest.raises(zoo.ZooError, match="weight_map"):
+        zoo.read_pipeline_folder(p)
+
+
 # -- matching and refusal ---------------------------------------------------------------------------------------------
 def _targets():
     return {"diffusion_model.a.weight": (2, 2), "diffusion_model.b.weight": (2, 2), "diffusion_model.c.weight": (3,)}
