@@ -17,9 +17,8 @@ import pytest
 
 from memora_batch import cli
 from memora_batch.backend import Backend, RunResult
-from memora_batch.folder import FolderLocked, FolderNotOurs, FolderUnwritable, ResultsFolder
 from memora_batch.report import write_report
-from memora_batch.results import ResultsError, ResultsStore
+from memora_batch.results import ResultsStore
 from memora_batch.runner import plan_jobs, run_plan
 from memora_batch.workflow import Workflow
 
@@ -75,6 +74,8 @@ def _hold_lock(folder: Path):
 
 
 def test_second_run_into_a_locked_folder_names_the_other_run_and_runs_nothing(workflow, tmp_path):
+    from memora_batch.folder import FolderLocked
+
     other = _hold_lock(tmp_path)
     try:
         backend = Instant()
@@ -92,6 +93,8 @@ def test_second_run_into_a_locked_folder_names_the_other_run_and_runs_nothing(wo
 
 
 def test_report_or_table_not_written_by_memora_batch_needs_force(workflow, tmp_path, capsys):
+    from memora_batch.folder import FolderNotOurs, ResultsFolder
+
     mine = "# My notes\nkeep me\n"
     (tmp_path / "report.md").write_text(mine)
     backend = Instant()
@@ -164,6 +167,8 @@ def test_record_glued_to_a_torn_line_by_an_older_version_is_recovered(tmp_path):
 
 
 def test_results_jsonl_that_is_not_memora_batchs_is_refused(tmp_path):
+    from memora_batch.results import ResultsError
+
     (tmp_path / "results.jsonl").write_text('{"user": "data"}\n')
     with pytest.raises(ResultsError, match="line 1 is not a memora-batch job record"):
         ResultsStore(tmp_path)
@@ -173,13 +178,15 @@ def test_result_files_follow_the_umask(workflow, tmp_path):
     old = os.umask(0o002)
     try:
         backend = Instant()
-        with ResultsFolder(tmp_path) as folder:
-            run_plan(_plan(workflow, backend, 1), backend, tmp_path, progress=False, folder=folder)
-            write_report(tmp_path, "w")
+        run_plan(_plan(workflow, backend, 1), backend, tmp_path, progress=False)
+        write_report(tmp_path, "w")
+        (tmp_path / "results.jsonl").write_bytes((tmp_path / "results.jsonl").read_bytes() + b'{"key": "x"')
+        ResultsStore(tmp_path).append({"key": "k", "status": "ok"})  # cuts the torn line into results.jsonl.torn
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
-    assert modes == {"results.jsonl": 0o664, "results.csv": 0o664, "report.md": 0o664, "memora-batch.lock": 0o664}
+    assert modes == {"results.jsonl": 0o664, "results.csv": 0o664, "report.md": 0o664, "memora-batch.lock": 0o664,
+                     "results.jsonl.torn": 0o664}
 
 
 def _mount_tmpfs(path: Path, options: str):
@@ -193,6 +200,8 @@ def _mount_tmpfs(path: Path, options: str):
                                            ("resumed folder, read-only", "is not writable.*nothing was run"),
                                            ("full", "full filesystem|cannot be written|cannot create folder")])
 def test_read_only_or_full_results_folder_is_found_before_the_first_job(workflow, tmp_path, case, message):
+    from memora_batch.folder import FolderUnwritable
+
     mnt = tmp_path / "mnt"
     _mount_tmpfs(mnt, "size=64k")
     try:

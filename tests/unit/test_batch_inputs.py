@@ -15,7 +15,8 @@ from memora_batch import cli
 from memora_batch import sweep as sw
 from memora_batch.backend import Backend
 from memora_batch.results import ResultsStore
-from memora_batch.runner import PlanError, check_output_prefixes, plan_jobs
+from memora_batch import runner
+from memora_batch.runner import PlanError, plan_jobs
 from memora_batch.workflow import Workflow, title_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,12 +186,12 @@ def test_save_prefix_outside_the_output_folder_is_refused_before_any_job(workflo
     plan = plan_jobs(workflow, StoredDefinitions())
     for prefix in ("../../elsewhere", "/tmp/abs", "a/../../b"):
         with pytest.raises(PlanError, match="saves outside ComfyUI's output folder"):
-            check_output_prefixes(plan, prefix)
-    check_output_prefixes(plan, "memora-batch/x")
-    check_output_prefixes(plan, "a/../b")
+            runner.check_output_prefixes(plan, prefix)
+    runner.check_output_prefixes(plan, "memora-batch/x")
+    runner.check_output_prefixes(plan, "a/../b")
     api = json.loads(json.dumps(plan.jobs[0].api))
     saver = next(nid for nid, n in api.items() if "filename_prefix" in n["inputs"])
     api[saver]["inputs"]["filename_prefix"] = "../outside"
     escaping = plan_jobs(Workflow.load(api), StoredDefinitions())
     with pytest.raises(PlanError, match="'../outside' \\(from the workflow\\)"):
-        check_output_prefixes(escaping, "")
+        runner.check_output_prefixes(escaping, "")
