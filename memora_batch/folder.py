@@ -90,6 +90,8 @@ class ResultsFolder:
         self.release()
 
     def acquire(self) -> None:
+        if self.path.is_dir():
+            self._check_foreign()  # before creating anything in a folder that is not memora-batch's (again once locked)
         try:
             make_folder(self.path)
         except UnwritableFolderError as e:
@@ -137,6 +139,9 @@ class ResultsFolder:
                 os.close(os.open(jsonl, os.O_WRONLY | os.O_APPEND))
             except OSError as e:
                 raise FolderUnwritable(f"{jsonl} cannot be appended to ({e.strerror or e}); nothing was run") from None
+        self._check_foreign()
+
+    def _check_foreign(self) -> None:
         foreign = [name for name, head in DERIVED_SIGNATURES.items() if (self.path / name).exists()
                    and not _starts_with(self.path / name, head)]
         if foreign and not self.force:
