@@ -53,11 +53,14 @@ def _try_lock(fd: int) -> bool:
     except ImportError:  # Windows
         import msvcrt
 
-        try:
+        try:  # lock one byte far past the holder's details, so that a second run can still read them
+            os.lseek(fd, 1 << 30, os.SEEK_SET)
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
             return True
         except OSError:
             return False
+        finally:
+            os.lseek(fd, 0, os.SEEK_SET)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True

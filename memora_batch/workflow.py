@@ -515,6 +515,8 @@ def graph_problems(api: dict, object_info: dict) -> list[str]:
             spec = specs.get(name)
             if input_type(spec) == "COMBO" and isinstance(value, str) and value.endswith(_ANNOTATED):
                 continue
+            if input_type(spec) == "INT" and isinstance(value, float) and math.isfinite(value):
+                value = int(value)  # ComfyUI's validation truncates a workflow's fractional INT; so does the check
             try:
                 fitted_value(value, spec, f"{where}: input {name!r}")
             except AddressError as e:

@@ -101,7 +101,7 @@ def test_report_or_table_not_written_by_memora_batch_needs_force(workflow, tmp_p
     with pytest.raises(FolderNotOurs, match="report.md not written by memora-batch.*--force"):
         with ResultsFolder(tmp_path):
             pass
-    assert (tmp_path / "report.md").read_text() == mine
+    assert (tmp_path / "report.md").read_text() == mine and sorted(os.listdir(tmp_path)) == ["report.md"]
     with ResultsFolder(tmp_path, force=True) as folder:
         run_plan(_plan(workflow, backend), backend, tmp_path, progress=False, folder=folder)
         write_report(tmp_path, "w")
