@@ -2,8 +2,12 @@
 
 Everything that can be checked is checked before the first job starts: the workflow's node types are installed
 where it will run; every title and input that ``--models``/``--original``/``--unlearned``/``--concept``/``--set``
-and the sweep address exists; every value fits its input's type, range and options; the servers answer. Whatever
-does not match is listed in one error (:class:`PlanError`) and nothing runs."""
+and the sweep address exists; every value fits its input's type, range and options (integers exact, floats finite);
+every distinct job graph is sound (:func:`~memora_batch.workflow.graph_problems`, then the backend's own validation:
+ComfyUI's ``validate_prompt`` when embedded); the servers answer. Whatever does not match is listed in one error
+(:class:`PlanError`) and nothing runs. :func:`run_plan` then checks that no job saves outside the output folder and
+takes the results folder (:mod:`memora_batch.folder`: lock, writable, nothing foreign overwritten), still before the
+first job."""
 
 from __future__ import annotations
 
