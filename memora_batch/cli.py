@@ -174,11 +174,11 @@ def print_dry_run(plan, backend) -> None:
 
 def execute(args, backend, plan, results_dir: Path, after=None):
     """Run the plan into ``results_dir`` holding its lock; ``after(results_dir)`` runs under the lock too."""
+    prefix = args.output_prefix if args.output_prefix is not None else f"memora-batch/{plan.workflow.name}"
+    _runner.check_output_prefixes(plan, prefix)
     if args.dry_run:
         print_dry_run(plan, backend)
         return None
-    prefix = args.output_prefix if args.output_prefix is not None else f"memora-batch/{plan.workflow.name}"
-    _runner.check_output_prefixes(plan, prefix)
     from .report import write_report
 
     with ResultsFolder(results_dir, force=args.force) as folder:
@@ -188,12 +188,12 @@ def execute(args, backend, plan, results_dir: Path, after=None):
                                    progress=not args.no_progress, output_prefix=prefix,
                                    job_timeout=args.timeout, folder=folder)
         report = write_report(results_dir, plan.workflow.name)
+        print(f"memora-batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done"
+              + (f", {summary.not_run} not run" if summary.not_run else ""))
+        print(f"  results: {results_dir / 'results.csv'} (and results.jsonl)")
+        print(f"  report:  {report}")
         if after is not None:
             after(results_dir)
-    print(f"memora-batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done"
-          + (f", {summary.not_run} not run" if summary.not_run else ""))
-    print(f"  results: {results_dir / 'results.csv'} (and results.jsonl)")
-    print(f"  report:  {report}")
     return summary
 
 
