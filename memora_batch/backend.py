@@ -47,6 +47,12 @@ class Backend:
         """/object_info entries (node definitions) of ``node_types``."""
         raise NotImplementedError
 
+    def validate(self, prompt: dict) -> Optional[str]:
+        """Why the backend would refuse this graph (its own validation, run before any job starts), or None. The
+        default has no validator of its own: the runner's checks (:func:`~memora_batch.workflow.graph_problems`)
+        still apply."""
+        return None
+
     def run(self, prompt: dict, timeout: Optional[float] = None) -> RunResult:
         """Run one graph to its end. A graph ComfyUI rejects or a node that fails is a failed result, not an
         exception."""
@@ -113,6 +119,16 @@ class EmbeddedBackend(Backend):
         from .workflow import object_info_in_process
 
         return object_info_in_process(node_types)
+
+    def validate(self, prompt: dict) -> Optional[str]:
+        """ComfyUI's own validation of the graph (what the executor checks first), without running anything."""
+        from .embedded import GraphValidationError
+
+        try:
+            self.comfy.validate(prompt)
+        except GraphValidationError as e:
+            return str(e)
+        return None
 
     def run(self, prompt: dict, timeout: Optional[float] = None) -> RunResult:
         from .embedded import GraphValidationError

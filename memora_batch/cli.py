@@ -12,22 +12,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from memora.contracts import (TITLE_CONCEPT_PROMPT, TITLE_CONCEPT_SCORE, TITLE_EVALUATION_PROMPT, TITLE_SIMILARITY,
                               TITLE_TRAIN_LORA)
+from memora.fileio import atomic_write
 
 from . import runner as _runner
 from . import sweep as _sweep
 from .backend import EmbeddedBackend, ServerBackend, pack_root
+from .folder import FolderError, ResultsFolder
 from .profiles import model_profile
 from .workflow import Workflow
 
 EXIT_BAD_INPUT = 2
 EXIT_JOB_FAILED = 1
 EXIT_INTERRUPTED = 130
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser, workflow: bool = True):
@@ -60,7 +74,11 @@ def _add_common(p: argparse.ArgumentParser, workflow: bool = True):
     p.add_argument("--dry-run", action="store_true",
                    help="check everything, print every input it would set and the jobs; run nothing")
     p.add_argument("--no-retry-failed", action="store_true", help="also skip jobs that failed in an earlier run")
-    p.add_argument("--timeout", type=float, default=None, help="server mode: seconds before a job is given up")
+    p.add_argument("--timeout", type=_positive_seconds, default=None,
+                   help="server mode: seconds before a job is given up")
+    p.add_argument("--force", action="store_true",
+                   help="replace results.csv / report.md / curve.json in the results folder even if memora-batch "
+                        "did not write them (resuming into memora-batch's own results folder needs no --force)")
     p.add_argument("--output-prefix", default=None,
                    help="folder (under ComfyUI's output) for each job's saved files; default "
                         "memora-batch/<workflow>/<job key>; '' keeps the workflow's own prefixes")
@@ -88,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--workflow", default=None, help="default: example_workflows/memora_recovery.json")
     p_conv = sub.add_parser("convert", help="convert a UI-format workflow to API format")
     p_conv.add_argument("workflow")
-    p_conv.add_argument("-o", "--output", help="write here (default: stdout)")
+    p_conv.add_argument("-o", "--output", help="write here (default: stdout); an existing file only with --force, "
+                                                "and never the input workflow itself")
+    p_conv.add_argument("--force", action="store_true", help="replace an existing --output file")
     p_conv.add_argument("--server", action="append", default=[], help="read node definitions from this server")
     p_conv.add_argument("--comfyui", help="ComfyUI checkout (embedded node definitions)")
     return parser
@@ -128,7 +148,7 @@ def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None):
     if _sweep_sets_eval_prompt(columns):
         profile.texts.pop(TITLE_EVALUATION_PROMPT, None)
     backend = _backend(args)
-    plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_assignments(args.set), profile,
+    plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_set_texts(args.set), profile,
                              quick=args.quick, texts=_texts(args, columns))
     return backend, plan
 
@@ -152,22 +172,28 @@ def print_dry_run(plan, backend) -> None:
         print(f"  {job.key}  {json.dumps(job.overrides, default=str)}")
 
 
-def execute(args, backend, plan, results_dir: Path):
+def execute(args, backend, plan, results_dir: Path, after=None):
+    """Run the plan into ``results_dir`` holding its lock; ``after(results_dir)`` runs under the lock too."""
+    prefix = args.output_prefix if args.output_prefix is not None else f"memora-batch/{plan.workflow.name}"
+    _runner.check_output_prefixes(plan, prefix)
     if args.dry_run:
         print_dry_run(plan, backend)
         return None
-    print(f"memora-batch: {len(plan.jobs)} job(s) of {plan.workflow.name} on {backend.describe()}; "
-          f"results in {results_dir}", file=sys.stderr, flush=True)
-    summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
-                               progress=not args.no_progress, output_prefix=args.output_prefix,
-                               job_timeout=args.timeout)
     from .report import write_report
 
-    report = write_report(results_dir, plan.workflow.name)
-    print(f"memora-batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done"
-          + (f", {summary.not_run} not run" if summary.not_run else ""))
-    print(f"  results: {results_dir / 'results.csv'} (and results.jsonl)")
-    print(f"  report:  {report}")
+    with ResultsFolder(results_dir, force=args.force) as folder:
+        print(f"memora-batch: {len(plan.jobs)} job(s) of {plan.workflow.name} on {backend.describe()}; "
+              f"results in {results_dir}", file=sys.stderr, flush=True)
+        summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
+                                   progress=not args.no_progress, output_prefix=prefix,
+                                   job_timeout=args.timeout, folder=folder)
+        report = write_report(results_dir, plan.workflow.name)
+        print(f"memora-batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done"
+              + (f", {summary.not_run} not run" if summary.not_run else ""))
+        print(f"  results: {results_dir / 'results.csv'} (and results.jsonl)")
+        print(f"  report:  {report}")
+        if after is not None:
+            after(results_dir)
     return summary
 
 
@@ -181,16 +207,19 @@ def cmd_run(args) -> int:
 def cmd_curve(args) -> int:
     from .curve import curve_rows, print_verdict
 
-    steps = sorted({int(s) for s in str(args.steps).split(",") if s.strip()})
+    try:
+        steps = sorted({int(s) for s in str(args.steps).split(",") if s.strip()})
+    except ValueError:
+        steps = []
     if not steps or any(s < 1 for s in steps):
         raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
     backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))
     results_dir = _results_dir(args, plan.workflow.name + "-curve")
-    summary = execute(args, backend, plan, results_dir)
-    if summary is None:
-        return 0
     detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
-    return print_verdict(results_dir, args.train_node, steps, detector, args.similarity)
+    status = []
+    summary = execute(args, backend, plan, results_dir, after=lambda d: status.append(
+        print_verdict(d, args.train_node, steps, detector, args.similarity)))
+    return status[0] if summary is not None else 0
 
 
 def cmd_demo(args) -> int:
@@ -227,7 +256,22 @@ def cmd_demo(args) -> int:
     return 0 if summary.failed == 0 else EXIT_JOB_FAILED
 
 
+def _check_convert_output(args) -> None:
+    """convert never writes over its input, nor over an existing file without --force (checked before converting)."""
+    if not args.output:
+        return
+    out = Path(args.output)
+    if out.exists() and Path(args.workflow).exists() and os.path.samefile(out, args.workflow):
+        raise FileExistsError(f"-o {args.output} is the input workflow itself: converting would replace the UI "
+                              f"workflow by its API version; write the API version to another file")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"-o {args.output} exists; pass --force to replace it, or choose another file")
+    if out.is_dir():
+        raise FileExistsError(f"-o {args.output} is a folder; give a file name")
+
+
 def cmd_convert(args) -> int:
+    _check_convert_output(args)
     workflow = Workflow.load(args.workflow)
     backend = ServerBackend(args.server) if args.server else EmbeddedBackend.boot(args.comfyui)
     workflow.check_installed(backend.available_types(), backend.describe())
@@ -236,7 +280,7 @@ def cmd_convert(args) -> int:
     api = workflow.to_api(backend.object_info(sorted(t for t in types if isinstance(t, str))))
     text = json.dumps(api, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        atomic_write(args.output, text + "\n", replace=True)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text)
@@ -246,12 +290,14 @@ def cmd_convert(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "curve": cmd_curve, "demo": cmd_demo, "convert": cmd_convert}[args.command]
+    from .results import ResultsError
     from .server_client import AllServersFailed, ServerUnreachable
     from .workflow import WorkflowError
 
     try:
         return handler(args)
-    except (WorkflowError, _sweep.SweepError, ServerUnreachable, FileNotFoundError, ValueError) as e:
+    except (WorkflowError, _sweep.SweepError, ServerUnreachable, FileNotFoundError, FileExistsError, FolderError,
+            ResultsError, ValueError) as e:
         print(f"memora-batch: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except AllServersFailed as e:

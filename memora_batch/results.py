@@ -24,22 +24,76 @@ FIXED_COLUMNS = ["key", "status", "row"]
 TAIL_COLUMNS = ["outputs", "loras", "seconds", "started", "server", "prompt_id", "error"]
 
 
+class ResultsError(ValueError):
+    """results.jsonl is not a memora-batch results file (a line that is JSON but no job record)."""
+
+
 class ResultsStore:
+    """results.jsonl read back: one record per finished job. A last line cut short (the process was killed while
+    writing it) is reported in :attr:`problems` and cut off before the next record is appended (the fragment is
+    kept in ``results.jsonl.torn``), so it can never swallow the next record; its job, never recorded as finished,
+    runs again. A line that holds two records glued by an older version's torn write gives back the second."""
+
     def __init__(self, directory: "str | Path"):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.dir / "results.jsonl"
         self.csv = self.dir / "results.csv"
         self.records: list[dict] = []
+        self.problems: list[str] = []
+        self._torn: Optional[tuple[int, bytes]] = None  # (offset of the torn tail, its bytes)
         if self.jsonl.exists():
-            for line in self.jsonl.read_text(encoding="utf-8").splitlines():
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    self.records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash: that job simply runs again
+            self._load(self.jsonl.read_bytes())
+
+    def _load(self, data: bytes) -> None:
+        complete = data.rfind(b"\n") + 1
+        tail = data[complete:]
+        for n, raw in enumerate(data[:complete].split(b"\n")[:-1], start=1):
+            line = raw.decode("utf-8", errors="replace").strip()
+            if line:
+                self._load_line(line, n)
+        if tail.strip():
+            rec = _parse_record(tail.decode("utf-8", errors="replace"))
+            if rec is not None:  # complete but for its newline
+                self.records.append(rec)
+            what = f"job {rec['key']} kept" if rec else "that job was not recorded and runs again"
+            self.problems.append(f"{self.jsonl}: the last line was cut short (a run killed while writing it): "
+                                 f"{tail[:80].decode('utf-8', errors='replace')!r}...; {what}; the line is "
+                                 f"{'completed' if rec else 'moved to results.jsonl.torn'} before the next record")
+            self._torn = (complete, tail if rec is None else b"")
+
+    def _load_line(self, line: str, n: int) -> None:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            rec = _parse_record(line[line.rfind('{"key": '):]) if '{"key": ' in line else None
+            self.problems.append(f"{self.jsonl} line {n} is not valid JSON (a torn write)"
+                                 + (f"; the job record at its end ({rec['key']}) is kept" if rec else ""))
+            if rec is not None:
+                self.records.append(rec)
+            return
+        if not _is_record(obj):
+            raise ResultsError(f"{self.jsonl} line {n} is not a memora-batch job record (expected an object with "
+                               f"'key' and 'status'): not a memora-batch results file; choose another --out")
+        self.records.append(obj)
+
+    def repair(self) -> None:
+        """Cut a torn last line off results.jsonl (kept in results.jsonl.torn) or complete it with its newline."""
+        if self._torn is None:
+            return
+        offset, fragment = self._torn
+        if fragment:
+            with open(self.dir / "results.jsonl.torn", "ab") as f:
+                f.write(fragment + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.truncate(self.jsonl, offset)
+        else:
+            with open(self.jsonl, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self._torn = None
 
     def finished_keys(self) -> set[str]:
         return {r["key"] for r in self.records if r.get("status") == "ok"}
@@ -52,6 +106,7 @@ class ResultsStore:
         return sorted(by_key.values(), key=lambda r: (r.get("row") is None, r.get("row") or 0))
 
     def append(self, record: dict) -> None:
+        self.repair()
         line = json.dumps(record, default=str, allow_nan=False, sort_keys=False) if _finite(record) else \
             json.dumps(_nan_to_none(record), default=str)
         with open(self.jsonl, "a", encoding="utf-8") as f:
@@ -81,14 +136,33 @@ class ResultsStore:
         for r in rows:
             outputs = r.get("outputs", {})
             cells = [r.get("key"), r.get("status"), r.get("row")]
-            cells += [_cell(r.get("overrides", {}).get(k)) for k in override_cols]
-            cells += [_cell(r.get("labels", {}).get(k[len("label."):])) for k in label_cols]
+            cells += [_exact(r.get("overrides", {}).get(k)) for k in override_cols]
+            cells += [_exact(r.get("labels", {}).get(k[len("label."):])) for k in label_cols]
             cells += [_cell(r.get("metrics", {}).get(k)) for k in metric_cols]
             cells += [";".join(outputs.get("files", [])), ";".join(outputs.get("loras", [])),
                       _cell(r.get("seconds")), r.get("started"), r.get("server"), r.get("prompt_id"),
                       r.get("error") or ""]
             w.writerow(cells)
         atomic_write(self.csv, buf.getvalue(), replace=True)
+
+
+def _is_record(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("key"), str) and "status" in obj
+
+
+def _parse_record(text: str) -> Optional[dict]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return obj if _is_record(obj) else None
+
+
+def _exact(v: Any) -> Any:
+    """A results.csv cell holding exactly the value that ran (floats as their shortest exact repr)."""
+    if isinstance(v, float):
+        return repr(v)
+    return _cell(v)
 
 
 def _cell(v: Any) -> Any:

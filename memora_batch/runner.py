@@ -2,8 +2,12 @@
 
 Everything that can be checked is checked before the first job starts: the workflow's node types are installed
 where it will run; every title and input that ``--models``/``--original``/``--unlearned``/``--concept``/``--set``
-and the sweep address exists; every value fits its input's type, range and options; the servers answer. Whatever
-does not match is listed in one error (:class:`PlanError`) and nothing runs."""
+and the sweep address exists; every value fits its input's type, range and options (integers exact, floats finite);
+every distinct job graph is sound (:func:`~memora_batch.workflow.graph_problems`, then the backend's own validation:
+ComfyUI's ``validate_prompt`` when embedded); the servers answer. Whatever does not match is listed in one error
+(:class:`PlanError`) and nothing runs. :func:`run_plan` then checks that no job saves outside the output folder and
+takes the results folder (:mod:`memora_batch.folder`: lock, writable, nothing foreign overwritten), still before the
+first job."""
 
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ from typing import Any, Callable, Optional
 
 from . import sweep as _sweep
 from .backend import Backend, RunResult
+from .folder import ResultsFolder
 from .profiles import ModelProfile, Setting, apply_profile, text_address
 from .results import ResultsStore, files_from_ui, metrics_from_ui, tables_from_ui
-from .workflow import (AddressError, MissingNodeTypes, Workflow, apply_overrides, graph_key, quick_settings,
-                       resolve_address, title_of)
+from .workflow import (AddressError, MissingNodeTypes, Workflow, apply_overrides, graph_key, graph_problems,
+                       quick_settings, resolve_address, title_of)
 
 
 class PlanError(ValueError):
@@ -136,9 +141,35 @@ def plan_jobs(workflow: Workflow, backend: Backend, rows: Optional[list[dict]] =
         typed.update({addr: _value_at(api, addr, object_info, aliases) for addr in ov})
         jobs.append(Job(i, i if rows != [{}] else None, typed, labels, api, graph_key(api),
                         {nid: title_of(api, nid) for nid in api}))
+    problems += _graph_checks(jobs, backend, object_info, rows != [{}]) if not problems else []
     if problems:
         raise PlanError(problems)
     return Plan(workflow, object_info, jobs, profile, settings)
+
+
+def _graph_checks(jobs: list[Job], backend: Backend, object_info: dict, sweep: bool) -> list[str]:
+    """Each distinct job graph checked as ComfyUI would check it (structure, required inputs, every value's type,
+    range and options), then by the backend's own validation: a broken workflow stops the run before any job."""
+    found: dict[str, list[str]] = {}
+    checked = set()
+    for job in jobs:
+        if job.key in checked:
+            continue
+        checked.add(job.key)
+        where = f"sweep row {job.index + 1}" if sweep else "the workflow"
+        issues = graph_problems(job.api, object_info)
+        if not issues:
+            refused = backend.validate(job.api)
+            issues = [refused] if refused else []
+        for issue in issues:
+            found.setdefault(issue, []).append(where)
+    return [f"{_rows(wheres)}: {issue}" for issue, wheres in found.items()]
+
+
+def _rows(wheres: list[str]) -> str:
+    if len(wheres) == 1:
+        return wheres[0]
+    return f"{wheres[0]} (and {len(wheres) - 1} other row(s))"
 
 
 def _value_at(api: dict, address: str, object_info: dict, aliases: dict):
@@ -187,10 +218,27 @@ class _Progress:
 
 def run_plan(plan: Plan, backend: Backend, results_dir: "str | Path", retry_failed: bool = True,
              progress: bool = True, output_prefix: Optional[str] = None, job_timeout: Optional[float] = None,
-             on_record: Optional[Callable[[dict], None]] = None) -> Summary:
+             on_record: Optional[Callable[[dict], None]] = None, folder: Optional[ResultsFolder] = None) -> Summary:
     """Run the plan's unfinished jobs on ``backend``, appending one record per finished job. Ctrl-C stops after the
-    records of the jobs already finished are safely written (KeyboardInterrupt propagates)."""
+    records of the jobs already finished are safely written (KeyboardInterrupt propagates).
+
+    Before the first job: every job's saved files must stay inside the output folder (PlanError), and the results
+    folder is locked and checked (:mod:`memora_batch.folder`; ``folder``: a lock the caller already holds, else one
+    is taken for the run)."""
+    prefix = output_prefix if output_prefix is not None else f"memora-batch/{plan.workflow.name}"
+    check_output_prefixes(plan, prefix)
+    if folder is None:
+        with ResultsFolder(results_dir):
+            return _run_locked(plan, backend, results_dir, retry_failed, progress, prefix, job_timeout, on_record)
+    return _run_locked(plan, backend, results_dir, retry_failed, progress, prefix, job_timeout, on_record)
+
+
+def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_failed: bool, progress: bool,
+                prefix: str, job_timeout: Optional[float], on_record: Optional[Callable[[dict], None]]) -> Summary:
     store = ResultsStore(results_dir)
+    for problem in store.problems:
+        print(f"memora-batch: warning: {problem}", file=sys.stderr, flush=True)
+    store.repair()
     finished = store.finished_keys()
     failed_before = {r["key"] for r in store.records if r.get("status") != "ok"}
     todo, seen = [], set()
@@ -200,7 +248,6 @@ def run_plan(plan: Plan, backend: Backend, results_dir: "str | Path", retry_fail
         seen.add(job.key)
         todo.append(job)
     summary = Summary(total=len(plan.jobs), skipped=len(plan.jobs) - len(todo))
-    prefix = output_prefix if output_prefix is not None else f"memora-batch/{plan.workflow.name}"
 
     def prompt_of(job: Job) -> dict:
         return prefix_outputs(job.api, f"{prefix}/{job.key}") if prefix else job.api
@@ -259,6 +306,31 @@ def prefix_outputs(api: dict, prefix: str) -> dict:
         if isinstance(v, str):
             node["inputs"]["filename_prefix"] = f"{prefix}/{v}"
     return out
+
+
+def check_output_prefixes(plan: Plan, prefix: str) -> None:
+    """PlanError (before anything runs) if a job would save outside ComfyUI's output folder: an absolute
+    ``filename_prefix`` or one that climbs out with '..' (``--output-prefix`` or the workflow's own)."""
+    problems = []
+    for job in plan.jobs:
+        api = prefix_outputs(job.api, f"{prefix}/{job.key}") if prefix else job.api
+        for nid, node in api.items():
+            value = node.get("inputs", {}).get("filename_prefix")
+            if isinstance(value, str) and _escapes(value):
+                source = "--output-prefix" if prefix and _escapes(f"{prefix}/x") else "the workflow"
+                problems.append(f"node {nid} ({title_of(api, nid)!r}): filename_prefix {value!r} (from {source}) "
+                                f"saves outside ComfyUI's output folder; give a relative folder without '..'")
+        if problems:
+            break
+    if problems:
+        raise PlanError(list(dict.fromkeys(problems)))
+
+
+def _escapes(prefix: str) -> bool:
+    p = prefix.replace("\\", "/")
+    if p.startswith("/") or (len(p) > 1 and p[1] == ":") or os.path.isabs(prefix):
+        return True
+    return os.path.normpath(p).replace("\\", "/").split("/")[0] == ".."
 
 
 def default_results_dir(workflow_name: str) -> Path:

@@ -41,12 +41,29 @@ class AllServersFailed(RuntimeError):
 
 
 def normalize_url(url: str) -> str:
+    """``host:port`` or ``http(s)://host[:port][/path]`` -> the base URL; ValueError naming what is wrong."""
+    given = url
     url = url.strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
     parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ValueError(f"--server {url!r}: expected a URL like http://127.0.0.1:8188")
+    problem = None
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        problem = "it contains spaces or control characters"
+    elif parsed.scheme not in ("http", "https"):
+        problem = f"scheme {parsed.scheme!r} (expected http or https)"
+    elif not parsed.hostname:
+        problem = "no host name"
+    elif parsed.query or parsed.fragment:
+        problem = "a query or fragment"
+    else:
+        try:
+            parsed.port  # ValueError for a port that is not a number in 0..65535
+        except ValueError as e:
+            problem = f"a bad port ({e})"
+    if problem:
+        raise ValueError(f"--server {given!r} is not a server URL: {problem}; expected a URL like "
+                         f"http://127.0.0.1:8188")
     return url
 
 

@@ -20,8 +20,10 @@ seed / cfg of nodes titled "Evaluation sampler". Their other columns are kept as
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,37 +48,72 @@ class SweepError(ValueError):
 
 
 def load_rows(path: "str | Path") -> list[dict[str, Any]]:
-    """The rows of a sweep file (values as written: strings from CSV, typed from JSON/YAML)."""
+    """The rows of a sweep file, values exactly as written: CSV and YAML cells as their text (converted later to the
+    type of the input they set, so 9007199254740993 stays an exact integer and ``yes`` stays text for a text input);
+    JSON values as JSON types (numbers with a fraction or exponent as Decimal, exact until the input's type is known).
+    Line breaks of every kind inside quoted CSV cells (\\n, \\r\\n, \\r, U+2028, form feeds) are kept."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file not found: {path}")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": no line-ending translation
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path} is not UTF-8 text: {e}") from None
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames:
-            raise SweepError(f"{path}: empty CSV (expected a header row of '<node title>.<input>' columns)")
-        rows = []
-        for i, row in enumerate(reader, start=2):
-            if None in row:
-                raise SweepError(f"{path} line {i}: more cells than header columns")
-            rows.append({k.strip(): v for k, v in row.items() if k is not None and k.strip()})
-        return rows
+        return _csv_rows(text, path)
     if suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_float=Decimal)
         except json.JSONDecodeError as e:
             raise SweepError(f"{path} is not valid JSON: {e}") from None
     elif suffix in (".yaml", ".yml"):
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_text_loader())  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as e:
             raise SweepError(f"{path} is not valid YAML: {e}") from None
     else:
         raise SweepError(f"{path}: unknown sweep file type {suffix!r} (expected .csv, .json, .yaml or .yml)")
     return rows_from_data(data, str(path))
+
+
+def _csv_rows(text: str, path: Path) -> list[dict[str, Any]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if not reader.fieldnames:
+            raise SweepError(f"{path}: empty CSV (expected a header row of '<node title>.<input>' columns)")
+        rows = []
+        for row in reader:
+            if None in row:
+                raise SweepError(f"{path} line {reader.line_num}: more cells than header columns")
+            rows.append({k.strip(): v for k, v in row.items() if k is not None and k.strip()})
+    except csv.Error as e:
+        raise SweepError(f"{path} line {reader.line_num}: not valid CSV: {e}") from None
+    return rows
+
+
+_TEXT_LOADER = None
+
+
+def _text_loader():
+    """A YAML SafeLoader that reads unquoted scalars as the text written (only ``null``/``~``/empty stay None):
+    the input each value sets decides its type, as for CSV cells."""
+    global _TEXT_LOADER
+    if _TEXT_LOADER is None:
+        import yaml
+
+        class TextLoader(yaml.SafeLoader):
+            pass
+
+        keep = {"tag:yaml.org,2002:null", "tag:yaml.org,2002:merge"}
+        TextLoader.yaml_implicit_resolvers = {
+            ch: [(tag, rx) for tag, rx in resolvers if tag in keep]
+            for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        _TEXT_LOADER = TextLoader
+    return _TEXT_LOADER
 
 
 def rows_from_data(data: Any, where: str = "sweep") -> list[dict[str, Any]]:
@@ -86,7 +123,12 @@ def rows_from_data(data: Any, where: str = "sweep") -> list[dict[str, Any]]:
         unknown = set(data) - {"rows", "grid"}
         if unknown:
             raise SweepError(f"{where}: unknown top-level keys {sorted(unknown)} (expected 'rows' and/or 'grid')")
-        rows, grid = data.get("rows") or [{}], data.get("grid")
+        rows, grid = data.get("rows"), data.get("grid")
+        if rows is None:
+            rows = [{}]
+        elif not isinstance(rows, list):
+            raise SweepError(f"{where}: 'rows' is {type(rows).__name__} ({rows!r}), expected a list of mappings "
+                             f"of address -> value")
     elif isinstance(data, dict):
         rows, grid = [data], None
     else:
@@ -94,9 +136,14 @@ def rows_from_data(data: Any, where: str = "sweep") -> list[dict[str, Any]]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise SweepError(f"{where}: row {i} is {type(row).__name__}, expected a mapping of address -> value")
+        bad = [k for k, v in row.items() if not isinstance(k, str) or isinstance(v, (dict, list))]
+        if bad:
+            raise SweepError(f"{where}: row {i}: {bad[0]!r} = {row[bad[0]]!r}: expected '<node title>.<input>' "
+                             f"addresses with single values (a grid takes lists: 'grid: {{address: [values]}}')")
     if grid is None:
         return [dict(r) for r in rows]
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+    if not isinstance(grid, dict) or not all(isinstance(k, str) and isinstance(v, list) and v
+                                             for k, v in grid.items()):
         raise SweepError(f"{where}: 'grid' must map each address to a non-empty list of values")
     keys = list(grid)
     points = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
@@ -155,24 +202,35 @@ def row_overrides(row: dict[str, Any], plan: dict[str, Optional[str]]) -> tuple[
     for col, value in row.items():
         address = plan.get(col)
         if address is None:
-            labels[col[len(LABEL_PREFIX):] if col.startswith(LABEL_PREFIX) else col] = value
+            labels[col[len(LABEL_PREFIX):] if col.startswith(LABEL_PREFIX) else col] = \
+                float(value) if isinstance(value, Decimal) else value
         elif value is not None and value != "":
             overrides[address] = value
     return overrides, labels
 
 
-def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """``--set "Train LoRA.steps=100"`` items -> {address: value} (value parsed as YAML scalars: 100, 0.5, true)."""
-    import yaml
-
+def parse_set_texts(items: list[str]) -> dict[str, str]:
+    """``--set "Train LoRA.steps=100"`` items -> {address: the value's text as written}. The runner converts each to
+    the type of the input it sets (exact integers; text stays text: ``--set 'Concept prompt.value=yes'``)."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise SweepError(f"--set {item!r}: expected '<node title or id>.<input>=<value>'")
         key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``--set`` items -> {address: value} with values parsed as YAML scalars (100, 0.5, true): for programmatic use;
+    the command line uses :func:`parse_set_texts`, which keeps the text for the input's type to decide."""
+    import yaml
+
+    out = {}
+    for key, value in parse_set_texts(items).items():
         try:
             parsed = yaml.safe_load(value) if value.strip() else value
         except yaml.YAMLError:
             parsed = value
-        out[key.strip()] = parsed if isinstance(parsed, (int, float, bool, str)) else value
+        out[key] = parsed if isinstance(parsed, (int, float, bool, str)) else value
     return out

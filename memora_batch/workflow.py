@@ -20,7 +20,9 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -363,23 +365,55 @@ def _candidates_hint(address: str, api: dict, object_info: dict, aliases: dict) 
     return "Candidates: " + ", ".join(shown)
 
 
+def parse_int(value: Any) -> int:
+    """An integer exactly as written: 9007199254740993 stays ...993 (never through a float). Accepts ints, integral
+    floats and Decimals (JSON numbers), and text: decimal digits (``1_000``), ``1e3``, ``100.0``, ``0x10``.
+    ValueError otherwise (booleans, fractions, NaN, infinities, other text)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not an integer")
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise ValueError(f"{value!r} is not an integer")
+        return int(value)
+    text = str(value).strip()
+    try:
+        return int(text, 10)
+    except ValueError:
+        pass
+    try:
+        d = value if isinstance(value, Decimal) else Decimal(text)
+    except (InvalidOperation, ValueError):
+        d = None
+    if d is not None:
+        if not d.is_finite() or d.adjusted() > 40 or d != d.to_integral_value():
+            raise ValueError(f"{text!r} is not an integer (or has more than 40 digits)")
+        return int(d)
+    return int(text, 0)  # 0x10, 0o17, 0b101; ValueError for anything else
+
+
+def parse_float(value: Any) -> float:
+    """A finite float (ValueError for NaN, infinities, booleans and text that is no number)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    f = float(value if isinstance(value, (int, float, Decimal)) else str(value).strip())
+    if not math.isfinite(f):
+        raise ValueError(f"{value!r} is not a finite number")
+    return f
+
+
 def coerce_value(value: Any, spec: Any, address: str) -> Any:
-    """A sweep cell (often a string from CSV) -> the input's type, or a specific error."""
+    """A sweep cell (often a string from CSV) -> the input's type, or a specific error. Integers are parsed exactly,
+    floats must be finite, text stays the text that was written."""
     kind = input_type(spec)
     if value is None:
         raise AddressError(f"{address}: empty value")
     try:
         if kind == "INT":
-            if isinstance(value, bool):
-                raise ValueError
-            f = float(value)
-            if f != int(f):
-                raise ValueError
-            return int(f)
+            return parse_int(value)
         if kind == "FLOAT":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
+            return parse_float(value)
         if kind == "BOOLEAN":
             if isinstance(value, bool):
                 return value
@@ -389,8 +423,9 @@ def coerce_value(value: Any, spec: Any, address: str) -> Any:
             if s in ("false", "0", "no", "off"):
                 return False
             raise ValueError
-    except (TypeError, ValueError):
-        raise AddressError(f"{address}: {value!r} is not a valid {kind}") from None
+    except (TypeError, ValueError, OverflowError):
+        expected = {"INT": "an integer", "FLOAT": "a finite number", "BOOLEAN": "true or false"}[kind]
+        raise AddressError(f"{address}: {value!r} is not a valid {kind} (expected {expected})") from None
     if kind == "COMBO":
         options = combo_options(spec) or []
         if options and value not in options and str(value) in [str(o) for o in options]:
@@ -398,6 +433,15 @@ def coerce_value(value: Any, spec: Any, address: str) -> Any:
         return value
     if kind == "STRING":
         return value if isinstance(value, str) else str(value)
+    return _plain(value, address)
+
+
+def _plain(value: Any, address: str) -> Any:
+    """A value for an input without a known type: JSON numbers as floats, never NaN or an infinity."""
+    if isinstance(value, Decimal):
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise AddressError(f"{address}: {value!r} is not a finite number")
     return value
 
 
@@ -405,7 +449,7 @@ def fitted_value(value: Any, spec: Any, address: str) -> Any:
     """``value`` coerced to the input's type and checked against its range (min/max) and options (a combo's),
     or AddressError saying what was expected. An input without a spec takes the value as it is."""
     if not spec:
-        return value
+        return _plain(value, address)
     v = coerce_value(value, spec, address)
     kind = input_type(spec)
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
@@ -425,11 +469,74 @@ def apply_overrides(api: dict, overrides: dict[str, Any], object_info: dict, ali
     """A copy of ``api`` with ``{address: value}`` set (values coerced to each input's type and checked against
     its range and options: AddressError otherwise)."""
     out = copy.deepcopy(api)
+    errors = []
     for address, value in overrides.items():
-        for t in resolve_address(address, out, object_info, aliases):
-            spec = input_specs(object_info.get(out[t.node_id]["class_type"], {})).get(t.input)
-            out[t.node_id].setdefault("inputs", {})[t.input] = fitted_value(value, spec, address)
+        try:
+            for t in resolve_address(address, out, object_info, aliases):
+                spec = input_specs(object_info.get(out[t.node_id]["class_type"], {})).get(t.input)
+                out[t.node_id].setdefault("inputs", {})[t.input] = fitted_value(value, spec, address)
+        except AddressError as e:
+            errors.append(str(e))  # every bad value of the row, not only the first
+    if errors:
+        raise AddressError("\n".join(errors))
     return out
+
+
+# -- checking a resolved graph before it runs -------------------------------------------------------------------------
+#: a combo value ComfyUI resolves itself (an annotated file name: ``"x.png [output]"``): not among the listed options
+_ANNOTATED = (" [output]", " [input]", " [temp]")
+
+
+def graph_problems(api: dict, object_info: dict) -> list[str]:
+    """What ComfyUI would refuse in a resolved API graph, found before anything runs: nodes without a type, links
+    to missing nodes or outputs, required inputs that are missing, values outside their input's type, range or
+    options (NaN and infinities included), and a graph without an output node. [] when the graph is sound."""
+    problems: list[str] = []
+    has_output = False
+    for nid in sorted(api, key=_id_sort_key):
+        node = api[nid]
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            problems.append(f"node {nid}: not a node (expected {{'class_type': ..., 'inputs': {{...}}}})")
+            continue
+        inputs = node.get("inputs", {})
+        where = f"node {nid} ({title_of(api, nid)!r}, {node['class_type']})"
+        if not isinstance(inputs, dict):
+            problems.append(f"{where}: 'inputs' is {type(inputs).__name__}, expected a mapping")
+            continue
+        info = object_info.get(node["class_type"]) or {}
+        has_output = has_output or bool(info.get("output_node"))
+        required = (info.get("input") or {}).get("required") or {}
+        problems += [f"{where}: required input {name!r} is missing" for name in required if name not in inputs]
+        specs = input_specs(info)
+        for name, value in inputs.items():
+            if isinstance(value, list):
+                problems += _link_problems(api, object_info, where, name, value)
+                continue
+            spec = specs.get(name)
+            if input_type(spec) == "COMBO" and isinstance(value, str) and value.endswith(_ANNOTATED):
+                continue
+            if input_type(spec) == "INT" and isinstance(value, float) and math.isfinite(value):
+                value = int(value)  # ComfyUI's validation truncates a workflow's fractional INT; so does the check
+            try:
+                fitted_value(value, spec, f"{where}: input {name!r}")
+            except AddressError as e:
+                problems.append(str(e))
+    if api and object_info and not has_output:
+        problems.append("the graph has no output node (nothing would be saved or shown)")
+    return problems
+
+
+def _link_problems(api: dict, object_info: dict, where: str, name: str, link: list) -> list[str]:
+    if len(link) != 2 or not isinstance(link[1], int) or isinstance(link[1], bool):
+        return [f"{where}: input {name!r} = {link!r} is not a link ([node id, output index])"]
+    src = str(link[0])
+    if src not in api or not isinstance(api[src], dict):
+        return [f"{where}: input {name!r} is linked to node {src}, which is not in the graph"]
+    outputs = (object_info.get(api[src].get("class_type")) or {}).get("output")
+    if outputs is not None and not 0 <= link[1] < len(outputs):
+        return [f"{where}: input {name!r} is linked to output {link[1]} of node {src}, which has "
+                f"{len(outputs)} output(s)"]
+    return []
 
 
 # -- job identity -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""The results folder of a run: one run at a time, nothing overwritten that memora-batch did not write, and found
+writable before the first job.
+
+- **Lock**: ``memora-batch.lock`` in the folder, held with the operating system's file lock (``flock`` on POSIX,
+  ``msvcrt.locking`` on Windows) from before the first job until the report is written. The kernel releases it when
+  the process ends, however it ends (kill -9 included), so a lock is never stale. The file holds the holder's PID,
+  host, start time and command line; a second run into the same folder stops with :class:`FolderLocked` naming them.
+- **Whose files**: ``results.jsonl`` is the record of finished jobs (appended, never rewritten); ``results.csv``,
+  ``report.md`` and ``curve.json`` are derived from it and rewritten by every run (resume included). A derived file
+  that exists but was not written by memora-batch (it lacks memora-batch's header) is replaced only with ``--force``
+  (:class:`FolderNotOurs`); a ``results.jsonl`` whose lines are not memora-batch records is never appended to.
+- **Writable**: the lock is written and fsync'ed into the folder and ``results.jsonl`` opened for appending before
+  anything runs, and the filesystem must have :data:`MIN_FREE_BYTES` free (:class:`FolderUnwritable`)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+from memora.fileio import UnwritableFolderError, make_folder
+
+LOCK_NAME = "memora-batch.lock"
+#: the derived files a run rewrites, and how memora-batch's own version of each begins
+DERIVED_SIGNATURES = {"results.csv": "key,status,row", "report.md": "# memora-batch: ", "curve.json": '{\n  "steps": '}
+MIN_FREE_BYTES = 1 << 20
+
+
+class FolderError(ValueError):
+    """The results folder cannot be used as asked; raised before any job runs."""
+
+
+class FolderLocked(FolderError):
+    pass
+
+
+class FolderNotOurs(FolderError):
+    pass
+
+
+class FolderUnwritable(FolderError):
+    pass
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:  # lock one byte far past the holder's details, so that a second run can still read them
+            os.lseek(fd, 1 << 30, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return (f"PID {info.get('pid')} on {info.get('host')}, started {info.get('started')} "
+                f"({' '.join(info.get('argv') or [])})")
+    except (OSError, ValueError, AttributeError):
+        return "a process that has not written its details yet"
+
+
+class ResultsFolder:
+    """``with ResultsFolder(path, force=...):`` holds the lock for the block; every check is made on entry."""
+
+    def __init__(self, path: "str | Path", force: bool = False):
+        self.path = Path(path)
+        self.force = force
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "ResultsFolder":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if self.path.is_dir():
+            self._check_foreign()  # before creating anything in a folder that is not memora-batch's (again once locked)
+        try:
+            make_folder(self.path)
+        except UnwritableFolderError as e:
+            raise FolderUnwritable(f"results folder {self.path}: {e}; nothing was run") from None
+        lock = self.path / LOCK_NAME
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise FolderUnwritable(f"results folder {self.path} is not writable ({e.strerror or e}); nothing "
+                                   f"was run") from None
+        if not _try_lock(fd):
+            os.close(fd)
+            raise FolderLocked(f"results folder {self.path} is in use by another memora-batch run: "
+                               f"{_holder(lock)}. Wait for it to finish, or give this run another --out; nothing "
+                               f"was run")
+        self._fd = fd
+        try:
+            self._write_info(fd)
+            self._check_files()
+        except BaseException:
+            self.release()
+            raise
+
+    def _write_info(self, fd: int) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
+        data = (json.dumps(info) + "\n").encode("utf-8")
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, data)
+            os.fsync(fd)
+            free = shutil.disk_usage(self.path).free
+        except OSError as e:
+            raise FolderUnwritable(f"results folder {self.path} cannot be written ({e.strerror or e}); nothing "
+                                   f"was run") from None
+        if free < MIN_FREE_BYTES:
+            raise FolderUnwritable(f"results folder {self.path} is on a full filesystem ({free} bytes free, "
+                                   f"at least {MIN_FREE_BYTES} needed); nothing was run")
+
+    def _check_files(self) -> None:
+        jsonl = self.path / "results.jsonl"
+        if jsonl.exists():
+            try:
+                os.close(os.open(jsonl, os.O_WRONLY | os.O_APPEND))
+            except OSError as e:
+                raise FolderUnwritable(f"{jsonl} cannot be appended to ({e.strerror or e}); nothing was run") from None
+        self._check_foreign()
+
+    def _check_foreign(self) -> None:
+        foreign = [name for name, head in DERIVED_SIGNATURES.items() if (self.path / name).exists()
+                   and not _starts_with(self.path / name, head)]
+        if foreign and not self.force:
+            raise FolderNotOurs(f"results folder {self.path} holds {', '.join(foreign)} not written by memora-batch; "
+                                f"a run rewrites these files: pass --force to replace them, or choose another --out; "
+                                f"nothing was run")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock; the file stays (removing it would race)
+            self._fd = None
+
+
+def _starts_with(path: Path, head: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(head.encode("utf-8"))) == head.encode("utf-8")
+    except OSError:
+        return False
