@@ -162,8 +162,9 @@ def test_prompt_csv_convention_and_labels(info, tmp_path):
 def test_sweep_files_grid_and_errors(tmp_path):
     y = tmp_path / "g.yaml"
     y.write_text("rows:\n  - {A.x: 1}\n  - {A.x: 2}\ngrid:\n  B.y: [a, b]\n")
-    assert sw.load_rows(y) == [{"A.x": 1, "B.y": "a"}, {"A.x": 1, "B.y": "b"}, {"A.x": 2, "B.y": "a"},
-                               {"A.x": 2, "B.y": "b"}]
+    # YAML cells stay the text written until the input they set gives their type (docs/batch.md)
+    assert sw.load_rows(y) == [{"A.x": "1", "B.y": "a"}, {"A.x": "1", "B.y": "b"}, {"A.x": "2", "B.y": "a"},
+                               {"A.x": "2", "B.y": "b"}]
     j = tmp_path / "l.json"
     j.write_text('[{"A.x": 1}, {"A.x": 2}]')
     assert sw.load_rows(j) == [{"A.x": 1}, {"A.x": 2}]
