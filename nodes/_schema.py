@@ -53,10 +53,9 @@ def _finite(x) -> bool:
     return isinstance(x, numbers.Real) and math.isfinite(x)
 
 
-def float_ranges(owner) -> dict[str, tuple[float, float]]:
-    """{input id: (min, max)} of the Float inputs in node class ``owner``'s schema."""
-    return {inp.id: (inp.min, inp.max) for inp in owner.define_schema().inputs or []
-            if isinstance(inp, io.Float.Input)}
+def float_ranges(schema: io.Schema) -> dict[str, tuple[float, float]]:
+    """{input id: (min, max)} of the Float inputs of a node's schema."""
+    return {inp.id: (inp.min, inp.max) for inp in schema.inputs or [] if isinstance(inp, io.Float.Input)}
 
 
 def check_float_input(node: str, name: str, value, lo: float, hi: float) -> None:
@@ -82,7 +81,7 @@ def _checked_execute(owner, fn):
         if "ranges" not in cache:
             schema = owner.define_schema()
             cache["node"] = f"{schema.display_name} ({owner.__name__})"
-            cache["ranges"] = float_ranges(owner)
+            cache["ranges"] = float_ranges(schema)
         try:
             bound = signature.bind(owner, *args, **kwargs).arguments
         except TypeError:
