@@ -180,3 +180,24 @@ def test_merge_node_refuses_non_finite_lora_model_naming_slot_and_key(comfy, lor
         merge_node.execute(lora_1=good, weight_1=1.0, method=method, rank=0, density=0.5, seed=0, save_name="",
                            lora_2=bad, weight_2=0.5)
     assert str(e.value).startswith(f"lora_2: tensor '{loras['bad_key']}' holds non-finite values"), str(e.value)
+
+
+def test_a_float_input_without_a_finite_range_is_refused_when_the_schema_is_built(comfy):
+    """The check needs a range to check against: a new node declaring a Float input without one fails at once."""
+    from comfy_api.latest import io
+
+    schema_mod = pack_module("nodes._schema")
+
+    class MemoRaUnrangedNode(schema_mod.MemoRaNode):
+        """A node whose Float input has no max."""
+
+        @classmethod
+        def define_schema(cls):
+            return schema_mod.node(cls, "unranged", inputs=[io.Float.Input("x", default=1.0, min=0.0)])
+
+        @classmethod
+        def execute(cls, x):
+            return io.NodeOutput()
+
+    with pytest.raises(TypeError, match="MemoRaUnrangedNode: Float input 'x' must declare a finite min and max"):
+        MemoRaUnrangedNode.define_schema()
