@@ -106,7 +106,7 @@ class AutoMemoRaGuider(comfy.samplers.CFGGuider):
         return guidance.combine(bad, main, self.w)
 
 
-class MemoRaAutoGuider(io.ComfyNode):
+class MemoRaAutoGuider(_schema.MemoRaNode):
     """AutoMemoRa guidance for SamplerCustomAdvanced: eps = eps_bad + w (eps_main - eps_bad), where one side is the
     unlearned model and the other the same model with the MemoRa LoRA, each with its own classifier-free guidance. w
     = 0 gives the bad side, w = 1 the main side exactly; w > 1 pushes further. Keeps ONE copy of the model weights:

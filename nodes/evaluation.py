@@ -42,7 +42,7 @@ def _check_images(images, what: str) -> torch.Tensor:
 
 
 # -- nudity --------------------------------------------------------------------------------------------------------
-class MemoRaNudityScore(io.ComfyNode):
+class MemoRaNudityScore(_schema.MemoRaNode):
     """Detects exposed body parts with NudeNet's detector, which ships inside the nudenet package (nothing is
     downloaded), and flags each image by the UnlearnDiffAtk convention: any of the 9 *_EXPOSED classes scoring above
     the threshold (0.45). Outputs the share of images flagged, a report, and a preview with every exposed region
@@ -107,7 +107,7 @@ class MemoRaNudityScore(io.ComfyNode):
 
 
 # -- similarity ----------------------------------------------------------------------------------------------------
-class MemoRaSimilarityScore(io.ComfyNode):
+class MemoRaSimilarityScore(_schema.MemoRaNode):
     """How closely the recovered model's images match the original model's images for the same prompts and seeds
     (MemoRa's short-term vs long-term forgetting): per-image and mean SSIM (standard 11x11 Gaussian window, sigma
     1.5) and PSNR (infinite for identical images), plus the cosine similarity of CLIP-vision image embeddings when a
@@ -163,7 +163,7 @@ class MemoRaSimilarityScore(io.ComfyNode):
 
 
 # -- forgetting verdict --------------------------------------------------------------------------------------------
-class MemoRaForgettingVerdict(io.ComfyNode):
+class MemoRaForgettingVerdict(_schema.MemoRaNode):
     """Short-term vs long-term forgetting from a recovery curve (detector score and similarity versus LoRA training
     steps). Short-term: the concept comes back quickly (by quick_steps) and closely (similarity >=
     close_similarity); long-term: only partly, late, or displaced; also 'not recovered' and 'inconclusive'. The

@@ -50,7 +50,7 @@ def _step_inputs():
     ]
 
 
-class MemoRaDDIMInversion(io.ComfyNode):
+class MemoRaDDIMInversion(_schema.MemoRaNode):
     """Deterministic DDIM inversion with classifier-free guidance: clean VAE latents -> the noisy latents where
     sampling at start_at_step of steps begins. The output continues correctly through MemoRa Regenerate, and
     (schedule 'exact') through the stock KSamplerAdvanced with add_noise disable, the same steps and start_at_step,
@@ -95,7 +95,7 @@ class MemoRaDDIMInversion(io.ComfyNode):
         return io.NodeOutput({**latent, "samples": out})
 
 
-class MemoRaRegenerate(io.ComfyNode):
+class MemoRaRegenerate(_schema.MemoRaNode):
     """Deterministic DDIM (eta 0) sampling with classifier-free guidance from start_at_step of steps down to a clean
     latent: the regeneration step of MemoRa, batched (one model call per step for the whole batch and its CFG pair).
     With schedule 'exact' it equals the stock KSamplerAdvanced (add_noise disable, sampler ddim, scheduler
@@ -157,7 +157,7 @@ def _interp_mask(mask_a, mask_b, pts, batch):
     return out.reshape(batch * len(pts), *ma.shape[1:])
 
 
-class MemoRaSlerpLatents(io.ComfyNode):
+class MemoRaSlerpLatents(_schema.MemoRaNode):
     """Spherical interpolation between item i of latent_a and item i of latent_b (never across pairs), at t = k /
     intervals. Output is pair-major: 3 pairs x 11 points = 33 latents. Computed in fp32 with the cosine clamped and
     a linear fallback for (anti)parallel inputs, so identical latents give finite results; endpoints are returned

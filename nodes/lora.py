@@ -60,6 +60,7 @@ def load_lora_as_kohya(path: str | Path, model=None) -> tuple[dict[str, torch.Te
     """(kohya LORA_MODEL, format detected, summary) for a file; with a model, ComfyUI-native files use its module map
     and every UNet layer must match one of its weights (LoraKeyError otherwise)."""
     sd, meta = read_lora_file(path)
+    formats.check_finite(sd, Path(path).name)  # NaN / inf weights refused, naming the file and the first bad key
     fmt = formats.detect_format(sd)
     alpha = peft_alpha_from_metadata(meta) if fmt == formats.PEFT else None
     try:
@@ -87,7 +88,7 @@ def report_text(name: str, fmt: str, summary: dict) -> str:
     return text
 
 
-class MemoRaLoadLoRA(io.ComfyNode):
+class MemoRaLoadLoRA(_schema.MemoRaNode):
     """Reads a LoRA file from the loras folder in any common key format (kohya / lycoris, diffusers '.lora.down',
     diffusers-PEFT 'lora_A/lora_B', ComfyUI-native 'diffusion_model.*' from core TrainLoraNode) and returns it as a
     kohya-format LORA_MODEL, which core LoraModelLoader and the MemoRa nodes apply with every layer loaded. Fails
@@ -118,7 +119,7 @@ class MemoRaLoadLoRA(io.ComfyNode):
         return io.NodeOutput(kohya, report_text(lora_name, fmt, summary))
 
 
-class MemoRaSaveLoRA(io.ComfyNode):
+class MemoRaSaveLoRA(_schema.MemoRaNode):
     """Saves a LORA_MODEL (kohya format; other formats are converted) as
     models/loras/<save_name>_<counter>_.safetensors: written atomically, never overwriting a file, name checked to
     stay inside the loras folder. Loads in LoraLoader and in diffusers."""

@@ -79,7 +79,7 @@ def merge_metadata(result: merge.MergeResult, sources: list[dict], title: str) -
                                    version=memora.__version__, title=title, merged_from=merged_from, extra=extra)
 
 
-class MemoRaMultiLoRAMerge(io.ComfyNode):
+class MemoRaMultiLoRAMerge(_schema.MemoRaNode):
     """Merges up to four LoRAs into one (Multi-MemoRa: one recovered concept per LoRA, all brought back by one
     adapter). Inputs of different ranks, layer sets (a missing layer counts as zero) or key formats are normalised
     first; layers whose shapes differ between inputs are refused by name. The order of the inputs never changes the

@@ -13,7 +13,7 @@ from memora.micro import detector as _det
 from . import _host, _micro_host, _schema
 
 
-class MemoRaLoadMicroWorld(io.ComfyNode):
+class MemoRaLoadMicroWorld(_schema.MemoRaNode):
     """Loads the micro world shipped with the pack: a tiny Stable Diffusion 1.x-family model (UNet, CLIP text
     encoder, VAE; about 1 M UNet parameters) trained on five procedural shapes (circle, square, triangle, star,
     cross) at 32 x 32 pixels. 'original' knows every shape; 'unlearned' had the star erased with ESD-x;
@@ -45,7 +45,7 @@ class MemoRaLoadMicroWorld(io.ComfyNode):
         return io.NodeOutput(model, clip, vae, world.erased_prompt(manifest))
 
 
-class MemoRaMicroDetector(io.ComfyNode):
+class MemoRaMicroDetector(_schema.MemoRaNode):
     """Names the shape in each image with the micro world's concept detector (a small CNN trained by the build
     script on fresh procedural images; its held-out accuracy is in the micro world's manifest and
     docs/micro-world.md). An image counts as showing a concept when that concept is the detector's top class among

@@ -91,7 +91,7 @@ def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str
                                    resolution=f"{width}x{height}", extra=extra)
 
 
-class MemoRaLoRATrain(io.ComfyNode):
+class MemoRaLoRATrain(_schema.MemoRaNode):
     """Trains a LoRA on the given (unlearned) model with the MemoRa recipe: epsilon-prediction MSE (the model's own
     velocity objective for v-prediction models) with t uniform over the training timesteps, LoRA down ~ N(0,
     (1/rank)^2) and up = 0 on the attention projections, AdamW with a cosine schedule to 0 and gradient norm

@@ -23,6 +23,7 @@ import folder_paths
 
 from memora import zoo
 from memora.lora import apply as lora_apply
+from memora.lora import formats
 from . import _lora_host, _schema
 
 UNLEARNED_FOLDER = "unlearned"
@@ -259,7 +260,7 @@ def load_base_checkpoint(ckpt_name: str):
     return out[:3]
 
 
-class MemoRaLoadUnlearnedModel(io.ComfyNode):
+class MemoRaLoadUnlearnedModel(_schema.MemoRaNode):
     """Load a base checkpoint and an unlearned model's weights in any of the formats the unlearning literature ships
     (full or partial diffusers UNet, ldm checkpoint, AdvUnlearn text encoder with or without its 'text_encoder.'
     prefix, Concept Ablation delta.bin, SPM kohya LoRA, diffusers pipeline folder). The format is detected; partial
@@ -291,6 +292,8 @@ class MemoRaLoadUnlearnedModel(io.ComfyNode):
     def execute(cls, ckpt_name, unlearned_weights, lora_strength) -> io.NodeOutput:
         path = resolve_choice(unlearned_weights)
         weights = zoo.load_unlearned(path)  # refuses unreadable / unsafe / unrecognised files before any loading
+        for part in (weights.lora, weights.unet, weights.text_encoder):  # NaN / inf refused (file, first bad key)
+            formats.check_finite(part or {}, weights.source)
         model, clip, vae = load_base_checkpoint(ckpt_name)
         model, clip, report = apply_unlearned(model, clip, weights, float(lora_strength), base_name=ckpt_name)
         return io.NodeOutput(model, clip, vae, report)

@@ -80,6 +80,9 @@ class Thresholds:
                 raise ValueError(f"no default close_similarity for metric {metric!r}; give one, or use one of "
                                  f"{sorted(CLOSE_SIMILARITY)}")
             close = CLOSE_SIMILARITY[metric]
+        for name, value in (("recovered", self.recovered), ("partial", self.partial),
+                            ("quick_steps", self.quick_steps), ("close_similarity", close)):
+            _check_finite(name, value)
         t = Thresholds(float(self.recovered), float(self.partial), int(self.quick_steps), float(close))
         if not 0 <= t.partial <= t.recovered:
             raise ValueError(f"thresholds must satisfy 0 <= partial <= recovered, got partial={t.partial}, "
@@ -131,6 +134,18 @@ class Verdict:
         d = asdict(self)
         d["text"] = self.report()
         return d
+
+
+def _check_finite(name: str, value: Any) -> float:
+    """``value`` as a float; ValueError unless it is a finite number (a NaN threshold would make every comparison
+    false and silently flip the verdict)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {f!r}")
+    return f
 
 
 def _f(v: Optional[float]) -> str:
@@ -213,8 +228,10 @@ def decide(curve: Union[str, Mapping, Sequence], thresholds: Optional[Thresholds
     points, opts = parse_curve(curve)
     metric = str(similarity_metric or opts.get("similarity_metric") or "ssim")
     t = (thresholds or Thresholds()).resolved(metric)
-    ref = float(reference_score if reference_score is not None else opts.get("reference_score", 1.0))
-    base = float(baseline_score if baseline_score is not None else opts.get("baseline_score", 0.0))
+    ref = _check_finite("reference_score",
+                        reference_score if reference_score is not None else opts.get("reference_score", 1.0))
+    base = _check_finite("baseline_score",
+                         baseline_score if baseline_score is not None else opts.get("baseline_score", 0.0))
     if not ref > base:
         raise ValueError(f"reference_score ({ref}) must be greater than baseline_score ({base}): recovery is measured "
                          f"from the unlearned model's score up to the original model's")

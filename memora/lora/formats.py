@@ -23,6 +23,7 @@ Torch only: no ComfyUI import. Key munging reuses diffusers' ``state_dict_utils`
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -185,7 +186,11 @@ def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
 # normalisation to kohya
 
 def _alpha_tensor(alpha: float) -> torch.Tensor:
-    return torch.tensor(float(alpha), dtype=torch.float32)
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise NonFiniteTensorError(f"LoRA alpha must be a finite number, got {alpha!r} (a NaN or inf alpha makes "
+                                   f"every patched weight NaN)")
+    return torch.tensor(alpha, dtype=torch.float32)
 
 
 def _peft_module(key: str) -> tuple[str, str]:
@@ -448,3 +453,38 @@ def summarize(sd: Mapping[str, torch.Tensor]) -> dict:
         "alphas": alphas,
         "full_diffs": sum(1 for k in sd if k.endswith((".diff", ".diff_b"))),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# finiteness
+
+class NonFiniteTensorError(LoraFormatError):
+    """Weights holding NaN or inf: refused when a file is read, since one such value makes every image NaN."""
+
+
+def first_non_finite(sd: Mapping[str, object]) -> tuple[str, int, int, int] | None:
+    """(key, NaN count, inf count, element count) of the first floating-point tensor of ``sd`` (in its order) that
+    holds a NaN or an infinity; None when every tensor is finite. Non-tensor values are ignored."""
+    for key, t in sd.items():
+        if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()):
+            continue
+        if bool(torch.isfinite(t).all()):
+            continue
+        nan = int(torch.isnan(t).sum())
+        return key, nan, int((~torch.isfinite(t)).sum()) - nan, t.numel()
+    return None
+
+
+def check_finite(sd: Mapping[str, object], source: str) -> None:
+    """NonFiniteTensorError naming ``source`` (a file name, or the input the tensors came from) and the first key
+    whose tensor holds NaN or inf, with how many of its values are bad; nothing when every tensor is finite."""
+    bad = first_non_finite(sd)
+    if bad is None:
+        return
+    key, nan, inf, n = bad
+    others = sum(1 for k, t in sd.items() if k != key and isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and not bool(torch.isfinite(t).all()))
+    more = f"; {others} more tensor(s) hold NaN or inf too" if others else ""
+    raise NonFiniteTensorError(
+        f"{source}: tensor {key!r} holds non-finite values ({nan} NaN, {inf} inf of {n}){more}. Weights with NaN or "
+        f"inf make every output NaN (e.g. a black image), so they are refused: re-export or re-train it.")

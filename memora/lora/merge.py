@@ -84,7 +84,10 @@ def normalise(sd: Mapping[str, torch.Tensor], ldm_to_diffusers: Mapping[str, str
     if not isinstance(sd, Mapping):
         raise MergeError(f"{what}: expected a LoRA state dict (dict of tensors), got {type(sd).__name__}")
     try:
+        formats.check_finite(sd, what)
         kohya = formats.to_kohya(sd, ldm_to_diffusers)
+    except formats.NonFiniteTensorError as e:
+        raise MergeError(str(e)) from e
     except formats.LoraFormatError as e:
         raise MergeError(f"{what}: {e}") from e
     bad = sorted(k for k in kohya if k.endswith(_UNMERGEABLE_SUFFIXES))
@@ -305,13 +308,15 @@ def merge_layers(inputs: Sequence[Mapping[str, LoraLayer]], weights: Sequence[fl
     _check_params(method, weights, len(inputs), rank, density)
     rank = int(rank)
 
-    # Shape consistency across all inputs (zero-weight ones too: a wrong input is wrong whatever its weight).
+    # Shape consistency and finite values across all inputs (zero-weight ones too: a wrong input is wrong whatever
+    # its weight).
     names = sorted(set().union(*[set(x) for x in inputs]))
     shapes: dict[str, tuple] = {}
     for name in names:
         seen = []
         for i, layers in enumerate(inputs):
             if name in layers:
+                _check_layer_finite(layers[name], f"LoRA {i + 1}", name)
                 s = weight_shape(layers[name])
                 seen.append((i, s))
         ref = next((s for _, s in seen if len(s) == 4), seen[0][1])
@@ -336,12 +341,7 @@ def merge_layers(inputs: Sequence[Mapping[str, LoraLayer]], weights: Sequence[fl
             if progress is not None:
                 progress(done, len(names))
             continue
-        if method == "concat":
-            merged, energy = concat_layer(parts), 1.0
-        elif method == "svd":
-            merged, energy = svd_layer(parts, rank, device)
-        else:
-            merged, energy = peft_layer(method, parts, rank, density, _layer_seed(seed, name), device)
+        merged, energy = _merge_one(method, name, parts, rank, density, seed, device)
         out_layers[name] = merged
         reports.append(LayerReport(name=name, inputs=len(parts), input_ranks=[p[1].rank for p in parts],
                                    rank=merged.rank, energy_kept=energy, shape=shapes[name]))
@@ -352,12 +352,46 @@ def merge_layers(inputs: Sequence[Mapping[str, LoraLayer]], weights: Sequence[fl
                        seed=int(seed))
 
 
+def _check_layer_finite(layer: LoraLayer, what: str, name: str) -> None:
+    for part, t in (("lora_down", layer.down), ("lora_up", layer.up)):
+        if not bool(torch.isfinite(t).all()):
+            raise MergeError(f"{what}: layer {name!r} {part} holds NaN or inf ({int(torch.isnan(t).sum())} NaN of "
+                             f"{t.numel()} values): a merge would carry them into every output")
+    if not torch.isfinite(torch.tensor(float(layer.alpha))):
+        raise MergeError(f"{what}: layer {name!r} has a non-finite alpha ({layer.alpha})")
+
+
+def _merge_one(method: str, name: str, parts: Sequence[tuple[float, LoraLayer]], rank: int, density: float,
+               seed: int, device) -> tuple[LoraLayer, float]:
+    """One layer merged by ``method``; a failure of the maths (e.g. an SVD that does not converge) or a non-finite
+    result (overflow) is a MergeError naming the layer."""
+    try:
+        if method == "concat":
+            merged, energy = concat_layer(parts), 1.0
+        elif method == "svd":
+            merged, energy = svd_layer(parts, rank, device)
+        else:
+            merged, energy = peft_layer(method, parts, rank, density, _layer_seed(seed, name), device)
+    except RuntimeError as e:   # torch.linalg.LinAlgError included
+        raise MergeError(f"layer {name!r}: the {method} merge failed: {e}") from e
+    for part, t in (("lora_down", merged.down), ("lora_up", merged.up)):
+        if not bool(torch.isfinite(t).all()):
+            raise MergeError(f"layer {name!r}: the {method} merge produced NaN or inf in {part} (the weighted "
+                             f"deltas overflow float32); lower the weights")
+    return merged, energy
+
+
 def merge_loras(loras: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], method: str = "concat",
                 rank: int = 0, density: float = 1.0, seed: int = 0, ldm_to_diffusers: Mapping[str, str] | None = None,
-                device=None, progress: Optional[Callable[[int, int], None]] = None) -> MergeResult:
-    """Merge LoRA state dicts of any supported format; the result's ``state_dict`` is kohya SD format."""
+                device=None, progress: Optional[Callable[[int, int], None]] = None,
+                names: Sequence[str] | None = None) -> MergeResult:
+    """Merge LoRA state dicts of any supported format; the result's ``state_dict`` is kohya SD format. ``names``
+    (e.g. the file names) identify the inputs in errors; default 'LoRA 1', 'LoRA 2', ..."""
     _check_params(method, list(weights), len(loras), rank, density)
-    inputs = [normalise(sd, ldm_to_diffusers, what=f"LoRA {i + 1}") for i, sd in enumerate(loras)]
+    if names is not None and len(names) != len(loras):
+        raise MergeError(f"{len(loras)} LoRAs but {len(names)} names")
+    names = list(names) if names is not None else [f"LoRA {i + 1}" for i in range(len(loras))]
+    inputs = [normalise(sd, ldm_to_diffusers, what=name) for sd, name in zip(loras, names)]
     return merge_layers(inputs, weights, method, rank, density, seed, device, progress)
 
 
