@@ -134,7 +134,52 @@ def match_layers(owner, lora_sd: dict[str, torch.Tensor], *, text_encoder: bool 
 
 
 def _plan(owner, lora_sd, text_encoder: bool, min_share: float):
-    """match_layers' four results plus ComfyUI's patches for the matched layers, every one checked to fit."""
+    """match_layers' four results plus ComfyUI's patches for the matched layers, every one checked to fit; a refusal
+    of a UNet LoRA names the architecture the LoRA was made for and the model's (:func:`architecture_note`)."""
+    try:
+        return _plan_layers(owner, lora_sd, text_encoder, min_share)
+    except LoraKeyError as e:
+        note = None if text_encoder else architecture_note(owner, lora_sd)
+        if note:
+            raise type(e)(f"{e} {note}") from e
+        raise
+
+
+def model_architecture(owner) -> str:
+    """The SD family of a MODEL in words ("SDXL (context width 2048)", "SD2.x ...", "SD1.x ..."), from ComfyUI's
+    detected model configuration (its class and subclasses: SSD-1B and Vega are SDXL-family); otherwise the
+    configuration's class name."""
+    import comfy.supported_models as sm
+
+    cfg = getattr(getattr(owner, "model", owner), "model_config", None)
+    width = dict(getattr(cfg, "unet_config", {}) or {}).get("context_dim")
+    for cls, family in ((sm.SDXL, "SDXL"), (sm.SD20, "SD2.x"), (sm.SD15, "SD1.x")):
+        if isinstance(cfg, cls):
+            name = family if type(cfg) in (sm.SDXL, sm.SD20, sm.SD15) else f"{family}-family {type(cfg).__name__}"
+            return f"{name} (context width {width})" if width else name
+    return type(cfg).__name__ if cfg is not None else "not a diffusion model"
+
+
+def is_sdxl(model) -> bool:
+    """Whether ComfyUI detected the MODEL as SDXL or an SDXL-family model (SSD-1B, Vega, KOALA)."""
+    import comfy.supported_models as sm
+
+    return isinstance(getattr(getattr(model, "model", model), "model_config", None), sm.SDXL)
+
+
+def architecture_note(owner, lora_sd) -> Optional[str]:
+    """"This LoRA was made for <architecture>; the model is <architecture>." for a refusal message (None when the
+    LoRA's architecture cannot be told from its layers and names)."""
+    try:
+        lora_arch = formats.lora_architecture(formats.to_kohya(lora_sd))
+    except (ValueError, TypeError, AttributeError, IndexError):
+        lora_arch = None
+    if lora_arch is None:
+        return None
+    return f"This LoRA was made for {lora_arch}; the model is {model_architecture(owner)}."
+
+
+def _plan_layers(owner, lora_sd, text_encoder: bool, min_share: float):
     import comfy.lora
     import comfy.lora_convert
 
@@ -369,6 +414,24 @@ def layers_to_kohya(model, layers: Mapping[str, object]) -> dict[str, torch.Tens
         ldm = name[len("diffusion_model."):]
         named[formats.module_to_kohya(ldm_map.get(ldm, ldm))] = layers[name].to_layer()
     return formats.layers_to_kohya(named)
+
+
+def sd_scripts_names(model, kohya_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A kohya LORA_MODEL for ``model`` with the UNet layer names kohya sd-scripts writes for that architecture:
+    unchanged for SD1.x / SD2.x (diffusers module names, ``lora_unet_down_blocks_0_attentions_0_...``); for
+    SDXL-family models the original (SGM/ldm) module names sd-scripts' SDXL UNet has
+    (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``, ``..._middle_block_1_...``,
+    ``..._output_blocks_0_1_...``). ComfyUI and diffusers read both spellings; tensors are shared, not copied."""
+    if not is_sdxl(model):
+        return dict(kohya_sd)
+    to_ldm = {d.replace(".", "_"): ldm.replace(".", "_") for ldm, d in ldm_to_diffusers_map(model).items()}
+    out = {}
+    for k, v in kohya_sd.items():
+        if k.startswith(formats.UNET_PREFIX):
+            name, _, suffix = k[len(formats.UNET_PREFIX):].partition(".")
+            k = f"{formats.UNET_PREFIX}{to_ldm.get(name, name)}.{suffix}"
+        out[k] = v
+    return out
 
 
 # -- saving ------------------------------------------------------------------------------------------------------

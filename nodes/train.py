@@ -126,6 +126,7 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
                                     gradient_accumulation=gradient_accumulation, targets=targets,
                                     random_flip=bool(random_flip), seed=seed).validate()
         _tm.prediction_type(model)
+        _tm.check_model_conditioning(model, positive)
         _tm.target_layers(model, targets)
         _tm.training_dtype(model, precision)
         save = _lora_host.check_save_name(save_name) is not None
@@ -143,7 +144,9 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
         filename = ""
         if save:
             metadata = lora_metadata(recipe, run, concept, samples, lora_sd, title=save_name.strip())
-            filename = _lora_host.save_lora_file(lora_sd, save_name, metadata, progress.node_id)
+            # the file: the UNet layer names kohya sd-scripts writes for this architecture (SDXL: SGM names)
+            filename = _lora_host.save_lora_file(_lora_host.sd_scripts_names(model, lora_sd), save_name, metadata,
+                                                 progress.node_id)
         loss_map = {"loss": list(run.result.losses), "lr": list(run.result.lrs)}
         ui = {contracts.UI_LOSS: run.result.history(), contracts.UI_LORA: [filename] if filename else []}
         return io.NodeOutput(out_model, lora_sd, loss_map, filename, ui=ui)
