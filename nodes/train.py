@@ -68,10 +68,16 @@ def _inputs():
     ]
 
 
+# ModelSpec's implementation for files in the original (SGM) module names, as kohya sd-scripts writes it for SDXL
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
 def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str, samples, lora_sd,
-                  title: str) -> dict:
+                  title: str, sgm_names: bool = False) -> dict:
     """safetensors metadata (str -> str, ``memora.lora.metadata``'s dialect): no paths, and no time finer than the
-    day, so the same training on the same day gives the same file bytes."""
+    day, so the same training on the same day gives the same file bytes. ``sgm_names``: the file's UNet layers are
+    named by the original (SGM) modules (SDXL), so ModelSpec's implementation is Stability AI's, as sd-scripts
+    writes it."""
     res = run.result
     extra = {
         "memora.recipe": recipe.to_json(),
@@ -86,9 +92,12 @@ def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str
         "memora.micro_steps": str(res.micro_steps),
     }
     height, width = (int(s) * 8 for s in samples.shape[-2:])
-    return _metadata.lora_metadata(lora_sd, formats.summarize(lora_sd), version=memora.__version__, title=title,
+    meta = _metadata.lora_metadata(lora_sd, formats.summarize(lora_sd), version=memora.__version__, title=title,
                                    concept=concept, prediction_type=run.prediction_type,
                                    resolution=f"{width}x{height}", extra=extra)
+    if sgm_names and "modelspec.implementation" in meta:
+        meta["modelspec.implementation"] = SGM_IMPLEMENTATION
+    return meta
 
 
 class MemoRaLoRATrain(_schema.MemoRaNode):
@@ -143,7 +152,8 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
 
         filename = ""
         if save:
-            metadata = lora_metadata(recipe, run, concept, samples, lora_sd, title=save_name.strip())
+            metadata = lora_metadata(recipe, run, concept, samples, lora_sd, title=save_name.strip(),
+                                     sgm_names=_lora_host.is_sdxl(model))
             # the file: the UNet layer names kohya sd-scripts writes for this architecture (SDXL: SGM names)
             filename = _lora_host.save_lora_file(_lora_host.sd_scripts_names(model, lora_sd), save_name, metadata,
                                                  progress.node_id)

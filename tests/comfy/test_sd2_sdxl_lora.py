@@ -411,3 +411,20 @@ def test_sd1_lora_on_sdxl_and_the_reverse_are_refused_naming_both(comfy, request
     g.node("PreviewAny", source=ld[1])
     res = comfy.run(g.prompt)
     assert not res.success and "SD1.x/SD2.x" in res.error_message and "the model is SDXL" in res.error_message
+
+
+def test_metadata_names_the_architecture_and_implementation(comfy):
+    """A LoRA of the real widths: ModelSpec names SD2-768-v / SDXL base from the cross-attention width and the
+    prediction type; an SGM-named (SDXL) file says Stability AI's implementation, as sd-scripts writes it."""
+    train = random_loras.pack_module("nodes.train")
+    th = _host("_train_host")
+    cases = {"sd2": ({"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (320, 1024)}, "v_prediction",
+                     "stable-diffusion-v2-768-v-lora", "diffusers", False),
+             "sdxl": ({"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": (640, 2048)}, "epsilon",
+                      "stable-diffusion-xl-v1-base-lora", train.SGM_IMPLEMENTATION, True)}
+    for arch, (targets, prediction, spec, impl, sgm) in cases.items():
+        sd = random_loras.random_kohya_lora(targets, rank=4, seed=0)
+        run = th.TrainingRun(layers={}, result=T.TrainResult(losses=[0.5], lrs=[1e-4]), trainable_parameters=1,
+                             dtype=torch.float32, prediction_type=prediction, base_model_hash="sha256:0")
+        meta = train.lora_metadata(R.LoRARecipe(), run, "", torch.zeros(1, 4, 8, 8), sd, title="t", sgm_names=sgm)
+        assert (meta["modelspec.architecture"], meta["modelspec.implementation"]) == (spec, impl), arch
