@@ -428,3 +428,45 @@ def test_metadata_names_the_architecture_and_implementation(comfy):
                              dtype=torch.float32, prediction_type=prediction, base_model_hash="sha256:0")
         meta = train.lora_metadata(R.LoRARecipe(), run, "", torch.zeros(1, 4, 8, 8), sd, title="t", sgm_names=sgm)
         assert (meta["modelspec.architecture"], meta["modelspec.implementation"]) == (spec, impl), arch
+
+
+def test_zero_terminal_snr_sd2v_trains_on_the_velocity(comfy, tiny_sd2v_ztsnr_ckpt):
+    """The zero-terminal-SNR variant (alpha_bar[-1] ~ 5e-8, sigma_max ~ 4.5e3): the velocity the loop gets from
+    ComfyUI's denoised output at the last timestep is the UNet's own v output (to fp32 precision), and training runs
+    with finite losses."""
+    import comfy.samplers
+    import nodes
+
+    model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_sd2v_ztsnr_ckpt)[:2]
+    assert bool(model.get_model_object("model_sampling").zsnr)
+    with torch.inference_mode():
+        cond = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+    th, tm = _host("_train_host"), _host("_train_model")
+    schedule = tm.diffusion_schedule(model)
+    assert schedule.prediction_type == T.V_PREDICTION and float(schedule.alphas_cumprod[-1]) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    x_vp = torch.randn(1, 4, 8, 8, generator=g)
+    t = torch.tensor([999])
+    sigmas = model.get_model_object("model_sampling").sigmas.detach().float()
+    got = {}
+
+    def run(model_wrap, extra_args):
+        from memora.lora import denoiser
+
+        got["v"] = denoiser.make_predict(model_wrap, extra_args, schedule, sigmas)(x_vp, t)
+        return got["v"]
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.inner_set_conds({"positive": cond})
+    guider.set_cfg(1.0)
+    with torch.inference_mode():
+        guider.sample(torch.zeros_like(x_vp), x_vp, th._TrainingSampler(run), sigmas[[-1, 0]].clone(), disable_pbar=True, seed=0)
+        # the UNet's own output at t = 999 for the same noisy latent (ComfyUI's calculate_input of x_vp / sqrt(ab))
+        direct = model.model.diffusion_model(x_vp, timesteps=t.float(), context=cond[0][0])
+    assert torch.allclose(got["v"], direct, atol=1e-4 * direct.abs().max().item()), \
+        float((got["v"] - direct).abs().max())
+    with torch.inference_mode():
+        out = nodes.NODE_CLASS_MAPPINGS["MemoRaLoRATrain"].execute(
+            model, {"samples": torch.randn(2, 4, 8, 8, generator=g)}, cond, **_train_inputs(steps=2, save_name=""))
+    losses = out.result[2]["loss"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
