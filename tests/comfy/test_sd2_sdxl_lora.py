@@ -273,7 +273,8 @@ def _comfy_patched_weights(patched) -> dict[str, torch.Tensor]:
 
 def test_diffusers_pipeline_loads_the_file(trained):
     """StableDiffusion(XL)Pipeline.load_lora_weights reads the file with no unexpected key, puts a LoRA on every
-    layer, and (fused) gives each UNet weight the value ComfyUI's LoraLoader patch gives it."""
+    layer, and (fused) gives each UNet weight the value ComfyUI's LoraLoader patch gives it; the PEFT file diffusers'
+    save_lora_weights writes from it reads back in MemoRa Load LoRA to the same LoRA."""
     import tiny_models
 
     arch = trained["arch"]
@@ -291,6 +292,19 @@ def test_diffusers_pipeline_loads_the_file(trained):
     assert any("No LoRA keys associated to CLIPTextModel" in m for m in handler.messages)  # the capture works
     lora_modules = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "memora" in m.lora_A]
     assert len(lora_modules) == TINY_LAYERS[arch]
+    # diffusers' own writer: the PEFT file a diffusers user has for this LoRA, read back by MemoRa Load LoRA
+    from peft.utils import get_peft_model_state_dict
+
+    folder = _host().loras_root() / "memora_test"
+    name = f"{arch}_written_by_diffusers.safetensors"
+    type(pipe).save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="memora"),
+                                 weight_name=name)
+    read, fmt, _ = random_loras.pack_module("nodes.lora").load_lora_as_kohya(folder / name, trained["outputs"][0])
+    assert fmt == formats.PEFT
+    want = formats.kohya_layers(trained["outputs"][1])
+    got = formats.kohya_layers(read)
+    assert set(got) == set(want)
+    assert all(torch.allclose(got[n].delta(), want[n].delta(), atol=1e-6) for n in want)
     pipe.fuse_lora(adapter_names=["memora"])
     pipe.unload_lora_weights()
     fused = pipe.unet.state_dict()
