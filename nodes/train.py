@@ -13,6 +13,7 @@ from memora.lora import denoiser as _precision
 from memora.lora import fingerprint, formats
 from memora.lora import metadata as _metadata
 from memora.lora import recipe as _recipe
+from memora.lora.train import V_PREDICTION
 from . import _host, _lora_host, _schema
 from . import _train_host as _th
 from . import _train_model as _tm
@@ -70,6 +71,18 @@ def _inputs():
 
 # ModelSpec's implementation for files in the original (SGM) module names, as kohya sd-scripts writes it for SDXL
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+def kohya_base_model_tags(model, prediction_type: str) -> dict[str, str]:
+    """kohya sd-scripts' base-model keys for the MODEL's architecture (``ss_base_model_version``: ``sd_v1``,
+    ``sd_v2``, ``sd_v2_768_v``, ``sdxl_base_v1-0``; ``ss_v2``), which LoRA managers read to sort LoRAs by base
+    model; none for other architectures."""
+    family = _lora_host.model_architecture(model).split(" ")[0].split("-")[0]
+    version = {"SD1.x": "sd_v1", "SDXL": "sdxl_base_v1-0",
+               "SD2.x": "sd_v2_768_v" if prediction_type == V_PREDICTION else "sd_v2"}.get(family)
+    if version is None:
+        return {}
+    return {"ss_base_model_version": version, "ss_v2": str(family == "SD2.x")}
 
 
 def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str, samples, lora_sd,
@@ -135,8 +148,8 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
                                     gradient_accumulation=gradient_accumulation, targets=targets,
                                     random_flip=bool(random_flip), seed=seed).validate()
         _tm.prediction_type(model)
-        _tm.check_model_conditioning(model, positive)
         _tm.target_layers(model, targets)
+        _tm.check_model_conditioning(model, positive)
         _tm.training_dtype(model, precision)
         save = _lora_host.check_save_name(save_name) is not None
         hidden = getattr(cls, "hidden", None)
@@ -154,6 +167,7 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
         if save:
             metadata = lora_metadata(recipe, run, concept, samples, lora_sd, title=save_name.strip(),
                                      sgm_names=_lora_host.is_sdxl(model))
+            metadata.update(kohya_base_model_tags(model, run.prediction_type))
             # the file: the UNet layer names kohya sd-scripts writes for this architecture (SDXL: SGM names)
             filename = _lora_host.save_lora_file(_lora_host.sd_scripts_names(model, lora_sd), save_name, metadata,
                                                  progress.node_id)

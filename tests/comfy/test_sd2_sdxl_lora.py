@@ -188,6 +188,9 @@ def test_loss_target_is_the_models_own(trained):
     """SD2-v trains on the velocity, SDXL base on epsilon (the model's own prediction type, recorded)."""
     meta = safe_open(str(trained["path"]), "pt").metadata()
     assert meta["memora.prediction_type"] == {"sd2": "v_prediction", "sdxl": "epsilon"}[trained["arch"]]
+    # kohya sd-scripts' base-model tags, from ComfyUI's detected architecture and prediction type
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == \
+        {"sd2": ("sd_v2_768_v", "True"), "sdxl": ("sdxl_base_v1-0", "False")}[trained["arch"]]
     losses = trained["outputs"][2]["loss"]
     assert len(losses) == 3 and all(v == v and v > 0 for v in losses)
 
@@ -425,6 +428,12 @@ def test_sd1_lora_on_sdxl_and_the_reverse_are_refused_naming_both(comfy, request
     g.node("PreviewAny", source=ld[1])
     res = comfy.run(g.prompt)
     assert not res.success and "SD1.x/SD2.x" in res.error_message and "the model is SDXL" in res.error_message
+
+
+def test_sd1_base_model_tag(loaded_tiny):
+    train = random_loras.pack_module("nodes.train")
+    assert train.kohya_base_model_tags(loaded_tiny[0], "epsilon") == {"ss_base_model_version": "sd_v1",
+                                                                       "ss_v2": "False"}
 
 
 def test_metadata_names_the_architecture_and_implementation(comfy):
