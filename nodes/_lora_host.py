@@ -51,7 +51,7 @@ def diffusers_weight_keys(model) -> dict[str, str]:
     mapping = _unet_to_diffusers(_unet_config(model))
     if not mapping:
         raise ValueError("the base checkpoint's model is not a UNet (no diffusers key map for it); diffusers-named "
-                         "weights need an SD1.x/SD2.x-style base checkpoint")
+                         "weights need a UNet base checkpoint (SD1.x, SD2.x or SDXL)")
     return {d: "diffusion_model." + ldm for d, ldm in mapping.items()}
 
 
@@ -93,6 +93,17 @@ SD15_UNET_LAYOUT = dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], 
 def sd15_ldm_to_diffusers_map() -> dict[str, str]:
     """The ldm -> diffusers module map of the standard SD1.x UNet (for files read without a model)."""
     return _apply.module_map(_unet_to_diffusers(SD15_UNET_LAYOUT))
+
+
+# The SDXL base UNet (ComfyUI's SDXL detection yields these values). The SDXL-family variants ComfyUI knows (SSD-1B,
+# Segmind Vega, KOALA) have fewer transformer blocks at the same places: their ldm names are a subset of these.
+SDXL_UNET_LAYOUT = dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
+
+
+def sdxl_ldm_to_diffusers_map() -> dict[str, str]:
+    """The ldm -> diffusers module map of the SDXL base UNet (for files read without a model)."""
+    return _apply.module_map(_unet_to_diffusers(SDXL_UNET_LAYOUT))
 
 
 class LoraShapeError(LoraKeyError):
