@@ -106,6 +106,27 @@ def sdxl_ldm_to_diffusers_map() -> dict[str, str]:
     return _apply.module_map(_unet_to_diffusers(SDXL_UNET_LAYOUT))
 
 
+_ARCHITECTURE_NAMES = {"SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": "SD2.x unCLIP", "SD21UnclipH": "SD2.x unCLIP",
+                       "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SSD1B": "SDXL-family (SSD-1B)",
+                       "Segmind_Vega": "SDXL-family (Segmind Vega)", "KOALA_700M": "SDXL-family (KOALA-700M)",
+                       "KOALA_1B": "SDXL-family (KOALA-1B)"}
+
+
+def base_architecture(model) -> str:
+    """The base MODEL's architecture as ComfyUI's model detection found it, e.g. 'SDXL (cross-attention width 2048)':
+    the first ComfyUI model class in its config's ancestry (a test kit's subclass of SDXL is SDXL), and its
+    cross-attention width."""
+    import comfy.supported_models
+
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    if cfg is None:
+        return ""
+    cls = next((c for c in type(cfg).__mro__ if c.__module__ == comfy.supported_models.__name__), type(cfg))
+    name = _ARCHITECTURE_NAMES.get(cls.__name__, cls.__name__)
+    width = dict(getattr(cfg, "unet_config", {}) or {}).get("context_dim")
+    return f"{name} (cross-attention width {width})" if width else name
+
+
 class LoraShapeError(LoraKeyError):
     """LoRA layers whose names match weights of the model but whose shapes do not fit them (ComfyUI would skip
     each such patch with only a log line, leaving the weight unchanged)."""

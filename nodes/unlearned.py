@@ -116,28 +116,6 @@ def resolve_choice(choice: str) -> Path:
     return Path(full)
 
 
-# -- the base model's architecture --------------------------------------------------------------------------------
-_ARCHITECTURE_NAMES = {"SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": "SD2.x unCLIP", "SD21UnclipH": "SD2.x unCLIP",
-                       "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SSD1B": "SDXL-family (SSD-1B)",
-                       "Segmind_Vega": "SDXL-family (Segmind Vega)", "KOALA_700M": "SDXL-family (KOALA-700M)",
-                       "KOALA_1B": "SDXL-family (KOALA-1B)"}
-
-
-def base_architecture(model) -> str:
-    """The base MODEL's architecture as ComfyUI's model detection found it, e.g. 'SDXL (cross-attention width 2048)':
-    the first ComfyUI model class in its config's ancestry (a test kit's subclass of SDXL is SDXL), and its
-    cross-attention width."""
-    import comfy.supported_models
-
-    cfg = getattr(getattr(model, "model", None), "model_config", None)
-    if cfg is None:
-        return ""
-    cls = next((c for c in type(cfg).__mro__ if c.__module__ == comfy.supported_models.__name__), type(cfg))
-    name = _ARCHITECTURE_NAMES.get(cls.__name__, cls.__name__)
-    width = dict(getattr(cfg, "unet_config", {}) or {}).get("context_dim")
-    return f"{name} (cross-attention width {width})" if width else name
-
-
 # -- mapping keys onto the base model ----------------------------------------------------------------------------
 def unet_key_map(model, unet_keys: str):
     """file UNet key -> ComfyUI model key ('diffusion_model.<ldm name>')."""
@@ -186,7 +164,7 @@ def _apply_part(owner, part: dict, strength: float, source: str, text_encoder: b
                                            min_share=zoo.MIN_MATCHED_SHARE)
     except _lora_host.LoraKeyError as e:
         made_for = "" if text_encoder else zoo.made_for_text({k: tuple(v.shape) for k, v in part.items()},
-                                                              base_architecture(owner))
+                                                              _lora_host.base_architecture(owner))
         raise zoo.UnrecognisedWeightsError(f"{source}: {what} LoRA layers do not fit the base model: {e}.{made_for} "
                                            f"Known formats:\n{zoo.known_formats_text()}") from e
     n = len(rep.layers) + len(rep.unmatched)
@@ -259,7 +237,7 @@ def apply_unlearned(model, clip, weights: zoo.UnlearnedWeights, lora_strength: f
         te_map = clip_key_map(base_clip.keys())
         shapes = {v: tuple(base_clip[v].shape) for v in te_map.values()}
         matches.append(zoo.match_component("text_encoder", weights.text_encoder, te_map, shapes))
-    zoo.check_matches(weights, matches, base_architecture(model))
+    zoo.check_matches(weights, matches, _lora_host.base_architecture(model))
 
     changes: list[zoo.Change] = []
     for m in matches:
