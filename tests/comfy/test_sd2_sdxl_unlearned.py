@@ -106,17 +106,17 @@ CASES = [("sdxl", "uce"), ("sdxl", "esd-x"), ("sdxl", "full"), ("sd2", "uce"), (
 
 @pytest.mark.parametrize("arch, kind", CASES)
 def test_sd2_and_sdxl_erasures_load_to_the_reference_merge(comfy, env, arch, kind):
-    import comfy.model_base
-    import comfy.supported_models
+    import comfy.model_base as model_base
+    import comfy.supported_models as supported_models
 
     choice, ref_name, edits = make_file(env, arch, kind)
     res, nid = _run_loader(comfy, env["names"][arch], choice)
     assert res.success, res.error_message
     model, _clip, _vae, report = comfy.node_outputs(nid)
-    expected_cls = comfy.supported_models.SDXL if arch == "sdxl" else comfy.supported_models.SD20
+    expected_cls = supported_models.SDXL if arch == "sdxl" else supported_models.SD20
     assert isinstance(model.model.model_config, expected_cls)
     if arch == "sd2":
-        assert model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+        assert model.model.model_type == model_base.ModelType.V_PREDICTION
     assert "format detected: diffusers_unet" in report, report
     assert ("(full: replaces the base UNet)" in report) == (kind == "full"), report
     assert f"unet CHANGED: {len(edits)} of" in report, report

@@ -19,13 +19,13 @@ CFG = 5.0
 @pytest.fixture(scope="module")
 def sdxl(comfy, tiny_sdxl_ckpt):
     """(MODEL, CLIP, VAE) of the tiny SDXL checkpoint through the stock CheckpointLoaderSimple, checked to be SDXL."""
-    import comfy.model_base
-    import comfy.supported_models
+    import comfy.model_base as model_base
+    import comfy.supported_models as supported_models
     import nodes
 
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(tiny_sdxl_ckpt)[:3]
-    assert isinstance(model.model.model_config, comfy.supported_models.SDXL)
-    assert isinstance(model.model, comfy.model_base.SDXL)
+    assert isinstance(model.model.model_config, supported_models.SDXL)
+    assert isinstance(model.model, model_base.SDXL)
     return model, clip, vae
 
 
