@@ -51,7 +51,7 @@ def diffusers_weight_keys(model) -> dict[str, str]:
     mapping = _unet_to_diffusers(_unet_config(model))
     if not mapping:
         raise ValueError("the base checkpoint's model is not a UNet (no diffusers key map for it); diffusers-named "
-                         "weights need an SD1.x/SD2.x-style base checkpoint")
+                         "weights need a UNet base checkpoint (SD1.x, SD2.x or SDXL)")
     return {d: "diffusion_model." + ldm for d, ldm in mapping.items()}
 
 
@@ -93,6 +93,38 @@ SD15_UNET_LAYOUT = dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], 
 def sd15_ldm_to_diffusers_map() -> dict[str, str]:
     """The ldm -> diffusers module map of the standard SD1.x UNet (for files read without a model)."""
     return _apply.module_map(_unet_to_diffusers(SD15_UNET_LAYOUT))
+
+
+# The SDXL base UNet (ComfyUI's SDXL detection yields these values). The SDXL-family variants ComfyUI knows (SSD-1B,
+# Segmind Vega, KOALA) have fewer transformer blocks at the same places: their ldm names are a subset of these.
+SDXL_UNET_LAYOUT = dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
+
+
+def sdxl_ldm_to_diffusers_map() -> dict[str, str]:
+    """The ldm -> diffusers module map of the SDXL base UNet (for files read without a model)."""
+    return _apply.module_map(_unet_to_diffusers(SDXL_UNET_LAYOUT))
+
+
+_ARCHITECTURE_NAMES = {"SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": "SD2.x unCLIP", "SD21UnclipH": "SD2.x unCLIP",
+                       "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SSD1B": "SDXL-family (SSD-1B)",
+                       "Segmind_Vega": "SDXL-family (Segmind Vega)", "KOALA_700M": "SDXL-family (KOALA-700M)",
+                       "KOALA_1B": "SDXL-family (KOALA-1B)"}
+
+
+def base_architecture(model) -> str:
+    """The base MODEL's architecture as ComfyUI's model detection found it, e.g. 'SDXL (cross-attention width 2048)':
+    the first ComfyUI model class in its config's ancestry (a test kit's subclass of SDXL is SDXL), and its
+    cross-attention width."""
+    import comfy.supported_models
+
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    if cfg is None:
+        return ""
+    cls = next((c for c in type(cfg).__mro__ if c.__module__ == comfy.supported_models.__name__), type(cfg))
+    name = _ARCHITECTURE_NAMES.get(cls.__name__, cls.__name__)
+    width = dict(getattr(cfg, "unet_config", {}) or {}).get("context_dim")
+    return f"{name} (cross-attention width {width})" if width else name
 
 
 class LoraShapeError(LoraKeyError):

@@ -19,7 +19,7 @@ import torch
 import comfy.samplers
 from comfy_api.latest import io
 
-from memora import guidance
+from memora import guidance, zoo
 from memora.lora import apply as lora_apply
 from memora.lora import formats
 from . import _lora_host, _schema
@@ -44,7 +44,11 @@ def build_switchable_lora(model, lora_sd: dict):
     bad = sorted(k for k in kohya if k.endswith((".diff", ".diff_b", ".dora_scale")))
     if bad:
         raise ValueError(f"lora: full-weight diff or DoRA keys are not supported by the AutoMemoRa guider: {bad[:5]}")
-    _, to_load, _, te = _lora_host.match_layers(model, kohya)
+    made_for = zoo.made_for_text({k: tuple(v.shape) for k, v in kohya.items()}, _lora_host.base_architecture(model))
+    try:
+        _, to_load, _, te = _lora_host.match_layers(model, kohya)
+    except _lora_host.LoraKeyError as e:  # names or shapes of another architecture: say which one, if known
+        raise type(e)(f"lora: {e}{made_for}") from e
     layers = formats.kohya_layers(kohya)
     weights = model.model.state_dict()
     planned = {}
@@ -60,7 +64,7 @@ def build_switchable_lora(model, lora_sd: dict):
         lshape = (int(layer.up.shape[0]), *[int(s) for s in layer.down.shape[1:]])
         if _flat_shape(wshape) != _flat_shape(lshape):
             raise ValueError(f"lora: layer {name!r} has delta shape {list(lshape)} but the model weight {key} is "
-                             f"{list(wshape)}: the LoRA was made for another model")
+                             f"{list(wshape)}: the LoRA was made for another model.{made_for}")
         planned[key] = layer
     if not planned:
         raise ValueError("lora: has no UNet layers (only text-encoder layers?); AutoMemoRa needs a UNet LoRA")

@@ -44,25 +44,37 @@ def _normalise(sd, slot: int) -> tuple[dict, str]:
         fmt = formats.detect_format(sd)
     except formats.LoraFormatError as e:
         raise ValueError(f"{what}: {e}") from e
-    # ComfyUI-native keys name ldm modules: map them with SD1.x's layout (the family MemoRa works on; SD2.x has the
-    # same layout), refusing names that layout does not have (this node has no model to read another layout from).
+    # ComfyUI-native keys name ldm modules: this node has no model to read the layout from, so the layout is the one
+    # of the UNets MemoRa works on (SD1.x/SD2.x, or SDXL) whose module names hold every layer of the file.
     ldm = None
     if fmt == formats.COMFY:
-        ldm = _lora_host.sd15_ldm_to_diffusers_map()
-        _check_sd_layout(sd, ldm, what)
+        ldm = native_layout_map(sd, what)
     return merge.normalise(sd, ldm, what=what), fmt
 
 
-def _check_sd_layout(sd: dict, ldm_map: dict, what: str) -> None:
+NATIVE_LAYOUTS = (("SD1.x/SD2.x", _lora_host.sd15_ldm_to_diffusers_map),
+                  ("SDXL", _lora_host.sdxl_ldm_to_diffusers_map))
+
+
+def native_layout_map(sd: dict, what: str) -> dict:
+    """The ldm -> diffusers module map of the first layout in NATIVE_LAYOUTS that has every layer of a ComfyUI-native
+    LoRA (diffusion_model.<ldm path> keys); ValueError naming the layers no layout has. (Where the layouts share an
+    ldm name, ComfyUI maps it to the same diffusers name in both, so the choice never renames a shared layer.)"""
     prefix = "diffusion_model."
-    unknown = [n for n in lora_apply.layer_names(sd) if not n.startswith(prefix) or n[len(prefix):] not in ldm_map]
-    if unknown:
-        raise ValueError(
-            f"{what}: a ComfyUI-native LoRA (diffusion_model.<ldm path> keys) with {len(unknown)} layers that do not "
-            f"exist in the SD1.x/SD2.x UNet layout, the only layout this node reads ComfyUI-native names with (it has "
-            f"no model input): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}. Is it made for another architecture "
-            f"(SDXL, Flux, ...)? Load it with MemoRa Load LoRA with its model connected, which converts it to kohya "
-            f"names, and merge that output.")
+    names = lora_apply.layer_names(sd)
+    unknown: list = []
+    for _label, layout in NATIVE_LAYOUTS:
+        ldm_map = layout()
+        unknown = [n for n in names if not n.startswith(prefix) or n[len(prefix):] not in ldm_map]
+        if not unknown:
+            return ldm_map
+    layouts = " and ".join(label for label, _ in NATIVE_LAYOUTS)
+    raise ValueError(
+        f"{what}: a ComfyUI-native LoRA (diffusion_model.<ldm path> keys) with {len(unknown)} layers that exist in "
+        f"neither the {layouts} UNet layouts, the layouts this node reads ComfyUI-native names with (it has no model "
+        f"input): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}. Is it made for another architecture (Flux, SD3, "
+        f"...)? Load it with MemoRa Load LoRA with its model connected, which converts it to kohya names, and merge "
+        f"that output.")
 
 
 def merge_metadata(result: merge.MergeResult, sources: list[dict], title: str) -> dict[str, str]:

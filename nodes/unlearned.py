@@ -127,7 +127,9 @@ def unet_key_map(model, unet_keys: str):
 def clip_key_map(clip_sd_keys) -> dict[str, str]:
     """Hugging Face CLIPTextModel key ('text_model.*') -> ComfyUI CLIP key ('clip_l.transformer.text_model.*').
 
-    SD1.x has one text encoder (clip_l); with several, clip_l wins (the zoo is SD1.4)."""
+    SD1.x has one text encoder (clip_l), SD2.x one (clip_h); with several (SDXL: clip_l and clip_g), clip_l wins
+    (the Hugging Face 'text_model.*' names of a single-encoder file are those of SD1.x's CLIP-L, which is also
+    SDXL's first text encoder)."""
     out: dict[str, str] = {}
     marker = ".transformer.text_model."
     keys = sorted(clip_sd_keys, key=lambda k: (not k.startswith("clip_l."), k))
@@ -161,7 +163,9 @@ def _apply_part(owner, part: dict, strength: float, source: str, text_encoder: b
         clone, rep = _lora_host.apply_lora(owner, part, strength, text_encoder=text_encoder,
                                            min_share=zoo.MIN_MATCHED_SHARE)
     except _lora_host.LoraKeyError as e:
-        raise zoo.UnrecognisedWeightsError(f"{source}: {what} LoRA layers do not fit the base model: {e}. "
+        made_for = "" if text_encoder else zoo.made_for_text({k: tuple(v.shape) for k, v in part.items()},
+                                                              _lora_host.base_architecture(owner))
+        raise zoo.UnrecognisedWeightsError(f"{source}: {what} LoRA layers do not fit the base model: {e}.{made_for} "
                                            f"Known formats:\n{zoo.known_formats_text()}") from e
     n = len(rep.layers) + len(rep.unmatched)
     if rep.patched:
@@ -233,7 +237,7 @@ def apply_unlearned(model, clip, weights: zoo.UnlearnedWeights, lora_strength: f
         te_map = clip_key_map(base_clip.keys())
         shapes = {v: tuple(base_clip[v].shape) for v in te_map.values()}
         matches.append(zoo.match_component("text_encoder", weights.text_encoder, te_map, shapes))
-    zoo.check_matches(weights, matches)
+    zoo.check_matches(weights, matches, _lora_host.base_architecture(model))
 
     changes: list[zoo.Change] = []
     for m in matches:

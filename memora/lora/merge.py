@@ -295,6 +295,18 @@ def peft_layer(method: str, parts: Sequence[tuple[float, LoraLayer]], rank: int,
 # ---------------------------------------------------------------------------------------------------------------------
 # the merge
 
+def _architectures(inputs: Sequence[Mapping[str, LoraLayer]]) -> str:
+    """' (LoRA 1: made for SD1.x (cross-attention width 768), LoRA 2: ...)' where the factors' shapes tell."""
+    from memora import zoo
+
+    found = []
+    for i, layers in enumerate(inputs):
+        arch = zoo.guess_architecture({f"{n}.lora_down.weight": tuple(x.down.shape) for n, x in layers.items()})
+        if arch:
+            found.append(f"LoRA {i + 1}: made for {arch}")
+    return f" ({', '.join(found)})" if found else ""
+
+
 def merge_layers(inputs: Sequence[Mapping[str, LoraLayer]], weights: Sequence[float], method: str = "concat",
                  rank: int = 0, density: float = 1.0, seed: int = 0, device=None,
                  progress: Optional[Callable[[int, int], None]] = None) -> MergeResult:
@@ -324,7 +336,7 @@ def merge_layers(inputs: Sequence[Mapping[str, LoraLayer]], weights: Sequence[fl
             if s != ref and _flat(s) != _flat(ref):
                 desc = ", ".join(f"LoRA {j + 1}: {list(t)}" for j, t in seen)
                 raise MergeError(f"layer {name!r} has incompatible weight shapes across the inputs ({desc}); "
-                                 f"these LoRAs were made for different models or layers")
+                                 f"these LoRAs were made for different models or layers{_architectures(inputs)}")
         shapes[name] = ref
 
     active = [(w, layers) for w, layers in zip(weights, inputs) if w != 0.0]

@@ -251,3 +251,60 @@ def test_compare_and_report():
         "encoder layers [0, 3]")
     with pytest.raises(zoo.ZooError, match="NaN or infinite"):
         zoo.compare_to_base("unet", {"k1": torch.full((2, 2), float("nan"))}, base.__getitem__)
+
+
+# -- which architecture a file was made for ---------------------------------------------------------------------------
+def _xattn(block: str, width: int, out: int, depth: int = 0, style: str = "diffusers") -> dict[str, tuple]:
+    """{key: shape} of one cross-attention's to_k / to_v as a full weight (diffusers) or a kohya LoRA (rank 4)."""
+    body = f"{block}.transformer_blocks.{depth}.attn2"
+    if style == "diffusers":
+        return {f"{body}.to_k.weight": (out, width), f"{body}.to_v.weight": (out, width)}
+    name = "lora_unet_" + body.replace(".", "_")
+    return {f"{name}_to_{p}.lora_down.weight": (4, width) for p in "kv"} | \
+        {f"{name}_to_{p}.lora_up.weight": (out, 4) for p in "kv"}
+
+
+@pytest.mark.parametrize("width, name", [(768, "SD1.x"), (1024, "SD2.x"), (2048, "SDXL"), (1280, "SDXL refiner")])
+@pytest.mark.parametrize("style", ["diffusers", "kohya"])
+def test_architecture_named_from_the_cross_attention_width(width, name, style):
+    shapes = _xattn("down_blocks.1.attentions.0", width, 640, style=style)
+    assert zoo.context_width(shapes) == width
+    assert zoo.guess_architecture(shapes) == f"{name} (cross-attention width {width})"
+
+
+def test_architecture_from_the_layout_when_the_width_is_not_a_public_one():
+    sd1 = _xattn("down_blocks.0.attentions.0", 64, 32) | {"down_blocks.0.attentions.0.proj_in.weight": (32, 32, 1, 1)}
+    sd2 = _xattn("down_blocks.0.attentions.0", 80, 32) | {"down_blocks.0.attentions.0.proj_in.weight": (32, 32)}
+    xl_deep = _xattn("down_blocks.1.attentions.0", 96, 64, depth=1, style="kohya")
+    xl_no_first_level = _xattn("down_blocks.1.attentions.0", 96, 64)
+    assert zoo.guess_architecture(sd1) == "an SD1.x-layout UNet (cross-attention width 64)"
+    assert zoo.guess_architecture(sd2) == "an SD2.x-layout UNet (cross-attention width 80)"
+    assert zoo.guess_architecture(xl_deep) == "an SDXL-layout UNet (cross-attention width 96)"
+    assert zoo.guess_architecture(xl_no_first_level) == "an SDXL-layout UNet (cross-attention width 96)"
+    assert zoo.guess_architecture({"input_blocks.1.1.proj_in.weight": (8, 8, 1, 1)}) == "an SD1.x-layout UNet"
+    assert zoo.guess_architecture({"conv_in.weight": (32, 4, 3, 3)}) is None
+
+
+def test_refusal_names_the_files_architecture_and_the_bases():
+    """A UCE-style SD1.x file (cross-attention to_k / to_v only) on an SDXL base: the shapes do not fit, and the
+    message says what the file was made for and what the base is."""
+    file = {k: torch.zeros(s) for k, s in _xattn("down_blocks.1.attentions.0", 768, 640).items()}
+    w = zoo.detect(file, "uce-sd14.safetensors")
+    assert w.format == zoo.DIFFUSERS_UNET
+    targets = {"diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+               "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight": (640, 2048)}
+    key_map = {k.replace("diffusion_model.input_blocks.4.1", "down_blocks.1.attentions.0"): k for k in targets}
+    m = zoo.match_component("unet", w.unet, key_map, targets)
+    with pytest.raises(zoo.UnrecognisedWeightsError,
+                       match=r"other shapes.*It was made for SD1\.x \(cross-attention width 768\); the base checkpoint "
+                             r"is SDXL \(cross-attention width 2048\)\."):
+        zoo.check_matches(w, [m], "SDXL (cross-attention width 2048)")
+
+
+def test_receler_eraser_is_refused_by_name(tmp_path):
+    eraser = {f"down_blocks.{i}.attentions.0": {"down.weight": _t(8, 320), "down.bias": _t(8),
+                                                 "up.weight": _t(320, 8), "up.bias": _t(320)} for i in range(3)}
+    path = tmp_path / "eraser_weights.pt"
+    torch.save(eraser, path)
+    with pytest.raises(zoo.UnrecognisedWeightsError, match=r"a Receler eraser .*cannot be applied as weights"):
+        zoo.load_unlearned(path)
