@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from memora import contracts
+from memora import architecture, contracts
 from memora.lora import apply as _apply
 from memora.lora import formats
 from memora.lora import save as _save
@@ -177,21 +177,6 @@ def _plan(owner, lora_sd, text_encoder: bool, min_share: float):
         raise
 
 
-def model_architecture(owner) -> str:
-    """The SD family of a MODEL in words ("SDXL (context width 2048)", "SD2.x ...", "SD1.x ..."), from ComfyUI's
-    detected model configuration (its class and subclasses: SSD-1B and Vega are SDXL-family); otherwise the
-    configuration's class name."""
-    import comfy.supported_models as sm
-
-    cfg = getattr(getattr(owner, "model", owner), "model_config", None)
-    width = dict(getattr(cfg, "unet_config", {}) or {}).get("context_dim")
-    for cls, family in ((sm.SDXL, "SDXL"), (sm.SD20, "SD2.x"), (sm.SD15, "SD1.x")):
-        if isinstance(cfg, cls):
-            name = family if type(cfg) in (sm.SDXL, sm.SD20, sm.SD15) else f"{family}-family {type(cfg).__name__}"
-            return f"{name} (context width {width})" if width else name
-    return type(cfg).__name__ if cfg is not None else "not a diffusion model"
-
-
 def is_sdxl(model) -> bool:
     """Whether ComfyUI detected the MODEL as SDXL or an SDXL-family model (SSD-1B, Vega, KOALA)."""
     import comfy.supported_models as sm
@@ -203,12 +188,13 @@ def architecture_note(owner, lora_sd) -> Optional[str]:
     """"This LoRA was made for <architecture>; the model is <architecture>." for a refusal message (None when the
     LoRA's architecture cannot be told from its layers and names)."""
     try:
-        lora_arch = formats.lora_architecture(formats.to_kohya(lora_sd))
+        kohya = formats.to_kohya(lora_sd)
+        lora_arch = architecture.guess_architecture({k: tuple(v.shape) for k, v in kohya.items()})
     except (ValueError, TypeError, AttributeError, IndexError):
         lora_arch = None
     if lora_arch is None:
         return None
-    return f"This LoRA was made for {lora_arch}; the model is {model_architecture(owner)}."
+    return f"This LoRA was made for {lora_arch}; the model is {base_architecture(owner)}."
 
 
 def _plan_layers(owner, lora_sd, text_encoder: bool, min_share: float):

@@ -46,7 +46,7 @@ def target_layers(model, targets: str) -> dict[str, tuple[int, ...]]:
     """{'diffusion_model.<ldm path>': weight shape} of the UNet layers that get a LoRA; ValueError when none do."""
     found = _train.find_target_layers(model.model.diffusion_model, targets, prefix="diffusion_model.")
     if not found:
-        raise ValueError(f"this model ({_lora_host.model_architecture(model)}) has no layers matching targets "
+        raise ValueError(f"this model ({_lora_host.base_architecture(model)}) has no layers matching targets "
                          f"{targets!r} (MemoRa LoRA training needs a UNet with attention layers named to_q / to_k / "
                          f"to_v / to_out.0: SD1.x, SD2.x, SDXL)")
     return found
@@ -77,7 +77,7 @@ def check_model_conditioning(model, positive) -> None:
     does: text embeddings of another width than the model's cross-attention (a prompt encoded with another
     architecture's CLIP), or, for SDXL-family models, no ``pooled_output`` (or one of the wrong width) for the
     size/crop conditioning vector (ComfyUI itself would stop with a bare KeyError mid-graph)."""
-    arch = _lora_host.model_architecture(model)
+    arch = _lora_host.base_architecture(model)
     width = dict(model.model.model_config.unet_config).get("context_dim")
     for i, c in enumerate(positive):
         got = int(c[0].shape[-1]) if isinstance(c[0], torch.Tensor) and c[0].dim() >= 1 else None

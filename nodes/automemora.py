@@ -19,7 +19,7 @@ import torch
 import comfy.samplers
 from comfy_api.latest import io
 
-from memora import guidance, zoo
+from memora import architecture, guidance
 from memora.lora import apply as lora_apply
 from memora.lora import formats
 from . import _lora_host, _schema
@@ -44,7 +44,7 @@ def build_switchable_lora(model, lora_sd: dict):
     bad = sorted(k for k in kohya if k.endswith((".diff", ".diff_b", ".dora_scale")))
     if bad:
         raise ValueError(f"lora: full-weight diff or DoRA keys are not supported by the AutoMemoRa guider: {bad[:5]}")
-    made_for = zoo.made_for_text({k: tuple(v.shape) for k, v in kohya.items()}, _lora_host.base_architecture(model))
+    made_for = architecture.made_for_text({k: tuple(v.shape) for k, v in kohya.items()}, _lora_host.base_architecture(model))
     try:
         _, to_load, _, te = _lora_host.match_layers(model, kohya)
     except _lora_host.LoraKeyError as e:  # names or shapes of another architecture: say which one, if known

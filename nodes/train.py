@@ -77,7 +77,7 @@ def kohya_base_model_tags(model, prediction_type: str) -> dict[str, str]:
     """kohya sd-scripts' base-model keys for the MODEL's architecture (``ss_base_model_version``: ``sd_v1``,
     ``sd_v2``, ``sd_v2_768_v``, ``sdxl_base_v1-0``; ``ss_v2``), which LoRA managers read to sort LoRAs by base
     model; none for other architectures."""
-    family = _lora_host.model_architecture(model).split(" ")[0].split("-")[0]
+    family = _lora_host.base_architecture(model).split(" ")[0].split("-")[0]
     version = {"SD1.x": "sd_v1", "SDXL": "sdxl_base_v1-0",
                "SD2.x": "sd_v2_768_v" if prediction_type == V_PREDICTION else "sd_v2"}.get(family)
     if version is None:

@@ -492,28 +492,3 @@ def check_finite(sd: Mapping[str, object], source: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------------------
 # architecture of a LoRA (for messages: which base model a LoRA was made for)
-
-# cross-attention context width (in-features of attn2.to_k / to_v) -> the SD family that conditions with it
-CONTEXT_WIDTHS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-# attention at the UNet's first (full-resolution) level: SD1.x / SD2.x have it, SDXL does not
-_LEVEL0_ATTENTION = re.compile(r"^(lora_unet_|lycoris_)(down_blocks_0_attentions_|input_blocks_[12]_1_)")
-_DEEP_TRANSFORMER = re.compile(r"_transformer_blocks_([1-9]\d*)_")
-
-
-def lora_architecture(sd: Mapping[str, torch.Tensor]) -> str | None:
-    """The base architecture a kohya LoRA's UNet layers were made for, in words, or None when the layers do not tell:
-    from the cross-attention context width (768 SD1.x, 1024 SD2.x, 2048 SDXL) when the LoRA has cross-attention
-    key/value layers of one of those widths, else from the UNet layout its layer names imply (attention at the first
-    level: SD1.x/SD2.x; none there but stacked transformer blocks: SDXL), with the width when known."""
-    widths = {int(v.shape[1]) for k, v in sd.items() if isinstance(v, torch.Tensor) and v.dim() >= 2
-              and k.endswith(("attn2_to_k.lora_down.weight", "attn2_to_v.lora_down.weight"))}
-    width = widths.pop() if len(widths) == 1 else None
-    if width in CONTEXT_WIDTHS:
-        return f"{CONTEXT_WIDTHS[width]} (context width {width})"
-    suffix = f", context width {width}" if width is not None else ""
-    unet = [k for k in sd if k.startswith((UNET_PREFIX, "lycoris_"))]
-    if any(_LEVEL0_ATTENTION.match(k) for k in unet):
-        return f"SD1.x/SD2.x (attention at the UNet's first level{suffix})"
-    if any(_DEEP_TRANSFORMER.search(k) for k in unet):
-        return f"SDXL (no attention at the UNet's first level, stacked transformer blocks{suffix})"
-    return f"a UNet with context width {width}" if width is not None else None

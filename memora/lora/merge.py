@@ -297,11 +297,11 @@ def peft_layer(method: str, parts: Sequence[tuple[float, LoraLayer]], rank: int,
 
 def _architectures(inputs: Sequence[Mapping[str, LoraLayer]]) -> str:
     """' (LoRA 1: made for SD1.x (cross-attention width 768), LoRA 2: ...)' where the factors' shapes tell."""
-    from memora import zoo
+    from memora import architecture
 
     found = []
     for i, layers in enumerate(inputs):
-        arch = zoo.guess_architecture({f"{n}.lora_down.weight": tuple(x.down.shape) for n, x in layers.items()})
+        arch = architecture.guess_architecture({f"{n}.lora_down.weight": tuple(x.down.shape) for n, x in layers.items()})
         if arch:
             found.append(f"LoRA {i + 1}: made for {arch}")
     return f" ({', '.join(found)})" if found else ""

@@ -7,7 +7,7 @@
   but discrete epsilon / v-prediction (the stock ModelSampling* nodes patch the real ComfyUI classes in);
 - Load LoRA gives the pack's own message for a pickle that needs code (nothing runs); a save through a symlinked
   subfolder returns the name LoraLoader lists; SSIM refuses images smaller than its window; Merge LoRA refuses
-  ComfyUI-native layers outside the SD1.x/SD2.x layout with a specific message."""
+  ComfyUI-native layers outside the SD1.x/SD2.x and SDXL layouts with a specific message."""
 
 from __future__ import annotations
 
@@ -279,15 +279,15 @@ def test_ssim_refuses_images_smaller_than_its_window(comfy):
         res.error_message, res.error_message
 
 
-def test_merge_refuses_native_layers_outside_the_sd_layout(comfy):
+def test_merge_refuses_native_layers_outside_the_sd_layouts(comfy):
     import nodes
 
     g = torch.Generator().manual_seed(0)
-    # SDXL has ten transformer blocks here; SD1.x has one: the name cannot be read with SD1.x's layout.
-    body = "diffusion_model.input_blocks.7.1.transformer_blocks.3.attn1.to_q"
+    # a Flux name: in neither the SD1.x/SD2.x nor the SDXL UNet layout the merge can map
+    body = "diffusion_model.double_blocks.0.img_attn.qkv"
     sd = {f"{body}.lora_down.weight": torch.randn(2, 8, generator=g),
           f"{body}.lora_up.weight": torch.randn(8, 2, generator=g), f"{body}.alpha": torch.tensor(2.0)}
     cls = nodes.NODE_CLASS_MAPPINGS["MemoRaMultiLoRAMerge"]
-    with pytest.raises(ValueError, match=r"lora_1: a ComfyUI-native LoRA .* do not exist in the SD1.x/SD2.x UNet "
-                                         r"layout.*MemoRa Load LoRA with its model connected"):
+    with pytest.raises(ValueError, match=r"lora_1: a ComfyUI-native LoRA .* exist in neither the SD1.x/SD2.x and "
+                                         r"SDXL UNet layouts.*MemoRa Load LoRA with its model connected"):
         cls.execute(sd, 1.0, "concat", 0, 0.5, 0, "")

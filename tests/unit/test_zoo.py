@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memora import zoo
+from memora import architecture, zoo
 
 # A few real SD1.x key names (diffusers / ldm / CLIP), enough to exercise detection.
 D_KEYS = ["conv_in.weight", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
@@ -268,8 +268,8 @@ def _xattn(block: str, width: int, out: int, depth: int = 0, style: str = "diffu
 @pytest.mark.parametrize("style", ["diffusers", "kohya"])
 def test_architecture_named_from_the_cross_attention_width(width, name, style):
     shapes = _xattn("down_blocks.1.attentions.0", width, 640, style=style)
-    assert zoo.context_width(shapes) == width
-    assert zoo.guess_architecture(shapes) == f"{name} (cross-attention width {width})"
+    assert architecture.context_width(shapes) == width
+    assert architecture.guess_architecture(shapes) == f"{name} (cross-attention width {width})"
 
 
 def test_architecture_from_the_layout_when_the_width_is_not_a_public_one():
@@ -277,12 +277,12 @@ def test_architecture_from_the_layout_when_the_width_is_not_a_public_one():
     sd2 = _xattn("down_blocks.0.attentions.0", 80, 32) | {"down_blocks.0.attentions.0.proj_in.weight": (32, 32)}
     xl_deep = _xattn("down_blocks.1.attentions.0", 96, 64, depth=1, style="kohya")
     xl_no_first_level = _xattn("down_blocks.1.attentions.0", 96, 64)
-    assert zoo.guess_architecture(sd1) == "an SD1.x-layout UNet (cross-attention width 64)"
-    assert zoo.guess_architecture(sd2) == "an SD2.x-layout UNet (cross-attention width 80)"
-    assert zoo.guess_architecture(xl_deep) == "an SDXL-layout UNet (cross-attention width 96)"
-    assert zoo.guess_architecture(xl_no_first_level) == "an SDXL-layout UNet (cross-attention width 96)"
-    assert zoo.guess_architecture({"input_blocks.1.1.proj_in.weight": (8, 8, 1, 1)}) == "an SD1.x-layout UNet"
-    assert zoo.guess_architecture({"conv_in.weight": (32, 4, 3, 3)}) is None
+    assert architecture.guess_architecture(sd1) == "an SD1.x-layout UNet (cross-attention width 64)"
+    assert architecture.guess_architecture(sd2) == "an SD2.x-layout UNet (cross-attention width 80)"
+    assert architecture.guess_architecture(xl_deep) == "an SDXL-layout UNet (cross-attention width 96)"
+    assert architecture.guess_architecture(xl_no_first_level) == "an SDXL-layout UNet (cross-attention width 96)"
+    assert architecture.guess_architecture({"input_blocks.1.1.proj_in.weight": (8, 8, 1, 1)}) == "an SD1.x-layout UNet"
+    assert architecture.guess_architecture({"conv_in.weight": (32, 4, 3, 3)}) is None
 
 
 def test_refusal_names_the_files_architecture_and_the_bases():
