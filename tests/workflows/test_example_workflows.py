@@ -15,11 +15,13 @@ from memora_batch.workflow import Workflow, object_info_in_process, quick_settin
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 TEST_LORA = "memora_example_test_lora.safetensors"
+#: the tiny checkpoint fixture each workflow runs on (the default: tiny_ckpt, SD1.x)
+TINY_MODEL = {"memora_recovery_sdxl": "tiny_sdxl_ckpt"}
 
 
 def test_there_are_example_workflows():
     names = {p.stem for p in EXAMPLES}
-    assert {"memora_recovery", "memora_from_images", "recovery_sweep"} <= names, names
+    assert {"memora_recovery", "memora_recovery_sdxl", "memora_from_images", "recovery_sweep"} <= names, names
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +76,10 @@ def tiny_version(api: dict, info: dict, tiny_ckpt: str, lora: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_workflow_runs_on_the_tiny_model(path, comfy, info, tiny_ckpt, test_lora, comfy_base):
+def test_example_workflow_runs_on_the_tiny_model(path, comfy, info, test_lora, comfy_base, request):
     import folder_paths
 
+    tiny_ckpt = request.getfixturevalue(TINY_MODEL.get(path.stem, "tiny_ckpt"))
     thumb = path.with_suffix(".jpg")
     assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: JPEG thumbnail missing"
     wf = Workflow.load(path)
@@ -129,3 +132,50 @@ def test_committed_workflows_match_their_generator(info):
         assert _saved_values(ui) == _saved_values(committed), \
             f"example_workflows/{name}.json is out of date: run python scripts/make_workflows.py"
         assert not mod.check_layout(committed), f"{name}: overlapping nodes"
+
+
+def test_the_sdxl_workflow_is_memora_recovery_on_sdxl_checkpoints_at_1024_px(info):
+    """memora_recovery_sdxl is the graph of memora_recovery (every node, link, setting and title memora-batch
+    addresses), with SDXL checkpoint names in its loaders and 1024 px images; its prompts are stock CLIPTextEncode
+    (SDXL's pooled output and size conditioning come from ComfyUI: see scripts/make_workflows.py)."""
+    from memora import contracts as K
+
+    sd1 = Workflow.load(ROOT / "example_workflows" / "memora_recovery.json").to_api(info)
+    xl = Workflow.load(ROOT / "example_workflows" / "memora_recovery_sdxl.json").to_api(info)
+    assert sorted(sd1) == sorted(xl)
+    diffs = {}
+    for nid, a in sd1.items():
+        b = xl[nid]
+        assert (a["class_type"], title_of(sd1, nid)) == (b["class_type"], title_of(xl, nid)), nid
+        for name in set(a["inputs"]) | set(b["inputs"]):
+            if a["inputs"].get(name) != b["inputs"].get(name):
+                diffs[(title_of(xl, nid), name)] = (a["inputs"].get(name), b["inputs"].get(name))
+    sizes = {(t, side): (512, 1024) for t in (K.TITLE_SEED_IMAGE_SIZE, K.TITLE_EVALUATION_IMAGE_SIZE)
+             for side in ("width", "height")}
+    assert diffs == {(K.TITLE_ORIGINAL_MODEL, "ckpt_name"): ("sd-v1-4.ckpt", "sd_xl_base_1.0.safetensors"),
+                     (K.TITLE_UNLEARNED_MODEL, "ckpt_name"): ("unlearned-model.safetensors",
+                                                              "unlearned-sdxl.safetensors"),
+                     **sizes}
+    titles = {title_of(xl, nid) for nid in xl}
+    assert not [t for t in K.RECOVERY_WORKFLOW_TITLES if t not in titles]
+    assert {n["class_type"] for n in xl.values() if n["class_type"].startswith("CLIPTextEncode")} == {"CLIPTextEncode"}
+    ui = json.loads((ROOT / "example_workflows" / "memora_recovery_sdxl.json").read_text())
+    notes = " ".join(n["widgets_values"][0] for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote"))
+    for what in ("sd_xl_base_1.0.safetensors", "MemoRa Load Unlearned Model", "not the refiner", "1024 x 1024"):
+        assert what in notes, what
+
+
+def test_memora_batch_takes_sdxl_checkpoints_for_the_sdxl_workflow(comfy, tiny_sdxl_ckpt, tmp_path, capsys):
+    """docs/batch.md: --original / --unlearned with SDXL checkpoints on memora_recovery_sdxl; every setting checked
+    (and each job graph validated by ComfyUI) before anything runs; --dry-run runs nothing."""
+    from memora_batch import cli
+
+    out = tmp_path / "results"
+    rc = cli.main(["run", str(ROOT / "example_workflows" / "memora_recovery_sdxl.json"), "--original",
+                   tiny_sdxl_ckpt, "--unlearned", tiny_sdxl_ckpt, "--concept", "a photo of a star", "--dry-run",
+                   "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "Original model.ckpt_name" in captured.out and tiny_sdxl_ckpt in captured.out, captured.out
+    assert "Unlearned model.ckpt_name" in captured.out
+    assert not out.exists()
