@@ -17,6 +17,27 @@ EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 TEST_LORA = "memora_example_test_lora.safetensors"
 #: the tiny checkpoint fixture each workflow runs on (the default: tiny_ckpt, SD1.x)
 TINY_MODEL = {"memora_recovery_sdxl": "tiny_sdxl_ckpt"}
+#: (workflow, tiny checkpoint fixture): every example on its model, and memora_recovery also on SD2.x-v, as
+#: docs/workflows.md tells SD2.x users to run it
+RUNS = [(p, TINY_MODEL.get(p.stem, "tiny_ckpt")) for p in EXAMPLES] + \
+    [(p, "tiny_sd2v_ckpt") for p in EXAMPLES if p.stem == "memora_recovery"]
+#: fixture -> (ComfyUI model class, model type) that its checkpoint must load as (checked before the run)
+ARCHITECTURE = {"tiny_sdxl_ckpt": ("SDXL", "EPS"), "tiny_sd2v_ckpt": ("SD20", "V_PREDICTION")}
+
+
+def _loads_as(ckpt: str, fixture: str):
+    """The checkpoint is what the run claims to test: ComfyUI's model detection loads it as that architecture."""
+    import comfy.model_base
+    import comfy.supported_models
+    import nodes
+
+    if fixture not in ARCHITECTURE:
+        return
+    config_class, model_type = ARCHITECTURE[fixture]
+    model = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt)[0]
+    assert isinstance(model.model.model_config, getattr(comfy.supported_models, config_class)), \
+        type(model.model.model_config)
+    assert model.model.model_type == getattr(comfy.model_base.ModelType, model_type), model.model.model_type
 
 
 def test_there_are_example_workflows():
@@ -75,11 +96,13 @@ def tiny_version(api: dict, info: dict, tiny_ckpt: str, lora: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_workflow_runs_on_the_tiny_model(path, comfy, info, test_lora, comfy_base, request):
+@pytest.mark.parametrize("path,model", RUNS, ids=[p.stem if m == TINY_MODEL.get(p.stem, "tiny_ckpt")
+                                                   else f"{p.stem}-{m.split('_')[1]}" for p, m in RUNS])
+def test_example_workflow_runs_on_the_tiny_model(path, model, comfy, info, test_lora, comfy_base, request):
     import folder_paths
 
-    tiny_ckpt = request.getfixturevalue(TINY_MODEL.get(path.stem, "tiny_ckpt"))
+    tiny_ckpt = request.getfixturevalue(model)
+    _loads_as(tiny_ckpt, model)
     thumb = path.with_suffix(".jpg")
     assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: JPEG thumbnail missing"
     wf = Workflow.load(path)
