@@ -136,6 +136,43 @@ def tiny_ckpt_path(tiny_ckpt, comfy_base) -> Path:
     return comfy_base / "models" / "checkpoints" / tiny_ckpt
 
 
+def _tiny_arch_ckpt(comfy_base: Path, name: str, build) -> str:
+    path = comfy_base / "models" / "checkpoints" / name
+    if not path.exists():
+        build(path)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v_ckpt(comfy, comfy_base) -> str:
+    """File name (in models/checkpoints) of a tiny random SD2.x checkpoint that stock CheckpointLoaderSimple loads as
+    SD20 (a memora_testkit.TinySD20) with ModelType.V_PREDICTION (ComfyUI's own SD2 v/eps rule decides it)."""
+    import tiny_models
+
+    return _tiny_arch_ckpt(comfy_base, "memora_tiny_sd2v.safetensors",
+                           lambda p: tiny_models.build_tiny_sd2_checkpoint(p, seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v_ztsnr_ckpt(comfy, comfy_base) -> str:
+    """The tiny SD2-v checkpoint's zero-terminal-SNR variant (same weights plus the ``ztsnr`` marker key): loads as
+    V_PREDICTION with model_sampling.zsnr True (alphas_cumprod[-1] ~ 4.9e-8, sigma_max ~ 4.5e3)."""
+    import tiny_models
+
+    return _tiny_arch_ckpt(comfy_base, "memora_tiny_sd2v_ztsnr.safetensors",
+                           lambda p: tiny_models.build_tiny_sd2_checkpoint(p, seed=0, ztsnr=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_ckpt(comfy, comfy_base) -> str:
+    """File name (in models/checkpoints) of a tiny random SDXL-base checkpoint that stock CheckpointLoaderSimple loads
+    as SDXL (a memora_testkit.TinySDXL, model_base.SDXL) with ModelType.EPS and a two-encoder SDXL CLIP."""
+    import tiny_models
+
+    return _tiny_arch_ckpt(comfy_base, "memora_tiny_sdxl.safetensors",
+                           lambda p: tiny_models.build_tiny_sdxl_checkpoint(p, seed=0))
+
+
 @pytest.fixture(scope="session")
 def loaded_tiny(comfy, tiny_ckpt):
     """(MODEL, CLIP, VAE) of the tiny checkpoint, loaded through the stock CheckpointLoaderSimple."""
