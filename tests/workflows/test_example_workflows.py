@@ -5,6 +5,7 @@ executed by ComfyUI's executor. A change to a node that breaks a shipped workflo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,7 @@ def test_memora_batch_takes_sdxl_checkpoints_for_the_sdxl_workflow(comfy, tiny_s
                    "--out", str(out), "--no-progress"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "Original model.ckpt_name" in captured.out and tiny_sdxl_ckpt in captured.out, captured.out
-    assert "Unlearned model.ckpt_name" in captured.out
+    for title in ("Original model", "Unlearned model"):
+        assert re.search(rf"^  {title} .*ckpt_name='{re.escape(tiny_sdxl_ckpt)}'.*\[--original / --unlearned\]$",
+                         captured.out, re.M), captured.out
     assert not out.exists()
