@@ -241,7 +241,7 @@ README_RECOVERY_SDXL = """MemoRa on SDXL base: recover an erased concept from an
 
 LOAD
 - "Original model": SDXL base BEFORE unlearning (sd_xl_base_1.0.safetensors: the single-file checkpoint with both text encoders and the VAE) from models/checkpoints. SDXL base only: not the refiner.
-- "Unlearned model": the SDXL base model with the concept erased (ESD, UCE, SPM, Receler, ... for SDXL), as a single-file checkpoint. If yours is a diffusers UNet (full or partial), a partial safetensors of changed weights (UCE / ESD-XL style) or an SDXL LoRA-shaped eraser, replace this loader by "MemoRa Load Unlearned Model" with sd_xl_base_1.0.safetensors as its base (same MODEL/CLIP/VAE outputs, keep the title).
+- "Unlearned model": the SDXL base model with the concept erased (ESD, UCE, ... for SDXL), as a single-file checkpoint. If yours is a diffusers UNet (full or partial), a partial safetensors of changed weights (UCE / ESD-XL style) or an SDXL LoRA-shaped eraser, replace this loader by "MemoRa Load Unlearned Model" with sd_xl_base_1.0.safetensors as its base (same MODEL/CLIP/VAE outputs, keep the title).
 - "Concept prompt": the erased concept, e.g. "a photo of the nude person".
 
 PROMPTS: plain CLIP Text Encode, as ComfyUI's own SDXL examples. On an SDXL checkpoint it encodes with both text encoders and adds the pooled embedding; SDXL's size conditioning (original and target size, crop 0) comes from the latent's size, 1024 x 1024 here, in every stage (seed images, inversion, regeneration, training, evaluation). Change "Seed image size" and "Evaluation image size" together.
