@@ -329,3 +329,20 @@ def test_server_object_info_converts_the_examples_like_the_in_process_definition
     for node_type in (t for t in local if t.startswith("MemoRa")):
         assert served[node_type]["input_order"] == local[node_type]["input_order"], node_type
         assert served[node_type]["output"] == local[node_type]["output"], node_type
+
+
+@pytest.mark.server
+def test_server_lists_every_example_workflow_in_the_template_browser(server):
+    """The editor's template browser lists GET /workflow_templates (pack folder -> workflow names) and fetches each
+    workflow and its thumbnail from /api/workflow_templates/<pack>/<name>.json / .jpg: every shipped example is
+    there, served byte for byte."""
+    with urllib.request.urlopen(server.url + "/workflow_templates", timeout=30) as r:
+        listed = json.loads(r.read())
+    shipped = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
+    assert "memora_recovery_sdxl" in shipped
+    assert sorted(listed.get("comfyui-memora", [])) == shipped, listed
+    for name in shipped:
+        for ext in (".json", ".jpg"):
+            with urllib.request.urlopen(f"{server.url}/api/workflow_templates/comfyui-memora/{name}{ext}",
+                                        timeout=30) as r:
+                assert r.read() == (ROOT / "example_workflows" / f"{name}{ext}").read_bytes(), name + ext

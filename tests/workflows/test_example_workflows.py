@@ -5,6 +5,7 @@ executed by ComfyUI's executor. A change to a node that breaks a shipped workflo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,34 @@ from memora_batch.workflow import Workflow, object_info_in_process, quick_settin
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 TEST_LORA = "memora_example_test_lora.safetensors"
+#: the tiny checkpoint fixture each workflow runs on (the default: tiny_ckpt, SD1.x)
+TINY_MODEL = {"memora_recovery_sdxl": "tiny_sdxl_ckpt"}
+#: (workflow, tiny checkpoint fixture): every example on its model, and memora_recovery also on SD2.x-v, as
+#: docs/workflows.md tells SD2.x users to run it
+RUNS = [(p, TINY_MODEL.get(p.stem, "tiny_ckpt")) for p in EXAMPLES] + \
+    [(p, "tiny_sd2v_ckpt") for p in EXAMPLES if p.stem == "memora_recovery"]
+#: fixture -> (ComfyUI model class, model type) that its checkpoint must load as (checked before the run)
+ARCHITECTURE = {"tiny_sdxl_ckpt": ("SDXL", "EPS"), "tiny_sd2v_ckpt": ("SD20", "V_PREDICTION")}
+
+
+def _loads_as(ckpt: str, fixture: str):
+    """The checkpoint is what the run claims to test: ComfyUI's model detection loads it as that architecture."""
+    import comfy.model_base
+    import comfy.supported_models
+    import nodes
+
+    if fixture not in ARCHITECTURE:
+        return
+    config_class, model_type = ARCHITECTURE[fixture]
+    model = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt)[0]
+    assert isinstance(model.model.model_config, getattr(comfy.supported_models, config_class)), \
+        type(model.model.model_config)
+    assert model.model.model_type == getattr(comfy.model_base.ModelType, model_type), model.model.model_type
 
 
 def test_there_are_example_workflows():
     names = {p.stem for p in EXAMPLES}
-    assert {"memora_recovery", "memora_from_images", "recovery_sweep"} <= names, names
+    assert {"memora_recovery", "memora_recovery_sdxl", "memora_from_images", "recovery_sweep"} <= names, names
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +97,13 @@ def tiny_version(api: dict, info: dict, tiny_ckpt: str, lora: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_workflow_runs_on_the_tiny_model(path, comfy, info, tiny_ckpt, test_lora, comfy_base):
+@pytest.mark.parametrize("path,model", RUNS, ids=[p.stem if m == TINY_MODEL.get(p.stem, "tiny_ckpt")
+                                                   else f"{p.stem}-{m.split('_')[1]}" for p, m in RUNS])
+def test_example_workflow_runs_on_the_tiny_model(path, model, comfy, info, test_lora, comfy_base, request):
     import folder_paths
 
+    tiny_ckpt = request.getfixturevalue(model)
+    _loads_as(tiny_ckpt, model)
     thumb = path.with_suffix(".jpg")
     assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name}: JPEG thumbnail missing"
     wf = Workflow.load(path)
@@ -129,3 +156,51 @@ def test_committed_workflows_match_their_generator(info):
         assert _saved_values(ui) == _saved_values(committed), \
             f"example_workflows/{name}.json is out of date: run python scripts/make_workflows.py"
         assert not mod.check_layout(committed), f"{name}: overlapping nodes"
+
+
+def test_the_sdxl_workflow_is_memora_recovery_on_sdxl_checkpoints_at_1024_px(info):
+    """memora_recovery_sdxl is the graph of memora_recovery (every node, link, setting and title memora-batch
+    addresses), with SDXL checkpoint names in its loaders and 1024 px images; its prompts are stock CLIPTextEncode
+    (SDXL's pooled output and size conditioning come from ComfyUI: see scripts/make_workflows.py)."""
+    from memora import contracts as K
+
+    sd1 = Workflow.load(ROOT / "example_workflows" / "memora_recovery.json").to_api(info)
+    xl = Workflow.load(ROOT / "example_workflows" / "memora_recovery_sdxl.json").to_api(info)
+    assert sorted(sd1) == sorted(xl)
+    diffs = {}
+    for nid, a in sd1.items():
+        b = xl[nid]
+        assert (a["class_type"], title_of(sd1, nid)) == (b["class_type"], title_of(xl, nid)), nid
+        for name in set(a["inputs"]) | set(b["inputs"]):
+            if a["inputs"].get(name) != b["inputs"].get(name):
+                diffs[(title_of(xl, nid), name)] = (a["inputs"].get(name), b["inputs"].get(name))
+    sizes = {(t, side): (512, 1024) for t in (K.TITLE_SEED_IMAGE_SIZE, K.TITLE_EVALUATION_IMAGE_SIZE)
+             for side in ("width", "height")}
+    assert diffs == {(K.TITLE_ORIGINAL_MODEL, "ckpt_name"): ("sd-v1-4.ckpt", "sd_xl_base_1.0.safetensors"),
+                     (K.TITLE_UNLEARNED_MODEL, "ckpt_name"): ("unlearned-model.safetensors",
+                                                              "unlearned-sdxl.safetensors"),
+                     **sizes}
+    titles = {title_of(xl, nid) for nid in xl}
+    assert not [t for t in K.RECOVERY_WORKFLOW_TITLES if t not in titles]
+    assert {n["class_type"] for n in xl.values() if n["class_type"].startswith("CLIPTextEncode")} == {"CLIPTextEncode"}
+    ui = json.loads((ROOT / "example_workflows" / "memora_recovery_sdxl.json").read_text())
+    notes = " ".join(n["widgets_values"][0] for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote"))
+    for what in ("sd_xl_base_1.0.safetensors", "MemoRa Load Unlearned Model", "not the refiner", "1024 x 1024"):
+        assert what in notes, what
+
+
+def test_memora_batch_takes_sdxl_checkpoints_for_the_sdxl_workflow(comfy, tiny_sdxl_ckpt, tmp_path, capsys):
+    """docs/batch.md: --original / --unlearned with SDXL checkpoints on memora_recovery_sdxl; every setting checked
+    (and each job graph validated by ComfyUI) before anything runs; --dry-run runs nothing."""
+    from memora_batch import cli
+
+    out = tmp_path / "results"
+    rc = cli.main(["run", str(ROOT / "example_workflows" / "memora_recovery_sdxl.json"), "--original",
+                   tiny_sdxl_ckpt, "--unlearned", tiny_sdxl_ckpt, "--concept", "a photo of a star", "--dry-run",
+                   "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for title in ("Original model", "Unlearned model"):
+        assert re.search(rf"^  {title} .*ckpt_name='{re.escape(tiny_sdxl_ckpt)}'.*\[--original / --unlearned\]$",
+                         captured.out, re.M), captured.out
+    assert not out.exists()
