@@ -19,7 +19,7 @@ from memora.contracts import (EVALUATED_MODELS, MODEL_TITLES, NODE_MICRO_DETECTO
                               TITLE_ORIGINAL_MODEL, TITLE_SEED_IMAGE_SIZE, TITLE_TRAIN_LORA, concept_score_title,
                               evaluate_title)
 
-from .workflow import AddressError, apply_overrides, fitted_value, input_specs, resolve_address, title_of
+from .workflow import (AddressError, apply_overrides, first_resolvable, fitted_value, input_specs, title_of)
 
 TITLE = object()  # placeholder in a swap's inputs: the swapped node's own title
 #: the inputs a titled prompt node's text may sit in, tried in order
@@ -162,12 +162,9 @@ def swap_nodes(api: dict, swaps: dict, object_info: dict) -> dict:
 
 def text_address(title: str, api: dict, object_info: dict, aliases: dict) -> str:
     """The text input of the node titled ``title`` (a string primitive's value, a text encoder's text, ...)."""
-    for inp in TEXT_INPUTS:
-        try:
-            resolve_address(f"{title}.{inp}", api, object_info, aliases)
-        except AddressError:
-            continue
-        return f"{title}.{inp}"
+    found = first_resolvable([f"{title}.{inp}" for inp in TEXT_INPUTS], api, object_info, aliases)
+    if found:
+        return found
     raise AddressError(f"the workflow has no node titled {title!r} with a text input ({', '.join(TEXT_INPUTS)})")
 
 

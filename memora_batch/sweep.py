@@ -30,7 +30,7 @@ from typing import Any, Optional
 from memora.contracts import (TITLE_EVALUATION_GUIDANCE, TITLE_EVALUATION_PROMPT, TITLE_EVALUATION_SAMPLER,
                               TITLE_EVALUATION_SEED)
 
-from .workflow import AddressError, resolve_address
+from .workflow import AddressError, first_resolvable, resolve_address
 
 #: column -> [(node title, [input names tried in order]), ...]
 PROMPT_CSV_CONVENTION: dict[str, list[tuple[str, list[str]]]] = {
@@ -186,14 +186,8 @@ def plan_columns(columns: list[str], api: dict, object_info: dict, aliases: Opti
 
 
 def _convention_address(col: str, api: dict, object_info: dict, aliases: Optional[dict]) -> Optional[str]:
-    for title, inputs in PROMPT_CSV_CONVENTION[col]:
-        for inp in inputs:
-            try:
-                resolve_address(f"{title}.{inp}", api, object_info, aliases)
-            except AddressError:
-                continue
-            return f"{title}.{inp}"
-    return None
+    candidates = [f"{title}.{inp}" for title, inputs in PROMPT_CSV_CONVENTION[col] for inp in inputs]
+    return first_resolvable(candidates, api, object_info, aliases)
 
 
 def row_overrides(row: dict[str, Any], plan: dict[str, Optional[str]]) -> tuple[dict[str, Any], dict[str, Any]]:

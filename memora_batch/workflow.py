@@ -294,6 +294,17 @@ def _node_ids_for(name: str, api: dict, aliases: dict) -> list[str]:
     return [nid for nid in api if title_of(api, nid) == name]
 
 
+def first_resolvable(addresses, api: dict, object_info: dict, aliases: Optional[dict] = None) -> Optional[str]:
+    """The first of ``addresses`` that names an input of the workflow (see :func:`resolve_address`), else None."""
+    for address in addresses:
+        try:
+            resolve_address(address, api, object_info, aliases)
+        except AddressError:
+            continue
+        return address
+    return None
+
+
 def resolve_address(address: str, api: dict, object_info: dict, aliases: Optional[dict] = None) -> list[Target]:
     """``"<title or id>.<input>"`` -> the inputs it sets. A title shared by several nodes sets all of them.
 

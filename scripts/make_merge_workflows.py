@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "example_workflows"
 
 
 def _shared():
@@ -222,27 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--comfyui", default=None)
     args = ap.parse_args(argv)
     info = mw.node_definitions(args.comfyui)
-    stale = []
-    for name, (build, title) in WORKFLOWS.items():
-        ui = build(info).to_json(workflow_id=mw.workflow_uuid(name))
-        overlaps = mw.check_layout(ui)
-        if overlaps:
-            raise SystemExit(f"{name}: overlapping nodes {overlaps}")
-        text = json.dumps(ui, indent=1) + "\n"
-        path = OUT / f"{name}.json"
-        if args.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(name)
-            continue
-        OUT.mkdir(exist_ok=True)
-        path.write_text(text)
-        mw.render_thumbnail(ui, title.split(":")[0], OUT / f"{name}.jpg")
-        print(f"wrote {path} ({len(ui['nodes'])} nodes, {len(ui['links'])} links) and {name}.jpg")
-    if stale:
-        print(f"out of date (rerun scripts/make_merge_workflows.py): {', '.join(stale)}")
-        return 1
-    return 0
-
+    return mw.write_workflows(WORKFLOWS, info, check=args.check, script="scripts/make_merge_workflows.py")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -483,9 +483,15 @@ def main(argv=None) -> int:
     ap.add_argument("--only", action="append", default=[], help="build only these workflows")
     args = ap.parse_args(argv)
     info = node_definitions(args.comfyui)
+    return write_workflows(WORKFLOWS, info, check=args.check, only=args.only, script="scripts/make_workflows.py")
+
+
+def write_workflows(workflows: dict, info: dict, check: bool, only=(), script: str = "") -> int:
+    """Build each workflow of ``workflows`` ({name: (build(info), title)}), refuse overlapping nodes, and write its
+    JSON and thumbnail into example_workflows/ (``check``: compare with the committed JSON instead; 1 if stale)."""
     stale = []
-    for name, (build, title) in WORKFLOWS.items():
-        if args.only and name not in args.only:
+    for name, (build, title) in workflows.items():
+        if only and name not in only:
             continue
         # The editor validates "id" as a UUID (an alert on open otherwise): a fixed one per workflow name.
         ui = build(info).to_json(workflow_id=workflow_uuid(name))
@@ -494,7 +500,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{name}: overlapping nodes {overlaps}")
         text = json.dumps(ui, indent=1) + "\n"
         path = OUT / f"{name}.json"
-        if args.check:
+        if check:
             if not path.is_file() or path.read_text() != text:
                 stale.append(name)
             continue
@@ -503,10 +509,9 @@ def main(argv=None) -> int:
         render_thumbnail(ui, title.split(":")[0], OUT / f"{name}.jpg")
         print(f"wrote {path} ({len(ui['nodes'])} nodes, {len(ui['links'])} links) and {name}.jpg")
     if stale:
-        print(f"out of date (rerun scripts/make_workflows.py): {', '.join(stale)}")
+        print(f"out of date (rerun {script}): {', '.join(stale)}")
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

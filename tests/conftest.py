@@ -188,4 +188,25 @@ def output_dir(comfy, comfy_base) -> Path:
     return Path(folder_paths.get_output_directory())
 
 
+@pytest.fixture
+def events(comfy, monkeypatch):
+    """Front-end events the nodes send: a stand-in PromptServer.instance (the in-process executor has none) that
+    records each (event, data) in ``sent``."""
+    import server
+
+    class Sink:
+        client_id = None
+        last_node_id = None
+
+        def __init__(self):
+            self.sent = []
+
+        def send_sync(self, event, data, sid=None):
+            self.sent.append((event, data))
+
+    sink = Sink()
+    monkeypatch.setattr(server.PromptServer, "instance", sink, raising=False)
+    return sink
+
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

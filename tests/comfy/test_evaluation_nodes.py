@@ -22,26 +22,6 @@ def _cartoon_png(path: Path) -> list[int]:
     return drawn_figure.RECORDED_CARTOON_4[0]["box"]
 
 
-@pytest.fixture
-def events(comfy, monkeypatch):
-    """Capture front-end events: a stand-in PromptServer.instance (the in-process executor has none)."""
-    import server
-
-    class Sink:
-        client_id = None
-        last_node_id = None
-
-        def __init__(self):
-            self.sent = []
-
-        def send_sync(self, event, data, sid=None):
-            self.sent.append((event, data))
-
-    sink = Sink()
-    monkeypatch.setattr(server.PromptServer, "instance", sink, raising=False)
-    return sink
-
-
 def _tiny_images(g: Graph, ckpt: str, seed: int, batch: int = 2):
     ck = g.node("CheckpointLoaderSimple", ckpt_name=ckpt)
     pos = g.node("CLIPTextEncode", text="a photo of a person", clip=ck[1])

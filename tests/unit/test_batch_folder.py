@@ -16,40 +16,14 @@ from pathlib import Path
 import pytest
 
 from memora_batch import cli
-from memora_batch.backend import Backend, RunResult
 from memora_batch.report import write_report
 from memora_batch.results import ResultsStore
 from memora_batch.runner import plan_jobs, run_plan
 from memora_batch.workflow import Workflow
 
+from batch_kit import DEFINITIONS, Instant
+
 ROOT = Path(__file__).resolve().parents[2]
-DEFINITIONS = json.loads((ROOT / "tests" / "unit" / "batch_object_info.json").read_text())
-
-
-class Instant(Backend):
-    """Knows the stored node definitions; every job it runs succeeds at once. Counts the jobs it ran."""
-
-    def __init__(self):
-        self.ran: list[dict] = []
-
-    def describe(self) -> str:
-        return "an instant backend"
-
-    def available_types(self) -> set:
-        return set(DEFINITIONS)
-
-    def object_info(self, node_types) -> dict:
-        return {t: DEFINITIONS[t] for t in node_types if t in DEFINITIONS}
-
-    def run(self, prompt: dict, timeout=None) -> RunResult:
-        self.ran.append(prompt)
-        return RunResult(f"p{len(self.ran)}", True, {}, None, "instant")
-
-    def resolve_file(self, item: dict) -> str:
-        return item["filename"]
-
-    def resolve_lora(self, name: str) -> str:
-        return name
 
 
 @pytest.fixture(scope="module")

@@ -13,28 +13,15 @@ import pytest
 
 from memora_batch import cli
 from memora_batch import sweep as sw
-from memora_batch.backend import Backend
 from memora_batch.results import ResultsStore
 from memora_batch import runner
 from memora_batch.runner import PlanError, plan_jobs
 from memora_batch.workflow import Workflow, title_of
 
+from batch_kit import DEFINITIONS, StoredDefinitions
+
 ROOT = Path(__file__).resolve().parents[2]
-DEFINITIONS = json.loads((ROOT / "tests" / "unit" / "batch_object_info.json").read_text())
 BIG = 9007199254740993  # 2**53 + 1: the first integer a float cannot hold
-
-
-class StoredDefinitions(Backend):
-    """A backend that knows the stored node definitions and runs nothing (planning only)."""
-
-    def describe(self) -> str:
-        return "the stored node definitions"
-
-    def available_types(self) -> set:
-        return set(DEFINITIONS)
-
-    def object_info(self, node_types) -> dict:
-        return {t: DEFINITIONS[t] for t in node_types if t in DEFINITIONS}
 
 
 @pytest.fixture(scope="module")

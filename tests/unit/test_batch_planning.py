@@ -13,26 +13,13 @@ import pytest
 
 from memora import contracts as K
 from memora_batch import cli
-from memora_batch.backend import Backend
 from memora_batch.profiles import ModelProfile, micro_world_profile, model_profile, swap_nodes
 from memora_batch.runner import PlanError, plan_jobs
 from memora_batch.workflow import AddressError, MissingNodeTypes, Workflow, title_of
 
+from batch_kit import DEFINITIONS, StoredDefinitions
+
 ROOT = Path(__file__).resolve().parents[2]
-DEFINITIONS = json.loads((ROOT / "tests" / "unit" / "batch_object_info.json").read_text())
-
-
-class StoredDefinitions(Backend):
-    """A backend that knows the stored node definitions and runs nothing (planning only)."""
-
-    def describe(self) -> str:
-        return "the stored node definitions"
-
-    def available_types(self) -> set:
-        return set(DEFINITIONS)
-
-    def object_info(self, node_types) -> dict:
-        return {t: DEFINITIONS[t] for t in node_types if t in DEFINITIONS}
 
 
 def _workflow(name: str) -> Workflow:

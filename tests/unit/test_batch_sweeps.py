@@ -11,8 +11,9 @@ import pytest
 from memora_batch import sweep as sw
 from memora_batch.workflow import Workflow
 
+from batch_kit import DEFINITIONS
+
 ROOT = Path(__file__).resolve().parents[2]
-DEFINITIONS = json.loads((ROOT / "tests" / "unit" / "batch_object_info.json").read_text())
 
 
 @pytest.fixture(scope="module")

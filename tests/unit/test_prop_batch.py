@@ -17,43 +17,16 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from memora_batch import sweep as sw
-from memora_batch.backend import Backend, RunResult
 from memora_batch.results import ResultsStore
 from memora_batch.runner import plan_jobs, run_plan
 from memora_batch.workflow import Workflow, title_of
 
+from batch_kit import DEFINITIONS, Instant
+
 ROOT = Path(__file__).resolve().parents[2]
-DEFINITIONS = json.loads((ROOT / "tests" / "unit" / "batch_object_info.json").read_text())
 SEED_MAX = 2 ** 64 - 1  # KSampler.seed's range (the widest INT input of the shipped workflows)
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
-
-
-class Instant(Backend):
-    """Knows the stored node definitions; every job succeeds at once. Counts how often each graph ran."""
-
-    def __init__(self):
-        self.runs: dict[str, int] = {}
-
-    def describe(self) -> str:
-        return "an instant backend"
-
-    def available_types(self) -> set:
-        return set(DEFINITIONS)
-
-    def object_info(self, node_types) -> dict:
-        return {t: DEFINITIONS[t] for t in node_types if t in DEFINITIONS}
-
-    def run(self, prompt: dict, timeout=None) -> RunResult:
-        key = json.dumps(prompt, sort_keys=True)
-        self.runs[key] = self.runs.get(key, 0) + 1
-        return RunResult("p", True, {}, None, "instant")
-
-    def resolve_file(self, item: dict) -> str:
-        return item["filename"]
-
-    def resolve_lora(self, name: str) -> str:
-        return name
 
 
 @pytest.fixture(scope="module")

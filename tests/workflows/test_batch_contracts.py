@@ -76,26 +76,6 @@ def _essentials(spec: list) -> tuple:
     return (kind, opts.get("default"), opts.get("min"), opts.get("max"), "control_after_generate" in opts)
 
 
-@pytest.fixture
-def events(comfy, monkeypatch):
-    """Front-end events: a stand-in PromptServer.instance (the in-process executor has none)."""
-    import server
-
-    class Sink:
-        client_id = None
-        last_node_id = None
-
-        def __init__(self):
-            self.sent = []
-
-        def send_sync(self, event, data, sid=None):
-            self.sent.append((event, data))
-
-    sink = Sink()
-    monkeypatch.setattr(server.PromptServer, "instance", sink, raising=False)
-    return sink
-
-
 @pytest.mark.slow
 def test_the_recovery_workflow_emits_every_contract_key_and_event(comfy, tiny_ckpt, events):
     """What the runner (results.py) and web/memora.js read: the UI keys of the nodes' outputs and the memora.*
