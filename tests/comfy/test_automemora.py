@@ -3,6 +3,7 @@ two-model computation, one copy of the UNet weights, and refusal when LoRA weigh
 
 from __future__ import annotations
 
+import probes
 import pytest
 import torch
 
@@ -78,36 +79,6 @@ def test_w0_and_w1_reproduce_plain_sampling_exactly(comfy, tiny_ckpt, lora_file,
         assert torch.equal(w0, lora), float((w0 - lora).abs().max())
 
 
-class _OneEval:
-    """A ComfyUI Sampler that makes one guided prediction of the model at (x, sigma), x in model space."""
-
-    def __new__(cls, x, sigma):
-        import comfy.samplers
-
-        class OneEval(comfy.samplers.Sampler):
-            def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
-                       disable_pbar=False):
-                s = torch.full((x.shape[0],), float(sigma), device=latent_image.device)
-                self.x0 = model_wrap(x.to(latent_image.device), s, **extra_args).detach().clone()
-                return latent_image
-
-        return OneEval()
-
-
-def _x0(model, pos, neg, x, sigma, sigma_next):
-    """The CFG x0 prediction of MODEL at (x, sigma) through a stock CFGGuider (which loads MODEL, unloading the
-    other clone, and prepares the conditioning)."""
-    import comfy.samplers
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(pos, neg)
-    guider.set_cfg(CFG)
-    sampler = _OneEval(x, sigma)
-    guider.sample(torch.zeros_like(x), torch.zeros_like(x), sampler, torch.tensor([float(sigma), float(sigma_next)]), seed=0,
-                  disable_pbar=True)
-    return sampler.x0.cpu()
-
-
 def test_w2_matches_independent_two_model_computation(comfy, loaded_tiny, lora_file):
     """Euler with AutoMemoRa (w = 2) through SamplerCustomAdvanced's machinery == a hand-written Euler loop over two
     separately patched models (the stock LoRA patching and stock CFGGuider), within 1e-5."""
@@ -131,15 +102,7 @@ def test_w2_matches_independent_two_model_computation(comfy, loaded_tiny, lora_f
                             seed=0, disable_pbar=True).cpu()
         assert guider.forwards["lora_on"] == STEPS and guider.forwards["lora_off"] == STEPS
 
-        x = model.model.process_latent_in(start)
-        gap = 0.0
-        for i in range(STEPS):
-            s, s_next = sigmas[i], sigmas[i + 1]
-            bad = _x0(model, pos, neg, x, s, s_next)
-            main = _x0(with_lora, pos, neg, x, s, s_next)
-            gap = max(gap, float((main - bad).abs().max()))
-            x0 = bad + w * (main - bad)
-            x = x + (x - x0) / s * (s_next - s)
+        x, gap = probes.two_model_euler(model, with_lora, pos, neg, start, sigmas, w, CFG)
     out = model.model.process_latent_in(out)   # compare in model space, where the sampler works
     ref = x
     err = float((out - ref).abs().max())

@@ -14,6 +14,7 @@ import logging
 import math
 from pathlib import Path
 
+import probes
 import pytest
 import torch
 from safetensors import safe_open
@@ -49,19 +50,6 @@ def _loras_root() -> Path:
 
 def _files(root: Path) -> set:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-
-
-def _sample(model, pos, seed=7):
-    """A short DDIM sampling with the model: bit-identical results mean an identical model."""
-    import nodes
-
-    with torch.inference_mode():
-        return nodes.common_ksampler(model, seed, 3, 2.0, "ddim", "ddim_uniform", pos, pos,
-                                     {"samples": torch.zeros(1, 4, 8, 8)})[0]["samples"].clone()
-
-
-def _weights(model):
-    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
 
 
 def _train_inputs(**kw):
@@ -100,7 +88,7 @@ def recipe_runs(comfy, tiny_ckpt):
     assert res.success, res.error_message
     model = comfy.node_outputs(ck.id)[0]
     cond = comfy.node_outputs(pos.id)[0]
-    before_sample, before_weights = _sample(model, cond), _weights(model)
+    before_sample, before_weights = probes.sample_model(model, cond), probes.unet_weights(model)
     before_options = (dict(model.patches), dict(model.object_patches), model.model.manual_cast_dtype)
 
     runs = []
@@ -210,8 +198,8 @@ def _sd1_attention_shapes():
 
 def test_input_model_is_bit_identical_after_training(recipe_runs):
     model = recipe_runs["model"]
-    assert torch.equal(_sample(model, recipe_runs["cond"]), recipe_runs["before_sample"])
-    after = _weights(model)
+    assert torch.equal(probes.sample_model(model, recipe_runs["cond"]), recipe_runs["before_sample"])
+    after = probes.unet_weights(model)
     assert all(torch.equal(after[k], v) for k, v in recipe_runs["before_weights"].items())
     assert (dict(model.patches), dict(model.object_patches), model.model.manual_cast_dtype) == \
         recipe_runs["before_options"]
@@ -219,7 +207,7 @@ def test_input_model_is_bit_identical_after_training(recipe_runs):
     # the trained model differs (the LoRA is applied to a clone)
     trained = recipe_runs["runs"][0]["outputs"][0]
     assert trained is not model and len(trained.patches) == TINY_ATTENTION_LAYERS
-    assert not torch.equal(_sample(trained, recipe_runs["cond"]), recipe_runs["before_sample"])
+    assert not torch.equal(probes.sample_model(trained, recipe_runs["cond"]), recipe_runs["before_sample"])
 
 
 class _Records(logging.Handler):
@@ -253,7 +241,7 @@ def test_saved_file_loads_in_stock_lora_loader_without_warnings(comfy, recipe_ru
     assert len(loaded.patches) == TINY_ATTENTION_LAYERS
     # the stock LoraLoader graph samples as the node's own model output does
     trained = recipe_runs["runs"][0]["outputs"][0]
-    a, b = comfy.node_outputs(ks.id)[0]["samples"], _sample(trained, recipe_runs["cond"])
+    a, b = comfy.node_outputs(ks.id)[0]["samples"], probes.sample_model(trained, recipe_runs["cond"])
     assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
     assert not torch.allclose(a, recipe_runs["before_sample"], atol=1e-3)  # and the LoRA does change it
     file_sd = load_file(str(_loras_root() / name))
@@ -345,7 +333,7 @@ def test_cancel_stops_within_one_step_writes_nothing_and_leaves_the_model(comfy,
     res = comfy.run(g.prompt)
     assert res.success, res.error_message
     model, cond = comfy.node_outputs(ck.id)[0], comfy.node_outputs(pos.id)[0]
-    before = _sample(model, cond)
+    before = probes.sample_model(model, cond)
     files = _files(root)
     g.node("MemoRaLoRATrain", node_id="cancelled", model=ck[0], latents=lat[0], positive=pos[0],
            **_train_inputs(steps=50, save_name="memora_test/cancelled"))
@@ -378,7 +366,7 @@ def test_cancel_stops_within_one_step_writes_nothing_and_leaves_the_model(comfy,
     alive = [o for o in gc.get_objects() if type(o) is layer_class]
     assert not alive, f"{len(alive)} LoRA layers still referenced after the cancel"
     # and the input model samples exactly as before
-    assert torch.equal(_sample(model, cond), before)
+    assert torch.equal(probes.sample_model(model, cond), before)
     assert not model.object_patches and not model.weight_wrapper_patches
 
 

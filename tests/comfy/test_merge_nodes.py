@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import probes
 import pytest
 import torch
 
@@ -22,13 +23,6 @@ def loras(comfy, comfy_base, loaded_tiny):
     folder = comfy_base / "models" / "loras"
     return {"a": (write_lora(folder, "merge_test_a.safetensors", a), a),
             "b": (write_lora(folder, "merge_test_b.safetensors", b), b)}
-
-
-def _latent_file(res, output_dir, save_ref):
-    from safetensors.torch import load_file
-
-    info = res.ui_outputs[save_ref.id]["latents"][0]
-    return load_file(str(output_dir / info["subfolder"] / info["filename"]))["latent_tensor"]
 
 
 def _sampler(g, model, pos, neg, lat, tag):
@@ -72,7 +66,7 @@ def test_concat_merge_samples_like_stacked_loras(comfy, tiny_ckpt, loras, output
         outs[tag] = _sampler(g, applied[0], pos, neg, lat, tag)
     res = comfy.run(g.prompt)
     assert res.success, res.error
-    x = {k: _latent_file(res, output_dir, v) for k, v in outs.items()}
+    x = {k: probes.saved_latent(res, output_dir, v) for k, v in outs.items()}
     assert float((x["stacked"] - x["plain"]).abs().max()) > 1e-2, "the test LoRAs must change sampling visibly"
     # Relative to the largest value: the tiny random model's latents reach ~200 (unscaled), where float32 rounding
     # alone is ~1e-5 absolute. Merged and stacked deltas differ only in summation order.

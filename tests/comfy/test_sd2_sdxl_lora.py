@@ -16,6 +16,7 @@ import re
 import logging
 from pathlib import Path
 
+import probes
 import pytest
 import torch
 from safetensors import safe_open
@@ -33,18 +34,6 @@ ARCHS = ("sd2", "sdxl")
 # The real architectures' counts at rank 4 (attention targets), from the published diffusers UNet configurations
 # (test_real_counts computes them); SD1.x's 128 / 797,184 are in test_lora_train.py.
 REAL_COUNTS = {"sd15": (128, 797_184), "sd2": (128, 829_952), "sdxl": (560, 5_806_080)}
-REAL_UNET_CONFIGS = {
-    "sd15": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2),
-    "sd2": dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, use_linear_projection=True),
-    "sdxl": dict(sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-                 block_out_channels=(320, 640, 1280), layers_per_block=2, use_linear_projection=True,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
-                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
-}
 # the tiny stand-ins: SD2 has the tiny SD1.x layout (56 layers); SDXL no attention at level 0, 2 blocks each (64)
 TINY_LAYERS = {"sd2": 56, "sdxl": 64}
 
@@ -67,18 +56,6 @@ def _train_inputs(**kw):
                 gradient_checkpointing=False, seed=2024, save_name="memora_test/arch")
     args.update(kw)
     return args
-
-
-def _sample(model, pos, seed=7):
-    import nodes
-
-    with torch.inference_mode():
-        return nodes.common_ksampler(model, seed, 3, 2.0, "ddim", "ddim_uniform", pos, pos,
-                                     {"samples": torch.zeros(1, 4, 8, 8)})[0]["samples"].clone()
-
-
-def _weights(model):
-    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
 
 
 class _Records(logging.Handler):
@@ -118,7 +95,7 @@ def trained(request, comfy, comfy_base):
     res = comfy.run(g.prompt)
     assert res.success, res.error_message
     model, cond = comfy.node_outputs(ck.id)[0], comfy.node_outputs(pos.id)[0]
-    before = {"sample": _sample(model, cond), "weights": _weights(model),
+    before = {"sample": probes.sample_model(model, cond), "weights": probes.unet_weights(model),
               "options": (dict(model.patches), dict(model.object_patches), model.model.manual_cast_dtype)}
     g.node("MemoRaLoRATrain", node_id="train", model=ck[0], latents=ks[0], positive=pos[0],
            **_train_inputs(save_name=f"memora_test/{arch}"))
@@ -149,7 +126,7 @@ def test_real_counts():
     configurations built on the meta device, layers chosen by the recipe's own selection."""
     from diffusers import UNet2DConditionModel
 
-    for arch, cfg in REAL_UNET_CONFIGS.items():
+    for arch, cfg in probes.REAL_UNET_CONFIGS.items():
         with torch.device("meta"):
             unet = UNet2DConditionModel(**cfg)
         shapes = _attention_shapes(unet)
@@ -174,14 +151,14 @@ def test_tiny_counts_through_the_node(trained):
 
 def test_model_untouched_and_lora_changes_output(trained):
     model, before = trained["model"], trained["before"]
-    assert torch.equal(_sample(model, trained["cond"]), before["sample"])
-    after = _weights(model)
+    assert torch.equal(probes.sample_model(model, trained["cond"]), before["sample"])
+    after = probes.unet_weights(model)
     assert all(torch.equal(after[k], v) for k, v in before["weights"].items())
     assert (dict(model.patches), dict(model.object_patches), model.model.manual_cast_dtype) == before["options"]
     assert not model.weight_wrapper_patches
     out_model = trained["outputs"][0]
     assert len(out_model.patches) == TINY_LAYERS[trained["arch"]]
-    change = (_sample(out_model, trained["cond"]) - before["sample"]).abs().max().item()
+    change = (probes.sample_model(out_model, trained["cond"]) - before["sample"]).abs().max().item()
     assert change > 1e-3, change
 
 
@@ -410,7 +387,7 @@ def test_sd1_lora_on_sdxl_and_the_reverse_are_refused_naming_both(comfy, request
     files = {"sd1": random_loras.write_lora(folder, "cross_sd1.safetensors", sd1_lora),
              "sdxl": random_loras.write_lora(folder, "cross_sdxl.safetensors",
                                              host.sd_scripts_names(sdxl_model, sdxl_lora))}
-    before = {id(m): (_weights(m), dict(m.patches)) for m in (sdxl_model, sd1_model)}
+    before = {id(m): (probes.unet_weights(m), dict(m.patches)) for m in (sdxl_model, sd1_model)}
     cases = [(sdxl_model, sd1_lora, "sd1", "SD1.x/SD2.x", "SDXL"), (sd1_model, sdxl_lora, "sdxl", "SDXL", "SD1.x")]
     for model, lora, file_key, lora_arch, model_arch in cases:
         with pytest.raises(host.LoraKeyError) as e:
@@ -421,7 +398,7 @@ def test_sd1_lora_on_sdxl_and_the_reverse_are_refused_naming_both(comfy, request
             random_loras.pack_module("nodes.lora").load_lora_as_kohya(folder / files[file_key], model)
     for m in (sdxl_model, sd1_model):
         w, p = before[id(m)]
-        assert dict(m.patches) == p and all(torch.equal(_weights(m)[k], v) for k, v in w.items())
+        assert dict(m.patches) == p and all(torch.equal(probes.unet_weights(m)[k], v) for k, v in w.items())
     # and through the executor, MemoRa Load LoRA with the model connected
     g = Graph()
     ck = g.node("CheckpointLoaderSimple", ckpt_name=_ckpt("sdxl", request))

@@ -5,6 +5,7 @@ bit, and w = 2 matches an independent two-model Euler loop."""
 
 from __future__ import annotations
 
+import probes
 import pytest
 import torch
 
@@ -45,13 +46,6 @@ def xl_loras(comfy, comfy_base, sdxl):
             "b": (write_lora(folder, "sdxl_merge_b.safetensors", b), b)}
 
 
-def _latent(res, output_dir, save_ref):
-    from safetensors.torch import load_file
-
-    info = res.ui_outputs[save_ref.id]["latents"][0]
-    return load_file(str(output_dir / info["subfolder"] / info["filename"]))["latent_tensor"]
-
-
 def _ksampler(g, model, pos, neg, lat, tag):
     ks = g.node("KSampler", model=model, positive=pos[0], negative=neg[0], latent_image=lat[0], seed=3, steps=STEPS,
                 cfg=CFG, sampler_name="euler", scheduler="normal", denoise=1.0)
@@ -87,7 +81,7 @@ def test_concat_merge_samples_like_stacked_loras_on_sdxl(comfy, tiny_sdxl_ckpt, 
         outs[tag] = _ksampler(g, applied[0], pos, neg, lat, tag)
     res = comfy.run(g.prompt)
     assert res.success, res.error
-    x = {k: _latent(res, output_dir, v) for k, v in outs.items()}
+    x = {k: probes.saved_latent(res, output_dir, v) for k, v in outs.items()}
     assert float((x["stacked"] - x["plain"]).abs().max()) > 1e-2, "the test LoRAs must change sampling visibly"
     errs = {k: float((x[k] - x[ref]).abs().max() / x[ref].abs().max()) for k, ref in
             (("concat", "stacked"), ("svd", "stacked"), ("zero_b", "only_a"))}
@@ -186,30 +180,10 @@ def test_automemora_w1_and_w0_reproduce_plain_sdxl_sampling_exactly(comfy, tiny_
             "w1": sample(auto(1.0), "w1"), "w0": sample(auto(0.0), "w0")}
     res = comfy.run(g.prompt)
     assert res.success, res.error
-    x = {k: _latent(res, output_dir, v) for k, v in refs.items()}
+    x = {k: probes.saved_latent(res, output_dir, v) for k, v in refs.items()}
     assert float((x["plain"] - x["lora"]).abs().max()) > 1e-2, "the test LoRA must change sampling visibly"
     assert torch.equal(x["w1"], x["lora"]), float((x["w1"] - x["lora"]).abs().max())
     assert torch.equal(x["w0"], x["plain"]), float((x["w0"] - x["plain"]).abs().max())
-
-
-def _x0(model, pos, neg, x, sigma, sigma_next):
-    """One CFG x0 prediction of MODEL at (x, sigma) through a stock CFGGuider (SDXL's adm built by ComfyUI)."""
-    import comfy.samplers
-
-    class OneEval(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
-                   disable_pbar=False):
-            s = torch.full((x.shape[0],), float(sigma), device=latent_image.device)
-            self.x0 = model_wrap(x.to(latent_image.device), s, **extra_args).detach().clone()
-            return latent_image
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(pos, neg)
-    guider.set_cfg(CFG)
-    one = OneEval()
-    guider.sample(torch.zeros_like(x), torch.zeros_like(x), one, torch.tensor([float(sigma), float(sigma_next)]),
-                  seed=0, disable_pbar=True)
-    return one.x0.cpu()
 
 
 def test_automemora_w2_matches_two_model_loop_on_sdxl(comfy, sdxl, xl_loras):
@@ -232,14 +206,7 @@ def test_automemora_w2_matches_two_model_loop_on_sdxl(comfy, sdxl, xl_loras):
         out = guider.sample(torch.zeros_like(start), start, comfy.samplers.sampler_object("euler"), sigmas,
                             seed=0, disable_pbar=True).cpu()
         assert guider.forwards["lora_on"] == STEPS and guider.forwards["lora_off"] == STEPS
-        x = model.model.process_latent_in(start)
-        gap = 0.0
-        for i in range(STEPS):
-            s, s_next = sigmas[i], sigmas[i + 1]
-            bad = _x0(model, pos, neg, x, s, s_next)
-            main = _x0(with_lora, pos, neg, x, s, s_next)
-            gap = max(gap, float((main - bad).abs().max()))
-            x = x + (x - (bad + w * (main - bad))) / s * (s_next - s)
+        x, gap = probes.two_model_euler(model, with_lora, pos, neg, start, sigmas, w, CFG)
     out = model.model.process_latent_in(out)
     err = float((out - x).abs().max())
     print(f"SDXL AutoMemoRa w=2 vs two-model loop: max abs diff {err:.3g} (max |value| {float(x.abs().max()):.3g})")

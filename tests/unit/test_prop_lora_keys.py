@@ -22,24 +22,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from probes import REAL_UNET_CONFIGS
 from memora.lora import formats as F
 
 PROP = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
-# Published configurations (the model repositories' config.json), reduced to what fixes the layer names.
-UNET_CONFIGS = {
-    "sd15": dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2),
-    "sd2": dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, use_linear_projection=True),
-    "sdxl": dict(sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-                 block_out_channels=(320, 640, 1280), layers_per_block=2, use_linear_projection=True,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
-                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
-}
+# The published configurations (tests/support/probes.py), reduced to what fixes the layer names.
+UNET_CONFIGS = REAL_UNET_CONFIGS
 CLIP_CONFIGS = {
     "clip-l": (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12), False),
     "openclip-h": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
