@@ -78,3 +78,49 @@ def two_model_euler(model, with_lora, pos, neg, start, sigmas, w: float, cfg: fl
         gap = max(gap, float((main - bad).abs().max()))
         x = x + (x - (bad + w * (main - bad))) / s * (s_next - s)
     return x, gap
+
+
+def merged_vs_stacked(comfy, ckpt: str, lora_a: str, lora_b: str, output_dir, tag: str, wa=0.8, wb=-0.6) -> dict:
+    """One graph on checkpoint ``ckpt``: sampling with the two LoRA files stacked by LoraModelLoader at weights
+    (wa, wb), with only the first, and with MemoRa Multi-LoRA Merge's concat, svd (automatic rank) and weight-0
+    merges applied at strength 1. Returns {what: max abs difference / max abs value} for concat vs stacked, svd vs
+    stacked, zero_b vs only_a, and 'visible': how much the LoRAs change sampling at all (stacked vs plain)."""
+    from random_loras import lora_model_loader_extra
+
+    from graphs import Graph
+
+    extra = lora_model_loader_extra()
+    g = Graph()
+    ck = g.node("CheckpointLoaderSimple", ckpt_name=ckpt)
+    pos = g.node("CLIPTextEncode", text="a photo of the parachute", clip=ck[1])
+    neg = g.node("CLIPTextEncode", text="", clip=ck[1])
+    lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=2)
+    la = g.node("MemoRaLoadLoRA", lora_name=lora_a)
+    lb = g.node("MemoRaLoadLoRA", lora_name=lora_b)
+
+    def merge(w_b, method):
+        return g.node("MemoRaMultiLoRAMerge", lora_1=la[0], weight_1=wa, lora_2=lb[0], weight_2=w_b, method=method,
+                      rank=0, density=0.5, seed=0, save_name="", weight_3=1.0, weight_4=1.0)
+
+    def sample(model, name):
+        ks = g.node("KSampler", model=model, positive=pos[0], negative=neg[0], latent_image=lat[0], seed=3, steps=4,
+                    cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+        return g.node("SaveLatent", samples=ks[0], filename_prefix=f"{tag}/{name}")
+
+    stacked = g.node("LoraModelLoader", model=ck[0], lora=la[0], strength_model=wa, **extra)
+    stacked = g.node("LoraModelLoader", model=stacked[0], lora=lb[0], strength_model=wb, **extra)
+    only_a = g.node("LoraModelLoader", model=ck[0], lora=la[0], strength_model=wa, **extra)
+    outs = {"plain": sample(ck[0], "plain"), "stacked": sample(stacked[0], "stacked"),
+            "only_a": sample(only_a[0], "only_a")}
+    for name, m in (("concat", merge(wb, "concat")), ("svd", merge(wb, "svd")), ("zero_b", merge(0.0, "concat"))):
+        applied = g.node("LoraModelLoader", model=ck[0], lora=m[0], strength_model=1.0, **extra)
+        outs[name] = sample(applied[0], name)
+    res = comfy.run(g.prompt)
+    assert res.success, res.error
+    x = {k: saved_latent(res, output_dir, v) for k, v in outs.items()}
+    # relative to the largest value: tiny random models' latents reach ~200 (unscaled), where float32 rounding alone
+    # is ~1e-5 absolute; merged and stacked deltas differ only in summation order
+    errs = {k: float((x[k] - x[ref]).abs().max() / x[ref].abs().max()) for k, ref in
+            (("concat", "stacked"), ("svd", "stacked"), ("zero_b", "only_a"))}
+    errs["visible"] = float((x["stacked"] - x["plain"]).abs().max())
+    return errs
