@@ -18,7 +18,11 @@ from graphs import Graph
 # (eps = x sigma / (sigma^2 + 1) + v / sqrt(sigma^2 + 1)), so the fixed-point refinement contracts more slowly at
 # coarse ladders: on the SD2-v stand-in refine 4 reaches 5e-7 at 50/15 but 3e-4 at 12/4 (10 iterations: 2e-7).
 STEPS, START, CFG, REFINE = 50, 15, 3.0, 4
-ARCHS = {"sd2v": "tiny_sd2v_ckpt", "sd2v_ztsnr": "tiny_sd2v_ztsnr_ckpt", "sdxl": "tiny_sdxl_ckpt"}
+# sd2v_zsnr_node: the SD2-v checkpoint given zero-terminal SNR by the stock ModelSamplingDiscrete node (v_prediction,
+# zsnr), the way ComfyUI users run SD2 zero-terminal-SNR fine-tunes; sd2v_ztsnr: the checkpoint's own ztsnr marker.
+ARCHS = {"sd2v": "tiny_sd2v_ckpt", "sd2v_ztsnr": "tiny_sd2v_ztsnr_ckpt", "sd2v_zsnr_node": "tiny_sd2v_ckpt",
+         "sdxl": "tiny_sdxl_ckpt"}
+ZSNR_NODE = {"sampling": "v_prediction", "zsnr": True}
 
 
 def _encode(clip, text):
@@ -40,6 +44,8 @@ def _setup(request, kind):
 
         name = request.getfixturevalue(ARCHS[kind])
         model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+        if kind == "sd2v_zsnr_node":
+            model = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(model, **ZSNR_NODE)[0]
         g = torch.Generator().manual_seed(1234)
         x0 = torch.randn(2, 4, 8, 8, generator=g) / float(model.model.latent_format.scale_factor)
         cache[kind] = dict(kind=kind, ckpt=name, model=model, clip=clip, latent={"samples": x0},
@@ -87,7 +93,9 @@ def test_architecture_is_what_comfyui_detects(arch):
     if arch["kind"].startswith("sd2v"):
         assert isinstance(m.model_config, comfy.supported_models.SD20)
         assert m.model_type == comfy.model_base.ModelType.V_PREDICTION
-        assert bool(m.model_sampling.zsnr) == (arch["kind"] == "sd2v_ztsnr")
+        sampling = arch["model"].get_model_object("model_sampling")  # what the sampler uses (node patches too)
+        assert bool(sampling.zsnr) == (arch["kind"] in ("sd2v_ztsnr", "sd2v_zsnr_node"))
+        assert float(sampling.sigma_max) > 4000 if sampling.zsnr else float(sampling.sigma_max) < 15
     else:
         assert isinstance(m.model_config, comfy.supported_models.SDXL) and isinstance(m, comfy.model_base.SDXL)
         assert m.model_type == comfy.model_base.ModelType.EPS
@@ -105,17 +113,20 @@ def _latent_file(comfy_base, name, samples):
 
 
 def test_stock_ksampler_advanced_continuation_equals_regenerate(arch, comfy, comfy_base):
-    """Through ComfyUI's executor: clean latents (stock LoadLatent) -> DDIM Inversion; its output continued by the stock
-    KSamplerAdvanced (add_noise disable, same steps and start_at_step, ddim / ddim_uniform) equals MemoRa Regenerate
-    to 1e-6 of the latent's scale (the two differ only in float rounding: sigma as a float64 vs a float32 tensor),
-    and both give back the clean latents to 1e-5 (refine_iterations 4; measured 2.6e-7 SDXL, 5.0e-7 SD2-v,
-    1.4e-6 SD2-v zero-terminal SNR; Regenerate and KSamplerAdvanced measured bit-identical on CPU). SDXL's positive prompt carries CLIPTextEncodeSDXL's size and crop
-    conditioning, which both read from the CONDITIONING. (Latents are unit-variance in model space, as a real VAE's
-    are: the tiny TAESD-structured VAE's are ~20x smaller, where a random UNet, GroupNorm after its input, is far
-    more sensitive to x than a trained one.)"""
+    """Through ComfyUI's executor: clean latents (stock LoadLatent) -> DDIM Inversion; its output continued by the
+    stock KSamplerAdvanced (add_noise disable, same steps and start_at_step, ddim / ddim_uniform) equals MemoRa
+    Regenerate to 1e-6 of the latent's scale (they could differ only in float rounding: sigma as a float64 vs a
+    float32 tensor; measured bit-identical on CPU), and both give back the clean latents to 1e-5 (refine_iterations
+    4; measured 2.6e-7 SDXL, 5.0e-7 SD2-v, 1.4e-6 SD2-v zero-terminal SNR, by checkpoint marker or stock node).
+    SDXL's positive prompt carries CLIPTextEncodeSDXL's size and crop conditioning, which both read from the
+    CONDITIONING. (Latents are unit-variance in model space, as a real VAE's are: the tiny TAESD-structured VAE's are
+    ~20x smaller, where a random UNet, GroupNorm after its input, is far more sensitive to x than a trained one.)"""
     lat_name = _latent_file(comfy_base, f"memora_{arch['kind']}_clean.latent", arch["latent"]["samples"])
     g = Graph()
     ck = g.node("CheckpointLoaderSimple", ckpt_name=arch["ckpt"])
+    model = ck[0]
+    if arch["kind"] == "sd2v_zsnr_node":
+        model = g.node("ModelSamplingDiscrete", model=ck[0], **ZSNR_NODE)[0]
     text = "a photo of the parachute"
     if arch["kind"] == "sdxl":
         pos = g.node("CLIPTextEncodeSDXL", clip=ck[1], width=1024, height=768, crop_w=64, crop_h=32,
@@ -124,10 +135,10 @@ def test_stock_ksampler_advanced_continuation_equals_regenerate(arch, comfy, com
         pos = g.node("CLIPTextEncode", clip=ck[1], text=text)
     neg = g.node("CLIPTextEncode", clip=ck[1], text="")
     enc = g.node("LoadLatent", latent=lat_name)
-    common = dict(model=ck[0], positive=pos[0], negative=neg[0], steps=STEPS, start_at_step=START, cfg=CFG)
+    common = dict(model=model, positive=pos[0], negative=neg[0], steps=STEPS, start_at_step=START, cfg=CFG)
     inv = g.node("MemoRaDDIMInversion", latent=enc[0], refine_iterations=REFINE, schedule="exact", **common)
     reg = g.node("MemoRaRegenerate", latent=inv[0], schedule="exact", **common)
-    ksa = g.node("KSamplerAdvanced", model=ck[0], add_noise="disable", noise_seed=0, steps=STEPS, cfg=CFG,
+    ksa = g.node("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=STEPS, cfg=CFG,
                  sampler_name="ddim", scheduler="ddim_uniform", positive=pos[0], negative=neg[0],
                  latent_image=inv[0], start_at_step=START, end_at_step=10000, return_with_leftover_noise="disable")
     for ref in (reg, ksa):
@@ -170,7 +181,8 @@ def test_reference_schedule_refused(arch):
     m = arch["model"].clone()
     m.set_model_unet_function_wrapper(lambda f, a: calls.append(1) or f(a["input"], a["timestep"], **a["c"]))
     a = {**arch, "model": m}
-    why = {"sd2v": "v-prediction", "sd2v_ztsnr": "zero-terminal-SNR", "sdxl": "SDXL model"}[arch["kind"]]
+    why = {"sd2v": "v-prediction", "sd2v_ztsnr": "zero-terminal-SNR", "sd2v_zsnr_node": "zero-terminal-SNR",
+           "sdxl": "SDXL model"}[arch["kind"]]
     for node in ("inversion", "regenerate"):
         call = (lambda: _invert(a, 0, "reference")) if node == "inversion" else \
             (lambda: _regen(a, a["latent"], "reference"))
