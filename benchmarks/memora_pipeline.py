@@ -137,7 +137,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="less ComfyUI logging")
-    a = p.parse_args(argv)
+    return _finish_args(p, p.parse_args(argv))
+
+
+def _finish_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on --tiny / --arch, and the checks that need them (argparse errors, exit status 2)."""
     tiny = a.tiny
     a.size = a.size or (64 if tiny else ARCHS[a.arch]["size"])
     a.steps = a.steps or (10 if tiny else 50)
