@@ -3,6 +3,8 @@ pattern in the same run.
 
     python benchmarks/memora_pipeline.py --json bench.json              # SD1.5 architecture, random weights
     python benchmarks/memora_pipeline.py --tiny --json tiny.json        # tiny model, CPU, seconds (CI smoke test)
+    python benchmarks/memora_pipeline.py --arch sdxl --json sdxl.json   # SDXL-base architecture at 1024 px, GPU only
+    python benchmarks/memora_pipeline.py --arch sdxl --tiny             # the tiny SDXL stand-in, CPU (smoke test)
 
 What runs (the reference configuration, docs/method.md): 6 seed images at 512 px (DDIM 50 steps, cfg 7.5, the
 reference seed pairs), VAE decode + encode, DDIM inversion over 50 steps from start_at_step 15 with cfg 7.5, slerp of
@@ -28,7 +30,9 @@ model load requests. JSON with ``--json``.
 
 The SD1.5-architecture checkpoint is generated locally (``random_sd15.py``: 859.52 M UNet, 123.06 M CLIP text,
 83.65 M VAE parameters; 2.1 GB fp16) and loaded by the stock CheckpointLoaderSimple. ``--work-dir`` keeps it for the
-next run."""
+next run. ``--arch sdxl``: the SDXL-base architecture (``random_sdxl.py``: 2,567.46 M UNet, 123.06 M CLIP-L,
+694.66 M OpenCLIP-G, 83.65 M VAE parameters; 6.9 GB fp16) at 1024 px, on a CUDA device only (refused on a CPU
+unless ``--tiny``, which uses the tiny SDXL stand-in of tests/support)."""
 
 from __future__ import annotations
 
@@ -72,16 +76,29 @@ ATTENTION_FLAGS = {"pytorch": "use_pytorch_cross_attention", "sub_quad": "use_qu
                    "split": "use_split_cross_attention"}
 
 
+# --arch: what each architecture's random model is and where it may run.
+ARCHS = {
+    "sd15": {"size": 512, "gpu_only": False, "why_gpu": ""},
+    "sdxl": {"size": 1024, "gpu_only": True,
+             "why_gpu": "a random SDXL-base model (2.57 B UNet parameters, 6.9 GB checkpoint) at 1024 px would "
+                        "take hours per stage on a CPU"},
+}
+
+
 # -- command line --------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sd15", choices=list(ARCHS),
+                   help="model architecture (random weights): sd15 (default, 512 px) or sdxl (SDXL base, 1024 px, "
+                        "GPU only; with --tiny the tiny SDXL stand-in on the CPU)")
     p.add_argument("--tiny", action="store_true",
                    help="the tiny test model on the CPU with reduced sizes (64 px, 10 steps from 3, 10 training "
                         "updates, 2 baseline updates): a smoke test, not a measurement")
     p.add_argument("--device", default="auto",
                    help="auto | cpu | cuda | cuda:N (default auto: cuda when available; --tiny: cpu)")
-    p.add_argument("--size", type=int, default=None, help="image size in pixels (default 512; --tiny: 64)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image size in pixels (default 512, --arch sdxl 1024; --tiny: 64)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; --tiny: 10)")
     p.add_argument("--start-at-step", type=int, default=None,
                    help="step where regeneration starts (default 15; --tiny: 3)")
@@ -120,9 +137,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="less ComfyUI logging")
-    a = p.parse_args(argv)
+    return _finish_args(p, p.parse_args(argv))
+
+
+def _finish_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on --tiny / --arch, and the checks that need them (argparse errors, exit status 2)."""
     tiny = a.tiny
-    a.size = a.size or (64 if tiny else 512)
+    a.size = a.size or (64 if tiny else ARCHS[a.arch]["size"])
     a.steps = a.steps or (10 if tiny else 50)
     a.start_at_step = a.start_at_step if a.start_at_step is not None else (3 if tiny else 15)
     a.train_steps = a.train_steps if a.train_steps is not None else (10 if tiny else 500)
@@ -144,6 +165,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.device = "cpu" if tiny else ("cuda" if torch.cuda.is_available() else "cpu")
     if tiny and a.device != "cpu":
         p.error("--tiny runs on the CPU")
+    if ARCHS[a.arch]["gpu_only"] and not tiny and not a.device.startswith("cuda"):
+        p.error(f"--arch {a.arch} runs on a CUDA GPU only (device here: {a.device}): {ARCHS[a.arch]['why_gpu']}. Run "
+                f"it on a machine with an NVIDIA GPU, or add --tiny for the tiny {a.arch} stand-in on the CPU "
+                f"(a smoke test, not a measurement)")
     a.mode = "low" if a.low_memory else "default"
     stages = {"seeds", "inversion", "regeneration", "training"}
     a.stage_set = stages if a.stages == "all" else {s.strip() for s in a.stages.split(",") if s.strip()}
@@ -429,11 +454,22 @@ def build_checkpoint(a: argparse.Namespace, base: Path) -> tuple[str, dict]:
             sys.path.insert(0, str(SUPPORT))
         import tiny_models
 
-        name = f"memora_bench_tiny_seed{a.model_seed}.safetensors"
+        if a.arch == "sdxl":
+            name = f"memora_bench_tiny_sdxl_seed{a.model_seed}.safetensors"
+            build, info = tiny_models.build_tiny_sdxl_checkpoint, {"architecture": "tiny SDXL (tests/support)"}
+        else:
+            name = f"memora_bench_tiny_seed{a.model_seed}.safetensors"
+            build, info = tiny_models.build_tiny_checkpoint, {"architecture": "tiny SD1.x (tests/support/tiny_models.py)"}
         path = folder / name
         if not path.exists():
-            tiny_models.build_tiny_checkpoint(path, seed=a.model_seed)
-        info = {"architecture": "tiny SD1.x (tests/support/tiny_models.py)"}
+            build(path, seed=a.model_seed)
+    elif a.arch == "sdxl":
+        import random_sdxl
+
+        name = f"memora_bench_sdxl_random_seed{a.model_seed}_fp16.safetensors"
+        path = random_sdxl.write_checkpoint(folder / name, seed=a.model_seed)
+        info = {"architecture": "SDXL base (random weights, benchmarks/random_sdxl.py)",
+                "parameters": random_sdxl.parameter_counts()}
     else:
         import random_sd15
 
@@ -452,6 +488,9 @@ def model_facts(model, clip, vae) -> dict:
     base = model.model
     unet_params = sum(p.numel() for p in base.diffusion_model.parameters())
     facts = {
+        "model_config": next((c.__name__ for c in type(base.model_config).__mro__
+                              if c.__module__ == "comfy.supported_models"), type(base.model_config).__name__),
+        "model_type": getattr(base.model_type, "name", str(base.model_type)),
         "unet_parameters": unet_params,
         "unet_weight_dtype": str(base.get_dtype()),
         "unet_compute_dtype": str(getattr(base, "manual_cast_dtype", None) or base.get_dtype()),
@@ -830,7 +869,7 @@ def _measure(a, comfy, boot_s, pack, memory, loads, base) -> dict:
     mode = pipes.mode
     result = {
         "benchmark": "memora_pipeline",
-        "config": {"tiny": a.tiny, "size": a.size, "steps": a.steps, "start_at_step": a.start_at_step,
+        "config": {"arch": a.arch, "tiny": a.tiny, "size": a.size, "steps": a.steps, "start_at_step": a.start_at_step,
                    "cfg": a.cfg, "refine_iterations": a.refine, "images": 6, "slerp_latents": 33,
                    "train_steps": a.train_steps, "baseline_train_steps": a.baseline_train_steps,
                    "effective_batch": 4, "train_precision": a.train_precision, "memory_mode": a.mode,

@@ -90,6 +90,89 @@ def check_model_kind(model, what: str) -> str:
         f"wrong results, so they are refused.")
 
 
+def model_family(model) -> str:
+    """The model's architecture as ComfyUI's model detection named it: the stock ``comfy.supported_models`` class its
+    config is (or derives from), e.g. 'SD15', 'SD20', 'SDXL'; the base-model class name otherwise."""
+    cfg = getattr(model.model, "model_config", None)
+    for cls in type(cfg).__mro__ if cfg is not None else ():
+        if cls.__module__ == "comfy.supported_models":
+            return cls.__name__
+    return type(model.model).__name__
+
+
+def _pooled_families():
+    import comfy.model_base
+
+    return tuple(getattr(comfy.model_base, n) for n in ("SDXL", "SDXLRefiner") if hasattr(comfy.model_base, n))
+
+
+REFERENCE_SUPPORTED = "SD1.x-style epsilon-prediction models (the reference implementation runs Stable Diffusion 1.4)"
+
+
+def check_reference_supported(model, what: str) -> None:
+    """The ``reference`` schedule reproduces the reference implementation (gmum/MemoRa), which runs SD1.4 only:
+    epsilon prediction, the standard schedule, text-only conditioning. UnsupportedModelError for a v-prediction
+    model, a zero-terminal-SNR schedule or a model with extra (adm) conditioning such as SDXL's pooled text and size
+    embedding, naming what the model is; checked before anything runs."""
+    kind = check_model_kind(model, what)
+    family = model_family(model)
+    reasons = []
+    if kind == V_PREDICTION:
+        reasons.append("it is a v-prediction model")
+    if bool(getattr(model_sampling(model), "zsnr", False)):
+        reasons.append("its noise schedule is zero-terminal-SNR")
+    if isinstance(model.model, _pooled_families()) or int(getattr(model.model, "adm_channels", 0) or 0) > 0:
+        reasons.append(f"it is a {family} model, conditioned on more than the text embedding (pooled text, size "
+                       f"and crop embeddings)")
+    if reasons:
+        raise UnsupportedModelError(
+            f"{what}: schedule 'reference' refuses this model ({family}): {'; '.join(reasons)}. The reference "
+            f"implementation never supported that; 'reference' supports only {REFERENCE_SUPPORTED}. Use schedule "
+            f"'exact', which works through ComfyUI's model sampling for SD1.x, SD2.x (v-prediction included) and "
+            f"SDXL.")
+
+
+def check_conditioning(model, conditioning: Any, what: str, name: str) -> None:
+    """Refuse CONDITIONING this model cannot read, before anything runs: text embeddings of another width than the
+    model's cross-attention reads (another model family's text encoder), and, for SDXL-family models, entries
+    without the ``pooled_output`` their adm embedding is built from (or of the wrong width)."""
+    if not isinstance(conditioning, (list, tuple)):
+        return
+    family = model_family(model)
+    unet_config = getattr(getattr(model.model, "model_config", None), "unet_config", {}) or {}
+    context_dim = unet_config.get("context_dim")
+    pooled_needed = isinstance(model.model, _pooled_families())
+    import comfy.model_base
+
+    pooled_width = None
+    if isinstance(model.model, comfy.model_base.SDXL) and getattr(model.model, "adm_channels", 0):
+        pooled_width = int(model.model.adm_channels) - 6 * 256  # model_base.SDXL: pooled + six 256-wide embeddings
+    for i, entry in enumerate(conditioning):
+        if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[1], dict):
+            continue
+        cond, extras = entry[0], entry[1]
+        where = f"{what}: {name} (entry {i})"
+        if isinstance(cond, torch.Tensor) and context_dim and cond.shape[-1] != int(context_dim):
+            raise ValueError(
+                f"{where} has {cond.shape[-1]}-wide text embeddings but this {family} model reads "
+                f"{int(context_dim)}-wide ones: it was encoded with another model family's text encoder. Encode the "
+                f"prompt with the CLIP loaded from this model's checkpoint.")
+        if not pooled_needed or "unclip_conditioning" in extras:
+            continue
+        pooled = extras.get("pooled_output")
+        if not isinstance(pooled, torch.Tensor):
+            raise ValueError(
+                f"{where} has no pooled_output: this {family} model builds its size/crop (adm) conditioning from "
+                f"the pooled text embedding, which ComfyUI's CLIPTextEncode / CLIPTextEncodeSDXL put in the "
+                f"conditioning. Encode the prompt with those nodes and this model's CLIP (conditioning built or "
+                f"edited without it cannot be used).")
+        if pooled_width is not None and pooled.shape[-1] != pooled_width:
+            raise ValueError(
+                f"{where} has a {pooled.shape[-1]}-wide pooled_output but this {family} model needs a "
+                f"{pooled_width}-wide one (its adm input is {int(model.model.adm_channels)} = pooled + 6 x 256): it "
+                f"was encoded with another model family's text encoder.")
+
+
 # -- validation --------------------------------------------------------------------------------------------------
 def latent_channels(model) -> Optional[int]:
     fmt = getattr(model.model, "latent_format", None)

@@ -17,13 +17,19 @@ _SCHEDULE_TOOLTIP = (
     "starts; last step leaves sqrt(1 - alpha_bar_1) of noise), for parity studies.")
 
 
-def _plan(model, steps: int, start_at_step: int, schedule_name: str, what: str):
+def _plan(model, positive, negative, steps: int, start_at_step: int, schedule_name: str, what: str):
     # Both schedules are DDIM on a discrete epsilon/v-prediction model (x = x0 + sigma * eps, alpha_bar from the
     # model's own sigma table): refuse flow-matching, EDM, x0 ... models instead of returning wrong latents.
+    # v-prediction, zero-terminal SNR and SDXL's pooled/size/crop conditioning need nothing of their own: the
+    # guider's denoised output comes from ComfyUI's model sampling object and conditioning pipeline.
     _host.check_model_kind(model, what)
     _host.check_steps(steps, start_at_step)
     if schedule_name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule_name!r}")
+    if schedule_name == "reference":
+        _host.check_reference_supported(model, what)
+    _host.check_conditioning(model, positive, what, "positive")
+    _host.check_conditioning(model, negative, what, "negative")
     sigmas = _host.sampling_sigmas(model, steps)[start_at_step:]
     plan = None
     if schedule_name == "reference":
@@ -72,7 +78,7 @@ class MemoRaDDIMInversion(_schema.MemoRaNode):
     @classmethod
     def execute(cls, model, positive, negative, latent, steps, start_at_step, cfg, refine_iterations,
                 schedule) -> io.NodeOutput:
-        sigmas, plan = _plan(model, steps, start_at_step, schedule, "MemoRa DDIM Inversion")
+        sigmas, plan = _plan(model, positive, negative, steps, start_at_step, schedule, "MemoRa DDIM Inversion")
         samples = _host.check_latent(model, latent.get("samples") if isinstance(latent, dict) else None, "latent")
         if refine_iterations < 0:
             raise ValueError(f"refine_iterations must be >= 0, got {refine_iterations}")
@@ -112,7 +118,7 @@ class MemoRaRegenerate(_schema.MemoRaNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, steps, start_at_step, cfg, schedule) -> io.NodeOutput:
-        sigmas, plan = _plan(model, steps, start_at_step, schedule, "MemoRa Regenerate")
+        sigmas, plan = _plan(model, positive, negative, steps, start_at_step, schedule, "MemoRa Regenerate")
         samples = _host.check_latent(model, latent.get("samples") if isinstance(latent, dict) else None, "latent")
         if plan is None:
             progress = _host.StageProgress("regeneration", len(sigmas) - 1)

@@ -4,7 +4,12 @@ The UNet is built with diffusers (same architecture family as SD1.x: two levels,
 per level, context 64) and written in the ldm key layout a checkpoint uses, so the same weights exist both as a
 ComfyUI checkpoint (through ``memora_testkit``'s registration) and as a diffusers ``UNet2DConditionModel``; the CLIP
 text model is a 2-layer, 64-wide CLIPTextModel; the VAE has TAESD's structure, which ComfyUI's checkpoint loader
-recognises at its natural small size. Import this module only once ComfyUI is importable."""
+recognises at its natural small size. Import this module only once ComfyUI is importable.
+
+SD2.x-v and SDXL-base stand-ins (``build_tiny_sd2_checkpoint``, ``build_tiny_sdxl_checkpoint``, registered in
+``memora_testkit`` as TinySD20 / TinySDXL, subclasses of ComfyUI's SD20 / SDXL): see the section further down. Their
+diffusers twins (``arch_diffusers_unet_from_checkpoint('sd2' | 'sdxl', path)``) give ComfyUI's UNet output to 1e-5
+(SDXL: ``added_cond_kwargs`` text_embeds / time_ids against ComfyUI's encode_adm)."""
 
 from __future__ import annotations
 
