@@ -114,15 +114,13 @@ _ARCHITECTURE_NAMES = {"SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": "SD2.x u
 
 def base_architecture(model) -> str:
     """The base MODEL's architecture as ComfyUI's model detection found it, e.g. 'SDXL (cross-attention width 2048)':
-    the first ComfyUI model class in its config's ancestry (a test kit's subclass of SDXL is SDXL), and its
-    cross-attention width."""
-    import comfy.supported_models
-
+    the ComfyUI model class of its config (``_host.model_family``: a test kit's subclass of SDXL is SDXL), in words,
+    and its cross-attention width."""
     cfg = getattr(getattr(model, "model", None), "model_config", None)
     if cfg is None:
         return ""
-    cls = next((c for c in type(cfg).__mro__ if c.__module__ == comfy.supported_models.__name__), type(cfg))
-    name = _ARCHITECTURE_NAMES.get(cls.__name__, cls.__name__)
+    family = _host.model_family(model)
+    name = _ARCHITECTURE_NAMES.get(family, family)
     width = dict(getattr(cfg, "unet_config", {}) or {}).get("context_dim")
     return f"{name} (cross-attention width {width})" if width else name
 

@@ -68,31 +68,8 @@ def base_model_hash(model) -> str:
     return _fingerprint.weights_hash(tensors, getattr(model, "patches", {}) or {})
 
 
-# SDXL's adm vector: the pooled text embedding, then six 256-wide size/crop embeddings (ComfyUI's SDXL.encode_adm)
-_SDXL_SIZE_EMBEDDING = 6 * 256
-
-
 def check_model_conditioning(model, positive) -> None:
     """ValueError, before any work, when the CONDITIONING cannot condition this model the way ComfyUI's sampler
-    does: text embeddings of another width than the model's cross-attention (a prompt encoded with another
-    architecture's CLIP), or, for SDXL-family models, no ``pooled_output`` (or one of the wrong width) for the
-    size/crop conditioning vector (ComfyUI itself would stop with a bare KeyError mid-graph)."""
-    arch = _lora_host.base_architecture(model)
-    width = dict(model.model.model_config.unet_config).get("context_dim")
-    for i, c in enumerate(positive):
-        got = int(c[0].shape[-1]) if isinstance(c[0], torch.Tensor) and c[0].dim() >= 1 else None
-        if width is not None and got is not None and got != int(width):
-            raise ValueError(f"positive: entry {i} holds text embeddings {got} wide, but this model ({arch}) takes "
-                             f"{width}-wide ones: encode the prompt with the CLIP of the same checkpoint")
-    if not _lora_host.is_sdxl(model):
-        return
-    pooled_width = int(getattr(model.model, "adm_channels", 0) or 0) - _SDXL_SIZE_EMBEDDING
-    for i, c in enumerate(positive):
-        pooled = c[1].get("pooled_output")
-        if not isinstance(pooled, torch.Tensor):
-            raise ValueError(f"positive: entry {i} has no pooled_output, which an {arch} model needs (with the "
-                             f"image size and crop, it makes the model's conditioning vector): encode the prompt "
-                             f"with CLIPTextEncode (or CLIPTextEncodeSDXL) and the SDXL checkpoint's CLIP")
-        if pooled_width > 0 and int(pooled.shape[-1]) != pooled_width:
-            raise ValueError(f"positive: entry {i} has a pooled_output {int(pooled.shape[-1])} wide; this {arch} "
-                             f"model takes {pooled_width}-wide pooled text embeddings")
+    does (``_host.check_conditioning``: another architecture's text embeddings, an SDXL prompt without
+    ``pooled_output``, on which ComfyUI itself would stop with a bare KeyError mid-graph)."""
+    _host.check_conditioning(model, positive, "MemoRa LoRA Train", "positive")
