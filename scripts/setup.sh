@@ -42,7 +42,7 @@ else
   CHECKOUTS=("${COMFYUI_PATH:-$HOME/comfy/ComfyUI}")
   [ -f "$HOME/comfy/ComfyUI-0.33/main.py" ] && CHECKOUTS+=("$HOME/comfy/ComfyUI-0.33")
 fi
-quiet_pip install -q comfy-cli
+[ -x "$VENV/bin/comfy" ] || quiet_pip install -q comfy-cli
 for c in "${CHECKOUTS[@]}"; do
   if [ ! -f "$c/main.py" ]; then
     log "no ComfyUI at $c: installing it with comfy-cli (git clone)"

@@ -6,7 +6,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MEMORA_VENV:-$HOME/.cache/comfyui-memora/venv}"
-[ -x "$VENV/bin/python" ] || bash "$ROOT/scripts/setup.sh"
+# setup.sh is idempotent and quick when nothing changed; it also brings a venv made before pyproject.toml changed
+# up to date (the test extra: ruff, hypothesis, ...)
+bash "$ROOT/scripts/setup.sh" >/dev/null
 export PATH="$VENV/bin:$PATH"   # ComfyUI's own tests start `python main.py`
 cd "$ROOT"
 status=0
