@@ -183,16 +183,16 @@ def is_sdxl(model) -> bool:
 
 
 def architecture_note(owner, lora_sd) -> Optional[str]:
-    """"This LoRA was made for <architecture>; the model is <architecture>." for a refusal message (None when the
-    LoRA's architecture cannot be told from its layers and names)."""
+    """"It was made for <architecture>; the base checkpoint is <architecture>." for a refusal message
+    (``memora.architecture.made_for_text``; None when the LoRA's architecture cannot be told from its layers)."""
     try:
         kohya = formats.to_kohya(lora_sd)
-        lora_arch = architecture.guess_architecture({k: tuple(v.shape) for k, v in kohya.items()})
+        shapes = {k: tuple(v.shape) for k, v in kohya.items()}
     except (ValueError, TypeError, AttributeError, IndexError):
-        lora_arch = None
-    if lora_arch is None:
         return None
-    return f"This LoRA was made for {lora_arch}; the model is {base_architecture(owner)}."
+    if architecture.guess_architecture(shapes) is None:
+        return None
+    return architecture.made_for_text(shapes, base_architecture(owner)).strip()
 
 
 def _plan_layers(owner, lora_sd, text_encoder: bool, min_share: float):
@@ -213,8 +213,8 @@ def _plan_layers(owner, lora_sd, text_encoder: bool, min_share: float):
     if unmatched and (not names or (len(names) - len(unmatched)) / len(names) < min_share):
         raise LoraKeyError(
             f"{len(unmatched)} of {len(names)} LoRA layers (format {_format_or_unknown(lora_sd)}) match no weight of "
-            f"this {'text encoder' if text_encoder else 'model'}: {unmatched[:5]}{' ...' if len(unmatched) > 5 else ''}"
-            f". Is the LoRA made for another architecture?")
+            f"this {'text encoder' if text_encoder else 'model'}: {unmatched[:5]}"
+            f"{' and more' if len(unmatched) > 5 else ''}. Is the LoRA made for another architecture?")
     to_load = {n: key_map[n] for n in names if n in key_map}
     patches = comfy.lora.load_lora(lora, to_load, log_missing=False)
     missing = [n for n, w in to_load.items() if w not in patches and f"{w[:-len('.weight')]}.bias" not in patches]

@@ -107,14 +107,19 @@ def unload_patcher(patcher) -> None:
 
 
 def remove_training_wrappers(diffusion_model) -> int:
-    """Drop this module's wrappers (and only them) from every layer's weight/bias functions; returns how many."""
+    """Drop training's wrappers (and only them) from every layer's weight/bias functions; returns how many. Training's
+    LoRA wrappers are the ones without a switch: AutoMemoRa's guider, whose clone shares these modules, installs the
+    same wrapper class with its switch, and keeps them."""
     removed = 0
-    ours = (_apply.LoraWeightWrapper, FreshCopyWrapper)
+
+    def ours(f) -> bool:
+        return isinstance(f, FreshCopyWrapper) or (isinstance(f, _apply.LoraWeightWrapper) and f.switch is None)
+
     for m in diffusion_model.modules():
         for attr in ("weight_function", "bias_function"):
             fns = m.__dict__.get(attr)
-            if fns and any(isinstance(f, ours) for f in fns):
-                kept = [f for f in fns if not isinstance(f, ours)]
+            if fns and any(ours(f) for f in fns):
+                kept = [f for f in fns if not ours(f)]
                 removed += len(fns) - len(kept)
                 setattr(m, attr, kept)
     return removed

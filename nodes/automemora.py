@@ -19,17 +19,10 @@ import torch
 import comfy.samplers
 from comfy_api.latest import io
 
-from memora import architecture, guidance
+from memora import guidance
 from memora.lora import apply as lora_apply
 from memora.lora import formats
 from . import _lora_host, _schema
-
-
-def _flat_shape(shape) -> tuple[int, int]:
-    n = 1
-    for s in shape[1:]:
-        n *= int(s)
-    return int(shape[0]), n
 
 
 def build_switchable_lora(model, lora_sd: dict):
@@ -44,11 +37,10 @@ def build_switchable_lora(model, lora_sd: dict):
     bad = sorted(k for k in kohya if k.endswith((".diff", ".diff_b", ".dora_scale")))
     if bad:
         raise ValueError(f"lora: full-weight diff or DoRA keys are not supported by the AutoMemoRa guider: {bad[:5]}")
-    made_for = architecture.made_for_text({k: tuple(v.shape) for k, v in kohya.items()}, _lora_host.base_architecture(model))
     try:
         _, to_load, _, te = _lora_host.match_layers(model, kohya)
-    except _lora_host.LoraKeyError as e:  # names or shapes of another architecture: say which one, if known
-        raise type(e)(f"lora: {e}{made_for}") from e
+    except _lora_host.LoraKeyError as e:  # the message names both architectures where the shapes tell
+        raise type(e)(f"lora: {e}") from e
     layers = formats.kohya_layers(kohya)
     weights = model.model.state_dict()
     planned = {}
@@ -60,11 +52,6 @@ def build_switchable_lora(model, lora_sd: dict):
                              f"supported by the AutoMemoRa guider)")
         if not isinstance(key, str) or key not in weights:
             raise ValueError(f"lora: layer {name!r} maps to {key!r}, which is not a weight of this model")
-        wshape = tuple(weights[key].shape)
-        lshape = (int(layer.up.shape[0]), *[int(s) for s in layer.down.shape[1:]])
-        if _flat_shape(wshape) != _flat_shape(lshape):
-            raise ValueError(f"lora: layer {name!r} has delta shape {list(lshape)} but the model weight {key} is "
-                             f"{list(wshape)}: the LoRA was made for another model.{made_for}")
         planned[key] = layer
     if not planned:
         raise ValueError("lora: has no UNet layers (only text-encoder layers?); AutoMemoRa needs a UNet LoRA")

@@ -76,13 +76,13 @@ SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 def kohya_base_model_tags(model, prediction_type: str) -> dict[str, str]:
     """kohya sd-scripts' base-model keys for the MODEL's architecture (``ss_base_model_version``: ``sd_v1``,
     ``sd_v2``, ``sd_v2_768_v``, ``sdxl_base_v1-0``; ``ss_v2``), which LoRA managers read to sort LoRAs by base
-    model; none for other architectures."""
-    family = _lora_host.base_architecture(model).split(" ")[0].split("-")[0]
-    version = {"SD1.x": "sd_v1", "SDXL": "sdxl_base_v1-0",
-               "SD2.x": "sd_v2_768_v" if prediction_type == V_PREDICTION else "sd_v2"}.get(family)
+    model; none for other architectures (the SDXL refiner, SSD-1B and the like included: their own ComfyUI class)."""
+    family = _host.model_family(model)
+    version = {"SD15": "sd_v1", "SDXL": "sdxl_base_v1-0",
+               "SD20": "sd_v2_768_v" if prediction_type == V_PREDICTION else "sd_v2"}.get(family)
     if version is None:
         return {}
-    return {"ss_base_model_version": version, "ss_v2": str(family == "SD2.x")}
+    return {"ss_base_model_version": version, "ss_v2": str(family == "SD20")}
 
 
 def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str, samples, lora_sd,
@@ -142,7 +142,7 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
         # -- every check before any work --
         samples = _host.check_latent(model, latents.get("samples") if isinstance(latents, dict) else None,
                                      "latents")
-        _conditioning.check_conditioning(positive)
+        _conditioning.check_training_conditioning(positive)
         recipe = _recipe.LoRARecipe(steps=steps, rank=rank, alpha=alpha, learning_rate=learning_rate,
                                     lr_schedule=lr_schedule, batch_size=batch_size,
                                     gradient_accumulation=gradient_accumulation, targets=targets,

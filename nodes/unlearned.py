@@ -21,7 +21,7 @@ from comfy_api.latest import io
 import comfy.sd
 import folder_paths
 
-from memora import architecture, zoo
+from memora import zoo
 from memora.lora import apply as lora_apply
 from memora.lora import formats
 from . import _lora_host, _schema
@@ -162,11 +162,9 @@ def _apply_part(owner, part: dict, strength: float, source: str, text_encoder: b
     try:
         clone, rep = _lora_host.apply_lora(owner, part, strength, text_encoder=text_encoder,
                                            min_share=zoo.MIN_MATCHED_SHARE)
-    except _lora_host.LoraKeyError as e:
-        made_for = "" if text_encoder else architecture.made_for_text({k: tuple(v.shape) for k, v in part.items()},
-                                                              _lora_host.base_architecture(owner))
-        raise zoo.UnrecognisedWeightsError(f"{source}: {what} LoRA layers do not fit the base model: {e}.{made_for} "
-                                           f"Known formats:\n{zoo.known_formats_text()}") from e
+    except _lora_host.LoraKeyError as e:  # the message names both architectures where the shapes tell
+        raise zoo.UnrecognisedWeightsError(f"{source}: {what} LoRA layers do not fit the base model: "
+                                           f"{str(e).rstrip('.')}. Known formats:\n{zoo.known_formats_text()}") from e
     n = len(rep.layers) + len(rep.unmatched)
     if rep.patched:
         line = f"{what} CHANGED by LoRA: {len(rep.layers)} of {n} layers matched, {len(rep.patched)} weights patched"

@@ -23,7 +23,9 @@ def clone_tree(value: Any) -> Any:
     return value
 
 
-def check_conditioning(positive: Any) -> None:
+def check_training_conditioning(positive: Any) -> None:
+    """The structure training needs (a non-empty list of [tensor, dict], one prompt); what a model can read of it is
+    the host's check (nodes/_host.check_conditioning)."""
     if not isinstance(positive, list) or len(positive) == 0:
         raise ValueError("positive: expected a CONDITIONING (a non-empty list of [tensor, dict]), e.g. from "
                          "CLIPTextEncode with the concept prompt")

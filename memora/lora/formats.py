@@ -488,7 +488,3 @@ def check_finite(sd: Mapping[str, object], source: str) -> None:
     raise NonFiniteTensorError(
         f"{source}: tensor {key!r} holds non-finite values ({nan} NaN, {inf} inf of {n}){more}. Weights with NaN or "
         f"inf make every output NaN (e.g. a black image), so they are refused: re-export or re-train it.")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# architecture of a LoRA (for messages: which base model a LoRA was made for)

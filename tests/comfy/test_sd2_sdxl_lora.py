@@ -390,8 +390,8 @@ def test_sd1_lora_on_sdxl_and_the_reverse_are_refused_naming_both(comfy, request
         with pytest.raises(host.LoraKeyError) as e:
             host.apply_lora(model, lora, 1.0)
         msg = str(e.value)
-        assert f"This LoRA was made for an {lora_arch}-layout UNet" in msg and f"the model is {model_arch}" in msg, msg
-        with pytest.raises(host.LoraKeyError, match=f"made for an {re.escape(lora_arch)}-layout UNet.*the model is {model_arch}"):
+        assert f"It was made for an {lora_arch}-layout UNet" in msg and f"the base checkpoint is {model_arch}" in msg, msg
+        with pytest.raises(host.LoraKeyError, match=f"made for an {re.escape(lora_arch)}-layout UNet.*the base checkpoint is {model_arch}"):
             random_loras.pack_module("nodes.lora").load_lora_as_kohya(folder / files[file_key], model)
     for m in (sdxl_model, sd1_model):
         w, p = before[id(m)]
@@ -402,7 +402,7 @@ def test_sd1_lora_on_sdxl_and_the_reverse_are_refused_naming_both(comfy, request
     ld = g.node("MemoRaLoadLoRA", lora_name=f"memora_test/{files['sd1']}", model=ck[0])
     g.node("PreviewAny", source=ld[1])
     res = comfy.run(g.prompt)
-    assert not res.success and "SD1.x/SD2.x" in res.error_message and "the model is SDXL" in res.error_message
+    assert not res.success and "SD1.x/SD2.x" in res.error_message and "the base checkpoint is SDXL" in res.error_message
 
 
 def test_sd1_base_model_tag(loaded_tiny):

@@ -173,3 +173,4 @@ def test_sd1_lora_on_sdxl_base_is_refused_naming_both(comfy, env, loaded_tiny):
     assert "unet LoRA layers do not fit the base model" in msg, msg
     assert "It was made for an SD1.x/SD2.x-layout UNet (cross-attention width 64); the base checkpoint is SDXL " \
            "(cross-attention width 128)." in msg, msg
+    assert msg.count("It was made for") == 1 and ".." not in msg.replace("...", ""), msg  # said once, one stop

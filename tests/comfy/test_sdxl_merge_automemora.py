@@ -193,3 +193,4 @@ def test_automemora_refuses_an_sd1_lora_on_sdxl_naming_both_architectures(comfy,
     msg = str(err.value)
     assert "It was made for an SD1.x/SD2.x-layout UNet (cross-attention width 64); the base checkpoint is SDXL " \
            "(cross-attention width 128)." in msg, msg
+    assert msg.count("It was made for") == 1 and ".." not in msg.replace("...", ""), msg  # said once, one stop
