@@ -48,6 +48,7 @@ class FolderUnwritable(FolderError):
 
 
 def _try_lock(fd: int) -> bool:
+    """True when locked, False when another process holds the lock; any other OSError propagates."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -105,7 +106,13 @@ class ResultsFolder:
         except OSError as e:
             raise FolderUnwritable(f"results folder {self.path} is not writable ({e.strerror or e}); nothing "
                                    f"was run") from None
-        if not _try_lock(fd):
+        try:
+            locked = _try_lock(fd)
+        except OSError as e:  # e.g. ENOLCK, or a filesystem without locks
+            os.close(fd)
+            raise FolderUnwritable(f"results folder {self.path} cannot be locked ({e.strerror or e}); nothing "
+                                   f"was run") from None
+        if not locked:
             os.close(fd)
             raise FolderLocked(f"results folder {self.path} is in use by another memora-batch run: "
                                f"{_holder(lock)}. Wait for it to finish, or give this run another --out; nothing "
