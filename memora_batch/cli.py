@@ -174,8 +174,7 @@ def print_dry_run(plan, backend) -> None:
 
 def execute(args, backend, plan, results_dir: Path, after=None):
     """Run the plan into ``results_dir`` holding its lock; ``after(results_dir)`` runs under the lock too."""
-    prefix = args.output_prefix if args.output_prefix is not None else f"memora-batch/{plan.workflow.name}"
-    _runner.check_output_prefixes(plan, prefix)
+    prefix = _runner.checked_output_prefix(plan, args.output_prefix)
     if args.dry_run:
         print_dry_run(plan, backend)
         return None

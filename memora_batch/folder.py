@@ -14,7 +14,6 @@ writable before the first job.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from memora.fileio import UnwritableFolderError, make_folder
+
+from .backend import now
 
 LOCK_NAME = "memora-batch.lock"
 #: the derived files a run rewrites, and how memora-batch's own version of each begins
@@ -127,7 +128,7 @@ class ResultsFolder:
 
     def _write_info(self, fd: int) -> None:
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
+                "started": now(), "argv": sys.argv}
         data = (json.dumps(info) + "\n").encode("utf-8")
         try:
             os.ftruncate(fd, 0)
