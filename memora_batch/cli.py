@@ -174,8 +174,7 @@ def print_dry_run(plan, backend) -> None:
 
 def execute(args, backend, plan, results_dir: Path, after=None):
     """Run the plan into ``results_dir`` holding its lock; ``after(results_dir)`` runs under the lock too."""
-    prefix = args.output_prefix if args.output_prefix is not None else f"memora-batch/{plan.workflow.name}"
-    _runner.check_output_prefixes(plan, prefix)
+    prefix = _runner.checked_output_prefix(plan, args.output_prefix)
     if args.dry_run:
         print_dry_run(plan, backend)
         return None
@@ -205,7 +204,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from .curve import curve_rows, print_verdict
+    from .curve import check_metric_names, curve_rows, print_verdict
 
     try:
         steps = sorted({int(s) for s in str(args.steps).split(",") if s.strip()})
@@ -215,11 +214,14 @@ def cmd_curve(args) -> int:
         raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
     backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))
     results_dir = _results_dir(args, plan.workflow.name + "-curve")
+    check_metric_names(plan, {"--detector": args.detector, "--similarity": args.similarity})
     detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
     status = []
     summary = execute(args, backend, plan, results_dir, after=lambda d: status.append(
         print_verdict(d, args.train_node, steps, detector, args.similarity)))
-    return status[0] if summary is not None else 0
+    if summary is None:
+        return 0
+    return EXIT_JOB_FAILED if summary.failed or summary.not_run else status[0]
 
 
 def cmd_demo(args) -> int:
@@ -280,7 +282,7 @@ def cmd_convert(args) -> int:
     api = workflow.to_api(backend.object_info(sorted(t for t in types if isinstance(t, str))))
     text = json.dumps(api, indent=2)
     if args.output:
-        atomic_write(args.output, text + "\n", replace=True)
+        atomic_write(args.output, text + "\n", replace=args.force)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(text)

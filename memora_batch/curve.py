@@ -33,6 +33,22 @@ def pick_metric(columns: list[str], wanted: Optional[str], hints: tuple[str, ...
     return None
 
 
+def check_metric_names(plan, given: dict) -> None:
+    """ValueError before any job runs when a metric named on the command line (``{option: name}``) cannot be a
+    column of this workflow's results: a column is ``<node title>.<name>``, so the name must begin with one of the
+    workflow's node titles (or ids) followed by a dot and the score's name."""
+    job = plan.jobs[0] if plan.jobs else None
+    if job is None:
+        return
+    titles = sorted({str(job.titles.get(str(nid), nid)) for nid in job.api})
+    for option, name in given.items():
+        if name is None:
+            continue
+        if not any(name.startswith(t + ".") and len(name) > len(t) + 1 for t in titles):
+            raise ValueError(f"{option} {name!r}: expected '<node title>.<score>' naming a node of this workflow "
+                             f"(e.g. 'Concept score (recovered).flagged_rate'); node titles: {', '.join(titles)}")
+
+
 DETECTOR_HINTS = ("recovered+rate", "recovered+score", "recovered+detect", "rate")
 SIMILARITY_HINTS = ("recovered+ssim", "ssim", "similarity", "psnr")
 
@@ -58,6 +74,9 @@ def print_verdict(results_dir: "str | Path", train_node: str, steps: list[int], 
                   similarity: Optional[str]) -> int:
     """Aggregate the curve from the results, print it with the verdict, write curve.json. Returns the exit status."""
     records = [r for r in ResultsStore(results_dir).latest() if r.get("status") == "ok"]
+    if not records:
+        print("\nrecovery curve: no finished jobs to judge (every job failed or none ran); see results.csv")
+        return 0
     columns = list(dict.fromkeys(k for r in records for k in r.get("metrics", {})))
     det = pick_metric(columns, detector, DETECTOR_HINTS, avoid=("original", "unlearned"))
     sim = pick_metric(columns, similarity, SIMILARITY_HINTS, avoid=("unlearned",))

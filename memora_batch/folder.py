@@ -14,7 +14,6 @@ writable before the first job.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from memora.fileio import UnwritableFolderError, make_folder
+
+from .backend import now
 
 LOCK_NAME = "memora-batch.lock"
 #: the derived files a run rewrites, and how memora-batch's own version of each begins
@@ -48,6 +49,7 @@ class FolderUnwritable(FolderError):
 
 
 def _try_lock(fd: int) -> bool:
+    """True when locked, False when another process holds the lock; any other OSError propagates."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -105,7 +107,13 @@ class ResultsFolder:
         except OSError as e:
             raise FolderUnwritable(f"results folder {self.path} is not writable ({e.strerror or e}); nothing "
                                    f"was run") from None
-        if not _try_lock(fd):
+        try:
+            locked = _try_lock(fd)
+        except OSError as e:  # e.g. ENOLCK, or a filesystem without locks
+            os.close(fd)
+            raise FolderUnwritable(f"results folder {self.path} cannot be locked ({e.strerror or e}); nothing "
+                                   f"was run") from None
+        if not locked:
             os.close(fd)
             raise FolderLocked(f"results folder {self.path} is in use by another memora-batch run: "
                                f"{_holder(lock)}. Wait for it to finish, or give this run another --out; nothing "
@@ -120,7 +128,7 @@ class ResultsFolder:
 
     def _write_info(self, fd: int) -> None:
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv}
+                "started": now(), "argv": sys.argv}
         data = (json.dumps(info) + "\n").encode("utf-8")
         try:
             os.ftruncate(fd, 0)

@@ -54,14 +54,14 @@ class ModelProfile:
     source: str = "--models"
 
 
-def model_profile(models: Optional[str], original: Optional[str] = None, unlearned: Optional[str] = None,
-                  never_learned: Optional[str] = None) -> ModelProfile:
+def model_profile(models: Optional[str], original: Optional[str] = None,
+                  unlearned: Optional[str] = None) -> ModelProfile:
     prof = ModelProfile()
     if models == "micro":
         prof = micro_world_profile()
     elif models not in (None, "", "checkpoints"):
         raise ValueError(f"--models {models!r}: expected 'micro' (the built-in micro world) or 'checkpoints'")
-    given = (("original", original), ("unlearned", unlearned), ("never_learned", never_learned))
+    given = (("original", original), ("unlearned", unlearned))
     for variant, ckpt in given:
         if ckpt:
             prof.swaps[MODEL_TITLES[variant]] = ("CheckpointLoaderSimple", {"ckpt_name": ckpt})

@@ -225,8 +225,7 @@ def run_plan(plan: Plan, backend: Backend, results_dir: "str | Path", retry_fail
     Before the first job: every job's saved files must stay inside the output folder (PlanError), and the results
     folder is locked and checked (:mod:`memora_batch.folder`; ``folder``: a lock the caller already holds, else one
     is taken for the run)."""
-    prefix = output_prefix if output_prefix is not None else f"memora-batch/{plan.workflow.name}"
-    check_output_prefixes(plan, prefix)
+    prefix = checked_output_prefix(plan, output_prefix)
     if folder is None:
         with ResultsFolder(results_dir):
             return _run_locked(plan, backend, results_dir, retry_failed, progress, prefix, job_timeout, on_record)
@@ -306,6 +305,23 @@ def prefix_outputs(api: dict, prefix: str) -> dict:
         if isinstance(v, str):
             node["inputs"]["filename_prefix"] = f"{prefix}/{v}"
     return out
+
+
+class OutputPrefix(str):
+    """An output prefix :func:`checked_output_prefix` has checked against ``plan``."""
+
+    plan: Optional[Plan] = None
+
+
+def checked_output_prefix(plan: Plan, given: Optional[str]) -> OutputPrefix:
+    """``given`` (``--output-prefix``; None: ``memora-batch/<workflow name>``) checked once for ``plan`` by
+    :func:`check_output_prefixes`; a prefix this returned for the same plan is not checked again."""
+    if isinstance(given, OutputPrefix) and given.plan is plan:
+        return given
+    prefix = OutputPrefix(given if given is not None else f"memora-batch/{plan.workflow.name}")
+    check_output_prefixes(plan, prefix)
+    prefix.plan = plan
+    return prefix
 
 
 def check_output_prefixes(plan: Plan, prefix: str) -> None:

@@ -193,7 +193,7 @@ def run_jobs(servers: list[ComfyServer], jobs: list[Any], prompt_of: Callable[[A
     lock = threading.Lock()
     alive = {s.url: True for s in servers}
     in_flight = [0]
-    leftover: list[Any] = []
+    errors: list[BaseException] = []
     stop = stop or threading.Event()
 
     def worker(server: ComfyServer):
@@ -222,11 +222,23 @@ def run_jobs(servers: list[ComfyServer], jobs: list[Any], prompt_of: Callable[[A
                 return
             with lock:
                 try:
-                    on_done(job, result, time.monotonic() - t0)
+                    if stop.is_set():  # interrupted or another worker failed: the caller may have let go of the
+                        pending.put(job)  # results folder, so this job is left unrun, not recorded
+                    else:
+                        on_done(job, result, time.monotonic() - t0)
                 finally:
                     in_flight[0] -= 1
 
-    threads = [threading.Thread(target=worker, args=(s,), daemon=True, name=f"memora-batch {s.url}") for s in servers]
+    def guarded(server: ComfyServer):
+        try:
+            worker(server)
+        except BaseException as e:  # e.g. OSError from on_done on a full disk: stop all, re-raised after joining
+            with lock:
+                errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=guarded, args=(s,), daemon=True, name=f"memora-batch {s.url}")
+               for s in servers]
     for t in threads:
         t.start()
     try:
@@ -235,17 +247,28 @@ def run_jobs(servers: list[ComfyServer], jobs: list[Any], prompt_of: Callable[[A
                 t.join(0.2)
     except KeyboardInterrupt:
         stop.set()
-        for s in servers:
-            if alive[s.url] and s.current_prompt_id:
-                s.interrupt(s.current_prompt_id)  # only our own prompt, never others' on a shared server
+        _interrupt_own(servers, alive)
         with lock:  # let a result being written finish
             pass
         raise
-    while True:
-        try:
-            leftover.append(pending.get_nowait())
-        except queue.Empty:
-            break
+    if errors:
+        raise errors[0]
+    leftover = _drain(pending)
     if leftover and not any(alive.values()) and not stop.is_set():
         raise AllServersFailed(f"every server failed; {len(leftover)} job(s) not run (rerun to resume)")
     return leftover
+
+
+def _interrupt_own(servers: list[ComfyServer], alive: dict) -> None:
+    for s in servers:
+        if alive[s.url] and s.current_prompt_id:
+            s.interrupt(s.current_prompt_id)  # only our own prompt, never others' on a shared server
+
+
+def _drain(pending: "queue.Queue[Any]") -> list[Any]:
+    out = []
+    while True:
+        try:
+            out.append(pending.get_nowait())
+        except queue.Empty:
+            return out

@@ -213,18 +213,3 @@ def parse_set_texts(items: list[str]) -> dict[str, str]:
         key, value = item.split("=", 1)
         out[key.strip()] = value
     return out
-
-
-def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """``--set`` items -> {address: value} with values parsed as YAML scalars (100, 0.5, true): for programmatic use;
-    the command line uses :func:`parse_set_texts`, which keeps the text for the input's type to decide."""
-    import yaml
-
-    out = {}
-    for key, value in parse_set_texts(items).items():
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else value
-        except yaml.YAMLError:
-            parsed = value
-        out[key] = parsed if isinstance(parsed, (int, float, bool, str)) else value
-    return out

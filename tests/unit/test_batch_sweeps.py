@@ -69,8 +69,8 @@ def test_columns_that_address_nothing_are_all_named(api):
     assert "'Train LoRA.stepz'" in text and "Candidates: Train LoRA.steps" in text and "'Nowhere.seed'" in text
 
 
-def test_set_assignments_parse_yaml_scalars():
-    assert sw.parse_assignments(["Train LoRA.steps=100", "A.lr=1e-3", "B.flag=true", "C.text=a: b", "D.e="]) == {
-        "Train LoRA.steps": 100, "A.lr": "1e-3", "B.flag": True, "C.text": "a: b", "D.e": ""}
+def test_set_items_keep_their_text_and_need_an_equals_sign():
+    assert sw.parse_set_texts(["Train LoRA.steps=100", "P.value=a=b", "D.e="]) == {
+        "Train LoRA.steps": "100", "P.value": "a=b", "D.e": ""}
     with pytest.raises(sw.SweepError, match="expected '<node title or id>.<input>=<value>'"):
-        sw.parse_assignments(["no equals sign"])
+        sw.parse_set_texts(["no equals sign"])

@@ -175,5 +175,3 @@ def test_sweep_files_grid_and_errors(tmp_path):
     with pytest.raises(sw.SweepError, match="unknown sweep file type"):
         (tmp_path / "s.txt").write_text("x")
         sw.load_rows(tmp_path / "s.txt")
-    assert sw.parse_assignments(["Train LoRA.steps=100", "P.value=a=b", "C.cfg=7.5"]) == \
-        {"Train LoRA.steps": 100, "P.value": "a=b", "C.cfg": 7.5}
