@@ -5,11 +5,10 @@ Naming scheme: ``<root>/<save_name>_<counter:05d>_.safetensors`` (ComfyUI's own 
 counter is one more than the largest counter already used by a file of that name in that folder (gaps are not
 refilled, so a deleted file's name is not handed out again while later ones exist).
 
-Guarantees of :func:`save_safetensors_atomic`: the file appears complete or not at all (written to a temporary file
-in the same folder, flushed and fsync'ed, then hard-linked to its final name, which fails instead of replacing an
-existing file); an existing file is never overwritten, even by a concurrent writer (the counter moves on); on any
-failure, including KeyboardInterrupt or an interrupt that is a BaseException, the temporary file and any folder
-created for it are removed. Torch + safetensors only: no ComfyUI import."""
+Guarantees of :func:`save_safetensors_atomic` are those of the pack's one writer, ``memora.fileio`` (see its
+docstring): the file appears complete or not at all; an existing file is never overwritten, even by a concurrent
+writer (the counter moves on); on any failure, KeyboardInterrupt included, the temporary file and any folder created
+for it are removed. Torch + safetensors only: no ComfyUI import."""
 
 from __future__ import annotations
 
