@@ -1,0 +1,220 @@
+"""CLIP scores: image-text alignment (CLIP score) and a zero-shot style rate, from a local transformers CLIP folder.
+
+**CLIP score** (Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image Captioning"): the cosine
+similarity of CLIP's image and text embeddings. Unlearning papers report it as ``100 * max(cos, 0)`` averaged over
+images (torchmetrics' ``CLIPScore``, ViT-L/14 by default); Hessel et al.'s own CLIP-S is ``2.5 * max(cos, 0)``.
+The pack reports the former (convention ``clip-score-100``) and stores every raw cosine, so either can be
+recomputed.
+
+**Zero-shot style rate** (convention ``clip-zeroshot-style``): each image is compared with one prompt per artist,
+``template.format(artist)`` for the target and every other artist of a list; an image counts when its most similar
+prompt is the target's. The rate is the share of images that count; every image's cosines are stored.
+
+The model: a transformers ``CLIPModel`` folder (``config.json`` with ``model_type`` ``clip``, ``model.safetensors``
+or ``pytorch_model.bin``, the tokenizer files ``vocab.json`` + ``merges.txt`` or ``tokenizer.json``, and
+``preprocessor_config.json``; e.g. ``openai/clip-vit-large-patch14``). Both towers are needed: ComfyUI's CLIP Vision
+files hold only the image tower and cannot score text. Nothing is downloaded.
+
+Images reach CLIP as 8-bit RGB (as SaveImage writes them) through the folder's ``CLIPImageProcessor`` (CLIP's
+resize of the shorter side to 224 bicubic, center crop 224, CLIP mean / std for ViT-L/14)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import stats
+from . import objects
+from .objects import ClassifierFileError, read_hf_config, to_uint8
+
+CLIP_SCORE = "clip-score-100"
+ZERO_SHOT = "clip-zeroshot-style"
+DEFAULT_TARGET = "Van Gogh"
+DEFAULT_TEMPLATE = "a painting in the style of {}"
+# The other artists a style prompt competes with: ESD's (Gandikota et al. 2023) artist set (famous and modern
+# artists) without the target, plus Claude Monet and Salvador Dali.
+DEFAULT_OTHERS = ("Pablo Picasso", "Rembrandt", "Andy Warhol", "Caravaggio", "Claude Monet", "Salvador Dali",
+                  "Kelly McKernan", "Thomas Kinkade", "Tyler Edlin", "Kilian Eng")
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+
+
+@dataclass
+class Clip:
+    model: torch.nn.Module
+    tokenizer: object
+    processor: object
+    name: str
+
+    def describe(self) -> dict:
+        v = self.model.config.vision_config
+        return {"source": "transformers CLIPModel", "weights": self.name,
+                "vision": f"ViT patch {v.patch_size}, {v.image_size} px, width {v.hidden_size}, {v.num_hidden_layers} "
+                          f"layers", "projection_dim": int(self.model.config.projection_dim)}
+
+
+def load_clip(folder) -> Clip:
+    """A transformers CLIPModel folder (both towers, tokenizer, image processor), from local files only."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    if folder.is_file():
+        raise ClassifierFileError(f"{folder.name} is a single file: the CLIP score needs a transformers CLIPModel "
+                                  f"folder (config.json, model.safetensors, tokenizer, preprocessor_config.json); "
+                                  f"ComfyUI's CLIP Vision files hold only the image tower")
+    cfg = read_hf_config(folder)
+    kind = cfg.get("model_type")
+    if kind == "clip_vision_model":
+        raise ClassifierFileError(f"{folder.name}/ holds only CLIP's vision tower: the score needs the text tower "
+                                  f"too (a full CLIPModel folder such as openai/clip-vit-large-patch14)")
+    if kind != "clip":
+        raise ClassifierFileError(f"{folder.name}/ is a {kind!r} model, not a CLIP model (config.json model_type "
+                                  f"'clip')")
+    if not any(all((folder / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        raise ClassifierFileError(f"{folder.name}/ has no tokenizer: expected vocab.json + merges.txt or "
+                                  f"tokenizer.json (as in openai/clip-vit-large-patch14)")
+    try:
+        model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval()
+        tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise ClassifierFileError(f"{folder.name}/ could not be loaded as a CLIPModel: {type(e).__name__}: {e}") from e
+    if (folder / "preprocessor_config.json").is_file():
+        proc = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    else:
+        size = int(model.config.vision_config.image_size)
+        proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return Clip(model, tok, proc, folder.name + "/")
+
+
+@torch.inference_mode()
+def image_embeddings(clip: Clip, images: torch.Tensor, device=None, batch_size: int = 8) -> torch.Tensor:
+    """Unit-length image embeddings [B, D] (float32, CPU) of a ComfyUI IMAGE batch."""
+    arr = to_uint8(images)
+    device = torch.device(device or "cpu")
+    model = clip.model.to(device)
+    out = []
+    for i in range(0, arr.shape[0], batch_size):
+        px = clip.processor(images=list(arr[i:i + batch_size]), return_tensors="pt")["pixel_values"]
+        out.append(_features(model.get_image_features(pixel_values=px.to(device, torch.float32))).float().cpu())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
+@torch.inference_mode()
+def text_embeddings(clip: Clip, texts: Sequence[str], device=None) -> torch.Tensor:
+    """Unit-length text embeddings [T, D] (CLIP's 77-token context; longer prompts are truncated)."""
+    texts = [str(t) for t in texts]
+    if not texts:
+        raise ValueError("no prompts to embed")
+    device = torch.device(device or "cpu")
+    max_len = int(clip.model.config.text_config.max_position_embeddings)
+    enc = clip.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    emb = _features(clip.model.to(device).get_text_features(**{k: v.to(device) for k, v in enc.items()}))
+    return torch.nn.functional.normalize(emb.float().cpu(), dim=-1)
+
+
+def _features(x) -> torch.Tensor:
+    """The projected embedding: a tensor (transformers 4) or the output's pooler_output (transformers 5)."""
+    return x if isinstance(x, torch.Tensor) else x.pooler_output
+
+
+def parse_prompts(text: str, batch: int) -> list[str]:
+    """One prompt per image: one line for every image, or exactly one line per image (blank lines ignored)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError("prompt is empty: give the text the images should show (one line for all images, or one "
+                         "line per image)")
+    if len(lines) == 1:
+        return lines * batch
+    if len(lines) != batch:
+        raise ValueError(f"{len(lines)} prompt lines for {batch} images: give one line for all images or exactly one "
+                         f"line per image")
+    return lines
+
+
+def clip_scores(cosines: Sequence[float]) -> list[float]:
+    """100 * max(cos, 0) per image (the field's CLIP score)."""
+    return [100.0 * max(float(c), 0.0) for c in cosines]
+
+
+def score_record(cosines: Sequence[float], prompts: Sequence[str]) -> dict:
+    """Per-image cosines and CLIP scores, and their mean with a bootstrap 95 % interval (stats.mean_record)."""
+    if not len(cosines):
+        raise ValueError("no images: a CLIP score needs at least one image")
+    s = clip_scores(cosines)
+    mean = stats.mean_record(s)
+    mean["convention"] = CLIP_SCORE
+    return {"images": [{"index": i, "prompt": p, "cosine": float(c), "clip_score": v}
+                       for i, (p, c, v) in enumerate(zip(prompts, cosines, s))],
+            "mean": mean, "rule": "CLIP score = 100 * max(cosine(image embedding, text embedding), 0)"}
+
+
+def clip_score(clip: Clip, images: torch.Tensor, prompt_text: str, device=None) -> dict:
+    """The record of a CLIP score: per image its prompt, cosine and score; the mean with its interval."""
+    prompts = parse_prompts(prompt_text, to_uint8(images).shape[0])
+    img = image_embeddings(clip, images, device)
+    uniq = list(dict.fromkeys(prompts))
+    txt = text_embeddings(clip, uniq, device)
+    cos = [float(img[i] @ txt[uniq.index(p)]) for i, p in enumerate(prompts)]
+    # no score-record "schema": a mean has no counting convention to rescore; the raw cosines are kept all the same
+    return {"kind": "clip-score", "detector": clip.describe(), "convention": CLIP_SCORE, **score_record(cos, prompts)}
+
+
+def parse_artists(text: str) -> list[str]:
+    names = [t.strip() for t in str(text).replace("\n", ",").replace(";", ",").split(",")]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def style_prompts(target: str, others: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """[template(target), template(other) ...]; ValueError for an empty target, no others, or a template without
+    one '{}'."""
+    target = str(target).strip()
+    if not target:
+        raise ValueError("target artist is empty (e.g. 'Van Gogh')")
+    if str(template).count("{}") != 1:
+        raise ValueError(f"style template must contain exactly one '{{}}' where the artist's name goes, got "
+                         f"{template!r}")
+    rest = [o for o in others if o.lower() != target.lower()]
+    if not rest:
+        raise ValueError("no other artists to compare the target with: give at least one (comma-separated)")
+    return [template.format(a) for a in [target, *rest]]
+
+
+def zero_shot_images(cosines: Sequence[Sequence[float]]) -> list[dict]:
+    """Per image: the cosine with every prompt (prompt order) and the prompts ranked by it (``topk``, best first;
+    ``topk_scores``: their cosines), the score-record layout of a classifier."""
+    c = np.asarray(cosines, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] < 2:
+        raise ValueError(f"cosines must be [images, prompts] with at least one image and two prompts, got {c.shape}")
+    order = np.argsort(-c, axis=1, kind="stable")
+    return [{"index": i, "cosines": [float(v) for v in c[i]], "topk": [int(j) for j in order[i]],
+             "topk_scores": [float(c[i, j]) for j in order[i]]} for i in range(c.shape[0])]
+
+
+def zero_shot_rate(cosines: Sequence[Sequence[float]], target: int = 0) -> dict:
+    """Rate record (convention clip-zeroshot-style) of images whose most similar prompt is prompt ``target``."""
+    return objects.top_rate(zero_shot_images(cosines), [target], 1, ZERO_SHOT)
+
+
+def style_score(clip: Clip, images: torch.Tensor, target: str, others: Sequence[str],
+                template: str = DEFAULT_TEMPLATE, device=None) -> dict:
+    """The score record of the zero-shot style rate (kind clip-zeroshot; the prompts are its classes, the target's
+    is class 0)."""
+    prompts = style_prompts(target, others, template)
+    cos = (image_embeddings(clip, images, device) @ text_embeddings(clip, prompts, device).T).tolist()
+    per = zero_shot_images(cos)
+    for im in per:
+        im["best_prompt"] = prompts[im["topk"][0]]
+    rates = {ZERO_SHOT: objects.top_rate(per, [0], 1, ZERO_SHOT)}
+    rules = {ZERO_SHOT: "CLIP zero-shot: the image's most similar prompt (cosine of CLIP embeddings) is the "
+                        "target artist's"}
+    rec = objects.classifier_record("clip-zeroshot", clip.describe(), per, [0], [prompts[0]], rates, ZERO_SHOT, rules)
+    rec.update({"target_artist": str(target).strip(), "template": template, "prompts": prompts})
+    return rec
+
+
+def to_json(rec: dict) -> str:
+    return json.dumps(rec, indent=2)
