@@ -178,10 +178,10 @@ _LOCK = threading.Lock()
 def _cached(kind: str, path: Path, load):
     """The model loaded from ``path``, kept (one per kind) until the file changes."""
     try:
-        st = (path / "config.json" if path.is_dir() else path).stat()
-        key = (str(path), st.st_mtime_ns, st.st_size)
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        key = (str(path), tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
     except OSError:
-        key = (str(path), None, None)
+        key = (str(path), None)
     with _LOCK:
         hit = _CACHE.get(kind)
         if hit and hit[0] == key:

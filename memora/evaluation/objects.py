@@ -130,7 +130,8 @@ def read_state_dict(path: Path) -> dict:
 
 def _check_keys(name: str, sd: dict, model: torch.nn.Module, what: str) -> None:
     want = model.state_dict()
-    missing = [k for k in want if k not in sd]
+    # BatchNorm's num_batches_tracked is absent from older torchvision files; torch fills it in on loading
+    missing = [k for k in want if k not in sd and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in sd if k not in want]
     shapes = [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k].shape)]
     if missing or unexpected or shapes:

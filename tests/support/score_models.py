@@ -31,17 +31,23 @@ def torchvision_resnet50(path: Path, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def hf_resnet(folder: Path, num_labels: int = 1000, seed: int = 0):
-    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+def hf_resnet(folder: Path, num_labels: int = 1000, seed: int = 0, bin_weights: bool = False):
+    """A small random ResNetForImageClassification in microsoft/resnet-50's layout: config.json, the weights as
+    model.safetensors (or pytorch_model.bin) and microsoft's preprocessor_config.json (its legacy
+    ConvNextFeatureExtractor form)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(seed)
     cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], layer_type="bottleneck",
                        num_labels=num_labels)
     model = ResNetForImageClassification(cfg).eval()
     model.save_pretrained(str(folder))
-    ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875, resample=3,
-                           image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(
-        str(folder))
+    if bin_weights:
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_pct": 0.875, "do_normalize": True, "do_resize": True, "feature_extractor_type": "ConvNextFeatureExtractor",
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3, "size": 224}))
     return model
 
 

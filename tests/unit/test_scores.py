@@ -141,11 +141,13 @@ def test_object_score_record(resnet_file):
     assert "resnet50-top1: " in objects.report(rec)
 
 
-def test_transformers_resnet_folder(tmp_path):
+@pytest.mark.parametrize("bin_weights", [False, True])
+def test_transformers_resnet_folder(tmp_path, bin_weights):
     from transformers import AutoImageProcessor
 
     folder = tmp_path / "resnet-50"
-    model = score_models.hf_resnet(folder, seed=1)
+    model = score_models.hf_resnet(folder, seed=1, bin_weights=bin_weights)
+    assert (folder / "pytorch_model.bin").is_file() == bin_weights
     clf = objects.load_classifier(folder)
     assert clf.source == "transformers" and clf.num_classes == 1000 and "crop_pct" in clf.preprocessing
     images = torch.rand(2, 48, 40, 3, generator=torch.Generator().manual_seed(5))
@@ -154,6 +156,17 @@ def test_transformers_resnet_folder(tmp_path):
         want = model(**proc(images=list(objects.to_uint8(images)), return_tensors="pt")).logits
     assert torch.allclose(objects.logits(clf, images), want, atol=1e-5)
     assert proc(images=list(objects.to_uint8(images)), return_tensors="pt")["pixel_values"].shape[-1] == 224
+
+
+def test_files_without_num_batches_tracked_load(tmp_path):
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    model = resnet50().eval()
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp_path / "old.pth")
+    clf = objects.load_classifier(tmp_path / "old.pth")
+    assert all(torch.equal(v, clf.model.state_dict()[k]) for k, v in sd.items())
 
 
 def test_wrong_classifier_files_are_named(tmp_path):
