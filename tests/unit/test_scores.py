@@ -4,6 +4,8 @@ every wrong file or input is refused with a specific error."""
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -119,8 +121,10 @@ def test_torchvision_file_loads_with_its_weight_sets_preprocessing(resnet_file, 
         want = model(ResNet50_Weights.IMAGENET1K_V1.transforms()(u8))
     assert got.shape == (2, 1000) and torch.allclose(got, want, atol=1e-4)
     # the V2 file name selects V2's 232 px resize
-    v2 = tmp_path / "resnet50-11ad3fa6.safetensors"
-    score_models.torchvision_resnet50(v2, seed=0)
+    from safetensors.torch import save_file
+
+    v2 = tmp_path / "resnet50-11ad3fa6.safetensors"     # the same tensors, converted and named as V2
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(v2))
     clf2 = objects.load_classifier(v2)
     assert "IMAGENET1K_V2" in clf2.preprocessing and "resize shorter side to 232" in clf2.preprocessing
     assert torch.allclose(objects.logits(clf2, images), model(ResNet50_Weights.IMAGENET1K_V2.transforms()(u8)),
@@ -158,12 +162,8 @@ def test_transformers_resnet_folder(tmp_path, bin_weights):
     assert proc(images=list(objects.to_uint8(images)), return_tensors="pt")["pixel_values"].shape[-1] == 224
 
 
-def test_files_without_num_batches_tracked_load(tmp_path):
-    from torchvision.models import resnet50
-
-    torch.manual_seed(0)
-    model = resnet50().eval()
-    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+def test_files_without_num_batches_tracked_load(tmp_path, resnet_file):
+    sd = {k: v for k, v in resnet_file[1].state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(sd, tmp_path / "old.pth")
     clf = objects.load_classifier(tmp_path / "old.pth")
     assert all(torch.equal(v, clf.model.state_dict()[k]) for k, v in sd.items())
@@ -315,3 +315,27 @@ def test_wrong_clip_files_are_named(tmp_path, tiny_clip):
     score_models.hf_resnet(resnet)
     with pytest.raises(objects.ClassifierFileError, match="is a 'resnet' model, not a CLIP model"):
         cs.load_clip(resnet)
+
+
+# -- nothing downloads -------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_every_loader_works_offline(tmp_path_factory, resnet_file, no_network):
+    d = tmp_path_factory.mktemp("offline")
+    score_models.hf_resnet(d / "resnet-50", bin_weights=True)
+    score_models.tiny_clip(d / "clip")
+    score_models.tiny_vit_classifier(d / "vit", ["a", "b"])
+    images = torch.rand(1, 32, 32, 3)
+    assert objects.logits(objects.load_classifier(resnet_file[0]), images).shape == (1, 1000)
+    assert objects.logits(objects.load_classifier(d / "resnet-50"), images).shape == (1, 1000)
+    assert objects.logits(objects.load_transformers(d / "vit", num_classes=None), images).shape == (1, 2)
+    assert cs.clip_score(cs.load_clip(d / "clip"), images, "a church")["mean"]["n"] == 1
