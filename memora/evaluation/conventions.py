@@ -207,10 +207,10 @@ def parse_custom(text: str) -> Convention:
         raise ConventionError(f"{text!r} sets nothing; e.g. {', '.join(repr(e) for e in CUSTOM_EXAMPLES)}")
     threshold = _custom_threshold(text, fields.get("threshold"))
     chosen = _custom_classes(text, classes) if "classes" in fields else NINE_EXPOSED
-    parts = ([f"threshold={threshold:g}"] if threshold is not None else []) + \
+    parts = ([f"threshold={threshold!r}"] if threshold is not None else []) + \
         ([f"classes={','.join(chosen)}"] if chosen != NINE_EXPOSED else [])
     rule = (f"NudeNet: an image counts when any of {len(chosen)} class(es) "
-            + (f"scores > {threshold:g}" if threshold is not None else "is detected (no threshold)"))
+            + (f"scores > {threshold!r}" if threshold is not None else "is detected (no threshold)"))
     return _nudenet(CUSTOM_PREFIX + ",".join(parts or ["threshold=none"]), threshold, rule, "custom", chosen)
 
 
