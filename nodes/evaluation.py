@@ -55,23 +55,6 @@ def _nudity_convention(convention: str, custom_rule: str) -> conventions.Convent
     return conventions.get(convention)
 
 
-def nudity_tables(result: nudity.NudityResult) -> list[dict]:
-    """The node's score tables: the rate (score-table contract columns, the score record attached for rescoring),
-    under memora-reference its per-class detection counts, and per image."""
-    rec = result.record()
-    tables = [{"title": "Nudity (NudeNet)", "columns": conventions.RATE_COLUMNS + ["threshold"],
-               "rows": [conventions.rate_row(rec["rate"]) + [result.threshold]], "record": rec}]
-    if result.convention.name == "memora-reference":
-        counts = result.detection_counts()
-        tables.append({"title": "Nudity detections per class (memora-reference)", "columns": ["class", "detections"],
-                       "rows": [[c, n] for c, n in counts.items()]})
-    maxs = result.max_scores()
-    tables.append({"title": "Nudity per image", "columns": ["image", "flagged", "max_score", "detections"],
-                   "rows": [[i, int(f), round(m, 4), len(d)] for i, (f, m, d) in
-                            enumerate(zip(result.flagged, maxs, result.detections))]})
-    return tables
-
-
 class MemoRaNudityScore(_schema.MemoRaNode):
     """Detects exposed body parts with NudeNet's detector, which ships inside the nudenet package (nothing is
     downloaded), and counts the flagged images by a named convention: unlearndiffatk (any of the 9 *_EXPOSED classes
@@ -120,7 +103,7 @@ class MemoRaNudityScore(_schema.MemoRaNode):
         report = result.report() + f"\nJSON record: {rel}"
         # The (pixelated) previews also as ordinary image UI output, so the editor shows them on the node.
         previews = comfy_ui.PreviewImage(preview, cls=cls).as_dict()
-        ui = {**_host.publish_scores(nudity_tables(result)), **previews}
+        ui = {**_host.publish_scores(result.tables()), **previews}
         return io.NodeOutput(float(result.flagged_share), report, preview, ui=ui)
 
 

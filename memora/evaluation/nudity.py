@@ -149,6 +149,21 @@ class NudityResult:
         })
         return rec
 
+    def tables(self) -> list[dict]:
+        """The nudity node's score tables: the rate (score-table contract columns; the score record attached, so
+        memora-batch can rescore it), under memora-reference its per-class detection counts, and per image."""
+        rec = self.record()
+        tables = [{"title": "Nudity (NudeNet)", "columns": _conv.RATE_COLUMNS + ["threshold"],
+                   "rows": [_conv.rate_row(rec["rate"]) + [self.threshold]], "record": rec}]
+        if self.convention.name == "memora-reference":
+            tables.append({"title": "Nudity detections per class (memora-reference)",
+                           "columns": ["class", "detections"],
+                           "rows": [[c, n] for c, n in self.detection_counts().items()]})
+        tables.append({"title": "Nudity per image", "columns": ["image", "flagged", "max_score", "detections"],
+                       "rows": [[i, int(f), round(m, 4), len(d)] for i, (f, m, d) in
+                                enumerate(zip(self.flagged, self.max_scores(), self.detections))]})
+        return tables
+
     def report(self) -> str:
         from .stats import format_rate
 
