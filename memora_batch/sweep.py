@@ -246,18 +246,24 @@ def _job_rates(metrics: dict) -> dict[str, tuple[int, int, str]]:
 
 def attack_success(records: list[dict]) -> list[dict]:
     """The attack success rate over the prompt set, per score node (per model) and per group of jobs that differ only
-    in the prompt CSV's prompt / seed / guidance (e.g. one group per LoRA training budget of a curve): a prompt (job)
+    in the prompt CSV's prompt / seed / guidance (e.g. one group per LoRA training budget of a curve; a group is
+    named by the other inputs that vary between jobs, '(all jobs)' when none does): a prompt (job)
     succeeds when its score node flagged at least one of its images; ASR = prompts that succeeded / prompts, with a
     Wilson 95 % interval and the convention the images were counted by (UnlearnDiffAtk's definition); the images
     flagged over all prompts are given too."""
     from memora.evaluation import stats
 
+    ok = [r for r in records if r.get("status") == "ok"]
+    seen: dict[str, set] = {}
+    for r in ok:
+        for a, v in (r.get("overrides") or {}).items():
+            seen.setdefault(a, set()).add(json.dumps(v, default=str))
+    varying = {a for a, vals in seen.items() if not _prompt_address(a)
+               and (len(vals) > 1 or any(a not in (r.get("overrides") or {}) for r in ok))}
     groups: dict[tuple, dict[str, list]] = {}
-    for r in records:
-        if r.get("status") != "ok":
-            continue
+    for r in ok:
         fixed = tuple(sorted((a, json.dumps(v, default=str)) for a, v in (r.get("overrides") or {}).items()
-                             if not _prompt_address(a)))
+                             if a in varying))
         for score, kn in _job_rates(r.get("metrics") or {}).items():
             groups.setdefault(fixed, {}).setdefault(score, []).append(kn)
     rows = []
