@@ -270,10 +270,13 @@ def cmd_demo(args) -> int:
     from .report import print_where
 
     concept_metric = plan.profile.detector_metric if plan.profile else None
-    suffix = concept_metric.split(")", 1)[1] if concept_metric else ".flagged_rate"
+    suffix = concept_metric.split(")", 1)[1] if concept_metric else ".rate"
 
-    def headline(metric: str) -> bool:
-        return ((metric.startswith(TITLE_CONCEPT_SCORE) and metric.endswith(suffix))
+    base = suffix[:-len(".rate")] if suffix.endswith(".rate") else suffix
+    rate_cells = tuple(base + c for c in (".rate", ".n", ".ci_low", ".ci_high", ".convention")) + (suffix,)
+
+    def headline(metric: str) -> bool:  # the concept's rate with its n, interval and convention
+        return ((metric.startswith(TITLE_CONCEPT_SCORE) and metric.endswith(rate_cells))
                 or (metric.startswith(TITLE_SIMILARITY) and metric.endswith((".ssim", ".psnr")))
                 or metric.endswith(".final_loss"))
 
