@@ -118,6 +118,11 @@ def rescore_records(records: list[dict], conv: conventions.Convention) -> Rescor
                 result.skipped[node] = (f"{kind} scores ({', '.join(conventions.names_for(kind))} apply); kept "
                                         f"under {rec.get('convention')}")
                 continue
+            first = r["tables"][with_record[0]]
+            if kind not in TABLE_BUILDERS and len(first.get("rows") or []) != 1:
+                result.skipped[node] = (f"its score record sits in a table of {len(first.get('rows') or [])} rows; "
+                                        f"only a one-row summary table can be rescored cell by cell")
+                continue
             _rescore_node(r, node, with_record + [i for i in idx if i not in with_record], conv)
             result.rescored.append(f"{r['key']} {node}")
         r["rescored"] = {"convention": conv.name, "rule": conv.rule, "from": "results.jsonl"}

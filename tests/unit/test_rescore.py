@@ -133,3 +133,23 @@ def test_rescore_bad_input(tmp_path, capsys):
     with pytest.raises(RescoreError, match="holds no stored detections"):
         rescore_folder(tmp_path / "old", "erasediff")
     assert not list((tmp_path / "old").glob("results.*.csv"))
+
+
+def test_classifier_records_are_rescored_cell_by_cell(tmp_path):
+    """A classifier node's one-row summary table (the layout 20a's object score uses): the rate cells and the record
+    are replaced; a NudeNet convention leaves it as it was and says why."""
+    topk = [[497, 1, 2, 3, 4], [1, 497, 2, 3, 4], [1, 2, 3, 4, 5]]
+    rec = C.classifier_record("imagenet", topk, [[1.0] * 5] * 3, [497], C.get("resnet50-top1"), "resnet50")
+    table = {"title": "Object score", "columns": C.RATE_COLUMNS + ["class"],
+             "rows": [C.rate_row(rec["rate"]) + ["church"]], "record": rec}
+    ui = {"3": {K.UI_SCORES: [table]}}
+    store = ResultsStore(tmp_path)
+    store.append({"key": "k", "status": "ok", "row": 0, "overrides": {}, "labels": {}, "outputs": {},
+                  "metrics": metrics_from_ui(ui, {"3": "Object"}), "tables": tables_from_ui(ui, {"3": "Object"})})
+    assert store.latest()[0]["metrics"]["Object.convention"] == "resnet50-top1"
+    _, files = rescore_folder(tmp_path, "resnet50-top5")
+    m = json.loads(files[0].read_text())["metrics"]
+    assert [m[f"Object.{c}"] for c in C.RATE_COLUMNS] == C.rate_row(stats.rate_record(2, 3, "resnet50-top5"))
+    with pytest.raises(RescoreError, match="they are imagenet scores; conventions for them: custom:top=K, "
+                                           "resnet50-top1, resnet50-top5"):
+        rescore_folder(tmp_path, "erasediff")
