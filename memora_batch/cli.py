@@ -221,8 +221,9 @@ def report_asr(results_dir: Path, force: bool = False, name: str = "asr.csv") ->
 
 def cmd_run(args) -> int:
     backend, plan = prepare(args, args.workflow)
-    summary = execute(args, backend, plan, _results_dir(args, plan.workflow.name),
-                      after=lambda d: report_asr(d, args.force))
+    results_dir = _results_dir(args, plan.workflow.name)
+    _sweep.check_asr_file(results_dir / "asr.csv", args.force)
+    summary = execute(args, backend, plan, results_dir, after=lambda d: report_asr(d, args.force))
     return 0 if summary is None or summary.failed == 0 and summary.not_run == 0 else EXIT_JOB_FAILED
 
 
@@ -237,6 +238,7 @@ def cmd_curve(args) -> int:
         raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
     backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))
     results_dir = _results_dir(args, plan.workflow.name + "-curve")
+    _sweep.check_asr_file(results_dir / "asr.csv", args.force)
     check_metric_names(plan, {"--detector": args.detector, "--similarity": args.similarity})
     detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
     status = []

@@ -284,18 +284,25 @@ def write_asr(directory: "str | Path", rows: list[dict], name: str = "asr.csv", 
     ``force``."""
     from memora.fileio import atomic_write
 
-    path = Path(directory) / name
-    head = ",".join(ASR_COLUMNS)
-    if path.exists() and not force:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            if not f.read(len(head)) == head:
-                raise SweepError(f"{path} exists and was not written by memora-batch; pass --force to replace it")
+    path = check_asr_file(Path(directory) / name, force)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(ASR_COLUMNS)
     for row in rows:
         w.writerow([f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in ASR_COLUMNS])
     atomic_write(path, buf.getvalue(), replace=True)
+    return path
+
+
+def check_asr_file(path: "str | Path", force: bool = False) -> Path:
+    """SweepError when ``path`` exists and memora-batch did not write it (unless ``force``): checked before a run."""
+    path = Path(path)
+    head = ",".join(ASR_COLUMNS)
+    if path.is_file() and not force:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if f.read(len(head)) != head:
+                raise SweepError(f"{path} exists and was not written by memora-batch (the attack success rates go "
+                                 f"there): pass --force to replace it, or choose another --out; nothing was run")
     return path
 
 

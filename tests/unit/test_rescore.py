@@ -153,3 +153,17 @@ def test_classifier_records_are_rescored_cell_by_cell(tmp_path):
     with pytest.raises(RescoreError, match="they are imagenet scores; conventions for them: custom:top=K, "
                                            "resnet50-top1, resnet50-top5"):
         rescore_folder(tmp_path, "erasediff")
+
+
+@pytest.mark.parametrize("command", ["run", "curve"])
+def test_a_foreign_asr_csv_stops_run_and_curve_before_any_job(monkeypatch, tmp_path, capsys, command):
+    from batch_kit import Instant
+
+    backend = Instant()
+    monkeypatch.setattr(cli, "_backend", lambda args: backend)
+    (tmp_path / "asr.csv").write_text("my own notes\n")
+    wf = str(cli.pack_root() / "example_workflows" / "recovery_sweep.json")
+    extra = ["--steps", "1"] if command == "curve" else []
+    assert cli.main([command, wf, "--out", str(tmp_path), "--no-progress", *extra]) == cli.EXIT_BAD_INPUT
+    assert "asr.csv exists and was not written by memora-batch" in capsys.readouterr().err
+    assert backend.ran == [] and (tmp_path / "asr.csv").read_text() == "my own notes\n"
