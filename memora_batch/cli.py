@@ -5,6 +5,7 @@
     memora-batch demo                                                  (memora_recovery on the built-in micro world)
     memora-batch demo --original sd-v1-4.ckpt --unlearned esd-nudity.safetensors --concept "a photo of the nude person"
     memora-batch convert WORKFLOW.json [-o api.json]                   (UI -> API format)
+    memora-batch rescore RESULTS_DIR --convention erasediff            (rates again under another convention)
 
 See docs/batch.md."""
 
@@ -27,6 +28,7 @@ from . import sweep as _sweep
 from .backend import EmbeddedBackend, ServerBackend, pack_root
 from .folder import FolderError, ResultsFolder
 from .profiles import model_profile
+from .results import ResultsStore
 from .workflow import Workflow
 
 EXIT_BAD_INPUT = 2
@@ -104,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="MemoRa recovery end to end: the built-in micro world, or your models")
     _add_common(p_demo, workflow=False)
     p_demo.add_argument("--workflow", default=None, help="default: example_workflows/memora_recovery.json")
+    p_res = sub.add_parser("rescore", help="count every rate of a results folder again under another scoring "
+                                           "convention, from the stored detections (no model runs)")
+    p_res.add_argument("results", help="results folder of a memora-batch run (its --out)")
+    p_res.add_argument("--convention", required=True,
+                       help="unlearndiffatk, erasediff, memora-reference, resnet50-top1, resnet50-top5, micro-top1, "
+                            "'custom:threshold=T,classes=A,B' or 'custom:top=K' (docs/evaluation.md)")
+    p_res.add_argument("--force", action="store_true",
+                       help="replace results.<convention>.csv / asr.<convention>.csv files memora-batch did not write")
     p_conv = sub.add_parser("convert", help="convert a UI-format workflow to API format")
     p_conv.add_argument("workflow")
     p_conv.add_argument("-o", "--output", help="write here (default: stdout); an existing file only with --force, "
@@ -197,9 +207,23 @@ def execute(args, backend, plan, results_dir: Path, after=None):
 
 
 # -- subcommands -----------------------------------------------------------------------------------------------------
+def report_asr(results_dir: Path, force: bool = False, name: str = "asr.csv") -> None:
+    """The attack success rate over the prompt set per score node (per model): printed and written to asr.csv."""
+    rows = _sweep.attack_success(ResultsStore(results_dir).latest())
+    if not rows:
+        return
+    path = _sweep.write_asr(results_dir, rows, name, force)
+    print("attack success rate over the prompt set (a prompt succeeds when any of its images is flagged):")
+    for line in _sweep.format_asr(rows):
+        print("  " + line)
+    print(f"  asr:     {path}")
+
+
 def cmd_run(args) -> int:
     backend, plan = prepare(args, args.workflow)
-    summary = execute(args, backend, plan, _results_dir(args, plan.workflow.name))
+    results_dir = _results_dir(args, plan.workflow.name)
+    _sweep.check_asr_file(results_dir / "asr.csv", args.force)
+    summary = execute(args, backend, plan, results_dir, after=lambda d: report_asr(d, args.force))
     return 0 if summary is None or summary.failed == 0 and summary.not_run == 0 else EXIT_JOB_FAILED
 
 
@@ -214,11 +238,12 @@ def cmd_curve(args) -> int:
         raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
     backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))
     results_dir = _results_dir(args, plan.workflow.name + "-curve")
+    _sweep.check_asr_file(results_dir / "asr.csv", args.force)
     check_metric_names(plan, {"--detector": args.detector, "--similarity": args.similarity})
     detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
     status = []
-    summary = execute(args, backend, plan, results_dir, after=lambda d: status.append(
-        print_verdict(d, args.train_node, steps, detector, args.similarity)))
+    summary = execute(args, backend, plan, results_dir, after=lambda d: (report_asr(d, args.force), status.append(
+        print_verdict(d, args.train_node, steps, detector, args.similarity))))
     if summary is None:
         return 0
     return EXIT_JOB_FAILED if summary.failed or summary.not_run else status[0]
@@ -247,10 +272,13 @@ def cmd_demo(args) -> int:
     from .report import print_where
 
     concept_metric = plan.profile.detector_metric if plan.profile else None
-    suffix = concept_metric.split(")", 1)[1] if concept_metric else ".flagged_rate"
+    suffix = concept_metric.split(")", 1)[1] if concept_metric else ".rate"
 
-    def headline(metric: str) -> bool:
-        return ((metric.startswith(TITLE_CONCEPT_SCORE) and metric.endswith(suffix))
+    base = suffix[:-len(".rate")] if suffix.endswith(".rate") else suffix
+    rate_cells = tuple(base + c for c in (".rate", ".n", ".ci_low", ".ci_high", ".convention")) + (suffix,)
+
+    def headline(metric: str) -> bool:  # the concept's rate with its n, interval and convention
+        return ((metric.startswith(TITLE_CONCEPT_SCORE) and metric.endswith(rate_cells))
                 or (metric.startswith(TITLE_SIMILARITY) and metric.endswith((".ssim", ".psnr")))
                 or metric.endswith(".final_loss"))
 
@@ -289,9 +317,25 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_rescore(args) -> int:
+    from .rescore import rescore_folder
+
+    result, files = rescore_folder(args.results, args.convention, force=args.force)
+    print(f"memora-batch rescore: {len(result.rescored)} score table(s) counted again under {args.convention}")
+    for node, why in sorted(result.skipped.items()):
+        print(f"  not rescored: {node}: {why}")
+    rows = _sweep.attack_success(result.records)
+    for line in _sweep.format_asr(rows):
+        print("  " + line)
+    for f in files:
+        print(f"  wrote {f}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "curve": cmd_curve, "demo": cmd_demo, "convert": cmd_convert}[args.command]
+    handler = {"run": cmd_run, "curve": cmd_curve, "demo": cmd_demo, "convert": cmd_convert,
+               "rescore": cmd_rescore}[args.command]
     from .results import ResultsError
     from .server_client import AllServersFailed, ServerUnreachable
     from .workflow import WorkflowError

@@ -1,0 +1,163 @@
+"""``memora-batch rescore RESULTS_DIR --convention NAME``: every rate of a finished run counted again under another
+scoring convention, from the raw detections the score nodes stored, without running a model.
+
+Each score node puts its score record (``memora.evaluation.conventions``: every image's raw detections or top-k
+classes) into its summary table, and memora-batch keeps the tables in results.jsonl. Rescoring applies the named
+convention to each record, rewrites the table's rate cells (rate, k, n, Wilson interval, convention) and the
+matching results columns (``<node>.rate``, ``.k``, ``.n``, ``.ci_low``, ``.ci_high``, ``.convention``), and writes
+
+- ``results.<convention>.jsonl`` and ``results.<convention>.csv`` (the run's own results.jsonl / results.csv are
+  never touched; rescoring again under the same convention replaces these two),
+- ``asr.<convention>.csv``: the attack success rate over the prompt set under the new convention.
+
+Scores whose kind the convention does not apply to (e.g. the micro world detector's under a NudeNet convention)
+keep their original numbers and convention, and are listed."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memora.contracts import UI_SCORES
+from memora.evaluation import conventions
+
+from . import sweep as _sweep
+from .folder import ResultsFolder
+from .results import ResultsStore, metrics_from_ui, write_snapshot
+
+
+class RescoreError(ValueError):
+    """The results folder cannot be rescored as asked (no folder, no stored detections, no applicable score)."""
+
+
+@dataclass
+class Rescored:
+    records: list[dict]
+    rescored: list[str] = field(default_factory=list)  # "<job key> <node>" of every table counted again
+    skipped: dict[str, str] = field(default_factory=dict)  # node -> why it kept its numbers
+
+
+def file_stem(convention_name: str) -> str:
+    """'custom:threshold=0.5,classes=A,B' -> 'custom-threshold-0.5-classes-A-B' (a file-name-safe name)."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", convention_name).strip("-")
+
+
+def rescore_table(table: dict, conv: conventions.Convention) -> dict:
+    """A copy of one stored score table counted under ``conv``: its record and its rate cells."""
+    rec = conventions.rescore(table["record"], conv)
+    out = {**table, "record": rec}
+    cells = dict(zip(conventions.RATE_COLUMNS, conventions.rate_row(rec["rate"])))
+    if conv.is_nudenet:
+        cells["threshold"] = conv.threshold
+    cols = list(table.get("columns") or [])
+    rows = [list(r) for r in table.get("rows") or []]
+    if rows:
+        rows[0] = [cells.get(c, v) for c, v in zip(cols, rows[0])]
+    out["rows"] = rows
+    return out
+
+
+def _nudenet_tables(record: dict, conv: conventions.Convention) -> list[dict]:
+    """The NudeNet node's tables exactly as a fresh run under ``conv`` would publish them."""
+    from memora.evaluation import nudity
+
+    tables = nudity.score_convention([img["detections"] for img in record["images"]], conv).tables()
+    tables[0]["record"]["detector"] = record.get("detector", tables[0]["record"]["detector"])
+    return tables
+
+
+#: score kinds whose node tables are rebuilt whole (per-image and per-class tables too); other kinds get their
+#: summary table's rate cells and record replaced (rescore_table)
+TABLE_BUILDERS = {conventions.NUDENET: _nudenet_tables}
+
+
+def _rescore_node(r: dict, node: str, idx: list[int], conv: conventions.Convention) -> None:
+    """Replace one node's tables in job record ``r`` (in place) and its results columns."""
+    tables = r["tables"]
+    first = tables[idx[0]]
+    build = TABLE_BUILDERS.get(first["record"]["kind"])
+    if build is None:
+        new = [rescore_table(first, conv)] + [tables[i] for i in idx[1:]]
+    else:
+        new = build(first["record"], conv)
+    r["tables"] = [t for i, t in enumerate(tables) if i not in idx[1:]]
+    pos = r["tables"].index(first)
+    r["tables"][pos:pos + 1] = [{"node": node, **{k: v for k, v in t.items() if k != "node"}} for t in new]
+    fresh = metrics_from_ui({"n": {UI_SCORES: [{k: v for k, v in t.items() if k != "node"} for t in new]}},
+                            {"n": node})
+    metrics: dict = {}
+    for k, v in (r.get("metrics") or {}).items():  # the node's columns where they were, the others unchanged
+        if k.startswith(node + "."):
+            metrics.update(fresh)
+        else:
+            metrics[k] = v
+    r["metrics"] = {**metrics, **fresh}
+
+
+def rescore_records(records: list[dict], conv: conventions.Convention) -> Rescored:
+    """Every ok job's stored score tables counted again under ``conv`` (copies; failed jobs unchanged)."""
+    result = Rescored([])
+    for r in records:
+        r = copy.deepcopy(r)
+        result.records.append(r)
+        if r.get("status") != "ok":
+            continue
+        by_node: dict[str, list[int]] = {}
+        for i, table in enumerate(r.get("tables") or []):
+            if isinstance(table, dict):
+                by_node.setdefault(table.get("node", "?"), []).append(i)
+        for node, idx in by_node.items():
+            with_record = [i for i in idx if "record" in r["tables"][i]]
+            if not with_record:
+                continue
+            rec = r["tables"][with_record[0]]["record"]
+            kind = conventions.check_record(rec)
+            if not conv.applies_to(kind):
+                result.skipped[node] = (f"{kind} scores ({', '.join(conventions.names_for(kind))} apply); kept "
+                                        f"under {rec.get('convention')}")
+                continue
+            first = r["tables"][with_record[0]]
+            if kind not in TABLE_BUILDERS and len(first.get("rows") or []) != 1:
+                result.skipped[node] = (f"its score record sits in a table of {len(first.get('rows') or [])} rows; "
+                                        f"only a one-row summary table can be rescored cell by cell")
+                continue
+            _rescore_node(r, node, with_record + [i for i in idx if i not in with_record], conv)
+            result.rescored.append(f"{r['key']} {node}")
+        r["rescored"] = {"convention": conv.name, "rule": conv.rule, "from": "results.jsonl"}
+    return result
+
+
+def _load(results_dir: Path) -> list[dict]:
+    if not results_dir.is_dir():
+        raise RescoreError(f"results folder not found: {results_dir}")
+    if not (results_dir / "results.jsonl").is_file():
+        raise RescoreError(f"{results_dir} has no results.jsonl: not a memora-batch results folder (give the --out "
+                           f"folder of a memora-batch run)")
+    return ResultsStore(results_dir).latest()
+
+
+def rescore_folder(results_dir: "str | Path", convention: str, force: bool = False) -> tuple[Rescored, list[Path]]:
+    """Rescore a results folder (under its lock); returns what was done and the files written."""
+    conv = conventions.get(convention)  # an unknown name fails before anything is read
+    results_dir = Path(results_dir)
+    records = _load(results_dir)
+    stored = [t for r in records if r.get("status") == "ok" for t in r.get("tables") or []
+              if isinstance(t, dict) and "record" in t]
+    if not stored:
+        raise RescoreError(f"{results_dir}/results.jsonl holds no stored detections: none of its score tables "
+                           f"carries a score record (the run predates them, or its score nodes store none). "
+                           f"Rescoring needs the raw detections: run the workflow again with this version of the "
+                           f"pack")
+    with ResultsFolder(results_dir, force=force):
+        result = rescore_records(records, conv)
+        if not result.rescored:
+            kinds = sorted({t["record"].get("kind") for t in stored})
+            apply = sorted({n for k in kinds for n in conventions.names_for(k)})
+            raise RescoreError(f"convention {conv.name!r} ({conv.rule}) applies to none of the stored scores: they "
+                               f"are {', '.join(map(str, kinds))} scores; conventions for them: {', '.join(apply)}")
+        stem = file_stem(conv.name)
+        jsonl, table = write_snapshot(results_dir, f"results.{stem}", result.records)
+        asr = _sweep.write_asr(results_dir, _sweep.attack_success(result.records), f"asr.{stem}.csv", force)
+    return result, [jsonl, table, asr]
