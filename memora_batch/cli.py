@@ -185,10 +185,10 @@ def execute(args, backend, plan, results_dir: Path, after=None, detector: Option
     with ResultsFolder(results_dir, force=args.force) as folder:
         print(f"memora-batch: {len(plan.jobs)} job(s) of {plan.workflow.name} on {backend.describe()}; "
               f"results in {results_dir}", file=sys.stderr, flush=True)
-        log = _runner.log_comfyui_output(backend, results_dir)
-        summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
-                                   progress=not args.no_progress, output_prefix=prefix,
-                                   job_timeout=args.timeout, folder=folder)
+        with _runner.comfyui_log(backend, results_dir) as log:
+            summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
+                                       progress=not args.no_progress, output_prefix=prefix,
+                                       job_timeout=args.timeout, folder=folder)
         if after is not None:
             after(results_dir)
         detector = detector or (plan.profile.detector_metric if plan.profile else None)

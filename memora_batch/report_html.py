@@ -210,7 +210,7 @@ def write_html_report(results_dir: "str | Path", title: str, detector: Optional[
     parts = [SIGNATURE, f"<html><head><meta charset='utf-8'><title>memora-batch: {html.escape(title)}</title>",
              f"<style>{STYLE}</style></head><body>", f"<h1>memora-batch: {html.escape(title)}</h1>"]
     parts += [f"<p>{html.escape(x)}</p>" for x in intro]
-    parts.append(_table(summary) + f'<p class="note">{html.escape(summary.note)}</p>')
+    parts.append(_table(summary))
     if curve:
         verdict = _curve_verdict(Path(results_dir) / "curve.json")
         b64 = recovery_curve([j.record for j in jobs], detector, curve)
@@ -218,8 +218,11 @@ def write_html_report(results_dir: "str | Path", title: str, detector: Optional[
             parts.append("<h2>Recovery curve</h2>" + _img(b64, "recovery curve", verdict or "recovery curve"))
     bars = rate_bars(jobs)
     if bars:
+        counted = all("n" in r for j in jobs for r in j.rates.values() if r)
         parts.append("<h2>Concept rate per model</h2>" + _img(bars, "concept rate per model", "Concept rate of the "
-                     "original, unlearned and recovered models per job; bars: Wilson 95% interval."))
+                     "original, unlearned and recovered models per job; " + (
+                         "error bars: Wilson 95% interval." if counted else "no interval: the detector reports "
+                         "no n.")))
     for sec in sections:
         parts.append(f'<h2 id="job-{html.escape(sec.key)}">{html.escape(sec.heading)}</h2>')
         parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in sec.lines) + "</ul>")

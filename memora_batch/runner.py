@@ -11,6 +11,7 @@ first job."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -191,6 +192,8 @@ class Summary:
     not_run: int = 0
 
 
+#: ComfyUI's own output during an embedded run, in the results folder
+LOG_NAME = "comfyui.log"
 #: node types whose run is a stage of its own on the console (with every MemoRa node)
 STAGE_TYPES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 
@@ -284,13 +287,19 @@ class _Progress:
             self.bar = None
 
 
-def log_comfyui_output(backend: Backend, results_dir: "str | Path") -> Optional[Path]:
-    """Embedded runs: ComfyUI's own output (its logging, prints and per-sampling progress bars) goes to
-    ``<results>/comfyui.log`` instead of the console; returns that path (None for backends without it)."""
+@contextlib.contextmanager
+def comfyui_log(backend: Backend, results_dir: "str | Path"):
+    """Embedded runs: while the block runs, ComfyUI's own output (its logging, prints and per-sampling progress
+    bars) goes to ``<results>/comfyui.log`` instead of the console; yields that path (None for backends without
+    it, e.g. servers, whose output stays in their own console)."""
     comfy = getattr(backend, "comfy", None)
     if comfy is None or not hasattr(comfy, "log_to"):
-        return None
-    return comfy.log_to(Path(results_dir) / "comfyui.log")
+        yield None
+        return
+    try:
+        yield comfy.log_to(Path(results_dir) / LOG_NAME)
+    finally:
+        comfy.log_to(None)
 
 
 def _watch(backend: Backend, listener: Optional[Callable[[str, Any], None]]) -> None:

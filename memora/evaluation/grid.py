@@ -87,8 +87,8 @@ def comparison_grid(columns: Sequence[tuple[str, Sequence[ImageLike]]], caption:
     available = min(len(images) for _, images in columns)
     shown = min(rows, available)
     longest = max(len(images) for _, images in columns)
-    font = _font(max(10, cell // 12))
-    small = _font(max(9, cell // 16))
+    font = _font(max(12, cell // 10))
+    small = _font(max(11, cell // 14))
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     labels = [str(row_labels[i]) if i < len(row_labels) else f"image {i}" for i in range(shown)]
     label_w = max(scratch.textbbox((0, 0), t, font=small)[2] for t in labels) + 2 * PAD
