@@ -93,7 +93,10 @@ def _node_values(rec: dict, node: str, row_name: Optional[str]) -> dict:
             rows = [r for r in rows if r and r[0] == row_name]
         if len(rows) == 1:
             return dict(zip(cols, rows[0]))
-    return {}
+    # a record without the node's tables (written by an older memora-batch): its flattened metric columns
+    prefix = f"{node}.{row_name}." if row_name is not None else f"{node}."
+    return {k[len(prefix):]: v for k, v in (rec.get("metrics") or {}).items()
+            if k.startswith(prefix) and "." not in k[len(prefix):]}
 
 
 def concept_row(detector: Optional[str]) -> Optional[str]:
@@ -192,7 +195,8 @@ def summarize(rows: list[dict], detector: Optional[str] = None) -> list[JobSumma
     out = []
     for r in rows:
         rates = {m: rate_of(r, m, detector) for m in EVALUATED_MODELS}
-        text = verdict(rates) if r.get("status") == "ok" else f"failed: {(r.get('error') or '').splitlines()[:1]}"
+        first = ((r.get("error") or "").strip().splitlines() or ["no message"])[0][:200]
+        text = verdict(rates) if r.get("status") == "ok" else f"failed: {first}"
         out.append(JobSummary(r, rates, similarity_of(r), text))
     return out
 
