@@ -6,6 +6,7 @@ report.md alone (with a message) when matplotlib is missing. The records have th
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -167,3 +168,23 @@ def test_split_table_keeps_every_column_once_and_the_key_in_each_part():
     assert all(p.columns[0] == "h0" and [r[0] for r in p.rows] == [0, 100] for p in parts)
     assert sum((p.columns[1:] for p in parts), []) == t.columns[1:]
     assert re.fullmatch(r"t \(part 2 of 2\)", parts[1].title)
+
+
+def test_a_foreign_report_html_needs_force_and_ours_is_rewritten(tmp_path):
+    from memora_batch.folder import FolderNotOurs, ResultsFolder
+
+    (tmp_path / "report.html").write_text("<!DOCTYPE html>\n<p>my notes</p>\n")
+    with pytest.raises(FolderNotOurs, match="report.html not written by memora-batch.*--force"):
+        with ResultsFolder(tmp_path):
+            pass
+    assert (tmp_path / "report.html").read_text() == "<!DOCTYPE html>\n<p>my notes</p>\n"
+    _folder(tmp_path, [_record("g" * 16, {"unlearned": (0, 8), "recovered": (2, 8)})])
+    with ResultsFolder(tmp_path, force=True):
+        report_html.write_html_report(tmp_path, "w")
+    with ResultsFolder(tmp_path):  # memora-batch's own report.html: resuming needs no --force
+        old = os.umask(0o002)
+        try:
+            path = report_html.write_html_report(tmp_path, "w")
+        finally:
+            os.umask(old)
+    assert path.read_text().startswith(report_html.SIGNATURE) and path.stat().st_mode & 0o777 == 0o664
