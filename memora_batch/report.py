@@ -56,16 +56,14 @@ def split_table(table: Table, max_columns: int = MAX_COLUMNS) -> list[Table]:
     """A table of at most ``max_columns`` columns per part: wider ones split, each part led by the first column."""
     if len(table.columns) <= max_columns:
         return [table]
-    lead, rest = table.columns[:1], list(range(1, len(table.columns)))
+    rest = list(range(1, len(table.columns)))
     step = max_columns - 1
+    total = (len(rest) + step - 1) // step
     parts = []
     for n, start in enumerate(range(0, len(rest), step), start=1):
         idx = [0] + rest[start:start + step]
-        total = (len(rest) + step - 1) // step
-        parts.append(Table([table.columns[i] for i in idx], [[r[i] if i < len(r) else "" for i in idx]
-                                                                 for r in table.rows],
-                           f"{table.title} (part {n} of {total})", table.note))
-    assert all(len(p.columns) <= max_columns for p in parts) and lead
+        rows = [[r[i] if i < len(r) else "" for i in idx] for r in table.rows]
+        parts.append(Table([table.columns[i] for i in idx], rows, f"{table.title} (part {n} of {total})", table.note))
     return parts
 
 

@@ -63,7 +63,8 @@ def rate_bars(jobs: list) -> Optional[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    jobs = [j for j in jobs if any(j.rates[m] for m in EVALUATED_MODELS)][:MAX_BAR_JOBS]
+    scored = [j for j in jobs if any(j.rates[m] for m in EVALUATED_MODELS)]
+    jobs = scored[:MAX_BAR_JOBS]
     if not jobs:
         return None
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(jobs) + 1.5), 3.2))
@@ -80,7 +81,8 @@ def rate_bars(jobs: list) -> Optional[str]:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("concept rate")
     counted = all("n" in j.rates[m] for j in jobs for m in EVALUATED_MODELS if j.rates[m])
-    ax.set_title("Concept rate per model" + (" (bars: Wilson 95% interval)" if counted else " (no n: no interval)"))
+    ax.set_title("Concept rate per model" + (" (bars: Wilson 95% interval)" if counted else " (no n: no interval)")
+                 + (f"\nthe first {len(jobs)} of {len(scored)} jobs" if len(scored) > len(jobs) else ""))
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -109,7 +111,8 @@ def recovery_curve(records: list, detector: Optional[str], curve: dict) -> Optio
     points = [(s, p) for s, p in points if p is not None]
     if not points:
         return None
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.2))
+    fig.subplots_adjust(wspace=0.35)
     xs = [s for s, _ in points]
     ax.plot(xs, [p["rate"] for _, p in points], "o-", color=COLORS["recovered"], label="recovered")
     if all("ci_low" in p for _, p in points):
@@ -135,8 +138,9 @@ def recovery_curve(records: list, detector: Optional[str], curve: dict) -> Optio
                              alpha=0.2, label="bootstrap 95% interval over rows")
             ax2.legend(fontsize=7)
     ax2.set_xlabel("LoRA training steps")
-    ax2.set_ylabel("similarity to original (recovered)")
-    ax2.set_title("Similarity")
+    ax2.set_ylabel("recovered vs original")
+    kinds = {x["metric"] for r in ok for x in [_report.similarity_of(r)] if x}
+    ax2.set_title(f"Similarity ({', '.join(sorted(kinds)) or 'none reported'}; mean over each step's rows)")
     return _png(fig)
 
 
