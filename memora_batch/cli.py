@@ -182,27 +182,33 @@ def print_dry_run(plan, backend) -> None:
         print(f"  {job.key}  {json.dumps(job.overrides, default=str)}")
 
 
-def execute(args, backend, plan, results_dir: Path, after=None):
-    """Run the plan into ``results_dir`` holding its lock; ``after(results_dir)`` runs under the lock too."""
+def execute(args, backend, plan, results_dir: Path, after=None, detector: Optional[str] = None,
+            curve: Optional[dict] = None):
+    """Run the plan into ``results_dir`` holding its lock; ``after(results_dir)`` runs under the lock too, before
+    the reports (report.md, report.html; ``detector``: the concept-rate column, ``curve``: a curve run's steps)."""
     prefix = _runner.checked_output_prefix(plan, args.output_prefix)
     if args.dry_run:
         print_dry_run(plan, backend)
         return None
-    from .report import write_report
+    from .report import write_reports
 
     with ResultsFolder(results_dir, force=args.force) as folder:
         print(f"memora-batch: {len(plan.jobs)} job(s) of {plan.workflow.name} on {backend.describe()}; "
               f"results in {results_dir}", file=sys.stderr, flush=True)
-        summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
-                                   progress=not args.no_progress, output_prefix=prefix,
-                                   job_timeout=args.timeout, folder=folder)
-        report = write_report(results_dir, plan.workflow.name)
+        with _runner.comfyui_log(backend, results_dir) as log:
+            summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
+                                       progress=not args.no_progress, output_prefix=prefix,
+                                       job_timeout=args.timeout, folder=folder)
+        if after is not None:
+            after(results_dir)
+        detector = detector or (plan.profile.detector_metric if plan.profile else None)
+        reports = write_reports(results_dir, plan.workflow.name, detector, curve)
         print(f"memora-batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done"
               + (f", {summary.not_run} not run" if summary.not_run else ""))
         print(f"  results: {results_dir / 'results.csv'} (and results.jsonl)")
-        print(f"  report:  {report}")
-        if after is not None:
-            after(results_dir)
+        print("  report:  " + " and ".join(str(p) for p in reports if p is not None))
+        if log is not None:
+            print(f"  ComfyUI's own output: {log}")
     return summary
 
 
@@ -243,7 +249,8 @@ def cmd_curve(args) -> int:
     detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
     status = []
     summary = execute(args, backend, plan, results_dir, after=lambda d: (report_asr(d, args.force), status.append(
-        print_verdict(d, args.train_node, steps, detector, args.similarity))))
+        print_verdict(d, args.train_node, steps, detector, args.similarity))), detector=detector,
+        curve={"steps": steps, "train_node": args.train_node})
     if summary is None:
         return 0
     return EXIT_JOB_FAILED if summary.failed or summary.not_run else status[0]

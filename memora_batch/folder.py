@@ -6,9 +6,10 @@ writable before the first job.
   the process ends, however it ends (kill -9 included), so a lock is never stale. The file holds the holder's PID,
   host, start time and command line; a second run into the same folder stops with :class:`FolderLocked` naming them.
 - **Whose files**: ``results.jsonl`` is the record of finished jobs (appended, never rewritten); ``results.csv``,
-  ``report.md`` and ``curve.json`` are derived from it and rewritten by every run (resume included). A derived file
-  that exists but was not written by memora-batch (it lacks memora-batch's header) is replaced only with ``--force``
-  (:class:`FolderNotOurs`); a ``results.jsonl`` whose lines are not memora-batch records is never appended to.
+  ``report.md``, ``report.html`` and ``curve.json`` are derived from it and rewritten by every run (resume
+  included). A derived file that exists but was not written by memora-batch (it lacks memora-batch's header) is
+  replaced only with ``--force`` (:class:`FolderNotOurs`); a ``results.jsonl`` whose lines are not memora-batch
+  records is never appended to.
 - **Writable**: the lock is written and fsync'ed into the folder and ``results.jsonl`` opened for appending before
   anything runs, and the filesystem must have :data:`MIN_FREE_BYTES` free (:class:`FolderUnwritable`)."""
 
@@ -28,7 +29,8 @@ from .backend import now
 
 LOCK_NAME = "memora-batch.lock"
 #: the derived files a run rewrites, and how memora-batch's own version of each begins
-DERIVED_SIGNATURES = {"results.csv": "key,status,row", "report.md": "# memora-batch: ", "curve.json": '{\n  "steps": '}
+DERIVED_SIGNATURES = {"results.csv": "key,status,row", "report.md": "# memora-batch: ", "curve.json": '{\n  "steps": ',
+                      "report.html": "<!DOCTYPE html>\n<!-- memora-batch report -->"}
 MIN_FREE_BYTES = 1 << 20
 
 

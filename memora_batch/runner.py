@@ -11,11 +11,15 @@ first job."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from memora.contracts import TITLE_EVALUATION_PROMPT, TITLE_EVALUATION_SEED
 
 from . import sweep as _sweep
 from .backend import Backend, RunResult
@@ -188,32 +192,121 @@ class Summary:
     not_run: int = 0
 
 
-class _Progress:
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
+#: ComfyUI's own output during an embedded run, in the results folder
+LOG_NAME = "comfyui.log"
+#: node types whose run is a stage of its own on the console (with every MemoRa node)
+STAGE_TYPES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 
-                self.bar = tqdm(total=total, initial=initial, unit="job", desc="memora-batch", file=sys.stderr,
-                                dynamic_ncols=True)
-            except ImportError:
-                self.bar = None
-        self.total, self.done = total, initial
-        self.enabled = enabled
+
+class _Progress:
+    """The console of a run: one bar per job (its nodes done, the node running now), a line per stage (a run of
+    sampler or MemoRa nodes of one type, with its time), a line per finished job. Without tqdm, or with
+    ``enabled`` False (--no-progress), the lines only. Writes to the stderr of its creation (ComfyUI's own output
+    may be redirected to a log meanwhile)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.out = sys.stderr
+        self.total, self.done, self.enabled = total, initial, enabled
+        self.bar = None
+        self.job: Optional[Job] = None
+        self.stage: Optional[tuple[str, list, float]] = None  # (class type, titles, start)
+        self.seen: set = set()
+
+    def _write(self, text: str):
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
+
+    def start(self, job: Job):
+        if self.job is not None:  # servers run several jobs at once: the bar follows the first
+            return
+        self.job, self.stage, self.seen = job, None, set()
+        if not self.enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=len(job.api), unit="node", file=self.out, dynamic_ncols=True, leave=True,
+                        desc=f"job {self.done + 1}/{self.total} {job.key[:8]}")
+
+    def event(self, event: str, data: Any):
+        if self.job is None or not isinstance(data, dict):
+            return
+        nodes = data.get("nodes") if event == "execution_cached" else [data.get("node")] \
+            if event == "executing" else []
+        for nid in [str(n) for n in nodes or [] if n is not None]:
+            if nid in self.seen or nid not in self.job.api:
+                continue
+            self.seen.add(nid)
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix_str(self.job.titles.get(nid, nid)[:40])
+            if event == "executing":
+                self._stage(nid)
+
+    def _stage(self, nid: str):
+        kind = self.job.api[nid].get("class_type", "")
+        if not (kind.startswith("MemoRa") or kind in STAGE_TYPES):
+            return
+        if self.stage is not None and self.stage[0] == kind:
+            self.stage[1].append(self.job.titles.get(nid, nid))
+            return
+        self._end_stage()
+        self.stage = (kind, [self.job.titles.get(nid, nid)], time.monotonic())
+
+    def _end_stage(self):
+        if self.stage is None:
+            return
+        kind, titles, t0 = self.stage
+        names = ", ".join(titles) if len(titles) <= 3 else f"{titles[0]} ... {titles[-1]}"
+        self._write(f"  {self.job.key[:8]}  {kind}{f' x{len(titles)}' if len(titles) > 1 else ''}: {names}  "
+                    f"({time.monotonic() - t0:.1f} s)")
+        self.stage = None
 
     def update(self, record: dict):
         self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{record['key'][:8]} {record['status']}")
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"[{self.done}/{self.total}] {record['key']} {record['status']} {record.get('error') or ''}",
-                  file=sys.stderr, flush=True)
+        mine = self.job is not None and self.job.key == record["key"]
+        if mine:
+            self._end_stage()
+        if mine and self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.set_postfix_str(record["status"])
+            self.bar.close()
+            self.bar = None
+        error = f" {record.get('error').splitlines()[0][:200]}" if record.get("error") else ""
+        print(f"[{self.done}/{self.total}] job {record['key']} {record['status']} in {record.get('seconds')} s"
+              f"{error}", file=self.out, flush=True)
+        if mine:
+            self.job = None
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def comfyui_log(backend: Backend, results_dir: "str | Path"):
+    """Embedded runs: while the block runs, ComfyUI's own output (its logging, prints and per-sampling progress
+    bars) goes to ``<results>/comfyui.log`` instead of the console; yields that path (None for backends without
+    it, e.g. servers, whose output stays in their own console)."""
+    comfy = getattr(backend, "comfy", None)
+    if comfy is None or not hasattr(comfy, "log_to"):
+        yield None
+        return
+    try:
+        yield comfy.log_to(Path(results_dir) / LOG_NAME)
+    finally:
+        comfy.log_to(None)
+
+
+def _watch(backend: Backend, listener: Optional[Callable[[str, Any], None]]) -> None:
+    """Send the embedded executor's events (nodes executing, cached) to ``listener`` (None: stop)."""
+    comfy = getattr(backend, "comfy", None)
+    if comfy is not None and hasattr(comfy, "listen"):
+        comfy.listen(listener)
 
 
 def run_plan(plan: Plan, backend: Backend, results_dir: "str | Path", retry_failed: bool = True,
@@ -248,10 +341,11 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
         todo.append(job)
     summary = Summary(total=len(plan.jobs), skipped=len(plan.jobs) - len(todo))
 
-    def prompt_of(job: Job) -> dict:
-        return prefix_outputs(job.api, f"{prefix}/{job.key}") if prefix else job.api
-
     bar = _Progress(len(plan.jobs), summary.skipped, progress)
+
+    def prompt_of(job: Job) -> dict:
+        bar.start(job)
+        return prefix_outputs(job.api, f"{prefix}/{job.key}") if prefix else job.api
 
     def done(job: Job, result: RunResult, seconds: float, started: str):
         rec = _record(plan, job, result, backend, seconds, started)
@@ -264,9 +358,11 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
         if on_record:
             on_record(rec)
 
+    _watch(backend, bar.event)
     try:
         summary.not_run = len(backend.run_all(todo, prompt_of, done, job_timeout=job_timeout))
     finally:
+        _watch(backend, None)
         bar.close()
     return summary
 
@@ -274,6 +370,11 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
 def _record(plan: Plan, job: Job, result: RunResult, backend: Backend, seconds: float, started: str) -> dict:
     """One job's line in results.jsonl."""
     files, loras = files_from_ui(result.ui_outputs, backend.resolve_file)
+    by_node = {}
+    for nid, ui in (result.ui_outputs or {}).items():
+        node_files = files_from_ui({nid: ui}, backend.resolve_file)[0]
+        if node_files:
+            by_node.setdefault(job.titles.get(str(nid), str(nid)), []).extend(node_files)
     rec = {
         "key": job.key,
         "status": "ok" if result.success else "error",
@@ -281,7 +382,9 @@ def _record(plan: Plan, job: Job, result: RunResult, backend: Backend, seconds: 
         "workflow": plan.workflow.name,
         "overrides": job.overrides,
         "labels": job.labels,
-        "outputs": {"files": files, "loras": loras, "lora_paths": [backend.resolve_lora(n) for n in loras]},
+        "outputs": {"files": files, "loras": loras, "lora_paths": [backend.resolve_lora(n) for n in loras],
+                    "files_by_node": by_node},
+        "evaluation": evaluation_settings(job.api),
         "metrics": metrics_from_ui(result.ui_outputs, job.titles),
         "tables": tables_from_ui(result.ui_outputs, job.titles),
         "started": started,
@@ -293,6 +396,21 @@ def _record(plan: Plan, job: Job, result: RunResult, backend: Backend, seconds: 
     if not result.success and result.error:
         rec["error_node"] = {k: result.error.get(k) for k in ("node_id", "node_type") if result.error.get(k)}
     return rec
+
+
+def evaluation_settings(api: dict) -> dict:
+    """The evaluation prompt and seed the job ran with (the inputs of the nodes titled 'Evaluation prompt' and
+    'Evaluation seed', where the workflow has them): the captions of the report's comparison grids."""
+    found = {}
+    for key, title, names in (("prompt", TITLE_EVALUATION_PROMPT, ("value", "text", "string", "prompt")),
+                              ("seed", TITLE_EVALUATION_SEED, ("value", "seed", "noise_seed"))):
+        for nid in api:
+            inputs = api[nid].get("inputs", {}) if title_of(api, nid) == title else {}
+            value = next((inputs[n] for n in names if n in inputs and not isinstance(inputs[n], list)), None)
+            if value is not None:
+                found[key] = value
+                break
+    return found
 
 
 def prefix_outputs(api: dict, prefix: str) -> dict:

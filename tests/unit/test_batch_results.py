@@ -80,9 +80,14 @@ def test_report_lists_jobs_inputs_and_tables(tmp_path):
     path = write_report(tmp_path, "my workflow")
     text = path.read_text()
     assert text.startswith("# memora-batch: my workflow\n\n1 job(s) ok, 1 failed.")
-    assert "| job | status | Train LoRA.steps | Concept score (recovered).flagged_rate |" in text
-    assert "| abcdef0123 | ok | 10 | 0.5 |" in text
-    assert "- Concept score (recovered): summary" in text and "| 0.25 | 4 |" in text
+    # the summary: a row per job, the recovered rate read from the node's summary table (1 of 4 images), with its
+    # Wilson interval; the failed job with its error
+    assert "| job | inputs | concept rate (original) | concept rate (unlearned) | concept rate (recovered) |" in text
+    assert ("| abcdef0123 | tag=abcdef0123456789, Train LoRA.steps=10 | - | - | 0.250 (1/4; 95% CI 0.046-0.699; "
+            "convention not reported) | - | no concept score for the unlearned and recovered models |") in text
+    assert "| fedcba9876 | tag=fedcba9876543210, Train LoRA.steps=10 | - | - | 0.500 (n not reported: no " \
+           "interval) | - | failed: node 3 failed |" in text
+    assert "**Concept score (recovered): summary**" in text and "| 0.25 | 4 |" in text
     assert "- error: node 3 failed" in text
 
 
