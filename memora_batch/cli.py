@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_res.add_argument("results", help="results folder of a memora-batch run (its --out)")
     p_res.add_argument("--convention", required=True,
                        help="unlearndiffatk, erasediff, memora-reference, resnet50-top1, resnet50-top5, micro-top1, "
-                            "'custom:threshold=T,classes=A,B' or 'custom:top=K' (docs/evaluation.md)")
+                            "clip-zeroshot-style, artist-top1, artist-top5, 'custom:threshold=T,classes=A,B' or "
+                            "'custom:top=K' (docs/evaluation.md)")
     p_res.add_argument("--force", action="store_true",
                        help="replace results.<convention>.csv / asr.<convention>.csv files memora-batch did not write")
     p_conv = sub.add_parser("convert", help="convert a UI-format workflow to API format")
