@@ -208,12 +208,12 @@ def execute(args, backend, plan, results_dir: Path, after=None):
 
 
 # -- subcommands -----------------------------------------------------------------------------------------------------
-def report_asr(results_dir: Path, force: bool = False, name: str = "asr.csv") -> None:
+def report_asr(results_dir: Path, name: str = "asr.csv") -> None:
     """The attack success rate over the prompt set per score node (per model): printed and written to asr.csv."""
     rows = _sweep.attack_success(ResultsStore(results_dir).latest())
     if not rows:
         return
-    path = _sweep.write_asr(results_dir, rows, name, force)
+    path = _sweep.write_asr(results_dir, rows, name)
     print("attack success rate over the prompt set (a prompt succeeds when any of its images is flagged):")
     for line in _sweep.format_asr(rows):
         print("  " + line)
@@ -223,8 +223,7 @@ def report_asr(results_dir: Path, force: bool = False, name: str = "asr.csv") ->
 def cmd_run(args) -> int:
     backend, plan = prepare(args, args.workflow)
     results_dir = _results_dir(args, plan.workflow.name)
-    _sweep.check_asr_file(results_dir / "asr.csv", args.force)
-    summary = execute(args, backend, plan, results_dir, after=lambda d: report_asr(d, args.force))
+    summary = execute(args, backend, plan, results_dir, after=report_asr)
     return 0 if summary is None or summary.failed == 0 and summary.not_run == 0 else EXIT_JOB_FAILED
 
 
@@ -239,11 +238,10 @@ def cmd_curve(args) -> int:
         raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
     backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))
     results_dir = _results_dir(args, plan.workflow.name + "-curve")
-    _sweep.check_asr_file(results_dir / "asr.csv", args.force)
     check_metric_names(plan, {"--detector": args.detector, "--similarity": args.similarity})
     detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
     status = []
-    summary = execute(args, backend, plan, results_dir, after=lambda d: (report_asr(d, args.force), status.append(
+    summary = execute(args, backend, plan, results_dir, after=lambda d: (report_asr(d), status.append(
         print_verdict(d, args.train_node, steps, detector, args.similarity))))
     if summary is None:
         return 0

@@ -183,14 +183,15 @@ def rescore_folder(results_dir: "str | Path", convention: str, force: bool = Fal
                            f"carries a score record (the run predates them, or its score nodes store none; means "
                            f"such as the CLIP score have no counting convention). Rescoring needs the raw "
                            f"detections: run the workflow again with this version of the pack")
-    with ResultsFolder(results_dir, force=force):
+    stem = file_stem(conv.name)
+    written = (f"results.{stem}.jsonl", f"results.{stem}.csv", f"asr.{stem}.csv")
+    with ResultsFolder(results_dir, force=force, derived=written):  # foreign files of these names need --force
         result = rescore_records(records, conv)
         if not result.rescored:
             kinds = sorted({t["record"].get("kind") for t in stored})
             apply = sorted({n for k in kinds for n in conventions.names_for(k)})
             raise RescoreError(f"convention {conv.name!r} ({conv.rule}) applies to none of the stored scores: they "
                                f"are {', '.join(map(str, kinds))} scores; conventions for them: {', '.join(apply)}")
-        stem = file_stem(conv.name)
         jsonl, table = write_snapshot(results_dir, f"results.{stem}", result.records)
-        asr = _sweep.write_asr(results_dir, _sweep.attack_success(result.records), f"asr.{stem}.csv", force)
+        asr = _sweep.write_asr(results_dir, _sweep.attack_success(result.records), written[2])
     return result, [jsonl, table, asr]

@@ -14,7 +14,7 @@ from memora.evaluation import nudity, stats
 from memora_batch import cli
 from memora_batch.rescore import RescoreError, rescore_folder
 from memora_batch.results import ResultsStore, metrics_from_ui, tables_from_ui
-from memora_batch.sweep import attack_success
+from memora_batch.sweep import ASR_COLUMNS, attack_success
 
 NODE = "Concept score (recovered)"
 TITLES = {"5": NODE, "9": "Similarity to original (recovered)"}
@@ -165,8 +165,29 @@ def test_a_foreign_asr_csv_stops_run_and_curve_before_any_job(monkeypatch, tmp_p
     wf = str(cli.pack_root() / "example_workflows" / "recovery_sweep.json")
     extra = ["--steps", "1"] if command == "curve" else []
     assert cli.main([command, wf, "--out", str(tmp_path), "--no-progress", *extra]) == cli.EXIT_BAD_INPUT
-    assert "asr.csv exists and was not written by memora-batch" in capsys.readouterr().err
+    assert f"results folder {tmp_path} holds asr.csv not written by memora-batch" in capsys.readouterr().err
     assert backend.ran == [] and (tmp_path / "asr.csv").read_text() == "my own notes\n"
+    assert cli.main([command, wf, "--out", str(tmp_path), "--no-progress", "--force", *extra]) == 0
+    assert backend.ran
+    # an asr.csv memora-batch wrote (its header) does not stop the next run (a resume: the job is already done)
+    (tmp_path / "asr.csv").write_text(",".join(ASR_COLUMNS) + "\n")
+    assert cli.main([command, wf, "--out", str(tmp_path), "--no-progress", *extra]) == 0
+    assert "1 already done" in capsys.readouterr().out
+
+
+def test_a_foreign_file_of_rescores_name_stops_it_unless_forced(tmp_path, capsys):
+    _run(tmp_path, "unlearndiffatk")
+    for name in ("results.erasediff.csv", "results.erasediff.jsonl", "asr.erasediff.csv"):
+        (tmp_path / name).write_text("my own notes\n")
+        assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == cli.EXIT_BAD_INPUT
+        assert f"holds {name} not written by memora-batch" in capsys.readouterr().err
+        assert (tmp_path / name).read_text() == "my own notes\n"
+        assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff", "--force"]) == 0
+        assert (tmp_path / name).read_text() != "my own notes\n"
+    # rescore's own files are replaced by a second rescore without --force; other conventions' files are not its
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == 0
+    (tmp_path / "results.unlearndiffatk.csv").write_text("my own notes\n")
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == 0
 
 
 # -- the object and style scores' records (memora.evaluation.objects / clip_score), as their nodes publish them ------
