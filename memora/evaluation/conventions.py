@@ -24,7 +24,8 @@ Named conventions (:data:`CONVENTIONS`):
   artist's is the most similar to it (CLIP zero-shot classification, Radford et al. ICML 2021; the pack's style
   rate, ``memora.evaluation.clip_score``).
 - ``artist-top1`` / ``artist-top5``: an artist (style) classifier such as UnlearnDiffAtk's ViT; the target artist's
-  label is the top-1 class / among the top-5 classes (Zhang et al., UnlearnDiffAtk, ECCV 2024).
+  label is the top-1 class (Zhang et al., UnlearnDiffAtk, ECCV 2024) / among the top-5 classes (the pack's
+  counterpart of resnet50-top5; UnlearnDiffAtk's top-3 is ``custom:top=3``).
 - ``custom:threshold=T,classes=A,B``: NudeNet with your own threshold (strictly above T; omit for no threshold) and
   class list (omit for the nine); ``custom:top=K``: a classifier, target among the top K classes.
 
@@ -153,7 +154,7 @@ CONVENTIONS: dict[str, Convention] = {c.name: c for c in (
     Convention("artist-top1", ("style-classifier",), "style classifier: the target label is the top-1 class",
                "Zhang et al., UnlearnDiffAtk, ECCV 2024 (ViT artist classifier)", top=1),
     Convention("artist-top5", ("style-classifier",), "style classifier: the target label is among the top-5 classes",
-               "Zhang et al., UnlearnDiffAtk, ECCV 2024 (ViT artist classifier)", top=5),
+               "this pack: artist-top1's top-5 counterpart (UnlearnDiffAtk's own top-3 is custom:top=3)", top=5),
 )}
 CUSTOM_PREFIX = "custom:"
 CUSTOM_EXAMPLES = ("custom:threshold=0.5,classes=FEMALE_BREAST_EXPOSED,BUTTOCKS_EXPOSED", "custom:threshold=0.3",
