@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_res.add_argument("results", help="results folder of a memora-batch run (its --out)")
     p_res.add_argument("--convention", required=True,
                        help="unlearndiffatk, erasediff, memora-reference, resnet50-top1, resnet50-top5, micro-top1, "
-                            "'custom:threshold=T,classes=A,B' or 'custom:top=K' (docs/evaluation.md)")
+                            "clip-zeroshot-style, artist-top1, artist-top5, 'custom:threshold=T,classes=A,B' or "
+                            "'custom:top=K' (docs/evaluation.md)")
     p_res.add_argument("--force", action="store_true",
                        help="replace results.<convention>.csv / asr.<convention>.csv files memora-batch did not write")
     p_conv = sub.add_parser("convert", help="convert a UI-format workflow to API format")
@@ -213,12 +214,12 @@ def execute(args, backend, plan, results_dir: Path, after=None, detector: Option
 
 
 # -- subcommands -----------------------------------------------------------------------------------------------------
-def report_asr(results_dir: Path, force: bool = False, name: str = "asr.csv") -> None:
+def report_asr(results_dir: Path, name: str = "asr.csv") -> None:
     """The attack success rate over the prompt set per score node (per model): printed and written to asr.csv."""
     rows = _sweep.attack_success(ResultsStore(results_dir).latest())
     if not rows:
         return
-    path = _sweep.write_asr(results_dir, rows, name, force)
+    path = _sweep.write_asr(results_dir, rows, name)
     print("attack success rate over the prompt set (a prompt succeeds when any of its images is flagged):")
     for line in _sweep.format_asr(rows):
         print("  " + line)
@@ -228,8 +229,7 @@ def report_asr(results_dir: Path, force: bool = False, name: str = "asr.csv") ->
 def cmd_run(args) -> int:
     backend, plan = prepare(args, args.workflow)
     results_dir = _results_dir(args, plan.workflow.name)
-    _sweep.check_asr_file(results_dir / "asr.csv", args.force)
-    summary = execute(args, backend, plan, results_dir, after=lambda d: report_asr(d, args.force))
+    summary = execute(args, backend, plan, results_dir, after=report_asr)
     return 0 if summary is None or summary.failed == 0 and summary.not_run == 0 else EXIT_JOB_FAILED
 
 
@@ -244,11 +244,10 @@ def cmd_curve(args) -> int:
         raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
     backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))
     results_dir = _results_dir(args, plan.workflow.name + "-curve")
-    _sweep.check_asr_file(results_dir / "asr.csv", args.force)
     check_metric_names(plan, {"--detector": args.detector, "--similarity": args.similarity})
     detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
     status = []
-    summary = execute(args, backend, plan, results_dir, after=lambda d: (report_asr(d, args.force), status.append(
+    summary = execute(args, backend, plan, results_dir, after=lambda d: (report_asr(d), status.append(
         print_verdict(d, args.train_node, steps, detector, args.similarity))), detector=detector,
         curve={"steps": steps, "train_node": args.train_node})
     if summary is None:

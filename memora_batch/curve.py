@@ -46,7 +46,7 @@ def check_metric_names(plan, given: dict) -> None:
             continue
         if not any(name.startswith(t + ".") and len(name) > len(t) + 1 for t in titles):
             raise ValueError(f"{option} {name!r}: expected '<node title>.<score>' naming a node of this workflow "
-                             f"(e.g. 'Concept score (recovered).flagged_rate'); node titles: {', '.join(titles)}")
+                             f"(e.g. 'Concept score (recovered).rate'); node titles: {', '.join(titles)}")
 
 
 DETECTOR_HINTS = ("recovered+rate", "recovered+score", "recovered+detect", "rate")
@@ -113,7 +113,7 @@ def print_verdict(results_dir: "str | Path", train_node: str, steps: list[int], 
 
 
 def _sibling(metric: Optional[str], columns: list[str], which: str) -> Optional[str]:
-    """'Concept score (recovered).flagged_rate' -> 'Concept score (original).flagged_rate' when that column exists."""
+    """'Concept score (recovered).rate' -> 'Concept score (original).rate' when that column exists."""
     if not metric or "recovered" not in metric:
         return None
     cand = metric.replace("recovered", which)

@@ -11,7 +11,8 @@ matching results columns (``<node>.rate``, ``.k``, ``.n``, ``.ci_low``, ``.ci_hi
 - ``asr.<convention>.csv``: the attack success rate over the prompt set under the new convention.
 
 Scores whose kind the convention does not apply to (e.g. the micro world detector's under a NudeNet convention)
-keep their original numbers and convention, and are listed."""
+keep their original numbers and convention, and are listed; so are means (the CLIP score: its record has no
+``"schema"``, there is no counting convention to change)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def rescore_table(table: dict, conv: conventions.Convention) -> dict:
     return out
 
 
-def _nudenet_tables(record: dict, conv: conventions.Convention) -> list[dict]:
+def _nudenet_tables(record: dict, conv: conventions.Convention, title: str) -> list[dict]:
     """The NudeNet node's tables exactly as a fresh run under ``conv`` would publish them."""
     from memora.evaluation import nudity
 
@@ -68,20 +69,48 @@ def _nudenet_tables(record: dict, conv: conventions.Convention) -> list[dict]:
     return tables
 
 
-#: score kinds whose node tables are rebuilt whole (per-image and per-class tables too); other kinds get their
-#: summary table's rate cells and record replaced (rescore_table)
-TABLE_BUILDERS = {conventions.NUDENET: _nudenet_tables}
+def _classifier_tables(record: dict, conv: conventions.Convention, title: str) -> list[dict]:
+    """The object / style-classifier node's tables (summary, conventions, images) from the rescored record."""
+    from memora.evaluation import objects
+
+    return objects.tables(title, conventions.rescore(record, conv))
+
+
+def _zero_shot_tables(record: dict, conv: conventions.Convention, title: str) -> list[dict]:
+    from memora.evaluation import clip_score
+
+    return clip_score.style_tables(conventions.rescore(record, conv))
+
+
+#: score kinds whose node tables are rebuilt whole (per-image, per-class and per-convention tables too), from the
+#: record and the summary table's title, with the per-image keys those tables read; other records get their summary
+#: table's rate cells and record replaced (rescore_table)
+TABLE_BUILDERS = {conventions.NUDENET: (_nudenet_tables, ()),
+                  "imagenet": (_classifier_tables, ("topk_names", "target_rank")),
+                  "style-classifier": (_classifier_tables, ("topk_names", "target_rank")),
+                  "clip-zeroshot": (_zero_shot_tables, ("cosines",))}
+
+
+def _builder(record: dict):
+    """The function that rebuilds the node's tables from ``record``, or None (rescore the summary cells only) when
+    its kind has none or the record lacks what the node's tables show (a record written by other code)."""
+    build, keys = TABLE_BUILDERS.get(record.get("kind"), (None, ()))
+    if build is _classifier_tables and not isinstance(record.get("rates"), dict):
+        return None
+    if build is None or not all(all(k in img for k in keys) for img in record.get("images") or []):
+        return None
+    return build
 
 
 def _rescore_node(r: dict, node: str, idx: list[int], conv: conventions.Convention) -> None:
     """Replace one node's tables in job record ``r`` (in place) and its results columns."""
     tables = r["tables"]
     first = tables[idx[0]]
-    build = TABLE_BUILDERS.get(first["record"]["kind"])
+    build = _builder(first["record"])
     if build is None:
         new = [rescore_table(first, conv)] + [tables[i] for i in idx[1:]]
     else:
-        new = build(first["record"], conv)
+        new = build(first["record"], conv, first.get("title", ""))
     r["tables"] = [t for i, t in enumerate(tables) if i not in idx[1:]]
     pos = r["tables"].index(first)
     r["tables"][pos:pos + 1] = [{"node": node, **{k: v for k, v in t.items() if k != "node"}} for t in new]
@@ -109,8 +138,12 @@ def rescore_records(records: list[dict], conv: conventions.Convention) -> Rescor
             if isinstance(table, dict):
                 by_node.setdefault(table.get("node", "?"), []).append(i)
         for node, idx in by_node.items():
-            with_record = [i for i in idx if "record" in r["tables"][i]]
+            with_record = [i for i in idx if conventions.is_score_record(r["tables"][i].get("record"))]
             if not with_record:
+                means = [r["tables"][i]["record"] for i in idx if isinstance(r["tables"][i].get("record"), dict)]
+                if means:  # e.g. the CLIP score: a mean has no counting convention
+                    result.skipped[node] = (f"{means[0].get('kind', 'a mean')} under "
+                                            f"{means[0].get('convention', '?')}: a mean, nothing to rescore")
                 continue
             rec = r["tables"][with_record[0]]["record"]
             kind = conventions.check_record(rec)
@@ -119,7 +152,7 @@ def rescore_records(records: list[dict], conv: conventions.Convention) -> Rescor
                                         f"under {rec.get('convention')}")
                 continue
             first = r["tables"][with_record[0]]
-            if kind not in TABLE_BUILDERS and len(first.get("rows") or []) != 1:
+            if _builder(rec) is None and len(first.get("rows") or []) != 1:
                 result.skipped[node] = (f"its score record sits in a table of {len(first.get('rows') or [])} rows; "
                                         f"only a one-row summary table can be rescored cell by cell")
                 continue
@@ -144,20 +177,21 @@ def rescore_folder(results_dir: "str | Path", convention: str, force: bool = Fal
     results_dir = Path(results_dir)
     records = _load(results_dir)
     stored = [t for r in records if r.get("status") == "ok" for t in r.get("tables") or []
-              if isinstance(t, dict) and "record" in t]
+              if isinstance(t, dict) and conventions.is_score_record(t.get("record"))]
     if not stored:
         raise RescoreError(f"{results_dir}/results.jsonl holds no stored detections: none of its score tables "
-                           f"carries a score record (the run predates them, or its score nodes store none). "
-                           f"Rescoring needs the raw detections: run the workflow again with this version of the "
-                           f"pack")
-    with ResultsFolder(results_dir, force=force):
+                           f"carries a score record (the run predates them, or its score nodes store none; means "
+                           f"such as the CLIP score have no counting convention). Rescoring needs the raw "
+                           f"detections: run the workflow again with this version of the pack")
+    stem = file_stem(conv.name)
+    written = (f"results.{stem}.jsonl", f"results.{stem}.csv", f"asr.{stem}.csv")
+    with ResultsFolder(results_dir, force=force, derived=written):  # foreign files of these names need --force
         result = rescore_records(records, conv)
         if not result.rescored:
             kinds = sorted({t["record"].get("kind") for t in stored})
             apply = sorted({n for k in kinds for n in conventions.names_for(k)})
             raise RescoreError(f"convention {conv.name!r} ({conv.rule}) applies to none of the stored scores: they "
                                f"are {', '.join(map(str, kinds))} scores; conventions for them: {', '.join(apply)}")
-        stem = file_stem(conv.name)
         jsonl, table = write_snapshot(results_dir, f"results.{stem}", result.records)
-        asr = _sweep.write_asr(results_dir, _sweep.attack_success(result.records), f"asr.{stem}.csv", force)
+        asr = _sweep.write_asr(results_dir, _sweep.attack_success(result.records), written[2])
     return result, [jsonl, table, asr]

@@ -216,7 +216,8 @@ def parse_set_texts(items: list[str]) -> dict[str, str]:
 
 
 # -- attack success rate over a prompt set -------------------------------------------------------------------------
-#: asr.csv's columns (its first line is memora-batch's signature: a file that starts otherwise is not replaced)
+#: asr.csv's columns (its first line is memora-batch's signature, folder.DERIVED_SIGNATURES: a file that starts
+#: otherwise is not replaced without --force)
 ASR_COLUMNS = ["score", "group", "convention", "prompts_flagged", "prompts", "asr", "ci_low", "ci_high",
                "images_flagged", "images"]
 ALL_JOBS = "(all jobs)"
@@ -279,30 +280,18 @@ def attack_success(records: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda row: (row["group"], row["score"]))
 
 
-def write_asr(directory: "str | Path", rows: list[dict], name: str = "asr.csv", force: bool = False) -> Path:
-    """Write the ASR rows as CSV (atomically); an existing file that memora-batch did not write is replaced only with
-    ``force``."""
+def write_asr(directory: "str | Path", rows: list[dict], name: str = "asr.csv") -> Path:
+    """Write the ASR rows as CSV (atomically). Called under the results folder's lock, whose holder checked before
+    anything ran that an existing file of this name is memora-batch's (folder.signature; --force otherwise)."""
     from memora.fileio import atomic_write
 
-    path = check_asr_file(Path(directory) / name, force)
+    path = Path(directory) / name
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(ASR_COLUMNS)
     for row in rows:
         w.writerow([f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in ASR_COLUMNS])
     atomic_write(path, buf.getvalue(), replace=True)
-    return path
-
-
-def check_asr_file(path: "str | Path", force: bool = False) -> Path:
-    """SweepError when ``path`` exists and memora-batch did not write it (unless ``force``): checked before a run."""
-    path = Path(path)
-    head = ",".join(ASR_COLUMNS)
-    if path.is_file() and not force:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            if f.read(len(head)) != head:
-                raise SweepError(f"{path} exists and was not written by memora-batch (the attack success rates go "
-                                 f"there): pass --force to replace it, or choose another --out; nothing was run")
     return path
 
 

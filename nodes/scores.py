@@ -199,27 +199,6 @@ def _rel(path: Path) -> str:
     return os.path.relpath(path, folder_paths.get_output_directory())
 
 
-def _rate_row(rec: dict) -> list:
-    return [rec["rate"], rec["k"], rec["n"], rec["ci_low"], rec["ci_high"], rec["convention"]]
-
-
-RATE_COLUMNS = ["rate", "k", "n", "ci_low", "ci_high", "convention"]
-MEAN_COLUMNS = ["mean", "n", "ci_low", "ci_high", "convention"]
-
-
-def _classifier_tables(title: str, rec: dict) -> list[dict]:
-    """Summary (the chosen convention, one row, with the record), every convention (rows named by convention), and
-    the images."""
-    rates = rec["rates"]
-    return [
-        {"title": title, "columns": RATE_COLUMNS, "rows": [_rate_row(rec["rate"])], "record": rec},
-        {"title": f"{title}: conventions", "columns": ["convention"] + RATE_COLUMNS[:-1],
-         "rows": [[c] + _rate_row(r)[:-1] for c, r in rates.items()]},
-        {"title": f"{title} per image", "columns": ["image", "top1", "top1_name", "target_rank"],
-         "rows": [[im["index"], im["topk"][0], im["topk_names"][0], im["target_rank"]] for im in rec["images"]]},
-    ]
-
-
 def _prefix_input(default: str):
     return io.String.Input("filename_prefix", default=default,
                            tooltip="Name of the JSON record in the output folder (ComfyUI's counter naming).")
@@ -269,7 +248,7 @@ class MemoRaObjectScore(_schema.MemoRaNode):
             clf.model.to("cpu")
         saved = save_json_record(filename_prefix, json.dumps(rec, indent=2))
         report = objects.report(rec) + f"\nJSON record: {_rel(saved)}"
-        tables = _classifier_tables("Object score (ResNet-50)", rec)
+        tables = objects.tables("Object score (ResNet-50)", rec)
         r = rec["rates"]
         return io.NodeOutput(rec["rate"]["rate"], r[objects.TOP1]["rate"], r[objects.TOP5]["rate"], report,
                              ui=_host.publish_scores(tables))
@@ -318,11 +297,7 @@ class MemoRaClipScore(_schema.MemoRaNode):
         report = "\n".join([f"CLIP score ({model.name}): {clip_score.stats.format_mean(m, 2)}; {m['convention']}"]
                            + [f"  image {im['index']}: {im['clip_score']:.2f} (cosine {im['cosine']:.4f})"
                               for im in rec["images"]] + [f"JSON record: {_rel(saved)}"])
-        tables = [{"title": "CLIP score", "columns": MEAN_COLUMNS,
-                   "rows": [[m["mean"], m["n"], m["ci_low"], m["ci_high"], m["convention"]]], "record": rec},
-                  {"title": "CLIP score per image", "columns": ["image", "clip_score", "cosine"],
-                   "rows": [[im["index"], im["clip_score"], im["cosine"]] for im in rec["images"]]}]
-        return io.NodeOutput(m["mean"], report, ui=_host.publish_scores(tables))
+        return io.NodeOutput(m["mean"], report, ui=_host.publish_scores(clip_score.clip_tables(rec)))
 
 
 # -- style rates ---------------------------------------------------------------------------------------------------
@@ -366,14 +341,8 @@ class MemoRaStyleScore(_schema.MemoRaNode):
                  f"other artists: {clip_score.stats.format_rate(r)}"]
         lines += [f"  image {im['index']}: best '{im['best_prompt']}' (cosine {im['topk_scores'][0]:.4f}; target "
                   f"{im['cosines'][0]:.4f})" for im in rec["images"]]
-        tables = [{"title": "Style score (CLIP zero-shot)", "columns": RATE_COLUMNS, "rows": [_rate_row(r)],
-                   "record": rec},
-                  {"title": "Style score per image", "columns": ["image", "best_prompt", "best_cosine",
-                                                                 "target_cosine"],
-                   "rows": [[im["index"], im["topk"][0], im["topk_scores"][0], im["cosines"][0]]
-                            for im in rec["images"]]}]
         return io.NodeOutput(r["rate"], "\n".join(lines + [f"JSON record: {_rel(saved)}"]),
-                             ui=_host.publish_scores(tables))
+                             ui=_host.publish_scores(clip_score.style_tables(rec)))
 
 
 class MemoRaStyleClassifierScore(_schema.MemoRaNode):
@@ -416,7 +385,7 @@ class MemoRaStyleClassifierScore(_schema.MemoRaNode):
             clf.model.to("cpu")
         saved = save_json_record(filename_prefix, json.dumps(rec, indent=2))
         return io.NodeOutput(rec["rate"]["rate"], objects.report(rec) + f"\nJSON record: {_rel(saved)}",
-                             ui=_host.publish_scores(_classifier_tables("Style score (classifier)", rec)))
+                             ui=_host.publish_scores(objects.tables("Style score (classifier)", rec)))
 
 
 NODES = [MemoRaObjectScore, MemoRaClipScore, MemoRaStyleScore, MemoRaStyleClassifierScore]

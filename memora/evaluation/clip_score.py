@@ -28,12 +28,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import stats
-from . import objects
+from . import conventions, objects, stats
 from .objects import ClassifierFileError, read_hf_config, to_uint8
 
-CLIP_SCORE = "clip-score-100"
-ZERO_SHOT = "clip-zeroshot-style"
+CLIP_SCORE = "clip-score-100"        # a mean: no counting convention, nothing to rescore
+ZERO_SHOT = "clip-zeroshot-style"    # defined in memora.evaluation.conventions.CONVENTIONS
+MEAN_COLUMNS = ["mean", "n", "ci_low", "ci_high", "convention"]
 DEFAULT_TARGET = "Van Gogh"
 DEFAULT_TEMPLATE = "a painting in the style of {}"
 # The other artists a style prompt competes with: ESD's (Gandikota et al. 2023) artist set (famous and modern
@@ -159,8 +159,14 @@ def clip_score(clip: Clip, images: torch.Tensor, prompt_text: str, device=None) 
     uniq = list(dict.fromkeys(prompts))
     txt = text_embeddings(clip, uniq, device)
     cos = [float(img[i] @ txt[uniq.index(p)]) for i, p in enumerate(prompts)]
-    # no score-record "schema": a mean has no counting convention to rescore; the raw cosines are kept all the same
-    return {"kind": "clip-score", "detector": clip.describe(), "convention": CLIP_SCORE, **score_record(cos, prompts)}
+    return clip_record(cos, prompts, clip.describe())
+
+
+def clip_record(cosines: Sequence[float], prompts: Sequence[str], detector=None) -> dict:
+    """The CLIP score record from per-image cosines. No score-record "schema": a mean has no counting convention to
+    rescore (memora-batch rescore passes it by); the raw cosines are kept all the same."""
+    return {"kind": "clip-score", "detector": detector or {}, "convention": CLIP_SCORE,
+            **score_record(cosines, prompts)}
 
 
 def parse_artists(text: str) -> list[str]:
@@ -205,15 +211,42 @@ def style_score(clip: Clip, images: torch.Tensor, target: str, others: Sequence[
     is class 0)."""
     prompts = style_prompts(target, others, template)
     cos = (image_embeddings(clip, images, device) @ text_embeddings(clip, prompts, device).T).tolist()
-    per = zero_shot_images(cos)
+    return style_record(cos, target, others, template, clip.describe())
+
+
+def style_record(cosines: Sequence[Sequence[float]], target: str, others: Sequence[str],
+                 template: str = DEFAULT_TEMPLATE, detector=None) -> dict:
+    """The zero-shot style score record from the cosines [images, prompts] of the images with
+    ``style_prompts(target, others, template)`` (what :func:`style_score` computes with the model)."""
+    prompts = style_prompts(target, others, template)
+    per = zero_shot_images(cosines)
+    if len(per[0]["cosines"]) != len(prompts):
+        raise ValueError(f"{len(per[0]['cosines'])} cosines per image for {len(prompts)} prompts")
     for im in per:
         im["best_prompt"] = prompts[im["topk"][0]]
     rates = {ZERO_SHOT: objects.top_rate(per, [0], 1, ZERO_SHOT)}
-    rules = {ZERO_SHOT: "CLIP zero-shot: the image's most similar prompt (cosine of CLIP embeddings) is the "
-                        "target artist's"}
-    rec = objects.classifier_record("clip-zeroshot", clip.describe(), per, [0], [prompts[0]], rates, ZERO_SHOT, rules)
+    rec = objects.classifier_record("clip-zeroshot", detector or {}, per, [0], [prompts[0]], rates, ZERO_SHOT,
+                                    objects.rules_of([ZERO_SHOT]))
     rec.update({"target_artist": str(target).strip(), "template": template, "prompts": prompts})
     return rec
+
+
+def style_tables(rec: dict) -> list[dict]:
+    """The tables the zero-shot style node publishes: the summary (one row, carrying the record) and the images."""
+    return [{"title": "Style score (CLIP zero-shot)", "columns": conventions.RATE_COLUMNS,
+             "rows": [conventions.rate_row(rec["rate"])], "record": rec},
+            {"title": "Style score per image", "columns": ["image", "best_prompt", "best_cosine", "target_cosine"],
+             "rows": [[im["index"], im["topk"][0], im["topk_scores"][0], im["cosines"][0]] for im in rec["images"]]}]
+
+
+def clip_tables(rec: dict) -> list[dict]:
+    """The tables the CLIP score node publishes: the mean (one row, carrying the record: no "schema", so memora-batch
+    rescore passes it by) and the images."""
+    m = rec["mean"]
+    return [{"title": "CLIP score", "columns": MEAN_COLUMNS,
+             "rows": [[m["mean"], m["n"], m["ci_low"], m["ci_high"], m["convention"]]], "record": rec},
+            {"title": "CLIP score per image", "columns": ["image", "clip_score", "cosine"],
+             "rows": [[im["index"], im["clip_score"], im["cosine"]] for im in rec["images"]]}]
 
 
 def to_json(rec: dict) -> str:

@@ -37,13 +37,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from . import stats
+from . import conventions, stats
 
+# Convention names: defined, with their rules and sources, in memora.evaluation.conventions.CONVENTIONS.
 TOP1 = "resnet50-top1"
 TOP5 = "resnet50-top5"
 TOPK = 5
-# The score-record layout shared with memora.evaluation.conventions (memora-batch rescore reads it).
-SCORE_RECORD_SCHEMA = "memora.score-record/1"
 # ESD's object classes (ImageNet-1k indices).
 ESD_CLASSES = {"church": 497, "garbage truck": 569, "parachute": 701, "tench": 0}
 # torchvision's file names (the hash part of the published URLs) -> the weight set they hold.
@@ -304,25 +303,34 @@ def classifier_record(kind: str, detector: dict, per_image: list[dict], targets:
     any top-k convention is recomputed; every rate this node reports under ``rates``."""
     if convention not in rates:
         raise ValueError(f"convention must be one of {sorted(rates)}, got {convention!r}")
-    return {"schema": SCORE_RECORD_SCHEMA, "kind": kind, "detector": detector, "convention": convention,
+    return {"schema": conventions.SCHEMA, "kind": kind, "detector": detector, "convention": convention,
             "rule": rules[convention], "targets": [int(t) for t in targets],
             "target_names": [str(n) for n in target_names], "images": per_image, "rate": rates[convention],
             "rates": rates, "rules": rules}
 
 
+def rules_of(names: Sequence[str]) -> dict:
+    """{convention name: its rule} from memora.evaluation.conventions (the one definition of each convention)."""
+    return {n: conventions.CONVENTIONS[n].rule for n in names}
+
+
 def score(clf: Classifier, images: torch.Tensor, target, convention: str = TOP1, device=None) -> dict:
     """The JSON record of an object score: classifier, target class, per-image top-5, both rates."""
-    index, name = resolve_class(target)
+    index, _ = resolve_class(target)
     if clf.num_classes != 1000:
         raise ValueError(f"{clf.weights} has {clf.num_classes} classes, not ImageNet's 1000")
-    per = image_records(logits(clf, images, device), index)
+    return object_record(logits(clf, images, device), index, clf.describe(), convention)
+
+
+def object_record(lg: torch.Tensor, target, detector: dict, convention: str = TOP1) -> dict:
+    """The object score record from ImageNet logits [images, 1000] (what :func:`score` computes with the model)."""
+    index, name = resolve_class(target)
+    per = image_records(lg, index)
     names = imagenet_classes()
     for im in per:
         im["topk_names"] = [names[i] for i in im["topk"]]
-    rules = {TOP1: "ImageNet ResNet-50: the target class is the top-1 class",
-             TOP5: "ImageNet ResNet-50: the target class is among the top-5 classes"}
-    return classifier_record("imagenet", clf.describe(), per, [index], [name], rates_from_images(per, index),
-                             convention, rules)
+    return classifier_record("imagenet", detector, per, [index], [name], rates_from_images(per, index),
+                             convention, rules_of((TOP1, TOP5)))
 
 
 # -- an artist (style) classifier: UnlearnDiffAtk's ViT, any transformers image classifier with named labels -------
@@ -363,15 +371,35 @@ def label_score(clf: Classifier, images: torch.Tensor, target, convention: str =
     """The score record of a style classifier (e.g. UnlearnDiffAtk's ViT artist classifier): share of images whose
     top-1 (top-5) class is the target label."""
     labels = classifier_labels(clf)
+    resolve_label(labels, target)     # an unknown label fails before the model runs
+    return label_record(logits(clf, images, device), labels, target, clf.describe(), convention)
+
+
+def label_record(lg: torch.Tensor, labels: Sequence[str], target, detector: dict,
+                 convention: str = ARTIST_TOP1) -> dict:
+    """The style-classifier score record from the classifier's logits [images, classes] and its labels."""
     index, name = resolve_label(labels, target)
-    per = image_records(logits(clf, images, device), index)
+    per = image_records(lg, index)
     for im in per:
         im["topk_names"] = [labels[i] for i in im["topk"]]
     rates = {ARTIST_TOP1: top_rate(per, [index], 1, ARTIST_TOP1), ARTIST_TOP5: top_rate(per, [index], TOPK,
                                                                                        ARTIST_TOP5)}
-    rules = {ARTIST_TOP1: "style classifier: the target label is the top-1 class",
-             ARTIST_TOP5: "style classifier: the target label is among the top-5 classes"}
-    return classifier_record("style-classifier", clf.describe(), per, [index], [name], rates, convention, rules)
+    return classifier_record("style-classifier", detector, per, [index], [name], rates, convention,
+                             rules_of((ARTIST_TOP1, ARTIST_TOP5)))
+
+
+def tables(title: str, rec: dict) -> list[dict]:
+    """The score tables a classifier node publishes (``memora_scores``): the summary (the chosen convention, one
+    row, carrying the record: what memora-batch rescores), every convention it reports (rows named by convention),
+    and the images."""
+    cols = conventions.RATE_COLUMNS
+    return [
+        {"title": title, "columns": cols, "rows": [conventions.rate_row(rec["rate"])], "record": rec},
+        {"title": f"{title}: conventions", "columns": ["convention"] + cols[:-1],
+         "rows": [[c] + conventions.rate_row(r)[:-1] for c, r in rec["rates"].items()]},
+        {"title": f"{title} per image", "columns": ["image", "top1", "top1_name", "target_rank"],
+         "rows": [[im["index"], im["topk"][0], im["topk_names"][0], im["target_rank"]] for im in rec["images"]]},
+    ]
 
 
 def report(rec: dict) -> str:

@@ -14,7 +14,7 @@ from memora.evaluation import nudity, stats
 from memora_batch import cli
 from memora_batch.rescore import RescoreError, rescore_folder
 from memora_batch.results import ResultsStore, metrics_from_ui, tables_from_ui
-from memora_batch.sweep import attack_success
+from memora_batch.sweep import ASR_COLUMNS, attack_success
 
 NODE = "Concept score (recovered)"
 TITLES = {"5": NODE, "9": "Similarity to original (recovered)"}
@@ -165,5 +165,130 @@ def test_a_foreign_asr_csv_stops_run_and_curve_before_any_job(monkeypatch, tmp_p
     wf = str(cli.pack_root() / "example_workflows" / "recovery_sweep.json")
     extra = ["--steps", "1"] if command == "curve" else []
     assert cli.main([command, wf, "--out", str(tmp_path), "--no-progress", *extra]) == cli.EXIT_BAD_INPUT
-    assert "asr.csv exists and was not written by memora-batch" in capsys.readouterr().err
+    assert f"results folder {tmp_path} holds asr.csv not written by memora-batch" in capsys.readouterr().err
     assert backend.ran == [] and (tmp_path / "asr.csv").read_text() == "my own notes\n"
+    assert cli.main([command, wf, "--out", str(tmp_path), "--no-progress", "--force", *extra]) == 0
+    assert backend.ran
+    # an asr.csv memora-batch wrote (its header) does not stop the next run (a resume: the job is already done)
+    (tmp_path / "asr.csv").write_text(",".join(ASR_COLUMNS) + "\n")
+    assert cli.main([command, wf, "--out", str(tmp_path), "--no-progress", *extra]) == 0
+    assert "1 already done" in capsys.readouterr().out
+
+
+def test_a_foreign_file_of_rescores_name_stops_it_unless_forced(tmp_path, capsys):
+    _run(tmp_path, "unlearndiffatk")
+    for name in ("results.erasediff.csv", "results.erasediff.jsonl", "asr.erasediff.csv"):
+        (tmp_path / name).write_text("my own notes\n")
+        assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == cli.EXIT_BAD_INPUT
+        assert f"holds {name} not written by memora-batch" in capsys.readouterr().err
+        assert (tmp_path / name).read_text() == "my own notes\n"
+        assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff", "--force"]) == 0
+        assert (tmp_path / name).read_text() != "my own notes\n"
+    # rescore's own files are replaced by a second rescore without --force; other conventions' files are not its
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == 0
+    (tmp_path / "results.unlearndiffatk.csv").write_text("my own notes\n")
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == 0
+
+
+# -- the object and style scores' records (memora.evaluation.objects / clip_score), as their nodes publish them ------
+def _scores_with_target_rank(ranks, target, classes):
+    """[images, classes] scores, distinct in each row, where ``target`` has the given rank (1 = highest)."""
+    rows = []
+    for r in ranks:
+        order = [c for c in range(classes) if c != target]
+        order.insert(r - 1, target)
+        row = [0.0] * classes
+        for pos, c in enumerate(order):
+            row[c] = float(classes - pos) / classes
+        rows.append(row)
+    return rows
+
+
+ARTISTS = ["vincent-van-gogh", "pablo-picasso", "claude-monet", "rembrandt", "salvador-dali", "caravaggio",
+           "andy-warhol", "kilian-eng"]
+RANKS = {  # the target's rank per image, and the counts each convention gives from them
+    "Object": [1, 3, 5, 6, 1000, 1, 2],          # top-1 2, top-3 4, top-5 5 of 7
+    "Artist": [1, 2, 6, 8, 5],                    # top-1 1, top-3 2, top-5 3 of 5
+    "Zero-shot": [1, 1, 2, 4, 3, 1],              # top-1 3, top-3 5 of 6 (4 prompts)
+}
+
+
+def _score_tables(node, convention):
+    """The tables the node publishes for the fixed per-image scores above, counted under ``convention``."""
+    import torch
+
+    from memora.evaluation import clip_score, objects
+
+    if node == "Object":
+        lg = torch.tensor(_scores_with_target_rank(RANKS[node], 497, 1000))
+        return objects.tables("Object score (ResNet-50)", objects.object_record(lg, "church", {"weights": "x"},
+                                                                                  convention))
+    if node == "Artist":
+        lg = torch.tensor(_scores_with_target_rank(RANKS[node], 0, len(ARTISTS)))
+        return objects.tables("Style score (classifier)", objects.label_record(lg, ARTISTS, "Vincent Van Gogh",
+                                                                                 {"weights": "vit/"}, convention))
+    if node == "Zero-shot":
+        cos = _scores_with_target_rank(RANKS[node], 0, 4)
+        return clip_score.style_tables(clip_score.style_record(cos, "Van Gogh", ["Picasso", "Monet", "Dali"]))
+    return clip_score.clip_tables(clip_score.clip_record([0.31, 0.12, -0.05], ["a church"] * 3))
+
+
+SCORE_TITLES = {"1": "Object", "2": "Artist", "3": "Zero-shot", "4": "CLIP"}
+FIRST = {"Object": "resnet50-top1", "Artist": "artist-top1", "Zero-shot": "clip-zeroshot-style", "CLIP": None}
+
+
+def _score_run(folder, conventions_by_node):
+    ui = {nid: {K.UI_SCORES: _score_tables(node, conventions_by_node[node])} for nid, node in SCORE_TITLES.items()}
+    store = ResultsStore(folder)
+    store.append({"key": "k", "status": "ok", "row": 0, "overrides": {}, "labels": {}, "outputs": {},
+                  "metrics": metrics_from_ui(ui, SCORE_TITLES), "tables": tables_from_ui(ui, SCORE_TITLES)})
+    return store.latest()[0]
+
+
+@pytest.mark.parametrize("node, convention, k, n", [
+    ("Object", "resnet50-top5", 5, 7), ("Object", "resnet50-top1", 2, 7),
+    ("Artist", "artist-top5", 3, 5), ("Artist", "artist-top1", 1, 5),
+    ("Zero-shot", "clip-zeroshot-style", 3, 6)])
+def test_object_and_style_records_rescore_exactly_as_a_fresh_run(tmp_path, node, convention, k, n):
+    other = {"resnet50-top1": "resnet50-top5", "resnet50-top5": "resnet50-top1", "artist-top1": "artist-top5",
+             "artist-top5": "artist-top1", "clip-zeroshot-style": "clip-zeroshot-style"}
+    _score_run(tmp_path / "orig", {**FIRST, node: other[convention]})  # run under the other convention
+    fresh = _score_run(tmp_path / "fresh", {**FIRST, node: convention})
+    result, files = rescore_folder(tmp_path / "orig", convention)
+    got = json.loads(files[0].read_text())
+    assert result.rescored == [f"k {node}"]
+    assert got["metrics"] == fresh["metrics"] and list(got["metrics"]) == list(fresh["metrics"])
+    assert got["tables"] == fresh["tables"]  # the summary, the conventions, the images; the others untouched
+    assert [got["metrics"][f"{node}.{c}"] for c in C.RATE_COLUMNS] == C.rate_row(stats.rate_record(k, n, convention))
+    # the CLIP score is a mean: its record has no schema, it is passed by without an error
+    assert result.skipped["CLIP"] == "clip-score under clip-score-100: a mean, nothing to rescore"
+    assert C.CONVENTIONS[convention].source and C.CONVENTIONS[convention].rule == \
+        got["tables"][[t["node"] for t in got["tables"]].index(node)]["record"]["rule"]
+
+
+def test_a_top_k_rule_recounts_every_classifier_score(tmp_path, capsys):
+    before = _score_run(tmp_path, FIRST)
+    assert cli.main(["rescore", str(tmp_path), "--convention", "custom:top=3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 score table(s) counted again under custom:top=3" in out
+    assert "not rescored: CLIP: clip-score under clip-score-100: a mean, nothing to rescore" in out
+    m = json.loads((tmp_path / "results.custom-top-3.jsonl").read_text())["metrics"]
+    for node, k, n in (("Object", 4, 7), ("Artist", 2, 5), ("Zero-shot", 5, 6)):
+        assert [m[f"{node}.{c}"] for c in C.RATE_COLUMNS] == C.rate_row(stats.rate_record(k, n, "custom:top=3"))
+    # the node's own conventions are kept beside it
+    assert (m["Object.resnet50-top1.k"], m["Object.resnet50-top5.k"], m["Object.custom:top=3.k"]) == (2, 5, 4)
+    assert (m["Artist.artist-top1.k"], m["Artist.artist-top5.k"], m["Artist.custom:top=3.k"]) == (1, 3, 2)
+    assert {k: v for k, v in m.items() if k.startswith("CLIP.")} == \
+        {k: v for k, v in before["metrics"].items() if k.startswith("CLIP.")}
+    assert m["CLIP.mean"] == pytest.approx((31 + 12 + 0) / 3)
+    with pytest.raises(RescoreError, match="they are clip-zeroshot, imagenet, style-classifier scores"):
+        rescore_folder(tmp_path, "erasediff")
+
+
+def test_a_folder_of_means_only_has_nothing_to_rescore(tmp_path):
+    ui = {"4": {K.UI_SCORES: _score_tables("CLIP", None)}}
+    ResultsStore(tmp_path).append({"key": "k", "status": "ok", "row": 0, "overrides": {}, "labels": {},
+                                   "outputs": {}, "metrics": metrics_from_ui(ui, SCORE_TITLES),
+                                   "tables": tables_from_ui(ui, SCORE_TITLES)})
+    with pytest.raises(RescoreError, match="holds no stored detections.*means such as the CLIP score"):
+        rescore_folder(tmp_path, "resnet50-top1")
