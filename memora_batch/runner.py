@@ -186,6 +186,24 @@ class Summary:
     ok: int = 0
     failed: int = 0
     not_run: int = 0
+    #: per worker (the record's ``server``): [jobs finished, seconds spent in them]
+    workers: dict = field(default_factory=dict)
+    #: jobs re-run after their worker died
+    retried: int = 0
+
+    def count(self, record: dict) -> None:
+        if record["status"] == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.retried += bool(record.get("retries"))
+        jobs_seconds = self.workers.setdefault(str(record.get("server")), [0, 0.0])
+        jobs_seconds[0] += 1
+        jobs_seconds[1] += float(record.get("seconds") or 0.0)
+
+    def per_worker(self) -> str:
+        """'w1: 3 jobs in 41.2 s; w2: ...' (empty when nothing ran)."""
+        return "; ".join(f"{w}: {n} job{'s' if n != 1 else ''} in {t:.1f} s" for w, (n, t) in self.workers.items())
 
 
 class _Progress:
@@ -201,11 +219,17 @@ class _Progress:
                 self.bar = None
         self.total, self.done = total, initial
         self.enabled = enabled
+        self.per_worker: dict[str, int] = {}
 
     def update(self, record: dict):
         self.done += 1
+        worker = str(record.get("server"))
+        self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{record['key'][:8]} {record['status']}")
+            status = " ".join(f"{w}:{n}" for w, n in self.per_worker.items()) if len(self.per_worker) > 1 else ""
+            self.bar.set_postfix_str(f"{record['key'][:8]} {record['status']}"
+                                     + (f" (retried {len(record['retries'])}x)" if record.get("retries") else "")
+                                     + (f" | {status}" if status else ""))
             self.bar.update(1)
         elif self.enabled:
             print(f"[{self.done}/{self.total}] {record['key']} {record['status']} {record.get('error') or ''}",
@@ -238,6 +262,7 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
     for problem in store.problems:
         print(f"memora-batch: warning: {problem}", file=sys.stderr, flush=True)
     store.repair()
+    backend.bind_results(Path(results_dir))
     finished = store.finished_keys()
     failed_before = {r["key"] for r in store.records if r.get("status") != "ok"}
     todo, seen = [], set()
@@ -256,10 +281,7 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
     def done(job: Job, result: RunResult, seconds: float, started: str):
         rec = _record(plan, job, result, backend, seconds, started)
         store.append(rec)
-        if rec["status"] == "ok":
-            summary.ok += 1
-        else:
-            summary.failed += 1
+        summary.count(rec)
         bar.update(rec)
         if on_record:
             on_record(rec)
@@ -289,6 +311,7 @@ def _record(plan: Plan, job: Job, result: RunResult, backend: Backend, seconds: 
         "server": result.server,
         "prompt_id": result.prompt_id,
         "error": result.error_message if not result.success else None,
+        "retries": list(result.retries),
     }
     if not result.success and result.error:
         rec["error_node"] = {k: result.error.get(k) for k in ("node_id", "node_type") if result.error.get(k)}
