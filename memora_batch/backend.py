@@ -121,6 +121,9 @@ class EmbeddedBackend(Backend):
              custom_nodes: tuple = (), all_custom_nodes: bool = False, cpu: Optional[bool] = None) -> "EmbeddedBackend":
         from .embedded import EmbeddedComfy, find_comfyui
 
+        if comfy_path and find_comfyui(comfy_path) != Path(comfy_path).resolve():
+            raise FileNotFoundError(f"--comfyui {comfy_path}: no ComfyUI checkout there (expected a folder with "
+                                    f"main.py and comfy/)")
         path = find_comfyui(comfy_path)
         if path is None:
             raise FileNotFoundError(

@@ -189,7 +189,17 @@ class RayBackend(Backend):
         return set(self._types)
 
     def object_info(self, node_types) -> dict:
-        return self.ray.get(self.actors[0].object_info.remote(list(node_types)))
+        """The first worker's definitions, with each list of options (model files, say) the union over the workers:
+        a file one worker lacks is then named with that worker by :meth:`validate`, not refused for all."""
+        infos = self.ray.get([a.object_info.remote(list(node_types)) for a in self.actors])
+        merged = infos[0]
+        for other in infos[1:]:
+            for node_type, info in merged.items():
+                for section in ("required", "optional"):
+                    theirs = (other.get(node_type, {}).get("input") or {}).get(section) or {}
+                    for name, spec in ((info.get("input") or {}).get(section) or {}).items():
+                        _union_options(spec, theirs.get(name))
+        return merged
 
     def validate(self, prompt: dict) -> Optional[str]:
         """Every worker's ComfyUI validates the graph (a model file missing on one machine shows here)."""
@@ -341,6 +351,18 @@ class _Placement:
 
     def left(self) -> list:
         return [j for q in self.groups.values() for j in q]
+
+
+def _union_options(spec: Any, other: Any) -> None:
+    """Add ``other``'s options to the input spec ``spec`` (old style: [[options], {...}]; COMBO: ["COMBO",
+    {"options": [...]}])."""
+    if not (isinstance(spec, list) and isinstance(other, list) and spec and other):
+        return
+    if isinstance(spec[0], list) and isinstance(other[0], list):
+        spec[0].extend(o for o in other[0] if o not in spec[0])
+    elif len(spec) > 1 and len(other) > 1 and isinstance(spec[1], dict) and isinstance(other[1], dict) \
+            and isinstance(spec[1].get("options"), list) and isinstance(other[1].get("options"), list):
+        spec[1]["options"].extend(o for o in other[1]["options"] if o not in spec[1]["options"])
 
 
 def _plain(value: Any) -> Any:
