@@ -289,6 +289,16 @@ def file_id(item: dict) -> str:
     return "file:" + "/".join(p for p in (item.get("type", "output"), item.get("subfolder"), item["filename"]) if p)
 
 
+def on_worker(options: dict) -> dict:
+    """EmbeddedBackend.boot's options as a cluster worker applies them: without --base-directory, its own machine's
+    $MEMORA_BATCH_BASE_DIRECTORY (else the checkout's own folders)."""
+    import os
+
+    opts = dict(options)
+    opts["base_directory"] = opts.get("base_directory") or os.environ.get("MEMORA_BATCH_BASE_DIRECTORY") or None
+    return opts
+
+
 def pack_root(comfy_path: Optional[Path] = None) -> Optional[Path]:
     """The comfyui-memora pack folder: this source tree when installed editable, else the copy in custom_nodes."""
     here = Path(__file__).resolve().parent.parent

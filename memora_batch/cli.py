@@ -102,7 +102,8 @@ def _add_cluster(p: argparse.ArgumentParser):
                    help="the workers' ComfyUI output folder is on a file system the driver shares: leave the files "
                         "there (default: send them back into <results folder>/files/)")
     g.add_argument("--max-retries", type=_non_negative_int, default=2, metavar="N",
-                   help="cluster: times a job whose worker died runs again on another worker (default 2)")
+                   help="--ray: times a job whose worker died runs again on another worker (default 2); with "
+                        "--slurm a rerun of the command resumes a shard that died")
     g.add_argument("--slurm", action="store_true",
                    help="submit the sweep to SLURM through submitit, as a job array of shards")
     g.add_argument("--slurm-partition", default=None, metavar="NAME", help="SLURM partition")
@@ -190,8 +191,7 @@ def _backend(args):
         from .slurm import SlurmBackend
 
         return SlurmBackend(_embedded_options(args), partition=args.slurm_partition, gpus=args.slurm_gpus,
-                            time_min=args.slurm_time, shards=args.slurm_shards, executor=args.slurm_executor,
-                            max_retries=args.max_retries)
+                            time_min=args.slurm_time, shards=args.slurm_shards, executor=args.slurm_executor)
     return EmbeddedBackend.boot(**_embedded_options(args))
 
 

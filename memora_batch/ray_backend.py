@@ -66,11 +66,9 @@ class ComfyWorker:
         except Exception:
             info["node"] = "?"
         try:
-            from .backend import EmbeddedBackend
+            from .backend import EmbeddedBackend, on_worker
 
-            opts = dict(self.options)
-            opts["base_directory"] = opts.get("base_directory") or os.environ.get("MEMORA_BATCH_BASE_DIRECTORY")
-            self.backend = EmbeddedBackend.boot(**opts)
+            self.backend = EmbeddedBackend.boot(**on_worker(self.options))
         except Exception as e:  # reported by the driver, naming this worker
             info["error"] = f"{type(e).__name__}: {e}"
             return info

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .backend import Backend, EmbeddedBackend, MissingExtra, OnDone, RunResult, affinity_key, file_id, output_files
+from .backend import (Backend, EmbeddedBackend, MissingExtra, OnDone, RunResult, affinity_key, file_id, on_worker,
+                      output_files)
 from .workflow import graph_key
 
 SHARD_GLOB = "*/shard-*.jsonl"
@@ -44,7 +45,7 @@ def run_shard(shard_file: str, items: list, options: dict) -> int:
     done = set(_read_lines(path))
     atomic_write(path.with_suffix(".json"), json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                         "task": os.environ.get("SLURM_ARRAY_TASK_ID")}), replace=True)
-    backend = EmbeddedBackend.boot(**options)
+    backend = EmbeddedBackend.boot(**on_worker(options))
     name = f"slurm:{path.stem}@{socket.gethostname()}"
     ran = 0
     for job_id, prompt in items:
@@ -85,7 +86,7 @@ class SlurmBackend(Backend):
                  shards: Optional[int] = None, executor: str = "slurm", poll: float = 0.5):
         self.submitit = import_submitit()
         self.options = dict(worker_options)
-        self.local = EmbeddedBackend.boot(**self.options)  # planning only: definitions, validation
+        self.local = EmbeddedBackend.boot(**on_worker(self.options))  # planning only: definitions, validation
         self.partition, self.gpus, self.time_min = partition, gpus, time_min
         self.shards, self.executor, self.poll = shards, executor, poll
         self.dir: Optional[Path] = None
