@@ -84,8 +84,10 @@ class ComfyWorker:
         return self.backend.validate(prompt)
 
     def run(self, prompt: dict, send_files: bool) -> tuple:
-        """(RunResult, {file id: path on this worker}, {file id: bytes} when ``send_files``)."""
+        """(RunResult, {file id: path on this worker}, {file id: bytes} when ``send_files``, seconds in ComfyUI)."""
+        t0 = time.monotonic()
         result = self.backend.run(prompt)
+        compute = time.monotonic() - t0
         result.ui_outputs, result.error = _plain(result.ui_outputs), _plain(result.error)
         paths = output_files(result.ui_outputs, self.backend.resolve_file, self.backend.resolve_lora)
         data = {}
@@ -94,7 +96,7 @@ class ComfyWorker:
                 if os.path.isfile(path):
                     with open(path, "rb") as f:
                         data[fid] = f.read()
-        return result, paths, data
+        return result, paths, data, compute
 
 
 # -- the driver side -------------------------------------------------------------------------------------------------
@@ -131,6 +133,9 @@ class RayBackend(Backend):
         self.max_retries, self.shared_output = max(0, int(max_retries)), shared_output
         self.files_dir: Optional[Path] = None
         self.paths: dict[str, str] = {}
+        #: per finished job: seconds the driver waited beyond the worker's time in ComfyUI (placement, sending the
+        #: graph and the files, Ray's own bookkeeping)
+        self.overheads: list[float] = []
         self.on_job_start: Optional[Callable[[Any, dict], None]] = None  # (job, worker info): a hook for tests
         try:
             self._start_workers(dict(worker_options or {}), gpus_per_worker, cpus_per_worker, workers, boot_timeout)
@@ -257,11 +262,12 @@ class RayBackend(Backend):
                 for ref in done:
                     name, job, t0, started = flight.pop(ref)
                     try:
-                        result, paths, data = self.ray.get(ref)
+                        result, paths, data, compute = self.ray.get(ref)
                     except self.ray.exceptions.RayActorError as e:
                         self._lost(name, job, e, queue, retries, on_done, t0, started)
                         continue
                     self._receive(paths, data)
+                    self.overheads.append(time.monotonic() - t0 - compute)
                     result.server = f"ray:{name}@{info[name]['host']}"
                     result.retries = retries.pop(id(job), [])
                     on_done(job, result, time.monotonic() - t0, started)

@@ -128,10 +128,10 @@ def test_a_worker_killed_mid_job_has_its_job_rerun_elsewhere(cluster, embedded_r
     backend = RayBackend(cluster.address, {}, max_retries=2)
     killed = []
 
-    def kill_soon(job, worker):  # the first job that starts on the second worker: its process dies 1.5 s later
+    def kill_soon(job, worker):  # the first job that starts on the second worker: its process dies 0.5 s later
         if worker["name"] == "w2" and not killed:
             killed.append((job.key, worker["pid"]))
-            threading.Timer(1.5, os.kill, (worker["pid"], signal.SIGKILL)).start()
+            threading.Timer(0.5, os.kill, (worker["pid"], signal.SIGKILL)).start()
 
     backend.on_job_start = kill_soon
     try:
