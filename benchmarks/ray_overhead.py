@@ -7,7 +7,8 @@ from submitting a job to having its files written, less the worker's time inside
 The jobs: recovery_sweep.json on the built-in micro world (--quick unless --full), a sweep of 2 concept prompts x
 N/2 evaluation seeds (two groups that share their upstream work, as an audit grid does). The embedded run boots
 ComfyUI in this process; each Ray configuration boots its workers first (timed apart: the start-up is paid once per
-run, not per job). Figures for docs/performance.md ("Cluster")."""
+run, not per job). "shared": --ray-shared-output (files left where the worker wrote them, nothing sent back).
+Figures for docs/performance.md ("Cluster")."""
 
 from __future__ import annotations
 
@@ -67,27 +68,28 @@ def main() -> int:
     wall, per_job = timed_run(embedded, jobs_plan(embedded, args.jobs, quick), tmp / "embedded")
     rows = [("embedded", boot, wall, per_job)]
     overheads = {}
-    for workers in (1, 2):
+    for workers, shared in ((1, False), (2, False), (1, True)):
         t0 = time.monotonic()
-        ray_backend = RayBackend(args.address, {}, gpus_per_worker=0, workers=workers)
+        ray_backend = RayBackend(args.address, {}, gpus_per_worker=0, workers=workers, shared_output=shared)
         boot = time.monotonic() - t0
         try:
             wall_r, per_job_r = timed_run(ray_backend, jobs_plan(ray_backend, args.jobs, quick),
-                                          tmp / f"ray-{workers}")
+                                          tmp / f"ray-{workers}-{shared}")
         finally:
             ray_backend.close()
-        overheads[workers] = sorted(ray_backend.overheads)
-        rows.append((f"Ray, {workers} worker{'s' if workers > 1 else ''}", boot, wall_r, per_job_r))
+        name = f"Ray, {workers} worker{'s' if workers > 1 else ''}" + (", shared" if shared else "")
+        overheads[name] = sorted(ray_backend.overheads)
+        rows.append((name, boot, wall_r, per_job_r))
 
     n = args.jobs
     print(f"{n} jobs of recovery_sweep on the micro world ({'--quick' if quick else 'full size'}); "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), OMP_NUM_THREADS="
           f"{os.environ['OMP_NUM_THREADS']}, Ray {__import__('ray').__version__}")
-    print(f"{'backend':<18} {'start-up s':>10} {'run s':>8} {'jobs/min':>9} {'mean job s':>11}")
+    print(f"{'backend':<24} {'start-up s':>10} {'run s':>8} {'jobs/min':>9} {'mean job s':>11}")
     for name, boot_s, wall_s, jobs_s in rows:
-        print(f"{name:<18} {boot_s:>10.1f} {wall_s:>8.1f} {60 * n / wall_s:>9.1f} {sum(jobs_s) / n:>11.2f}")
-    for workers, values in overheads.items():
-        print(f"Ray scheduling overhead per job, {workers} worker(s): median {values[len(values) // 2]:.3f} s, "
+        print(f"{name:<24} {boot_s:>10.1f} {wall_s:>8.1f} {60 * n / wall_s:>9.1f} {sum(jobs_s) / n:>11.2f}")
+    for name, values in overheads.items():
+        print(f"scheduling overhead per job, {name}: median {values[len(values) // 2]:.3f} s, "
               f"max {values[-1]:.3f} s (driver round trip less the worker's time in ComfyUI)")
     print(f"wall-clock difference per job, Ray 1 worker vs embedded (start-up excluded, same jobs): "
           f"{(rows[1][2] - rows[0][2]) / n:+.2f} s (machine load: {os.getloadavg()[0]:.1f})")
