@@ -85,6 +85,59 @@ def _add_common(p: argparse.ArgumentParser, workflow: bool = True):
                    help="folder (under ComfyUI's output) for each job's saved files; default "
                         "memora-batch/<workflow>/<job key>; '' keeps the workflow's own prefixes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster(p)
+
+
+def _add_cluster(p: argparse.ArgumentParser):
+    """--ray / --slurm and their options (docs/batch.md, 'On a cluster')."""
+    g = p.add_argument_group("cluster (docs/batch.md: 'On a cluster')")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster, one embedded ComfyUI per worker: 'auto' (the default: the cluster "
+                        "this machine belongs to), HOST:PORT, ray://HOST:PORT, or 'local' (start Ray here)")
+    g.add_argument("--ray-gpus-per-worker", type=_non_negative, default=None, metavar="N",
+                   help="GPUs per worker (default 1 when the cluster has GPUs, else 0)")
+    g.add_argument("--ray-cpus-per-worker", type=_non_negative, default=1.0, metavar="N",
+                   help="CPUs per worker (default 1)")
+    g.add_argument("--ray-workers", type=_positive_int, default=None, metavar="N",
+                   help="number of workers (default: as many as the cluster's resources allow)")
+    g.add_argument("--ray-shared-output", action="store_true",
+                   help="the workers' ComfyUI output folder is on a file system the driver shares: leave the files "
+                        "there (default: send them back into <results folder>/files/)")
+    g.add_argument("--max-retries", type=_non_negative_int, default=2, metavar="N",
+                   help="--ray: times a job whose worker died runs again on another worker (default 2); with "
+                        "--slurm a rerun of the command resumes a shard that died")
+    g.add_argument("--slurm", action="store_true",
+                   help="submit the sweep to SLURM through submitit, as a job array of shards")
+    g.add_argument("--slurm-partition", default=None, metavar="NAME", help="SLURM partition")
+    g.add_argument("--slurm-gpus", type=_non_negative_int, default=1, metavar="N", help="GPUs per shard (default 1)")
+    g.add_argument("--slurm-time", type=_positive_int, default=60, metavar="MINUTES",
+                   help="time limit per shard in minutes (default 60)")
+    g.add_argument("--slurm-shards", type=_positive_int, default=None, metavar="N",
+                   help="shards in the job array (default: one per group of jobs sharing upstream work, at most 32)")
+    g.add_argument("--slurm-executor", choices=["slurm", "local"], default="slurm",
+                   help="local: run the shards as local processes (submitit's local executor), to try it out")
+
+
+def _number(text: str, kind, test, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not test(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "a number >= 0")
+
+
+def _non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v > 0, "an integer > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,12 +179,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- building blocks shared by the subcommands -----------------------------------------------------------------------
+def _embedded_options(args) -> dict:
+    return {"comfy_path": args.comfyui, "base_directory": getattr(args, "base_directory", None),
+            "custom_nodes": tuple(getattr(args, "custom_nodes", []) or []),
+            "all_custom_nodes": getattr(args, "all_custom_nodes", False), "cpu": True if args.cpu else None}
+
+
 def _backend(args):
+    chosen = [o for o, on in (("--server", args.server), ("--ray", getattr(args, "ray", None)),
+                              ("--slurm", getattr(args, "slurm", False))) if on]
+    if len(chosen) > 1:
+        raise _sweep.SweepError(f"{' and '.join(chosen)}: choose one place to run the jobs")
     if args.server:
         return ServerBackend(args.server)
-    return EmbeddedBackend.boot(args.comfyui, getattr(args, "base_directory", None),
-                                tuple(getattr(args, "custom_nodes", []) or []),
-                                getattr(args, "all_custom_nodes", False), cpu=True if args.cpu else None)
+    if getattr(args, "ray", None):
+        from .ray_backend import RayBackend
+
+        return RayBackend(args.ray, _embedded_options(args), gpus_per_worker=args.ray_gpus_per_worker,
+                          cpus_per_worker=args.ray_cpus_per_worker, workers=args.ray_workers,
+                          max_retries=args.max_retries, shared_output=args.ray_shared_output)
+    if getattr(args, "slurm", False):
+        from .slurm import SlurmBackend
+
+        return SlurmBackend(_embedded_options(args), partition=args.slurm_partition, gpus=args.slurm_gpus,
+                            time_min=args.slurm_time, shards=args.slurm_shards, executor=args.slurm_executor)
+    return EmbeddedBackend.boot(**_embedded_options(args))
 
 
 def _texts(args, sweep_columns: list[str]) -> dict:
@@ -159,8 +231,12 @@ def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None):
     if _sweep_sets_eval_prompt(columns):
         profile.texts.pop(TITLE_EVALUATION_PROMPT, None)
     backend = _backend(args)
-    plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_set_texts(args.set), profile,
-                             quick=args.quick, texts=_texts(args, columns))
+    try:
+        plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_set_texts(args.set), profile,
+                                 quick=args.quick, texts=_texts(args, columns))
+    except BaseException:
+        backend.close()
+        raise
     return backend, plan
 
 
@@ -186,7 +262,16 @@ def print_dry_run(plan, backend) -> None:
 def execute(args, backend, plan, results_dir: Path, after=None, detector: Optional[str] = None,
             curve: Optional[dict] = None):
     """Run the plan into ``results_dir`` holding its lock; ``after(results_dir)`` runs under the lock too, before
-    the reports (report.md, report.html; ``detector``: the concept-rate column, ``curve``: a curve run's steps)."""
+    the reports (report.md, report.html; ``detector``: the concept-rate column, ``curve``: a curve run's steps). The
+    backend is closed (cluster workers let go) when this returns."""
+    try:
+        return _execute(args, backend, plan, results_dir, after, detector, curve)
+    finally:
+        backend.close()
+
+
+def _execute(args, backend, plan, results_dir: Path, after=None, detector: Optional[str] = None,
+             curve: Optional[dict] = None):
     prefix = _runner.checked_output_prefix(plan, args.output_prefix)
     if args.dry_run:
         print_dry_run(plan, backend)
@@ -205,7 +290,10 @@ def execute(args, backend, plan, results_dir: Path, after=None, detector: Option
         detector = detector or (plan.profile.detector_metric if plan.profile else None)
         reports = write_reports(results_dir, plan.workflow.name, detector, curve)
         print(f"memora-batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done"
-              + (f", {summary.not_run} not run" if summary.not_run else ""))
+              + (f", {summary.not_run} not run" if summary.not_run else "")
+              + (f", {summary.retried} re-run after a worker died" if summary.retried else ""))
+        if len(summary.workers) > 1 or summary.retried:
+            print(f"  per worker: {summary.per_worker()}")
         print(f"  results: {results_dir / 'results.csv'} (and results.jsonl)")
         print("  report:  " + " and ".join(str(p) for p in reports if p is not None))
         if log is not None:
@@ -342,6 +430,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "curve": cmd_curve, "demo": cmd_demo, "convert": cmd_convert,
                "rescore": cmd_rescore}[args.command]
+    from .backend import BackendFailed
     from .results import ResultsError
     from .server_client import AllServersFailed, ServerUnreachable
     from .workflow import WorkflowError
@@ -352,7 +441,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ResultsError, ValueError) as e:
         print(f"memora-batch: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except AllServersFailed as e:
+    except (AllServersFailed, BackendFailed) as e:
         print(f"memora-batch: {e}", file=sys.stderr)
         return EXIT_JOB_FAILED
     except KeyboardInterrupt:

@@ -190,6 +190,24 @@ class Summary:
     ok: int = 0
     failed: int = 0
     not_run: int = 0
+    #: per worker (the record's ``server``): [jobs finished, seconds spent in them]
+    workers: dict = field(default_factory=dict)
+    #: jobs re-run after their worker died
+    retried: int = 0
+
+    def count(self, record: dict) -> None:
+        if record["status"] == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.retried += bool(record.get("retries"))
+        jobs_seconds = self.workers.setdefault(str(record.get("server")), [0, 0.0])
+        jobs_seconds[0] += 1
+        jobs_seconds[1] += float(record.get("seconds") or 0.0)
+
+    def per_worker(self) -> str:
+        """'w1: 3 jobs in 41.2 s; w2: ...' (empty when nothing ran)."""
+        return "; ".join(f"{w}: {n} job{'s' if n != 1 else ''} in {t:.1f} s" for w, (n, t) in self.workers.items())
 
 
 #: ComfyUI's own output during an embedded run, in the results folder
@@ -200,7 +218,8 @@ STAGE_TYPES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAd
 
 class _Progress:
     """The console of a run: one bar per job (its nodes done, the node running now), a line per stage (a run of
-    sampler or MemoRa nodes of one type, with its time), a line per finished job. Without tqdm, or with
+    sampler or MemoRa nodes of one type, with its time), a line per finished job (with its retries, and the jobs
+    finished per worker when several workers run). Without tqdm, or with
     ``enabled`` False (--no-progress), the lines only. Writes to the stderr of its creation (ComfyUI's own output
     may be redirected to a log meanwhile)."""
 
@@ -211,6 +230,7 @@ class _Progress:
         self.job: Optional[Job] = None
         self.stage: Optional[tuple[str, list, float]] = None  # (class type, titles, start)
         self.seen: set = set()
+        self.per_worker: dict[str, int] = {}  # jobs finished per worker (the record's ``server``)
 
     def _write(self, text: str):
         if self.bar is not None:
@@ -267,6 +287,8 @@ class _Progress:
 
     def update(self, record: dict):
         self.done += 1
+        worker = str(record.get("server"))
+        self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
         mine = self.job is not None and self.job.key == record["key"]
         if mine:
             self._end_stage()
@@ -276,8 +298,11 @@ class _Progress:
             self.bar.close()
             self.bar = None
         error = f" {record.get('error').splitlines()[0][:200]}" if record.get("error") else ""
+        retried = f" (re-run {len(record['retries'])}x after a worker died)" if record.get("retries") else ""
+        workers = (" [" + " ".join(f"{w}:{n}" for w, n in self.per_worker.items()) + "]"
+                   if len(self.per_worker) > 1 else "")
         print(f"[{self.done}/{self.total}] job {record['key']} {record['status']} in {record.get('seconds')} s"
-              f"{error}", file=self.out, flush=True)
+              f"{retried}{error}{workers}", file=self.out, flush=True)
         if mine:
             self.job = None
 
@@ -331,6 +356,7 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
     for problem in store.problems:
         print(f"memora-batch: warning: {problem}", file=sys.stderr, flush=True)
     store.repair()
+    backend.bind_results(Path(results_dir))
     finished = store.finished_keys()
     failed_before = {r["key"] for r in store.records if r.get("status") != "ok"}
     todo, seen = [], set()
@@ -350,10 +376,7 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
     def done(job: Job, result: RunResult, seconds: float, started: str):
         rec = _record(plan, job, result, backend, seconds, started)
         store.append(rec)
-        if rec["status"] == "ok":
-            summary.ok += 1
-        else:
-            summary.failed += 1
+        summary.count(rec)
         bar.update(rec)
         if on_record:
             on_record(rec)
@@ -392,6 +415,7 @@ def _record(plan: Plan, job: Job, result: RunResult, backend: Backend, seconds: 
         "server": result.server,
         "prompt_id": result.prompt_id,
         "error": result.error_message if not result.success else None,
+        "retries": list(result.retries),
     }
     if not result.success and result.error:
         rec["error_node"] = {k: result.error.get(k) for k in ("node_id", "node_type") if result.error.get(k)}

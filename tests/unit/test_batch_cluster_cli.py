@@ -1,0 +1,76 @@
+"""--ray / --slurm without ComfyUI: the extras they need, the options they refuse, and the Ray placement rule."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from memora_batch import cli
+from memora_batch.ray_backend import _Placement, check_reachable, ClusterError
+
+ROOT = Path(__file__).resolve().parents[2]
+SWEEP = str(ROOT / "example_workflows" / "recovery_sweep.json")
+
+
+@pytest.mark.parametrize("flag, module, extra", [(["--ray"], "ray", "ray"), (["--slurm"], "submitit", "slurm")])
+def test_a_cluster_flag_without_its_extra_names_the_extra_to_install(flag, module, extra, monkeypatch, tmp_path,
+                                                                    capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    out = tmp_path / "results"
+    rc = cli.main(["run", SWEEP, "--out", str(out), *flag])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT
+    assert f"{flag[0]} needs {module}, which is not installed: pip install 'comfyui-memora[{extra}]'" in err
+    assert not out.exists()
+
+
+def test_two_places_to_run_are_refused(tmp_path, capsys):
+    rc = cli.main(["run", SWEEP, "--out", str(tmp_path / "r"), "--ray", "--server", "http://127.0.0.1:1"])
+    assert rc == cli.EXIT_BAD_INPUT
+    assert "--server and --ray: choose one place to run the jobs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "nan"])
+def test_cluster_numbers_are_checked_by_the_parser(value, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", SWEEP, "--max-retries", value])
+    assert "--max-retries" in capsys.readouterr().err
+
+
+def test_a_malformed_ray_address_says_what_is_expected():
+    with pytest.raises(ClusterError, match="expected 'auto', 'local', HOST:PORT or ray://HOST:PORT"):
+        check_reachable("gpu1")
+
+
+def _placement(groups: dict) -> _Placement:
+    """Jobs named '<group><n>', grouped by their first letter (a stand-in graph whose training input is the group)."""
+    jobs = [f"{g}{i}" for g, n in groups.items() for i in range(n)]
+
+    def prompt(job):
+        return {"1": {"class_type": "Seed", "inputs": {"text": job[0]}},
+                "2": {"class_type": "MemoRaLoRATrain", "inputs": {"x": ["1", 0], "steps": int(job[1:])}}}
+
+    return _Placement(jobs, prompt)
+
+
+def test_placement_keeps_a_group_on_its_worker_and_hands_a_dead_workers_job_on():
+    p = _placement({"a": 3, "b": 2})
+    assert [p.take("w1"), p.take("w2")] == ["a0", "b0"]  # each worker starts a group
+    assert p.take("w1") == "a1"  # and keeps it
+    lost = p.take("w2")
+    assert lost == "b1"
+    p.put_back(lost)  # w2 died with b1
+    p.release("w2")
+    assert p.take("w1") == "a2"  # its own group first
+    assert p.take("w1") == "b1"  # then the dead worker's, which it now owns
+    assert p.take("w1") is None and p.left() == []
+
+
+def test_placement_shares_the_largest_group_only_when_it_has_two_jobs_or_more():
+    p = _placement({"a": 3})
+    assert p.take("w1") == "a0"
+    assert p.take("w2") == "a2"  # two left: the idle worker takes one from the far end
+    assert p.take("w2") is None  # one left: it stays with its owner
+    assert p.take("w1") == "a1"
