@@ -147,6 +147,8 @@ def model_curve(updates: list[int], seeds: dict, original_rate: float, conventio
     for i, u in enumerate(updates):
         k = sum(seeds[s][i][0] for s in seeds)
         n = sum(seeds[s][i][1] for s in seeds)
+        if u == 0 and len({seeds[s][i] for s in seeds}) == 1:
+            k, n = seeds[next(iter(seeds))][i]  # 0 updates: one model, evaluated alike for every seed: counted once
         p = {"updates": u, "rate": stats.rate_record(k, n, convention),
              "seed_rates": {s: seeds[s][i][0] / seeds[s][i][1] for s in seeds}}
         sims = [float(v) for s in (similarity or {}) for v in (similarity[s][i] or [])]
@@ -245,20 +247,30 @@ def _fig(rec: dict, digits: int = 3) -> str:
     return stats.format_mean(rec, digits)
 
 
+def _sim(rec: Optional[dict]) -> str:
+    if not rec:
+        return "-"
+    if rec["ci_low"] is None:
+        return f"{rec['mean']:.3f} (n={rec['n']})"
+    return f"{rec['mean']:.3f} ({rec['ci_low']:.3f}-{rec['ci_high']:.3f})"
+
+
 def report(a: dict) -> str:
     """The analysis as text: per model a table of budgets (pooled rate with n and interval, seed spread, similarity,
     Fisher p against the control), the two speed figures, the verdict and its reason; then the rule."""
-    lines = [f"original model: {stats.format_rate(a['original'])}", f"control: {a['control']}"]
+    lines = [f"original model: {stats.format_rate(a['original'])}", f"control: {a['control']}; rates are "
+             f"pooled over seeds (k/n), 'seeds' is the range of the seeds' own rates"]
     for name, c in a["models"].items():
         lines.append(f"\n{name}: {c['verdict'].upper()}" + ("" if c["verdict"] == CONTROL else f" ({c['reason']})"))
-        lines.append(f"  {'updates':>7}  {'rate (k/n; 95% CI)':<44}  {'seed range':>11}  {'similarity':>22}  "
-                     f"{'p vs control':>12}")
+        lines.append(f"  {'updates':>7}  {'rate':>5}  {'k/n':>9}  {'95% CI':>11}  {'seeds':>9}  "
+                     f"{'similarity (95% CI)':>24}  {'p vs control':>12}")
         for p in c["points"]:
+            r = p["rate"]
             lo, hi = min(p["seed_rates"].values()), max(p["seed_rates"].values())
-            sim = stats.format_mean(p["similarity"]) if "similarity" in p else "-"
+            sim = _sim(p.get("similarity"))
             pv = "-" if c["verdict"] == CONTROL or p["updates"] == 0 else f"{p['fisher_p']:.3g}"
-            lines.append(f"  {p['updates']:>7}  {stats.format_rate(p['rate']):<44}  {lo:.2f}-{hi:.2f}  "
-                         f"{sim[:22]:>22}  {pv:>12}")
+            lines.append(f"  {p['updates']:>7}  {r['rate']:>5.3f}  {r['k']:>4}/{r['n']:<4}  "
+                         f"{r['ci_low']:.3f}-{r['ci_high']:.3f}  {lo:.2f}-{hi:.2f}  {sim:>24}  {pv:>12}")
         lines.append(f"  updates to half of the original's rate: {_fig(c['half_updates'], 1)}")
         lines.append(f"  normalised area under the curve: {_fig(c['auc'])}")
     lines.append(f"\nrule: {a['rule']}")
