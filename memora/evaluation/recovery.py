@@ -25,7 +25,8 @@ API::
     a = analyse({"updates": [0, 25, 50], "original": {"k": 28, "n": 32}, "control": "never_learned",
                  "models": {"unlearned": {"seeds": {"1": [[0, 32], [15, 32], [17, 32]]}},
                             "never_learned": {"seeds": {"1": [[0, 32], [2, 32], [3, 32]]}}}})
-    a["models"]["unlearned"]["verdict"]   # "short-term" | "long-term" | "nothing to recover" | "control"
+    a["models"]["unlearned"]["verdict"]   # "short-term" | "long-term" | "nothing to recover" | "inconclusive"
+                                          # | "control"
     a["text"]                             # the report
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ SHORT_TERM = "short-term"
 LONG_TERM = "long-term"
 NOTHING = "nothing to recover"
 CONTROL = "control"
+INCONCLUSIVE = "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ RULE = ("Against the never-learned control measured with the same budgets, seeds
         "largest budget the model recovers no more than a model that never learned the concept). short-term: some "
         "budget is significant AND at some budget <= quick_updates the Wilson lower bound of the pooled rate is >= "
         "half x the original's rate (the concept is back, at 95 % confidence, within the quick budget). long-term: "
-        "significant somewhere, but not back with confidence within the quick budget (later, or only partly).")
+        "significant somewhere, but not back with confidence within the quick budget (later, or only partly). "
+        "inconclusive: significant, not back yet, and the largest budget tested is below the quick budget.")
 
 
 class CurveError(ValueError):
@@ -186,6 +189,11 @@ def judge(name: str, curve: dict, control: dict, updates: list[int], original_ra
         verdict, reason = SHORT_TERM, (f"back at {back[0]} updates (<= {rule.quick_updates}): Wilson lower bound "
                                        f"{_rate_at(curve, back[0])['ci_low']:.3f} >= {rule.half:g} x the original's "
                                        f"{original_rate:.3f}; above the control at {significant}")
+    elif updates[-1] < rule.quick_updates:
+        verdict, reason = INCONCLUSIVE, (f"above the control at {significant} updates and not back with confidence "
+                                         f"(Wilson lower bound >= {target:.3f}) so far, but the budgets tested stop at "
+                                         f"{updates[-1]} < quick_updates {rule.quick_updates}: test up to "
+                                         f"{rule.quick_updates} to tell short-term from long-term")
     else:
         verdict, reason = LONG_TERM, (f"above the control at {significant} updates, but not back with confidence "
                                       f"(Wilson lower bound >= {target:.3f}) within {rule.quick_updates} updates")

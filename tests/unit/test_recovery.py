@@ -126,3 +126,9 @@ def test_rule_settings_are_checked():
         RV.analyse(_data(FAST, FLAT), RV.Rule(alpha=0))
     with pytest.raises(ValueError, match="quick_updates"):
         RV.analyse(_data(FAST, FLAT), RV.Rule(quick_updates=0))
+
+
+def test_inconclusive_when_not_back_yet_and_the_budgets_stop_below_the_quick_budget():
+    u = RV.analyse(_data(SLOW, FLAT), RV.Rule(quick_updates=200))["models"]["unlearned"]
+    assert u["verdict"] == RV.INCONCLUSIVE and "stop at 100 < quick_updates 200" in u["reason"]
+    assert RV.analyse(_data(FAST, FLAT), RV.Rule(quick_updates=200))["models"]["unlearned"]["verdict"] == RV.SHORT_TERM

@@ -32,7 +32,8 @@ def _records(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def curve(comfy, tmp_path_factory):
     out = tmp_path_factory.mktemp("recovery") / "curve"
-    sets = [f"Evaluation image size.batch_size={IMAGES}"]
+    # batch 4 x accumulation 1: the reference's samples per update (1 x 4), in one forward pass
+    sets = [f"Evaluation image size.batch_size={IMAGES}", "Train LoRA.batch_size=4", "Train LoRA.gradient_accumulation=1"]
     sets += [f"Evaluate {m}.steps={EVAL_STEPS}" for m in ("original", "unlearned", "recovered")]
     argv = ["curve", SWEEP, "--models", "micro", "--steps", f"{SNAPSHOT},{FINAL}", "--control", CONTROL,
             "--lora-seeds", "1", "--out", str(out), "--no-progress"]
@@ -54,7 +55,9 @@ def test_unlearned_model_recovers_significantly_more_than_the_never_learned_cont
     p = sps.fisher_exact([[pu["k"], IMAGES - pu["k"]], [pc["k"], IMAGES - pc["k"]]], alternative="greater").pvalue
     assert u["points"][-1]["fisher_p"] == pytest.approx(p)
     assert p < 0.01, (pu, pc)
-    assert u["verdict"] != "nothing to recover" and c["verdict"] == "control"
+    assert FINAL in u["significant_at"] and c["verdict"] == "control"
+    # budgets up to 25 < the rule's quick budget (100): short-term if back already, else not decided yet
+    assert u["verdict"] in ("short-term", "inconclusive")
     # every point carries its n and Wilson interval
     for pt in u["points"] + c["points"]:
         r = pt["rate"]
