@@ -80,3 +80,39 @@ def test_a_failed_training_is_reported_and_exits_1(monkeypatch, tmp_path, capsys
                 "Concept score (recovered).flagged_rate")
     assert rc == cli.EXIT_JOB_FAILED and len(backend.ran) == 1  # one training for both budgets
     assert "no finished jobs to judge" in capsys.readouterr().out
+
+
+def _rec(model, seed, updates, rate, prompt="p1", unlearned=0.0, original=0.75, n=None):
+    det = "Concept score (recovered).star.rate"
+    metrics = {det: rate, det.replace("recovered", "unlearned"): unlearned,
+               det.replace("recovered", "original"): original}
+    if n is not None:
+        metrics["Concept score (recovered).star.n"] = n
+    return {"key": f"{model}-{seed}-{updates}-{prompt}", "status": "ok", "metrics": metrics,
+            "labels": {"curve_model": model, "lora_seed": seed, "updates": updates},
+            "overrides": {"Evaluation prompt.value": prompt, "Train LoRA.steps": updates}, "tables": []}
+
+
+def test_curve_data_counts_each_budget_and_the_model_itself_summed_over_prompt_rows():
+    recs = [_rec(m, 1, u, r, p, n=8) for m, rates in (("unlearned", (0.5, 0.75)), ("never_learned", (0.0, 0.125)))
+            for u, r in zip((25, 50), rates) for p in ("p1", "p2")]
+    data = C.curve_data(recs, {}, "Train LoRA", [25, 50], "Concept score (recovered).star.rate", None, "never_learned")
+    assert data["updates"] == [0, 25, 50] and data["original"] == [12, 16]
+    assert data["models"]["unlearned"]["seeds"] == {"1": [[0, 16], [8, 16], [12, 16]]}
+    assert data["models"]["never_learned"]["seeds"] == {"1": [[0, 16], [0, 16], [2, 16]]}
+
+
+def test_curve_data_with_a_missing_point_gives_the_specific_curve_error():
+    from memora.evaluation.recovery import CurveError, analyse
+
+    recs = [_rec("unlearned", 1, 25, 0.5, n=8), _rec("never_learned", 1, 25, 0.0, n=8),
+            _rec("never_learned", 1, 50, 0.0, n=8)]  # the unlearned model's 50-update job is missing
+    data = C.curve_data(recs, {}, "Train LoRA", [25, 50], "Concept score (recovered).star.rate", None, "never_learned")
+    with pytest.raises(CurveError, match=r"model 'unlearned', seed 1: 2 points, but the curve has 3 budgets"):
+        analyse(data)
+
+
+def test_curve_data_without_image_counts_is_refused():
+    with pytest.raises(ValueError, match="cannot count the images behind"):
+        C.curve_data([_rec("unlearned", 1, 25, 0.5)], {}, "Train LoRA", [25], "Concept score (recovered).star.rate",
+                     None, "never_learned")
