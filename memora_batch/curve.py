@@ -357,11 +357,13 @@ def report_curve(results_dir, plans: list, train_node: str, steps: list[int], de
     """Without a control: the curve and the forgetting verdict (:func:`print_verdict`). With one: the statistics
     and the recovery verdict of ``memora.evaluation.recovery`` (docs/evaluation.md, "Recovery verdict"), printed
     and written to curve.json."""
+    jobs = {j.key: j for p in plans for j in p.jobs}
     if not control:
-        return print_verdict(results_dir, train_node, steps, detector, similarity)
+        status = print_verdict(results_dir, train_node, steps, detector, similarity)
+        _print_rates(results_dir, jobs, train_node, steps, detector, similarity)
+        return status
     from memora.evaluation.recovery import analyse
 
-    jobs = {j.key: j for p in plans for j in p.jobs}
     records = [r for r in ResultsStore(results_dir).latest() if r["key"] in jobs and r.get("status") == "ok"]
     columns = list(dict.fromkeys(k for r in records for k in r.get("metrics", {})))
     det = pick_metric(columns, detector, DETECTOR_HINTS, avoid=("original", "unlearned"))
@@ -377,3 +379,25 @@ def report_curve(results_dir, plans: list, train_node: str, steps: list[int], de
     atomic_write(out, json.dumps({"input": data, "analysis": result}, indent=2, default=str) + "\n", replace=True)
     print(f"\n  curve, statistics and verdict: {out}")
     return 0
+
+
+def _print_rates(results_dir, jobs: dict, train_node: str, steps: list[int], detector: Optional[str],
+                 similarity: Optional[str]) -> None:
+    """Without a control: each budget's rate with k, n and its Wilson interval, and the similarity's bootstrap
+    interval (``memora.evaluation.recovery.describe``), when the records allow counting; nothing otherwise."""
+    from memora.evaluation.recovery import CurveError, describe
+
+    records = [r for r in ResultsStore(results_dir).latest() if r["key"] in jobs and r.get("status") == "ok"]
+    if not any(LABEL_MODEL in (r.get("labels") or {}) for r in records):
+        return
+    columns = list(dict.fromkeys(k for r in records for k in r.get("metrics", {})))
+    try:
+        det = pick_metric(columns, detector, DETECTOR_HINTS, avoid=("original", "unlearned"))
+        sim = pick_metric(columns, similarity, SIMILARITY_HINTS, avoid=("unlearned",))
+        if det is None:
+            return
+        text = describe(curve_data(records, jobs, train_node, steps, det, sim, ""))["text"]
+    except (CurveError, ValueError) as e:
+        print(f"\n  (no per-budget intervals: {e})")
+        return
+    print(f"\nper budget, with intervals:\n{text}")

@@ -205,6 +205,23 @@ def _rate_at(curve: dict, u: int) -> dict:
     return next(p["rate"] for p in curve["points"] if p["updates"] == u)
 
 
+def describe(data: Mapping, half: float = 0.5) -> dict:
+    """The per-budget statistics and speed figures of every model of ``data`` (as :func:`analyse` takes it, the
+    control optional), without a verdict: for a curve measured without a control."""
+    updates = check_updates(data.get("updates") or [])
+    ok, on = _counts(data.get("original"), "original (the original model's [k, n])")
+    convention = str(data.get("convention") or "detector")
+    models = {name: model_curve(updates, check_seeds(name, (m or {}).get("seeds"), len(updates)), ok / on,
+                                convention, (m or {}).get("similarity"), half)
+              for name, m in (data.get("models") or {}).items()}
+    for c in models.values():
+        c["verdict"] = CONTROL  # no comparison: the report shows no p-values
+    out = {"updates": updates, "original": stats.rate_record(ok, on, convention), "control": None,
+           "rule": "(no control: no Fisher test and no recovery verdict)", "models": models}
+    out["text"] = report(out).replace(": CONTROL", "")
+    return out
+
+
 def analyse(data: Mapping, rule: Optional[Rule] = None) -> dict:
     """Every model's curve with its statistics, figures and verdict (the module docstring gives the input form).
 

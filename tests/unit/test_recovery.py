@@ -132,3 +132,10 @@ def test_inconclusive_when_not_back_yet_and_the_budgets_stop_below_the_quick_bud
     u = RV.analyse(_data(SLOW, FLAT), RV.Rule(quick_updates=200))["models"]["unlearned"]
     assert u["verdict"] == RV.INCONCLUSIVE and "stop at 100 < quick_updates 200" in u["reason"]
     assert RV.analyse(_data(FAST, FLAT), RV.Rule(quick_updates=200))["models"]["unlearned"]["verdict"] == RV.SHORT_TERM
+
+
+def test_describe_gives_the_statistics_without_a_control():
+    d = RV.describe({"updates": UPDATES, "original": [45, 50], "models": {"unlearned": {"seeds": {"1": FAST}}}})
+    p = d["models"]["unlearned"]["points"][2]["rate"]
+    assert (p["k"], p["n"]) == (40, 50) and p["ci_low"] < 0.8 < p["ci_high"]
+    assert "p vs control" in d["text"] and "no control" in d["text"] and "e-" not in d["text"]
