@@ -205,11 +205,19 @@ def _rate_at(curve: dict, u: int) -> dict:
     return next(p["rate"] for p in curve["points"] if p["updates"] == u)
 
 
+def _original(data: Mapping) -> tuple[int, int]:
+    ok, on = _counts(data.get("original"), "original (the original model's [k, n])")
+    if ok == 0:
+        raise CurveError("original: the original model never shows the concept (k = 0): there is nothing to recover "
+                         "to; check the detector and the prompt")
+    return ok, on
+
+
 def describe(data: Mapping, half: float = 0.5) -> dict:
     """The per-budget statistics and speed figures of every model of ``data`` (as :func:`analyse` takes it, the
     control optional), without a verdict: for a curve measured without a control."""
     updates = check_updates(data.get("updates") or [])
-    ok, on = _counts(data.get("original"), "original (the original model's [k, n])")
+    ok, on = _original(data)
     convention = str(data.get("convention") or "detector")
     models = {name: model_curve(updates, check_seeds(name, (m or {}).get("seeds"), len(updates)), ok / on,
                                 convention, (m or {}).get("similarity"), half)
@@ -232,10 +240,7 @@ def analyse(data: Mapping, rule: Optional[Rule] = None) -> dict:
         raise CurveError(f"expected a mapping with 'updates', 'original', 'models', 'control'; got "
                          f"{type(data).__name__}")
     updates = check_updates(data.get("updates") or [])
-    ok, on = _counts(data.get("original"), "original (the original model's [k, n])")
-    if ok == 0:
-        raise CurveError("original: the original model never shows the concept (k = 0): there is nothing to recover "
-                         "to; check the detector and the prompt")
+    ok, on = _original(data)
     original = ok / on
     models = data.get("models")
     if not isinstance(models, Mapping) or not models:
