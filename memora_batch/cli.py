@@ -150,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p_curve)
     p_curve.add_argument("--steps", default="10,50,100,250,500", help="training steps (comma-separated)")
     p_curve.add_argument("--train-node", default=TITLE_TRAIN_LORA, help="title of the MemoRa LoRA Train node")
+    p_curve.add_argument("--lora-seeds", default=None, metavar="1,2,3",
+                         help="LoRA training seeds: one curve per seed, one training each (default: the workflow's)")
+    p_curve.add_argument("--control", default=None, metavar="MODEL",
+                         help="the never-learned control, measured the same way: a micro-world variant with "
+                              "--models micro (e.g. never_learned), else a checkpoint for 'Unlearned model'; gives "
+                              "the Fisher test per budget and the recovery verdict (docs/evaluation.md)")
+    p_curve.add_argument("--no-snapshots", action="store_true",
+                         help="train once per budget, each on its own learning-rate schedule, instead of once per seed "
+                              "with snapshots (the curve before snapshots existed; slower)")
     p_curve.add_argument("--detector", default=None,
                          help="metric column holding the concept detector rate of the recovered model (default: "
                               "the first '*rate*' / 'recovered' score column found)")
@@ -221,13 +230,15 @@ def _sweep_sets_eval_prompt(columns: list[str]) -> bool:
     return "prompt" in columns or any(c.startswith(TITLE_EVALUATION_PROMPT + ".") for c in columns)
 
 
-def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None):
+def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None, profile_edit=None):
     workflow = Workflow.load(workflow_path)
     rows = _sweep.load_rows(args.sweep) if args.sweep else []
     if extra_rows:
         rows = [{**r, **e} for r in (rows or [{}]) for e in extra_rows]
     columns = list(dict.fromkeys(c for r in rows for c in r))
     profile = model_profile(args.models, args.original, args.unlearned)
+    if profile_edit is not None:  # memora-batch curve: the snapshot jobs load LoRA files instead of training
+        profile = profile_edit(profile)
     if _sweep_sets_eval_prompt(columns):
         profile.texts.pop(TITLE_EVALUATION_PROMPT, None)
     backend = _backend(args)
@@ -322,25 +333,20 @@ def cmd_run(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from .curve import check_metric_names, curve_rows, print_verdict
+    from .curve import LABEL_MODEL, LABEL_UPDATES, TESTED, parse_steps, run_curve
 
-    try:
-        steps = sorted({int(s) for s in str(args.steps).split(",") if s.strip()})
-    except ValueError:
-        steps = []
-    if not steps or any(s < 1 for s in steps):
-        raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
-    backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))
-    results_dir = _results_dir(args, plan.workflow.name + "-curve")
-    check_metric_names(plan, {"--detector": args.detector, "--similarity": args.similarity})
-    detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
-    status = []
-    summary = execute(args, backend, plan, results_dir, after=lambda d: (report_asr(d), status.append(
-        print_verdict(d, args.train_node, steps, detector, args.similarity))), detector=detector,
-        curve={"steps": steps, "train_node": args.train_node})
-    if summary is None:
-        return 0
-    return EXIT_JOB_FAILED if summary.failed or summary.not_run else status[0]
+    def execute_curve(args_, backend, plan, results_dir, after=None):
+        # every execution of the curve also writes asr.csv and the reports (report.html: the curve chart)
+        def after_all(d):
+            report_asr(d)
+            if after is not None:
+                after(d)
+        detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
+        curve = {"steps": parse_steps(args.steps), "train_node": args.train_node, "label_updates": LABEL_UPDATES,
+                 "label_model": LABEL_MODEL, "tested": TESTED}
+        return execute(args_, backend, plan, results_dir, after=after_all, detector=detector, curve=curve)
+
+    return run_curve(args, prepare, execute_curve, _results_dir)
 
 
 def cmd_demo(args) -> int:

@@ -106,7 +106,10 @@ def recovery_curve(records: list, detector: Optional[str], curve: dict) -> Optio
 
     steps, node = curve.get("steps") or [], curve.get("train_node")
     ok = [r for r in records if r.get("status") == "ok"]
-    at = {s: [r for r in ok if _step_of(r, node) == s] for s in steps}
+    if curve.get("label_model"):  # a curve with a control: only the model under test makes the curve
+        ok = [r for r in ok if (r.get("labels") or {}).get(curve["label_model"], curve.get("tested")) ==
+              curve.get("tested")]
+    at = {s: [r for r in ok if _step_of(r, node, curve.get("label_updates")) == s] for s in steps}
     points = [(s, _pooled(at[s], "recovered", detector)) for s in steps if at[s]]
     points = [(s, p) for s, p in points if p is not None]
     if not points:
@@ -144,8 +147,11 @@ def recovery_curve(records: list, detector: Optional[str], curve: dict) -> Optio
     return _png(fig)
 
 
-def _step_of(rec: dict, node: Optional[str]) -> Optional[int]:
-    v = (rec.get("overrides") or {}).get(f"{node}.steps")
+def _step_of(rec: dict, node: Optional[str], label: Optional[str] = None) -> Optional[int]:
+    """The LoRA updates behind a curve job: its label (a snapshot's evaluation job loads the file, no training
+    node) or the training node's steps."""
+    v = (rec.get("labels") or {}).get(label) if label else None
+    v = v if v is not None else (rec.get("overrides") or {}).get(f"{node}.steps")
     try:
         return int(v)
     except (TypeError, ValueError):

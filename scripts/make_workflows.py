@@ -328,8 +328,8 @@ README_SWEEP = """recovery_sweep: the MemoRa pipeline set up for memora-batch (d
 
   memora-batch run recovery_sweep.json --sweep prompts.csv
       the field's prompt CSV as is: columns prompt, evaluation_seed, evaluation_guidance set "Evaluation prompt", "Evaluation seed", "Evaluation guidance"; other columns (case_number, categories, ...) are copied to the results.
-  memora-batch curve recovery_sweep.json --steps 10,50,100,250,500
-      sweeps "Train LoRA.steps"; prints the recovery curve and the short-term / long-term forgetting verdict.
+  memora-batch curve recovery_sweep.json --steps 10,50,100,250,500 --lora-seeds 1,2,3 --control never-learned.safetensors
+      one training per LoRA seed (and per model): "Train LoRA.steps" = the largest budget, "Train LoRA.snapshot_steps" = the others (saved as files); each snapshot is then evaluated through a LoRA loader. Prints each budget's rate with n and a Wilson interval, the Fisher test against the never-learned control, the recovery speed and the recovery verdict (docs/evaluation.md); without --control, the short-term / long-term forgetting verdict.
   memora-batch run recovery_sweep.json --sweep grid.yaml
       any input by "<node title>.<input>", e.g. "Unlearned model.ckpt_name", "Concept prompt.value", "Train LoRA.seed".
 
@@ -355,7 +355,8 @@ def build_sweep(info):
     eval_nodes = evaluation(g, models, train, x=0, y=ey)
     g.group("1. Models and the concept prompt", model_nodes, color="#3f789e")
     g.group("2. Seed images from the original model (reference seed pairs)", seed_nodes, color="#8A8")
-    g.group("3. Invert, slerp, regenerate, train (swept by curve: Train LoRA.steps)", inv_nodes, color="#a1309b")
+    g.group("3. Invert, slerp, regenerate, train (curve: Train LoRA.steps, .snapshot_steps, .seed)", inv_nodes,
+            color="#a1309b")
     g.group("4. Evaluation (swept by prompt CSVs: Evaluation prompt / seed / guidance)", eval_nodes, color="#b58b2a")
     return g
 

@@ -40,7 +40,8 @@ class FailsSome(Instant):
 
 def _curve(monkeypatch, backend, out: Path, *extra) -> int:
     monkeypatch.setattr(cli, "_backend", lambda args: backend)
-    return cli.main(["curve", SWEEP, "--steps", "1,2", "--out", str(out), "--no-progress", *extra])
+    # --no-snapshots: one job per budget (the job counts below); the snapshot curve: tests/unit/test_curve_snapshots.py
+    return cli.main(["curve", SWEEP, "--steps", "1,2", "--out", str(out), "--no-progress", "--no-snapshots", *extra])
 
 
 @pytest.mark.parametrize("option", ["--detector", "--similarity"])

@@ -288,7 +288,7 @@ def test_curve_over_training_steps_with_a_prompt_csv(comfy, tiny_ckpt, tmp_path,
     rc = cli.main(["curve", str(ROOT / "example_workflows" / "recovery_sweep.json"), "--steps", "1,2",
                    "--sweep", str(prompts), "--original", tiny_ckpt, "--unlearned", tiny_ckpt, "--quick",
                    "--set", "Evaluation image size.batch_size=2",  # two images per prompt: intervals of means
-                   "--out", str(out), "--no-progress"])
+                   "--out", str(out), "--no-progress", "--no-snapshots"])  # one training per budget
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     records = _jsonl(out / "results.jsonl")
