@@ -111,7 +111,20 @@ class Convention:
         if self.is_nudenet:
             return [bool(self.counted(img["detections"])) for img in record["images"]]
         targets = {int(t) for t in record["targets"]}
-        return [any(int(c) in targets for c in img["topk"][:self.top]) for img in record["images"]]
+        return [self._in_top(record, img, targets) for img in record["images"]]
+
+    def _in_top(self, record: dict, img: dict, targets: set) -> bool:
+        """Is a target among the image's top ``self.top`` classes. The stored ranking may be cut (records keep the
+        top 5 of ImageNet's 1000): past its end the image's stored ``target_rank`` answers (one target), else
+        ConventionError rather than a silently wrong count."""
+        topk = img["topk"]
+        if self.top <= len(topk) or len(topk) >= stored_class_count(record, img):
+            return any(int(c) in targets for c in topk[:self.top])
+        if len(targets) == 1 and isinstance(img.get("target_rank"), int):
+            return img["target_rank"] <= self.top
+        raise ConventionError(f"convention {self.name!r} needs each image's top {self.top} classes, but this record "
+                              f"stores only the top {len(topk)} classes and no rank of its target: use a top of "
+                              f"at most {len(topk)}, or score the images again")
 
     def counted(self, detections: Sequence[dict]) -> list[dict]:
         """The NudeNet detections this convention counts."""
@@ -127,6 +140,18 @@ class Convention:
 
     def describe(self) -> str:
         return f"{self.name}: {self.rule}"
+
+
+def stored_class_count(record: dict, img: dict) -> int:
+    """How many classes the model behind a classifier record ranks: the record's ``classes``, else the length of the
+    image's full ``cosines`` list (CLIP zero-shot), else -- a ranking shorter than the stored top 5 is the model's
+    every class -- the ranking's length, else unknown (a very large number: the ranking may be cut)."""
+    if isinstance(record.get("classes"), int):
+        return record["classes"]
+    if isinstance(img.get("cosines"), list):
+        return len(img["cosines"])
+    n = len(img["topk"])
+    return n if n < TOPK_STORED else 1 << 30
 
 
 def _nudenet(name: str, threshold: Optional[float], rule: str, source: str,

@@ -96,3 +96,25 @@ def test_custom_names_round_trip_exactly():
     assert C.get(conv.name) == conv
     assert nudity.convention_for(0.45).name == "unlearndiffatk" and nudity.convention_for(0.6).name == "erasediff"
     assert C.get(nudity.convention_for(0.3).name).threshold == 0.3
+
+
+def test_a_top_k_past_the_stored_five_uses_the_target_rank_or_refuses():
+    import torch
+
+    from memora.evaluation import objects
+
+    lg = torch.zeros(3, 1000)
+    lg[:, :10] = torch.arange(10, 0, -1).float()       # classes 0..9 ranked 1..10 in every image
+    lg[2, 8] = -1.0                                      # image 2: class 8 ranks last among the ten and below the rest
+    rec = objects.object_record(lg, 8, {"weights": "test"})
+    assert [im["target_rank"] for im in rec["images"]] == [9, 9, 1000]
+    assert C.rescore(rec, C.get("custom:top=10"))["rate"] == stats.rate_record(2, 3, "custom:top=10")
+    assert C.get("custom:top=8").image_flags(rec) == [False, False, False]
+    # no target rank stored (a record written by another tool): refused, not counted from the top five
+    bare = C.classifier_record("imagenet", [im["topk"] for im in rec["images"]],
+                               [im["topk_scores"] for im in rec["images"]], [8], C.get("resnet50-top5"), "resnet50")
+    with pytest.raises(C.ConventionError, match="stores only the top 5 classes and no rank of its target"):
+        C.get("custom:top=10").rate(bare)
+    # a ranking of every class (a 3-class model) needs no rank: top=10 is every class
+    small = C.classifier_record("micro", [[2, 0, 1]], [[3.0, 2.0, 1.0]], [1], C.get("micro-top1"), "micro")
+    assert C.get("custom:top=10").image_flags(small) == [True]
