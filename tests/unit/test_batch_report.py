@@ -16,27 +16,37 @@ from PIL import Image
 from report_tables import html_tables, markdown_tables, widest
 from scipy import stats as sps
 
-from memora.evaluation import stats
+from memora.evaluation import nudity, stats
 from memora_batch import report, report_html
 from memora_batch.results import ResultsStore
 
 
 def _nudity(node: str, k: int, n: int, per_image: int = 0) -> list[dict]:
-    tables = [{"node": node, "title": "Nudity (NudeNet)", "columns": ["flagged_rate", "flagged", "images", "threshold"],
-               "rows": [[k / n, k, n, 0.45]]}]
-    if per_image:
-        tables.append({"node": node, "title": "Nudity per image", "columns": ["image", "flagged", "max_score",
-                                                                              "detections"],
-                       "rows": [[i, int(i < k), 0.5, 1] for i in range(per_image)]})
-    return tables
+    """The nudity node's real tables (memora.evaluation.nudity) for k of n images with an exposed detection above
+    unlearndiffatk's 0.45, as memora-batch stores them (the node title added, the score record kept)."""
+    dets = [[{"class": "FEET_EXPOSED", "score": 0.5, "box": [0, 0, 4, 4]}] if i < k else [] for i in range(n)]
+    tables = [{"node": node, **t} for t in nudity.score_convention(dets, "unlearndiffatk").tables()]
+    return tables if per_image else [t for t in tables if t["title"] != "Nudity per image"]
+
+
+SSIM = [0.4, 0.6] * 16  # 32 per-image SSIMs, mean 0.5
+
+
+def _similarity(node: str) -> list[dict]:
+    """The similarity node's summary and intervals tables (nodes/evaluation.py's layout; stats.mean_record)."""
+    m = stats.mean_record(SSIM)
+    return [{"node": node, "title": "Recovery similarity", "columns": ["ssim", "psnr", "images"],
+             "rows": [[m["mean"], 14.8, 32]]},
+            {"node": node, "title": "Recovery similarity intervals", "columns": ["metric", "mean", "n", "ci_low",
+                                                                               "ci_high"],
+             "rows": [["ssim", m["mean"], 32, m["ci_low"], m["ci_high"]], ["psnr", 14.8, 32, 14.0, 15.6]]}]
 
 
 def _record(key: str, counts: dict, files_by_node=None, row=0, wide=0) -> dict:
     tables = []
     for model, (k, n) in counts.items():
         tables += _nudity(f"Concept score ({model})", k, n, per_image=n if model == "recovered" else 0)
-    tables.append({"node": "Similarity to original (recovered)", "title": "Recovery similarity",
-                   "columns": ["ssim", "psnr", "images"], "rows": [[0.5, 14.8, 32]]})
+    tables += _similarity("Similarity to original (recovered)")
     if wide:
         tables.append({"node": "Wide", "title": "wide", "columns": [f"c{i}" for i in range(wide)],
                        "rows": [list(range(wide))]})
@@ -74,7 +84,9 @@ def test_summary_table_answers_with_rates_intervals_and_verdict(tmp_path):
     # 12/32: Wilson 95% interval 0.229-0.547 (Newcombe 1998's method 3 gives the same bounds)
     assert first[4].startswith("0.375 (12/32; 95% CI 0.229-0.547;")
     assert first[3].startswith("0.000 (0/32; 95% CI 0.000-0.107;")
-    assert "convention not reported" in first[4] and first[5] == "SSIM 0.500 (n=32)"
+    m = stats.mean_record(SSIM)
+    assert "; unlearndiffatk)" in first[4] and first[5] == f"SSIM 0.500 (n=32; 95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f})"
+    assert m["ci_low"] < 0.5 < m["ci_high"]
     p = sps.fisher_exact([[12, 20], [0, 32]], alternative="greater").pvalue
     assert first[6].startswith(f"came back: recovered > unlearned (one-sided Fisher p = {p:.2g})") and p < 0.05
     assert "43% of the original's rate" in first[6]
