@@ -163,6 +163,30 @@ def test_html_has_bar_chart_and_grid_of_the_runs_images(tmp_path):
     assert 'alt="concept rate per model"' in html_text and f'alt="comparison grid {"e" * 16}"' in html_text
 
 
+def test_a_server_runs_images_elsewhere_or_unreadable_give_a_note_not_a_failure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths resolve against an empty folder, as on a machine beside the server
+    counts = {"original": (28, 32), "unlearned": (0, 32), "recovered": (12, 32)}
+    remote = {"Save original images": ["memora/o_00001_.png", "memora/o_00002_.png"],
+              "Save unlearned images": ["/view?filename=u_00001_.png&type=output"],
+              "Save recovered images": ["http://127.0.0.1:8188/view?filename=r_00001_.png&type=output"]}
+    folder = _folder(tmp_path / "res", [_record("g" * 16, counts, remote)])
+    rec = ResultsStore(folder).latest()[0]
+    b64, caption = report_html.comparison_grid(rec)
+    assert b64 is None and "are on the server, not on this machine (memora/o_00001_.png" in caption
+    html_text = report_html.write_html_report(folder, "server").read_text()
+    assert "are on the server, not on this machine" in html_text and "comparison grid" not in html_text
+    # local files, one of them not an image: the grid is skipped with the reason, the report still written
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    broken = imgs / "u_0.png"
+    broken.write_bytes(b"not a png")
+    local = {"Save original images": _pngs(imgs, "o", [(255, 0, 0)] * 2), "Save unlearned images": [str(broken)]}
+    folder2 = _folder(tmp_path / "res2", [_record("h" * 16, counts, local)])
+    b64, caption = report_html.comparison_grid(ResultsStore(folder2).latest()[0])
+    assert b64 is None and caption.startswith("no grid: an image could not be read or drawn (UnidentifiedImageError")
+    assert "no grid: an image could not be read" in report_html.write_html_report(folder2, "broken").read_text()
+
+
 def test_without_matplotlib_report_md_is_written_and_a_message_says_why(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError, as when absent
     folder = _folder(tmp_path, [_record("f" * 16, {"unlearned": (0, 8), "recovered": (2, 8)})])
