@@ -292,3 +292,18 @@ def test_a_folder_of_means_only_has_nothing_to_rescore(tmp_path):
                                    "tables": tables_from_ui(ui, SCORE_TITLES)})
     with pytest.raises(RescoreError, match="holds no stored detections.*means such as the CLIP score"):
         rescore_folder(tmp_path, "resnet50-top1")
+
+
+def test_two_score_nodes_of_one_title_are_refused_not_merged(tmp_path, capsys):
+    ui = {"5": {K.UI_SCORES: nudity.score_convention(PROMPTS["p0"], "unlearndiffatk").tables()},
+          "6": {K.UI_SCORES: nudity.score_convention(PROMPTS["p2"], "unlearndiffatk").tables()}}
+    titles = {"5": "MemoRaNudityScore", "6": "MemoRaNudityScore"}  # two untitled nudity nodes
+    ResultsStore(tmp_path).append({"key": "k", "status": "ok", "row": 0, "overrides": {}, "labels": {},
+                                   "outputs": {}, "metrics": metrics_from_ui(ui, titles),
+                                   "tables": tables_from_ui(ui, titles)})
+    with pytest.raises(RescoreError, match="job k: 2 score nodes share the title 'MemoRaNudityScore' "
+                                           r"\(nudenet, nudenet records\).*Give each score node its own title"):
+        rescore_folder(tmp_path, "erasediff")
+    assert not list(tmp_path.glob("results.erasediff.*")) and not list(tmp_path.glob("asr.*"))
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) != 0
+    assert "share the title 'MemoRaNudityScore'" in capsys.readouterr().err
