@@ -193,6 +193,22 @@ def read_hf_config(folder: Path) -> dict:
     return data
 
 
+#: what makes a transformers ResNet a ResNet-50 (microsoft/resnet-50's config.json): stage depths and block type
+RESNET50_DEPTHS = [3, 4, 6, 3]
+
+
+def check_resnet50_config(folder: Path, cfg: dict) -> None:
+    """Refuse a transformers folder that is not a ResNet-50 (an object score's rates are defined on ResNet-50's
+    predictions): model_type 'resnet', depths [3, 4, 6, 3], bottleneck blocks. The error names what was found."""
+    found = (cfg.get("model_type"), cfg.get("depths"), cfg.get("layer_type"))
+    if found != ("resnet", RESNET50_DEPTHS, "bottleneck"):
+        raise ClassifierFileError(
+            f"{folder.name}/ is not a ResNet-50: its config.json has model_type {found[0]!r}, depths {found[1]!r}, "
+            f"layer_type {found[2]!r}; a ResNet-50 (microsoft/resnet-50) has model_type 'resnet', depths "
+            f"{RESNET50_DEPTHS} and layer_type 'bottleneck'. The object score's conventions (resnet50-top1/top5) are "
+            f"defined on ResNet-50's predictions")
+
+
 def load_transformers(folder, num_classes: Optional[int] = 1000) -> Classifier:
     """A transformers image-classification folder (microsoft/resnet-50, or a ViT artist classifier with
     num_classes=None), loaded from local files only."""
@@ -200,6 +216,8 @@ def load_transformers(folder, num_classes: Optional[int] = 1000) -> Classifier:
 
     folder = Path(folder)
     cfg = read_hf_config(folder)
+    if num_classes == 1000:
+        check_resnet50_config(folder, cfg)
     try:
         model = AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:

@@ -197,6 +197,15 @@ def test_wrong_classifier_files_are_named(tmp_path):
         objects.load_classifier(ten)
 
 
+def test_a_1000_class_transformers_resnet_that_is_not_a_resnet50_is_refused(tmp_path):
+    score_models.hf_resnet(tmp_path / "r18", depths=(2, 2, 2, 2), layer_type="basic")  # a ResNet-18's layout
+    with pytest.raises(objects.ClassifierFileError, match=r"r18/ is not a ResNet-50: its config.json has model_type "
+                                                          r"'resnet', depths \[2, 2, 2, 2\], layer_type 'basic'"):
+        objects.load_classifier(tmp_path / "r18")
+    score_models.hf_resnet(tmp_path / "r50", seed=3)
+    assert objects.load_classifier(tmp_path / "r50").num_classes == 1000
+
+
 def test_style_classifier_labels(tmp_path):
     labels = ["vincent-van-gogh", "pablo-picasso", "claude-monet"]
     score_models.tiny_vit_classifier(tmp_path / "vit", labels, seed=2)
