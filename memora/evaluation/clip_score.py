@@ -232,11 +232,13 @@ def style_record(cosines: Sequence[Sequence[float]], target: str, others: Sequen
 
 
 def style_tables(rec: dict) -> list[dict]:
-    """The tables the zero-shot style node publishes: the summary (one row, carrying the record) and the images."""
+    """The tables the zero-shot style node publishes: the summary (one row, carrying the record) and the images (the
+    text of each image's most similar prompt, its cosine and the target prompt's)."""
     return [{"title": "Style score (CLIP zero-shot)", "columns": conventions.RATE_COLUMNS,
              "rows": [conventions.rate_row(rec["rate"])], "record": rec},
             {"title": "Style score per image", "columns": ["image", "best_prompt", "best_cosine", "target_cosine"],
-             "rows": [[im["index"], im["topk"][0], im["topk_scores"][0], im["cosines"][0]] for im in rec["images"]]}]
+             "rows": [[im["index"], rec["prompts"][im["topk"][0]], im["topk_scores"][0], im["cosines"][0]]
+                      for im in rec["images"]]}]
 
 
 def clip_tables(rec: dict) -> list[dict]:

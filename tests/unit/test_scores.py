@@ -270,6 +270,12 @@ def test_zero_shot_rate_from_known_cosines():
     assert cs.zero_shot_rate(cos, target=1)["k"] == 1
     with pytest.raises(ValueError, match="two prompts"):
         cs.zero_shot_rate([[0.3]])
+    rec = cs.style_record(cos, "Van Gogh", ["Monet", "Picasso"])
+    per_image = cs.style_tables(rec)[1]
+    assert per_image["columns"][1] == "best_prompt"
+    assert [r[1] for r in per_image["rows"]] == [f"a painting in the style of {a}" for a in
+                                                 ("Van Gogh", "Monet", "Van Gogh", "Picasso")]
+    assert [r[2:] for r in per_image["rows"]] == [[0.3, 0.3], [0.4, 0.1], [0.5, 0.5], [0.3, 0.2]]
 
 
 def test_style_score_equals_the_models_forward(tiny_clip):
