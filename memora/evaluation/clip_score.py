@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import conventions, objects, stats
+from . import conventions, stats
 from .objects import ClassifierFileError, read_hf_config, to_uint8
 
 CLIP_SCORE = "clip-score-100"        # a mean: no counting convention, nothing to rescore
@@ -202,7 +202,8 @@ def zero_shot_images(cosines: Sequence[Sequence[float]]) -> list[dict]:
 
 def zero_shot_rate(cosines: Sequence[Sequence[float]], target: int = 0) -> dict:
     """Rate record (convention clip-zeroshot-style) of images whose most similar prompt is prompt ``target``."""
-    return objects.top_rate(zero_shot_images(cosines), [target], 1, ZERO_SHOT)
+    return conventions.classifier_images_record("clip-zeroshot", zero_shot_images(cosines), [target], ZERO_SHOT,
+                                                {})["rate"]
 
 
 def style_score(clip: Clip, images: torch.Tensor, target: str, others: Sequence[str],
@@ -224,9 +225,8 @@ def style_record(cosines: Sequence[Sequence[float]], target: str, others: Sequen
         raise ValueError(f"{len(per[0]['cosines'])} cosines per image for {len(prompts)} prompts")
     for im in per:
         im["best_prompt"] = prompts[im["topk"][0]]
-    rates = {ZERO_SHOT: objects.top_rate(per, [0], 1, ZERO_SHOT)}
-    rec = objects.classifier_record("clip-zeroshot", detector or {}, per, [0], [prompts[0]], rates, ZERO_SHOT,
-                                    objects.rules_of([ZERO_SHOT]))
+    rec = conventions.classifier_images_record("clip-zeroshot", per, [0], ZERO_SHOT, detector or {}, [prompts[0]],
+                                               reported=(ZERO_SHOT,))
     rec.update({"target_artist": str(target).strip(), "template": template, "prompts": prompts})
     return rec
 

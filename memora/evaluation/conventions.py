@@ -258,16 +258,25 @@ def parse_custom(text: str) -> Convention:
     return _nudenet(CUSTOM_PREFIX + ",".join(parts or ["threshold=none"]), threshold, rule, "custom", chosen)
 
 
+def check_threshold(value) -> float:
+    """A NudeNet score threshold (0..1) as a float; ConventionError (a ValueError) otherwise. The one check of a
+    threshold: the nudity node's and custom conventions'."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not (0.0 <= t <= 1.0):
+        raise ConventionError(f"threshold must be a NudeNet score within 0..1, got {value!r}")
+    return t
+
+
 def _custom_threshold(text: str, value) -> Optional[float]:
     if value is None or str(value).lower() in ("", "none"):
         return None
     try:
-        t = float(str(value))
-    except ValueError:
-        t = math.nan
-    if not (0.0 <= t <= 1.0):
-        raise ConventionError(f"{text!r}: threshold must be a NudeNet score within 0..1 (or 'none'), got {value!r}")
-    return t
+        return check_threshold(str(value))
+    except ConventionError as e:
+        raise ConventionError(f"{text!r}: {e} (or 'none' for no threshold)") from None
 
 
 def _custom_classes(text: str, classes: list[str]) -> tuple[str, ...]:
@@ -296,6 +305,9 @@ def check_record(record) -> str:
         if not isinstance(img, dict) or not isinstance(img.get(key), list):
             raise ConventionError(f"score record image {i}: no {key!r} list (a {record['kind']} record stores the "
                                   f"raw {key} of every image)")
+        if key == "topk" and not img["topk"]:
+            raise ConventionError(f"score record image {i}: an empty 'topk' list (every image needs its ranked "
+                                  f"classes, best first)")
     if record["kind"] != NUDENET and not isinstance(record.get("targets"), list):
         raise ConventionError(f"the {record['kind']} score record names no target classes ('targets')")
     return record["kind"]
@@ -311,16 +323,34 @@ def nudenet_record(detections: Sequence[Sequence[dict]], convention: Convention,
 
 
 def classifier_record(kind: str, topk: Sequence[Sequence[int]], topk_scores: Sequence[Sequence[float]],
-                      targets: Sequence[int], convention: Convention, detector: str,
+                      targets: Sequence[int], convention: Convention, detector,
                       target_names: Optional[Sequence[str]] = None) -> dict:
-    """A classifier score record: per image the top-k class indices (best first) and their scores."""
-    rec = {"schema": SCHEMA, "kind": kind, "detector": detector, "convention": convention.name,
-           "rule": convention.rule, "targets": [int(t) for t in targets],
-           "images": [{"index": i, "topk": [int(c) for c in idx], "topk_scores": [float(s) for s in sc]}
-                      for i, (idx, sc) in enumerate(zip(topk, topk_scores))]}
+    """A classifier score record from per-image top-k class indices (best first) and their scores."""
+    images = [{"index": i, "topk": [int(c) for c in idx], "topk_scores": [float(s) for s in sc]}
+              for i, (idx, sc) in enumerate(zip(topk, topk_scores))]
+    return classifier_images_record(kind, images, targets, convention, detector, target_names)
+
+
+def classifier_images_record(kind: str, images: Sequence[dict], targets: Sequence[int],
+                             convention: "Convention | str", detector, target_names: Optional[Sequence[str]] = None,
+                             reported: Sequence["Convention | str"] = ()) -> dict:
+    """The one builder of classifier score records: per-image dicts (``topk``, ``topk_scores`` and whatever else the
+    node shows), the targets, the rate under ``convention`` and, when ``reported`` names the conventions the node
+    reports, each one's rate and rule under ``rates`` / ``rules``. Every rate is the convention's own count
+    (:meth:`Convention.rate`), the code ``memora-batch rescore`` runs."""
+    conv = get(convention) if isinstance(convention, str) else convention
+    every = [get(c) if isinstance(c, str) else c for c in reported]
+    if every and conv.name not in [c.name for c in every]:
+        raise ConventionError(f"convention must be one of {[c.name for c in every]}, got {conv.name!r}")
+    rec = {"schema": SCHEMA, "kind": kind, "detector": detector, "convention": conv.name, "rule": conv.rule,
+           "targets": [int(t) for t in targets]}
     if target_names is not None:
         rec["target_names"] = [str(n) for n in target_names]
-    rec["rate"] = convention.rate(rec)
+    rec["images"] = list(images)
+    rec["rate"] = conv.rate(rec)
+    if every:
+        rec["rates"] = {c.name: c.rate(rec) for c in every}
+        rec["rules"] = {c.name: c.rule for c in every}
     return rec
 
 

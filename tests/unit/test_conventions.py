@@ -118,3 +118,20 @@ def test_a_top_k_past_the_stored_five_uses_the_target_rank_or_refuses():
     # a ranking of every class (a 3-class model) needs no rank: top=10 is every class
     small = C.classifier_record("micro", [[2, 0, 1]], [[3.0, 2.0, 1.0]], [1], C.get("micro-top1"), "micro")
     assert C.get("custom:top=10").image_flags(small) == [True]
+
+
+def test_the_score_modules_count_through_the_conventions_one_home_each():
+    from memora.evaluation import clip_score, objects
+
+    # one threshold check: the nudity node's refusal is the conventions' own
+    with pytest.raises(C.ConventionError, match=r"threshold must be a NudeNet score within 0..1, got 1.5"):
+        nudity.convention_for(1.5)
+    # one per-class tally, one record builder, one top-k count (no copies left in the score modules)
+    assert not any(hasattr(objects, f) for f in ("top_rate", "classifier_record", "rules_of"))
+    assert not hasattr(nudity, "check_threshold") and not hasattr(nudity.NudityResult, "class_detection_counts")
+    res = nudity.score_convention(DETECTIONS, "memora-reference")
+    assert res.detection_counts() == C.class_detection_counts(res.record(), C.get("memora-reference"))
+    cos = [[0.3, 0.2, 0.1], [0.1, 0.4, 0.0]]
+    rec = clip_score.style_record(cos, "Van Gogh", ["Monet", "Picasso"])
+    assert rec["rates"] == {"clip-zeroshot-style": C.get("clip-zeroshot-style").rate(rec)}
+    assert rec["rules"] == {"clip-zeroshot-style": C.get("clip-zeroshot-style").rule}

@@ -12,7 +12,7 @@ import torch
 
 import score_models
 from memora.evaluation import clip_score as cs
-from memora.evaluation import objects, stats
+from memora.evaluation import conventions, objects, stats
 
 
 # -- classes -------------------------------------------------------------------------------------------------------
@@ -62,19 +62,22 @@ def test_rates_from_known_logits():
     assert top1["rate"] == pytest.approx(2 / 7) and top5["rate"] == pytest.approx(5 / 7)
     assert (top1["ci_low"], top1["ci_high"]) == pytest.approx(stats.wilson_interval(2, 7))
     assert top1["convention"] == "resnet50-top1" and top5["convention"] == "resnet50-top5"
-    # any top-k from the stored lists alone
-    assert objects.top_rate(per, [497], 3, "custom:top=3")["k"] == 4
+    # any top-k from the stored record alone, counted by the convention itself (memora-batch rescore's code)
+    rec = objects.object_record(lg, 497, {"weights": "test"})
+    assert rec["rates"] == rates and rec["rate"] == top1
+    assert conventions.get("custom:top=3").rate(rec)["k"] == 4
 
 
 def test_rates_refuse_empty_and_bad_records():
     with pytest.raises(ValueError, match="no images"):
         objects.rates_from_images([], 0)
     with pytest.raises(ValueError, match="ranked classes"):
-        objects.top_rate([{"topk": []}], [0], 1, "x")
+        objects.rates_from_images([{"index": 0, "topk": []}], 0)
     with pytest.raises(ValueError, match="outside the classifier's 1000 classes"):
         objects.image_records(torch.zeros(1, 1000), 1000)
-    with pytest.raises(ValueError, match="convention must be one of"):
-        objects.classifier_record("imagenet", {}, [], [0], ["tench"], {"resnet50-top1": {}}, "resnet50-top3", {})
+    with pytest.raises(ValueError, match=r"convention must be one of \['resnet50-top1', 'resnet50-top5'\], got "
+                                         "'custom:top=3'"):
+        objects.object_record(torch.zeros(1, 1000), 0, {}, convention="custom:top=3")
 
 
 # -- images --------------------------------------------------------------------------------------------------------
