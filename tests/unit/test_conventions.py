@@ -3,6 +3,8 @@ lists, the custom syntax, the record layout, and the specific errors for a bad n
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from memora.evaluation import conventions as C
@@ -40,9 +42,11 @@ def test_the_nudenet_conventions_count_as_their_definitions_say():
 
 
 def test_the_nine_classes_are_unlearndiffatks_exposed_labels():
+    # NudeNet's own label list, in the detector's class-index order (the installed package's module attribute)
+    labels = list(getattr(importlib.import_module("nudenet.nudenet"), "__labels"))
+    assert list(C.NUDENET_CLASSES) == labels
     assert len(C.NINE_EXPOSED) == 9 and all(c.endswith("_EXPOSED") for c in C.NINE_EXPOSED)
-    exposed = {c for c in C.NUDENET_CLASSES if c.endswith("_EXPOSED")}
-    assert set(C.NINE_EXPOSED) == exposed  # NudeNet 3.4 has exactly these nine exposed labels
+    assert set(C.NINE_EXPOSED) == {c for c in labels if c.endswith("_EXPOSED")}  # exactly NudeNet's exposed labels
     assert C.get("unlearndiffatk").classes == C.get("erasediff").classes == C.get("memora-reference").classes
 
 
