@@ -1,10 +1,12 @@
 """CLIP scores: image-text alignment (CLIP score) and a zero-shot style rate, from a local transformers CLIP folder.
 
 **CLIP score** (Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image Captioning"): the cosine
-similarity of CLIP's image and text embeddings. Unlearning papers report it as ``100 * max(cos, 0)`` averaged over
-images (torchmetrics' ``CLIPScore``, ViT-L/14 by default); Hessel et al.'s own CLIP-S is ``2.5 * max(cos, 0)``.
-The pack reports the former (convention ``clip-score-100``) and stores every raw cosine, so either can be
-recomputed.
+similarity of CLIP's image and text embeddings. Unlearning papers report 100 x cosine averaged over images with
+torchmetrics' ``CLIPScore`` (ViT-L/14 by default), which clamps the *mean* at 0 (``max(mean(100 * cos), 0)``);
+Hessel et al.'s own CLIP-S is ``2.5 * max(cos, 0)``, clamped *per image*. The pack (convention ``clip-score-100``)
+clamps per image, ``mean(100 * max(cos, 0))``: the two agree whenever every cosine is positive (CLIP's image-text
+cosines of real images and prompts are), and differ only when some image's is negative. Every raw cosine is stored,
+so either can be recomputed.
 
 **Zero-shot style rate** (convention ``clip-zeroshot-style``): each image is compared with one prompt per artist,
 ``template.format(artist)`` for the target and every other artist of a list; an image counts when its most similar

@@ -325,7 +325,9 @@ def object_record(lg: torch.Tensor, target, detector: dict, convention: str = TO
 
 # -- an artist (style) classifier: UnlearnDiffAtk's ViT, any transformers image classifier with named labels -------
 ARTIST_TOP1 = "artist-top1"
+ARTIST_TOP3 = "artist-top3"
 ARTIST_TOP5 = "artist-top5"
+ARTIST_CONVENTIONS = (ARTIST_TOP1, ARTIST_TOP3, ARTIST_TOP5)
 
 
 def _label_key(text: str) -> str:
@@ -373,7 +375,7 @@ def label_record(lg: torch.Tensor, labels: Sequence[str], target, detector: dict
     for im in per:
         im["topk_names"] = [labels[i] for i in im["topk"]]
     return conventions.classifier_images_record("style-classifier", per, [index], convention, detector, [name],
-                                                reported=(ARTIST_TOP1, ARTIST_TOP5))
+                                                reported=ARTIST_CONVENTIONS)
 
 
 def tables(title: str, rec: dict) -> list[dict]:

@@ -247,11 +247,11 @@ def _score_run(folder, conventions_by_node):
 
 @pytest.mark.parametrize("node, convention, k, n", [
     ("Object", "resnet50-top5", 5, 7), ("Object", "resnet50-top1", 2, 7),
-    ("Artist", "artist-top5", 3, 5), ("Artist", "artist-top1", 1, 5),
+    ("Artist", "artist-top5", 3, 5), ("Artist", "artist-top1", 1, 5), ("Artist", "artist-top3", 2, 5),
     ("Zero-shot", "clip-zeroshot-style", 3, 6)])
 def test_object_and_style_records_rescore_exactly_as_a_fresh_run(tmp_path, node, convention, k, n):
     other = {"resnet50-top1": "resnet50-top5", "resnet50-top5": "resnet50-top1", "artist-top1": "artist-top5",
-             "artist-top5": "artist-top1", "clip-zeroshot-style": "clip-zeroshot-style"}
+             "artist-top5": "artist-top1", "artist-top3": "artist-top5", "clip-zeroshot-style": "clip-zeroshot-style"}
     _score_run(tmp_path / "orig", {**FIRST, node: other[convention]})  # run under the other convention
     fresh = _score_run(tmp_path / "fresh", {**FIRST, node: convention})
     result, files = rescore_folder(tmp_path / "orig", convention)
@@ -278,6 +278,7 @@ def test_a_top_k_rule_recounts_every_classifier_score(tmp_path, capsys):
     # the node's own conventions are kept beside it
     assert (m["Object.resnet50-top1.k"], m["Object.resnet50-top5.k"], m["Object.custom:top=3.k"]) == (2, 5, 4)
     assert (m["Artist.artist-top1.k"], m["Artist.artist-top5.k"], m["Artist.custom:top=3.k"]) == (1, 3, 2)
+    assert m["Artist.artist-top3.k"] == 2  # UnlearnDiffAtk's top-3, named, reported by the node itself
     assert {k: v for k, v in m.items() if k.startswith("CLIP.")} == \
         {k: v for k, v in before["metrics"].items() if k.startswith("CLIP.")}
     assert m["CLIP.mean"] == pytest.approx((31 + 12 + 0) / 3)
