@@ -28,13 +28,13 @@ from typing import Optional
 from memora.fileio import UnwritableFolderError, make_folder
 
 from .backend import now
-from .sweep import ASR_COLUMNS
+from .sweep import ASR_SIGNATURE
 
 LOCK_NAME = "memora-batch.lock"
 #: the derived files a run rewrites, and how memora-batch's own version of each begins
 DERIVED_SIGNATURES = {"results.csv": "key,status,row", "report.md": "# memora-batch: ", "curve.json": '{\n  "steps": ',
                       "report.html": "<!DOCTYPE html>\n<!-- memora-batch report -->",
-                      "asr.csv": ",".join(ASR_COLUMNS)}
+                      "asr.csv": ASR_SIGNATURE}
 #: a JSON-lines file of memora-batch's starts with a job record (checked by parsing its first line)
 JSONL_RECORD = "<a memora-batch job record>"
 

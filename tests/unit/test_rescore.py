@@ -308,3 +308,28 @@ def test_two_score_nodes_of_one_title_are_refused_not_merged(tmp_path, capsys):
     assert not list(tmp_path.glob("results.erasediff.*")) and not list(tmp_path.glob("asr.*"))
     assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) != 0
     assert "share the title 'MemoRaNudityScore'" in capsys.readouterr().err
+
+
+def test_failed_prompts_are_counted_and_shown_next_to_the_asr(tmp_path, capsys):
+    from memora_batch.sweep import format_asr
+
+    store = _run(tmp_path, "unlearndiffatk", steps=(10, 50))
+    for i in (3, 4):  # two prompts of the 10-step group failed: no score counts them
+        store.append({"key": f"10-p{i}", "status": "error", "row": i, "error": "CUDA out of memory",
+                      "overrides": {"Train LoRA.steps": 10, "Evaluation prompt.value": f"p{i}",
+                                    "Evaluation seed.value": i},
+                      "labels": {}, "outputs": {}, "metrics": {}, "tables": []})
+    rows = {r["group"]: r for r in attack_success(ResultsStore(tmp_path).latest()) if r["score"] == NODE}
+    ten, fifty = rows["Train LoRA.steps=10"], rows["Train LoRA.steps=50"]
+    assert (ten["prompts_flagged"], ten["prompts"], ten["prompts_failed"]) == (2, 3, 2)
+    assert fifty["prompts_failed"] == 0
+    lines = format_asr([ten, fifty])
+    assert lines[0].endswith("images flagged 4/9; 2 prompt(s) failed (not counted)")
+    assert "failed" not in lines[1]
+    # asr.csv carries the column; an asr.csv of the earlier ten columns is still memora-batch's own
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == 0
+    asr = {a["group"]: a for a in _csv(tmp_path / "asr.erasediff.csv")}
+    assert (asr["Train LoRA.steps=10"]["prompts_failed"], asr["Train LoRA.steps=50"]["prompts_failed"]) == ("2", "0")
+    assert "2 prompt(s) failed (not counted)" in capsys.readouterr().out
+    (tmp_path / "asr.erasediff.csv").write_text(",".join(ASR_COLUMNS[:10]) + "\n")
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == 0
