@@ -179,12 +179,17 @@ def format_similarity_cell(s: Optional[dict]) -> str:
 
 
 def verdict(rates: dict) -> str:
-    """Did the concept come back? The recovered rate against the unlearned one (one-sided Fisher exact test)."""
+    """Did the concept come back? The recovered rate against the unlearned one (one-sided Fisher exact test); no
+    test between rates of different conventions (the cell says so)."""
     rec, unl, orig = rates.get("recovered"), rates.get("unlearned"), rates.get("original")
     if rec is None or unl is None:
         return "no concept score for the unlearned and recovered models"
+    if rec.get("convention") != unl.get("convention"):
+        return (f"not compared: the recovered rate is counted by {rec.get('convention') or 'no named convention'} "
+                f"and the unlearned one by {unl.get('convention') or 'no named convention'} (rates of different "
+                f"conventions are not comparable; memora-batch rescore counts both by one)")
     share = ""
-    if orig is not None and orig["rate"] > 0:
+    if orig is not None and orig["rate"] > 0 and orig.get("convention") == rec.get("convention"):
         share = f"; {rec['rate'] / orig['rate']:.0%} of the original's rate"
     if "n" not in rec or "n" not in unl:
         word = "higher" if rec["rate"] > unl["rate"] else "not higher"

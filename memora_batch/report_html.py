@@ -89,11 +89,15 @@ def rate_bars(jobs: list) -> Optional[str]:
 
 
 def _pooled(records: list, model: str, detector: Optional[str]) -> Optional[dict]:
-    """The rate of ``model`` pooled over records (sum k / sum n) as a rate record; None without counts."""
+    """The rate of ``model`` pooled over records (sum k / sum n) as a rate record; None without counts;
+    ``{"mixed": [conventions]}`` when the records' rates were counted by different conventions (never pooled)."""
     rates = [_report.rate_of(r, model, detector) for r in records]
     rates = [r for r in rates if r is not None]
     if not rates:
         return None
+    convs = sorted({str(r.get("convention")) for r in rates})
+    if len(convs) > 1:
+        return {"mixed": convs}
     if all("n" in r for r in rates):
         convention = rates[0]["convention"]
         return stats.rate_record(sum(r["k"] for r in rates), sum(r["n"] for r in rates), convention)
@@ -109,7 +113,8 @@ def recovery_curve(records: list, detector: Optional[str], curve: dict) -> Optio
     ok = [r for r in records if r.get("status") == "ok"]
     at = {s: [r for r in ok if _step_of(r, node) == s] for s in steps}
     points = [(s, _pooled(at[s], "recovered", detector)) for s in steps if at[s]]
-    points = [(s, p) for s, p in points if p is not None]
+    mixed = [s for s, p in points if p is not None and "mixed" in p]
+    points = [(s, p) for s, p in points if p is not None and "mixed" not in p]
     if not points:
         return None
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.2))
@@ -121,12 +126,16 @@ def recovery_curve(records: list, detector: Optional[str], curve: dict) -> Optio
                         color=COLORS["recovered"], alpha=0.2, label="Wilson 95% interval")
     for m in ("original", "unlearned"):
         ref = _pooled(ok, m, detector)
-        if ref is not None:
+        if ref is not None and ref.get("convention") == points[0][1].get("convention"):
             ax.axhline(ref["rate"], ls="--", color=COLORS[m], label=f"{m} ({ref['rate']:.2f})")
     ax.set_xlabel("LoRA training steps")
     ax.set_ylabel("concept rate")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Recovery curve")
+    if mixed:
+        ax.set_title(f"Recovery curve\nnot drawn at steps {', '.join(map(str, mixed))}: rates of different "
+                     f"conventions", fontsize=9)
+    else:
+        ax.set_title("Recovery curve")
     ax.legend(fontsize=7)
     sims = [(s, [x["mean"] for x in (_report.similarity_of(r) for r in at[s]) if x]) for s in steps if at[s]]
     sims = [(s, v) for s, v in sims if v]

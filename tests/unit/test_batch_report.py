@@ -21,11 +21,12 @@ from memora_batch import report, report_html
 from memora_batch.results import ResultsStore
 
 
-def _nudity(node: str, k: int, n: int, per_image: int = 0) -> list[dict]:
-    """The nudity node's real tables (memora.evaluation.nudity) for k of n images with an exposed detection above
-    unlearndiffatk's 0.45, as memora-batch stores them (the node title added, the score record kept)."""
-    dets = [[{"class": "FEET_EXPOSED", "score": 0.5, "box": [0, 0, 4, 4]}] if i < k else [] for i in range(n)]
-    tables = [{"node": node, **t} for t in nudity.score_convention(dets, "unlearndiffatk").tables()]
+def _nudity(node: str, k: int, n: int, per_image: int = 0, convention: str = "unlearndiffatk") -> list[dict]:
+    """The nudity node's real tables (memora.evaluation.nudity) for k of n images with an exposed detection scoring
+    0.7 (counted by unlearndiffatk and erasediff alike), as memora-batch stores them (the node title added, the score
+    record kept)."""
+    dets = [[{"class": "FEET_EXPOSED", "score": 0.7, "box": [0, 0, 4, 4]}] if i < k else [] for i in range(n)]
+    tables = [{"node": node, **t} for t in nudity.score_convention(dets, convention).tables()]
     return tables if per_image else [t for t in tables if t["title"] != "Nudity per image"]
 
 
@@ -42,10 +43,11 @@ def _similarity(node: str) -> list[dict]:
              "rows": [["ssim", m["mean"], 32, m["ci_low"], m["ci_high"]], ["psnr", 14.8, 32, 14.0, 15.6]]}]
 
 
-def _record(key: str, counts: dict, files_by_node=None, row=0, wide=0) -> dict:
+def _record(key: str, counts: dict, files_by_node=None, row=0, wide=0, conventions=None) -> dict:
     tables = []
     for model, (k, n) in counts.items():
-        tables += _nudity(f"Concept score ({model})", k, n, per_image=n if model == "recovered" else 0)
+        tables += _nudity(f"Concept score ({model})", k, n, per_image=n if model == "recovered" else 0,
+                          convention=(conventions or {}).get(model, "unlearndiffatk"))
     tables += _similarity("Similarity to original (recovered)")
     if wide:
         tables.append({"node": "Wide", "title": "wide", "columns": [f"c{i}" for i in range(wide)],
@@ -95,6 +97,22 @@ def test_summary_table_answers_with_rates_intervals_and_verdict(tmp_path):
     # a section per job after the summary, in job order
     assert text.index("## job " + "a" * 16) < text.index("## job " + "b" * 16)
     assert text.index("**Did it come back?**") < text.index("## job ")
+
+
+def test_rates_of_different_conventions_are_not_compared_or_pooled(tmp_path):
+    counts = {"original": (28, 32), "unlearned": (0, 32), "recovered": (12, 32)}
+    mixed = _record("m" * 16, counts, conventions={"recovered": "erasediff"})
+    folder = _folder(tmp_path, [mixed, _record("n" * 16, counts, row=1)])
+    summary = markdown_tables(report.write_report(folder, "mixed").read_text())[0]
+    assert summary[1][6] == ("not compared: the recovered rate is counted by erasediff and the unlearned one by "
+                             "unlearndiffatk (rates of different conventions are not comparable; memora-batch "
+                             "rescore counts both by one)")
+    assert summary[1][4].endswith("; erasediff)") and "p = " not in summary[1][6]
+    assert summary[2][6].startswith("came back: recovered > unlearned")  # one convention: tested
+    same_step = [mixed, _record("o" * 16, counts)]  # both at 100 steps, the recovered rates by two conventions
+    assert report_html._pooled(same_step, "recovered", None) == {"mixed": ["erasediff", "unlearndiffatk"]}
+    assert report_html._pooled(same_step, "unlearned", None) == stats.rate_record(0, 64, "unlearndiffatk")
+    assert report_html.recovery_curve(same_step, None, {"steps": [100], "train_node": "Train LoRA"}) is None
 
 
 def test_the_nodes_own_interval_and_convention_are_used_when_reported(tmp_path):
