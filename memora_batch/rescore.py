@@ -196,7 +196,8 @@ def rescore_folder(results_dir: "str | Path", convention: str, force: bool = Fal
                            f"detections: run the workflow again with this version of the pack")
     stem = file_stem(conv.name)
     written = (f"results.{stem}.jsonl", f"results.{stem}.csv", f"asr.{stem}.csv")
-    with ResultsFolder(results_dir, force=force, derived=written):  # foreign files of these names need --force
+    # foreign files of these names need --force; the run's own derived files (report.html, ...) are not rescore's
+    with ResultsFolder(results_dir, force=force, derived=written, run_files=False):
         result = rescore_records(records, conv)
         if not result.rescored:
             kinds = sorted({t["record"].get("kind") for t in stored})

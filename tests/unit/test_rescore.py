@@ -333,3 +333,12 @@ def test_failed_prompts_are_counted_and_shown_next_to_the_asr(tmp_path, capsys):
     assert "2 prompt(s) failed (not counted)" in capsys.readouterr().out
     (tmp_path / "asr.erasediff.csv").write_text(",".join(ASR_COLUMNS[:10]) + "\n")
     assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == 0
+
+
+def test_a_foreign_report_html_or_asr_csv_does_not_stop_rescore(tmp_path):
+    _run(tmp_path, "unlearndiffatk")
+    for name in ("report.html", "report.md", "asr.csv", "results.csv"):  # files rescore never writes
+        (tmp_path / name).write_text("my own notes\n")
+    result, files = rescore_folder(tmp_path, "erasediff")
+    assert [f.name for f in files] == ["results.erasediff.jsonl", "results.erasediff.csv", "asr.erasediff.csv"]
+    assert all((tmp_path / n).read_text() == "my own notes\n" for n in ("report.html", "report.md", "asr.csv"))
