@@ -42,8 +42,10 @@ Score record (JSON; one per score node run, stored in its JSON file and in its s
   anything else with a class ranking): each image ``{"index": i, "topk":
   [class index, ...best first, at least 5 where the model has 5 classes], "topk_scores": [logit or probability,
   ...]}`` and at the top level ``"targets": [class index, ...]`` (the classes that count as the concept) and optionally
-  ``"target_names"``. The object and style scores (``objects.py``, ``clip_score.py``) add per-image details and, at
-  the top level, ``"rates"`` / ``"rules"``: every convention the node reports, by name.
+  ``"target_names"``. The object and style scores (``objects.py``, ``clip_score.py``) add per-image details (among
+  them ``"target_rank"``, the target's rank among every class) and, at the top level, ``"rates"`` / ``"rules"``:
+  every convention the node reports, by name. A ``top=K`` rule past the stored ranking (K > 5 on ImageNet's 1000
+  classes) counts by ``target_rank`` (one target) and is refused without it.
 
 Means (the CLIP score, ``clip-score-100``) have no counting convention: their records carry no ``"schema"`` and
 nothing in them is rescored.
