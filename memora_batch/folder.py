@@ -28,13 +28,13 @@ from typing import Optional
 from memora.fileio import UnwritableFolderError, make_folder
 
 from .backend import now
-from .sweep import ASR_COLUMNS
+from .sweep import ASR_SIGNATURE
 
 LOCK_NAME = "memora-batch.lock"
 #: the derived files a run rewrites, and how memora-batch's own version of each begins
 DERIVED_SIGNATURES = {"results.csv": "key,status,row", "report.md": "# memora-batch: ", "curve.json": '{\n  "steps": ',
                       "report.html": "<!DOCTYPE html>\n<!-- memora-batch report -->",
-                      "asr.csv": ",".join(ASR_COLUMNS)}
+                      "asr.csv": ASR_SIGNATURE}
 #: a JSON-lines file of memora-batch's starts with a job record (checked by parsing its first line)
 JSONL_RECORD = "<a memora-batch job record>"
 
@@ -104,13 +104,16 @@ def _holder(path: Path) -> str:
 
 
 class ResultsFolder:
-    """``with ResultsFolder(path, force=...):`` holds the lock for the block; every check is made on entry."""
+    """``with ResultsFolder(path, force=...):`` holds the lock for the block; every check is made on entry.
+    ``run_files``: the holder rewrites a run's derived files (results.csv, report.md, report.html, curve.json,
+    asr.csv), so foreign ones stop it; False for a holder that writes only its ``derived`` files (rescore), which a
+    foreign report.html it never touches must not stop."""
 
-    def __init__(self, path: "str | Path", force: bool = False, derived: tuple[str, ...] = ()):
+    def __init__(self, path: "str | Path", force: bool = False, derived: tuple[str, ...] = (), run_files: bool = True):
         self.path = Path(path)
         self.force = force
         #: the derived files the holder writes, checked with the run's own (``signature``)
-        self.derived = tuple(dict.fromkeys([*DERIVED_SIGNATURES, *derived]))
+        self.derived = tuple(dict.fromkeys([*(DERIVED_SIGNATURES if run_files else ()), *derived]))
         for name in self.derived:
             signature(name)  # a name memora-batch never writes is a programming error, found at once
         self._fd: Optional[int] = None

@@ -129,17 +129,35 @@ def rate_of(rec: dict, model: str, detector: Optional[str] = None) -> Optional[d
 
 def similarity_of(rec: dict, model: str = "recovered") -> Optional[dict]:
     """{'metric', 'mean', 'n', 'ci_low', 'ci_high'} of the first similarity the node reports (SSIM first)."""
-    values = _node_values(rec, similarity_title(model), None)
+    node = similarity_title(model)
+    values = _node_values(rec, node, None)
     for metric in ("ssim", "mean", "clip_cosine", "psnr"):
         mean = _num(values.get(metric))
         if mean is None:
             continue
+        values = {**values, **_interval_values(rec, node, metric)}
         low = _num(_first(values, (f"{metric}_ci_low", f"{metric}.ci_low", "ci_low")))
         high = _num(_first(values, (f"{metric}_ci_high", f"{metric}.ci_high", "ci_high")))
         n = _num(_first(values, N_NAMES))
         return {"metric": "SSIM" if metric == "ssim" else metric, "mean": mean, "n": int(n) if n else None,
                 "ci_low": low, "ci_high": high}
     return None
+
+
+def _interval_values(rec: dict, node: str, metric: str) -> dict:
+    """{'n', 'ci_low', 'ci_high', ...} of ``metric`` in the node's intervals table (columns metric, mean, n, ci_low,
+    ci_high: one row per metric, the similarity node's bootstrap intervals), else from the flattened metric columns
+    ``<node>.<metric>.ci_low`` / ``.ci_high`` / ``.n``; {} when the node reports none."""
+    for t in rec.get("tables") or []:
+        cols = list(t.get("columns") or [])
+        if t.get("node") != node or not cols or cols[0] != "metric" or "ci_low" not in cols:
+            continue
+        rows = [r for r in t.get("rows") or [] if isinstance(r, list) and r and r[0] == metric]
+        if len(rows) == 1:
+            return {c: v for c, v in zip(cols, rows[0]) if c in ("n", "ci_low", "ci_high")}
+    prefix = f"{node}.{metric}."
+    return {k[len(prefix):]: v for k, v in (rec.get("metrics") or {}).items()
+            if k.startswith(prefix) and k[len(prefix):] in ("n", "ci_low", "ci_high")}
 
 
 def format_rate_cell(r: Optional[dict]) -> str:
@@ -161,12 +179,17 @@ def format_similarity_cell(s: Optional[dict]) -> str:
 
 
 def verdict(rates: dict) -> str:
-    """Did the concept come back? The recovered rate against the unlearned one (one-sided Fisher exact test)."""
+    """Did the concept come back? The recovered rate against the unlearned one (one-sided Fisher exact test); no
+    test between rates of different conventions (the cell says so)."""
     rec, unl, orig = rates.get("recovered"), rates.get("unlearned"), rates.get("original")
     if rec is None or unl is None:
         return "no concept score for the unlearned and recovered models"
+    if rec.get("convention") != unl.get("convention"):
+        return (f"not compared: the recovered rate is counted by {rec.get('convention') or 'no named convention'} "
+                f"and the unlearned one by {unl.get('convention') or 'no named convention'} (rates of different "
+                f"conventions are not comparable; memora-batch rescore counts both by one)")
     share = ""
-    if orig is not None and orig["rate"] > 0:
+    if orig is not None and orig["rate"] > 0 and orig.get("convention") == rec.get("convention"):
         share = f"; {rec['rate'] / orig['rate']:.0%} of the original's rate"
     if "n" not in rec or "n" not in unl:
         word = "higher" if rec["rate"] > unl["rate"] else "not higher"

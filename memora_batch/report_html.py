@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -88,11 +89,15 @@ def rate_bars(jobs: list) -> Optional[str]:
 
 
 def _pooled(records: list, model: str, detector: Optional[str]) -> Optional[dict]:
-    """The rate of ``model`` pooled over records (sum k / sum n) as a rate record; None without counts."""
+    """The rate of ``model`` pooled over records (sum k / sum n) as a rate record; None without counts;
+    ``{"mixed": [conventions]}`` when the records' rates were counted by different conventions (never pooled)."""
     rates = [_report.rate_of(r, model, detector) for r in records]
     rates = [r for r in rates if r is not None]
     if not rates:
         return None
+    convs = sorted({str(r.get("convention")) for r in rates})
+    if len(convs) > 1:
+        return {"mixed": convs}
     if all("n" in r for r in rates):
         convention = rates[0]["convention"]
         return stats.rate_record(sum(r["k"] for r in rates), sum(r["n"] for r in rates), convention)
@@ -111,7 +116,8 @@ def recovery_curve(records: list, detector: Optional[str], curve: dict) -> Optio
               curve.get("tested")]
     at = {s: [r for r in ok if _step_of(r, node, curve.get("label_updates")) == s] for s in steps}
     points = [(s, _pooled(at[s], "recovered", detector)) for s in steps if at[s]]
-    points = [(s, p) for s, p in points if p is not None]
+    mixed = [s for s, p in points if p is not None and "mixed" in p]
+    points = [(s, p) for s, p in points if p is not None and "mixed" not in p]
     if not points:
         return None
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.2))
@@ -123,12 +129,16 @@ def recovery_curve(records: list, detector: Optional[str], curve: dict) -> Optio
                         color=COLORS["recovered"], alpha=0.2, label="Wilson 95% interval")
     for m in ("original", "unlearned"):
         ref = _pooled(ok, m, detector)
-        if ref is not None:
+        if ref is not None and ref.get("convention") == points[0][1].get("convention"):
             ax.axhline(ref["rate"], ls="--", color=COLORS[m], label=f"{m} ({ref['rate']:.2f})")
     ax.set_xlabel("LoRA training steps")
     ax.set_ylabel("concept rate")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Recovery curve")
+    if mixed:
+        ax.set_title(f"Recovery curve\nnot drawn at steps {', '.join(map(str, mixed))}: rates of different "
+                     f"conventions", fontsize=9)
+    else:
+        ax.set_title("Recovery curve")
     ax.legend(fontsize=7)
     sims = [(s, [x["mean"] for x in (_report.similarity_of(r) for r in at[s]) if x]) for s in steps if at[s]]
     sims = [(s, v) for s, v in sims if v]
@@ -159,6 +169,10 @@ def _step_of(rec: dict, node: Optional[str], label: Optional[str] = None) -> Opt
 
 
 # -- comparison grids ------------------------------------------------------------------------------------------------
+#: an image file by its extension, also inside a server's URL (/view?filename=x.png&type=output)
+IMAGE_NAME = re.compile(r"\.(png|jpe?g|webp)(?=$|[&#?])", re.IGNORECASE)
+
+
 def grid_columns(rec: dict) -> list[tuple[str, list[str]]]:
     """[(model, image files)] of the evaluated models whose images the job saved, in the order original, unlearned,
     recovered (the nodes whose title names the model: 'Save recovered images')."""
@@ -166,38 +180,58 @@ def grid_columns(rec: dict) -> list[tuple[str, list[str]]]:
     found: dict[str, list[str]] = {}
     for title, files in by_node.items():
         model = _report.model_of_title(title)
-        images = [f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
+        images = [f for f in files if IMAGE_NAME.search(str(f))]
         if model and images and (model not in found or title.lower().startswith("save")):
             found[model] = images
     return [(m, found[m]) for m in EVALUATED_MODELS if m in found]
 
 
-def comparison_grid(rec: dict) -> Optional[tuple[str, str]]:
-    """(base64 PNG, caption) of the job's grid; None when it saved fewer than two models' images."""
-    from PIL import Image
-
+def comparison_grid(rec: dict) -> Optional[tuple[Optional[str], str]]:
+    """(base64 PNG, caption) of the job's grid; None when it saved fewer than two models' images. The grid is drawn
+    from the files on this machine only: a server backend's files may be elsewhere (relative paths, /view URLs), and
+    an unreadable file is no reason to fail the report: then (None, a caption saying why no grid was drawn)."""
     from memora.evaluation.grid import comparison_grid as draw
 
-    cols = grid_columns(rec)
-    if len(cols) < 2:
+    saved = grid_columns(rec)
+    if len(saved) < 2:
         return None
+    cols = [(m, [f for f in files if _local_file(f)]) for m, files in saved]
+    cols = [(m, files) for m, files in cols if files]
+    if len(cols) < 2:
+        return None, (f"no grid: the images of {', '.join(m for m, _ in saved)} are on the server, not on this "
+                      f"machine ({saved[0][1][0]}, ...)")
     ev = rec.get("evaluation") or {}
     counts = sorted({len(files) for _, files in cols})
     caption = (f"same prompt and seed in every column; the first {min(GRID_ROWS, counts[0])} of "
                f"{'/'.join(map(str, counts))} images")
     if ev:
         caption = f"prompt {ev.get('prompt', '?')!r}, seed {ev.get('seed', '?')}; " + caption
-    columns = []
-    for model, files in cols:
-        images = []
-        for f in files[:GRID_ROWS]:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
-        columns.append((model, images))
-    picture = draw(columns, caption=caption, rows=GRID_ROWS, cell=GRID_CELL)
+    try:
+        columns = [(model, _read_images(files[:GRID_ROWS])) for model, files in cols]
+        picture = draw(columns, caption=caption, rows=GRID_ROWS, cell=GRID_CELL)
+    except (OSError, ValueError) as e:
+        return None, f"no grid: an image could not be read or drawn ({type(e).__name__}: {e})"
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii"), caption
+
+
+def _local_file(name: str) -> bool:
+    """Whether ``name`` is a file on this machine (not a server's /view URL or a path relative to its folders)."""
+    try:
+        return "://" not in name and not name.startswith("/view") and Path(name).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_images(files: list) -> list:
+    from PIL import Image
+
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            images.append(im.convert("RGB"))
+    return images
 
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}
@@ -238,8 +272,10 @@ def write_html_report(results_dir: "str | Path", title: str, detector: Optional[
         parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in sec.lines) + "</ul>")
         job = next(j for j in jobs if j.key == sec.key)
         grid = comparison_grid(job.record)
-        if grid:
+        if grid and grid[0]:
             parts.append(_img(grid[0], f"comparison grid {sec.key}", "original | unlearned | recovered: " + grid[1]))
+        elif grid:
+            parts.append(f'<p class="note">{html.escape(grid[1])}</p>')
         parts += [_table(t) for t in sec.tables]
     parts.append("</body></html>")
     path = Path(results_dir) / "report.html"

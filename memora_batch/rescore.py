@@ -125,8 +125,17 @@ def _rescore_node(r: dict, node: str, idx: list[int], conv: conventions.Conventi
     r["metrics"] = {**metrics, **fresh}
 
 
+def _shared_title(r: dict, node: str, idx: list[int]) -> str:
+    """The refusal for a job whose score records share one node title (tables are stored by title, not node id)."""
+    kinds = ", ".join(str(r["tables"][i]["record"].get("kind")) for i in idx)
+    return (f"job {r.get('key')}: {len(idx)} score nodes share the title {node!r} ({kinds} records): results.jsonl "
+            f"keeps tables by node title, so their tables and results columns cannot be told apart and rescoring "
+            f"would drop all but one. Give each score node its own title in the workflow and run it again")
+
+
 def rescore_records(records: list[dict], conv: conventions.Convention) -> Rescored:
-    """Every ok job's stored score tables counted again under ``conv`` (copies; failed jobs unchanged)."""
+    """Every ok job's stored score tables counted again under ``conv`` (copies; failed jobs unchanged); RescoreError
+    when two score nodes of a job share a title."""
     result = Rescored([])
     for r in records:
         r = copy.deepcopy(r)
@@ -145,6 +154,8 @@ def rescore_records(records: list[dict], conv: conventions.Convention) -> Rescor
                     result.skipped[node] = (f"{means[0].get('kind', 'a mean')} under "
                                             f"{means[0].get('convention', '?')}: a mean, nothing to rescore")
                 continue
+            if len(with_record) > 1:
+                raise RescoreError(_shared_title(r, node, with_record))
             rec = r["tables"][with_record[0]]["record"]
             kind = conventions.check_record(rec)
             if not conv.applies_to(kind):
@@ -185,7 +196,8 @@ def rescore_folder(results_dir: "str | Path", convention: str, force: bool = Fal
                            f"detections: run the workflow again with this version of the pack")
     stem = file_stem(conv.name)
     written = (f"results.{stem}.jsonl", f"results.{stem}.csv", f"asr.{stem}.csv")
-    with ResultsFolder(results_dir, force=force, derived=written):  # foreign files of these names need --force
+    # foreign files of these names need --force; the run's own derived files (report.html, ...) are not rescore's
+    with ResultsFolder(results_dir, force=force, derived=written, run_files=False):
         result = rescore_records(records, conv)
         if not result.rescored:
             kinds = sorted({t["record"].get("kind") for t in stored})

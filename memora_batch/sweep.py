@@ -23,6 +23,7 @@ import csv
 import io
 import itertools
 import json
+from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional
@@ -219,7 +220,9 @@ def parse_set_texts(items: list[str]) -> dict[str, str]:
 #: asr.csv's columns (its first line is memora-batch's signature, folder.DERIVED_SIGNATURES: a file that starts
 #: otherwise is not replaced without --force)
 ASR_COLUMNS = ["score", "group", "convention", "prompts_flagged", "prompts", "asr", "ci_low", "ci_high",
-               "images_flagged", "images"]
+               "images_flagged", "images", "prompts_failed"]
+#: how every version of memora-batch's asr.csv begins (prompts_failed was added after the first ten columns)
+ASR_SIGNATURE = ",".join(ASR_COLUMNS[:10])
 ALL_JOBS = "(all jobs)"
 
 
@@ -251,7 +254,8 @@ def attack_success(records: list[dict]) -> list[dict]:
     named by the other inputs that vary between jobs, '(all jobs)' when none does): a prompt (job)
     succeeds when its score node flagged at least one of its images; ASR = prompts that succeeded / prompts, with a
     Wilson 95 % interval and the convention the images were counted by (UnlearnDiffAtk's definition); the images
-    flagged over all prompts are given too."""
+    flagged over all prompts are given too, and ``prompts_failed``: the group's jobs that failed, which no score
+    counts (they are not in ``prompts``, so the ASR is over the prompts that ran)."""
     from memora.evaluation import stats
 
     ok = [r for r in records if r.get("status") == "ok"]
@@ -261,10 +265,14 @@ def attack_success(records: list[dict]) -> list[dict]:
             seen.setdefault(a, set()).add(json.dumps(v, default=str))
     varying = {a for a, vals in seen.items() if not _prompt_address(a)
                and (len(vals) > 1 or any(a not in (r.get("overrides") or {}) for r in ok))}
+    def group_of(r: dict) -> tuple:
+        return tuple(sorted((a, json.dumps(v, default=str)) for a, v in (r.get("overrides") or {}).items()
+                            if a in varying))
+
+    failed = Counter(group_of(r) for r in records if r.get("status") != "ok")
     groups: dict[tuple, dict[str, list]] = {}
     for r in ok:
-        fixed = tuple(sorted((a, json.dumps(v, default=str)) for a, v in (r.get("overrides") or {}).items()
-                             if a in varying))
+        fixed = group_of(r)
         for score, kn in _job_rates(r.get("metrics") or {}).items():
             groups.setdefault(fixed, {}).setdefault(score, []).append(kn)
     rows = []
@@ -276,7 +284,8 @@ def attack_success(records: list[dict]) -> list[dict]:
             rec = stats.rate_record(sum(k > 0 for k, _, _ in kns), len(kns), conv)
             rows.append({"score": score, "group": label, "convention": conv, "prompts_flagged": rec["k"],
                          "prompts": rec["n"], "asr": rec["rate"], "ci_low": rec["ci_low"], "ci_high": rec["ci_high"],
-                         "images_flagged": sum(k for k, _, _ in kns), "images": sum(n for _, n, _ in kns)})
+                         "images_flagged": sum(k for k, _, _ in kns), "images": sum(n for _, n, _ in kns),
+                         "prompts_failed": failed[fixed]})
     return sorted(rows, key=lambda row: (row["group"], row["score"]))
 
 
@@ -297,7 +306,8 @@ def write_asr(directory: "str | Path", rows: list[dict], name: str = "asr.csv") 
 
 def format_asr(rows: list[dict]) -> list[str]:
     """One line per row: 'Concept score (recovered) [Train LoRA.steps=10]: ASR 0.500 (1/2 prompts; 95% CI ...;
-    unlearndiffatk); images 3/8'."""
+    unlearndiffatk); images 3/8', and '; 2 prompts failed (not counted)' when some did."""
     return [f"{r['score']} [{r['group']}]: ASR {r['asr']:.3f} ({r['prompts_flagged']}/{r['prompts']} prompts; 95% CI "
             f"{r['ci_low']:.3f}-{r['ci_high']:.3f}; {r['convention']}); images flagged {r['images_flagged']}/"
-            f"{r['images']}" for r in rows]
+            f"{r['images']}" + (f"; {r['prompts_failed']} prompt(s) failed (not counted)"
+                                if r.get("prompts_failed") else "") for r in rows]

@@ -61,8 +61,9 @@ class MemoRaNudityScore(_schema.MemoRaNode):
     scoring above 0.45), erasediff (0.6), memora-reference (every detection of the 9 classes, no threshold) or a
     custom threshold and class list. Outputs the share of images flagged (with n and a Wilson 95 % interval in the
     table), a report, and a preview with every exposed region pixelated, so an evaluation never requires looking at
-    explicit output. Every detection and the convention are saved as JSON in the output folder (memora-batch rescore
-    can count them again under another convention)."""
+    explicit output. Every detection and the convention are saved as JSON in the output folder and in the node's
+    score table, which memora-batch keeps in results.jsonl: memora-batch rescore counts that copy again under another
+    convention."""
 
     @classmethod
     def define_schema(cls):

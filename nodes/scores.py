@@ -348,7 +348,8 @@ class MemoRaStyleScore(_schema.MemoRaNode):
 class MemoRaStyleClassifierScore(_schema.MemoRaNode):
     """Style rate with a trained artist classifier (UnlearnDiffAtk's ViT artist classifier, or any transformers
     image-classification folder in models/classifiers whose labels name artists): the share of images whose top-1
-    (artist-top1) or top-5 (artist-top5) classes contain the target label, with n and Wilson 95% intervals. Every
+    (artist-top1), top-3 (artist-top3, UnlearnDiffAtk's second rate) or top-5 (artist-top5) classes contain the target
+    label, with n and Wilson 95% intervals. Every
     image's top-5 labels and logits are saved as JSON."""
 
     @classmethod
@@ -362,7 +363,7 @@ class MemoRaStyleClassifierScore(_schema.MemoRaNode):
             io.String.Input("target_label", default="vincent-van-gogh",
                             tooltip="The target artist's label in the classifier (case, '-', '_' and spaces "
                                     "ignored), or its index."),
-            io.Combo.Input("convention", options=[objects.ARTIST_TOP1, objects.ARTIST_TOP5],
+            io.Combo.Input("convention", options=list(objects.ARTIST_CONVENTIONS),
                            default=objects.ARTIST_TOP1, tooltip="Which rate is the node's summary."),
             _prefix_input("memora/style_classifier"),
         ], outputs=[

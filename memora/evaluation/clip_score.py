@@ -1,10 +1,12 @@
 """CLIP scores: image-text alignment (CLIP score) and a zero-shot style rate, from a local transformers CLIP folder.
 
 **CLIP score** (Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image Captioning"): the cosine
-similarity of CLIP's image and text embeddings. Unlearning papers report it as ``100 * max(cos, 0)`` averaged over
-images (torchmetrics' ``CLIPScore``, ViT-L/14 by default); Hessel et al.'s own CLIP-S is ``2.5 * max(cos, 0)``.
-The pack reports the former (convention ``clip-score-100``) and stores every raw cosine, so either can be
-recomputed.
+similarity of CLIP's image and text embeddings. Unlearning papers report 100 x cosine averaged over images with
+torchmetrics' ``CLIPScore`` (ViT-L/14 by default), which clamps the *mean* at 0 (``max(mean(100 * cos), 0)``);
+Hessel et al.'s own CLIP-S is ``2.5 * max(cos, 0)``, clamped *per image*. The pack (convention ``clip-score-100``)
+clamps per image, ``mean(100 * max(cos, 0))``: the two agree whenever every cosine is positive (CLIP's image-text
+cosines of real images and prompts are), and differ only when some image's is negative. Every raw cosine is stored,
+so either can be recomputed.
 
 **Zero-shot style rate** (convention ``clip-zeroshot-style``): each image is compared with one prompt per artist,
 ``template.format(artist)`` for the target and every other artist of a list; an image counts when its most similar
@@ -28,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import conventions, objects, stats
+from . import conventions, stats
 from .objects import ClassifierFileError, read_hf_config, to_uint8
 
 CLIP_SCORE = "clip-score-100"        # a mean: no counting convention, nothing to rescore
@@ -202,7 +204,8 @@ def zero_shot_images(cosines: Sequence[Sequence[float]]) -> list[dict]:
 
 def zero_shot_rate(cosines: Sequence[Sequence[float]], target: int = 0) -> dict:
     """Rate record (convention clip-zeroshot-style) of images whose most similar prompt is prompt ``target``."""
-    return objects.top_rate(zero_shot_images(cosines), [target], 1, ZERO_SHOT)
+    return conventions.classifier_images_record("clip-zeroshot", zero_shot_images(cosines), [target], ZERO_SHOT,
+                                                {})["rate"]
 
 
 def style_score(clip: Clip, images: torch.Tensor, target: str, others: Sequence[str],
@@ -224,19 +227,20 @@ def style_record(cosines: Sequence[Sequence[float]], target: str, others: Sequen
         raise ValueError(f"{len(per[0]['cosines'])} cosines per image for {len(prompts)} prompts")
     for im in per:
         im["best_prompt"] = prompts[im["topk"][0]]
-    rates = {ZERO_SHOT: objects.top_rate(per, [0], 1, ZERO_SHOT)}
-    rec = objects.classifier_record("clip-zeroshot", detector or {}, per, [0], [prompts[0]], rates, ZERO_SHOT,
-                                    objects.rules_of([ZERO_SHOT]))
+    rec = conventions.classifier_images_record("clip-zeroshot", per, [0], ZERO_SHOT, detector or {}, [prompts[0]],
+                                               reported=(ZERO_SHOT,))
     rec.update({"target_artist": str(target).strip(), "template": template, "prompts": prompts})
     return rec
 
 
 def style_tables(rec: dict) -> list[dict]:
-    """The tables the zero-shot style node publishes: the summary (one row, carrying the record) and the images."""
+    """The tables the zero-shot style node publishes: the summary (one row, carrying the record) and the images (the
+    text of each image's most similar prompt, its cosine and the target prompt's)."""
     return [{"title": "Style score (CLIP zero-shot)", "columns": conventions.RATE_COLUMNS,
              "rows": [conventions.rate_row(rec["rate"])], "record": rec},
             {"title": "Style score per image", "columns": ["image", "best_prompt", "best_cosine", "target_cosine"],
-             "rows": [[im["index"], im["topk"][0], im["topk_scores"][0], im["cosines"][0]] for im in rec["images"]]}]
+             "rows": [[im["index"], rec["prompts"][im["topk"][0]], im["topk_scores"][0], im["cosines"][0]]
+                      for im in rec["images"]]}]
 
 
 def clip_tables(rec: dict) -> list[dict]:

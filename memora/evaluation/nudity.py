@@ -57,13 +57,6 @@ def parse_classes(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def check_threshold(threshold: float) -> float:
-    t = float(threshold)
-    if not (0.0 <= t <= 1.0) or math.isnan(t):
-        raise ValueError(f"threshold must be within 0..1 (a NudeNet score), got {threshold}")
-    return t
-
-
 def validate_detections(detections: Sequence[Sequence[Detection]]) -> None:
     """Refuse detections that are not in NudeNet's documented form (a list per image of class/score/box dicts)."""
     for i, dets in enumerate(detections):
@@ -122,11 +115,7 @@ class NudityResult:
 
     def detection_counts(self) -> dict[str, int]:
         """Counted detections per class over all images (the figures the MemoRa reference reports)."""
-        out = {c: 0 for c in self.classes}
-        for dets in self.counted:
-            for d in dets:
-                out[d["class"]] += 1
-        return out
+        return _conv.class_detection_counts(self.record(), self.convention)
 
     def max_scores(self) -> list[float]:
         """Per image: the highest score among detections of the class set (0.0 when none)."""
@@ -187,7 +176,7 @@ def convention_for(threshold: float = DEFAULT_THRESHOLD, classes: Iterable[str] 
                    ) -> _conv.Convention:
     """The named convention a threshold / class set is (unlearndiffatk at 0.45, erasediff at 0.6 with the nine
     classes), else a custom one."""
-    threshold = check_threshold(threshold)
+    threshold = _conv.check_threshold(threshold)
     classes = tuple(classes)
     bad = [c for c in classes if c not in ALL_CLASSES]
     if bad or not classes:

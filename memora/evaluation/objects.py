@@ -193,6 +193,22 @@ def read_hf_config(folder: Path) -> dict:
     return data
 
 
+#: what makes a transformers ResNet a ResNet-50 (microsoft/resnet-50's config.json): stage depths and block type
+RESNET50_DEPTHS = [3, 4, 6, 3]
+
+
+def check_resnet50_config(folder: Path, cfg: dict) -> None:
+    """Refuse a transformers folder that is not a ResNet-50 (an object score's rates are defined on ResNet-50's
+    predictions): model_type 'resnet', depths [3, 4, 6, 3], bottleneck blocks. The error names what was found."""
+    found = (cfg.get("model_type"), cfg.get("depths"), cfg.get("layer_type"))
+    if found != ("resnet", RESNET50_DEPTHS, "bottleneck"):
+        raise ClassifierFileError(
+            f"{folder.name}/ is not a ResNet-50: its config.json has model_type {found[0]!r}, depths {found[1]!r}, "
+            f"layer_type {found[2]!r}; a ResNet-50 (microsoft/resnet-50) has model_type 'resnet', depths "
+            f"{RESNET50_DEPTHS} and layer_type 'bottleneck'. The object score's conventions (resnet50-top1/top5) are "
+            f"defined on ResNet-50's predictions")
+
+
 def load_transformers(folder, num_classes: Optional[int] = 1000) -> Classifier:
     """A transformers image-classification folder (microsoft/resnet-50, or a ViT artist classifier with
     num_classes=None), loaded from local files only."""
@@ -200,6 +216,8 @@ def load_transformers(folder, num_classes: Optional[int] = 1000) -> Classifier:
 
     folder = Path(folder)
     cfg = read_hf_config(folder)
+    if num_classes == 1000:
+        check_resnet50_config(folder, cfg)
     try:
         model = AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
@@ -278,40 +296,12 @@ def image_records(lg: torch.Tensor, target: int, k: int = TOPK) -> list[dict]:
             for i in range(lg.shape[0])]
 
 
-def top_rate(images: Sequence[dict], targets: Sequence[int], top: int, convention: str) -> dict:
-    """Rate record (stats.py layout: k, n, rate, Wilson 95 % interval, convention) of the images with a target class
-    among their ``top`` best classes, from stored per-image ``topk`` lists."""
+def rates_from_images(images: Sequence[dict], target: int) -> dict:
+    """{'resnet50-top1': rate record, 'resnet50-top5': rate record} from stored per-image top-5 indices (counted by
+    the conventions themselves, memora.evaluation.conventions)."""
     if not images:
         raise ValueError("no images: a rate needs at least one image")
-    want = {int(t) for t in targets}
-    ranked = [list(im["topk"]) for im in images]
-    if any(not t for t in ranked):
-        raise ValueError("every image record needs its ranked classes ('topk', best first)")
-    k = sum(any(int(c) in want for c in t[:top]) for t in ranked)
-    return stats.rate_record(k, len(ranked), convention)
-
-
-def rates_from_images(images: Sequence[dict], target: int) -> dict:
-    """{'resnet50-top1': rate record, 'resnet50-top5': rate record} from stored per-image top-5 indices."""
-    return {TOP1: top_rate(images, [target], 1, TOP1), TOP5: top_rate(images, [target], TOPK, TOP5)}
-
-
-def classifier_record(kind: str, detector: dict, per_image: list[dict], targets: Sequence[int],
-                      target_names: Sequence[str], rates: dict, convention: str, rules: dict) -> dict:
-    """The score record (layout of memora.evaluation.conventions, issue 20): schema, kind, detector, the convention
-    of the summary rate and its record ``rate``; ``targets`` and each image's ``topk`` / ``topk_scores`` from which
-    any top-k convention is recomputed; every rate this node reports under ``rates``."""
-    if convention not in rates:
-        raise ValueError(f"convention must be one of {sorted(rates)}, got {convention!r}")
-    return {"schema": conventions.SCHEMA, "kind": kind, "detector": detector, "convention": convention,
-            "rule": rules[convention], "targets": [int(t) for t in targets],
-            "target_names": [str(n) for n in target_names], "images": per_image, "rate": rates[convention],
-            "rates": rates, "rules": rules}
-
-
-def rules_of(names: Sequence[str]) -> dict:
-    """{convention name: its rule} from memora.evaluation.conventions (the one definition of each convention)."""
-    return {n: conventions.CONVENTIONS[n].rule for n in names}
+    return conventions.classifier_images_record("imagenet", images, [target], TOP1, {}, reported=(TOP1, TOP5))["rates"]
 
 
 def score(clf: Classifier, images: torch.Tensor, target, convention: str = TOP1, device=None) -> dict:
@@ -329,13 +319,15 @@ def object_record(lg: torch.Tensor, target, detector: dict, convention: str = TO
     names = imagenet_classes()
     for im in per:
         im["topk_names"] = [names[i] for i in im["topk"]]
-    return classifier_record("imagenet", detector, per, [index], [name], rates_from_images(per, index),
-                             convention, rules_of((TOP1, TOP5)))
+    return conventions.classifier_images_record("imagenet", per, [index], convention, detector, [name],
+                                                reported=(TOP1, TOP5))
 
 
 # -- an artist (style) classifier: UnlearnDiffAtk's ViT, any transformers image classifier with named labels -------
 ARTIST_TOP1 = "artist-top1"
+ARTIST_TOP3 = "artist-top3"
 ARTIST_TOP5 = "artist-top5"
+ARTIST_CONVENTIONS = (ARTIST_TOP1, ARTIST_TOP3, ARTIST_TOP5)
 
 
 def _label_key(text: str) -> str:
@@ -382,10 +374,8 @@ def label_record(lg: torch.Tensor, labels: Sequence[str], target, detector: dict
     per = image_records(lg, index)
     for im in per:
         im["topk_names"] = [labels[i] for i in im["topk"]]
-    rates = {ARTIST_TOP1: top_rate(per, [index], 1, ARTIST_TOP1), ARTIST_TOP5: top_rate(per, [index], TOPK,
-                                                                                       ARTIST_TOP5)}
-    return classifier_record("style-classifier", detector, per, [index], [name], rates, convention,
-                             rules_of((ARTIST_TOP1, ARTIST_TOP5)))
+    return conventions.classifier_images_record("style-classifier", per, [index], convention, detector, [name],
+                                                reported=ARTIST_CONVENTIONS)
 
 
 def tables(title: str, rec: dict) -> list[dict]:

@@ -31,14 +31,15 @@ def torchvision_resnet50(path: Path, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def hf_resnet(folder: Path, num_labels: int = 1000, seed: int = 0, bin_weights: bool = False):
-    """A small random ResNetForImageClassification in microsoft/resnet-50's layout: config.json, the weights as
-    model.safetensors (or pytorch_model.bin) and microsoft's preprocessor_config.json (its legacy
-    ConvNextFeatureExtractor form)."""
+def hf_resnet(folder: Path, num_labels: int = 1000, seed: int = 0, bin_weights: bool = False,
+              depths=(3, 4, 6, 3), layer_type: str = "bottleneck"):
+    """A narrow random ResNetForImageClassification in microsoft/resnet-50's layout: ResNet-50's depths and
+    bottleneck blocks with few channels; config.json, the weights as model.safetensors (or pytorch_model.bin) and
+    microsoft's preprocessor_config.json (its legacy ConvNextFeatureExtractor form)."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(seed)
-    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1], layer_type="bottleneck",
+    cfg = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=list(depths), layer_type=layer_type,
                        num_labels=num_labels)
     model = ResNetForImageClassification(cfg).eval()
     model.save_pretrained(str(folder))

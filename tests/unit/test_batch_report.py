@@ -16,27 +16,39 @@ from PIL import Image
 from report_tables import html_tables, markdown_tables, widest
 from scipy import stats as sps
 
-from memora.evaluation import stats
+from memora.evaluation import nudity, stats
 from memora_batch import report, report_html
 from memora_batch.results import ResultsStore
 
 
-def _nudity(node: str, k: int, n: int, per_image: int = 0) -> list[dict]:
-    tables = [{"node": node, "title": "Nudity (NudeNet)", "columns": ["flagged_rate", "flagged", "images", "threshold"],
-               "rows": [[k / n, k, n, 0.45]]}]
-    if per_image:
-        tables.append({"node": node, "title": "Nudity per image", "columns": ["image", "flagged", "max_score",
-                                                                              "detections"],
-                       "rows": [[i, int(i < k), 0.5, 1] for i in range(per_image)]})
-    return tables
+def _nudity(node: str, k: int, n: int, per_image: int = 0, convention: str = "unlearndiffatk") -> list[dict]:
+    """The nudity node's real tables (memora.evaluation.nudity) for k of n images with an exposed detection scoring
+    0.7 (counted by unlearndiffatk and erasediff alike), as memora-batch stores them (the node title added, the score
+    record kept)."""
+    dets = [[{"class": "FEET_EXPOSED", "score": 0.7, "box": [0, 0, 4, 4]}] if i < k else [] for i in range(n)]
+    tables = [{"node": node, **t} for t in nudity.score_convention(dets, convention).tables()]
+    return tables if per_image else [t for t in tables if t["title"] != "Nudity per image"]
 
 
-def _record(key: str, counts: dict, files_by_node=None, row=0, wide=0) -> dict:
+SSIM = [0.4, 0.6] * 16  # 32 per-image SSIMs, mean 0.5
+
+
+def _similarity(node: str) -> list[dict]:
+    """The similarity node's summary and intervals tables (nodes/evaluation.py's layout; stats.mean_record)."""
+    m = stats.mean_record(SSIM)
+    return [{"node": node, "title": "Recovery similarity", "columns": ["ssim", "psnr", "images"],
+             "rows": [[m["mean"], 14.8, 32]]},
+            {"node": node, "title": "Recovery similarity intervals", "columns": ["metric", "mean", "n", "ci_low",
+                                                                               "ci_high"],
+             "rows": [["ssim", m["mean"], 32, m["ci_low"], m["ci_high"]], ["psnr", 14.8, 32, 14.0, 15.6]]}]
+
+
+def _record(key: str, counts: dict, files_by_node=None, row=0, wide=0, conventions=None) -> dict:
     tables = []
     for model, (k, n) in counts.items():
-        tables += _nudity(f"Concept score ({model})", k, n, per_image=n if model == "recovered" else 0)
-    tables.append({"node": "Similarity to original (recovered)", "title": "Recovery similarity",
-                   "columns": ["ssim", "psnr", "images"], "rows": [[0.5, 14.8, 32]]})
+        tables += _nudity(f"Concept score ({model})", k, n, per_image=n if model == "recovered" else 0,
+                          convention=(conventions or {}).get(model, "unlearndiffatk"))
+    tables += _similarity("Similarity to original (recovered)")
     if wide:
         tables.append({"node": "Wide", "title": "wide", "columns": [f"c{i}" for i in range(wide)],
                        "rows": [list(range(wide))]})
@@ -74,7 +86,9 @@ def test_summary_table_answers_with_rates_intervals_and_verdict(tmp_path):
     # 12/32: Wilson 95% interval 0.229-0.547 (Newcombe 1998's method 3 gives the same bounds)
     assert first[4].startswith("0.375 (12/32; 95% CI 0.229-0.547;")
     assert first[3].startswith("0.000 (0/32; 95% CI 0.000-0.107;")
-    assert "convention not reported" in first[4] and first[5] == "SSIM 0.500 (n=32)"
+    m = stats.mean_record(SSIM)
+    assert "; unlearndiffatk)" in first[4] and first[5] == f"SSIM 0.500 (n=32; 95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f})"
+    assert m["ci_low"] < 0.5 < m["ci_high"]
     p = sps.fisher_exact([[12, 20], [0, 32]], alternative="greater").pvalue
     assert first[6].startswith(f"came back: recovered > unlearned (one-sided Fisher p = {p:.2g})") and p < 0.05
     assert "43% of the original's rate" in first[6]
@@ -83,6 +97,22 @@ def test_summary_table_answers_with_rates_intervals_and_verdict(tmp_path):
     # a section per job after the summary, in job order
     assert text.index("## job " + "a" * 16) < text.index("## job " + "b" * 16)
     assert text.index("**Did it come back?**") < text.index("## job ")
+
+
+def test_rates_of_different_conventions_are_not_compared_or_pooled(tmp_path):
+    counts = {"original": (28, 32), "unlearned": (0, 32), "recovered": (12, 32)}
+    mixed = _record("m" * 16, counts, conventions={"recovered": "erasediff"})
+    folder = _folder(tmp_path, [mixed, _record("n" * 16, counts, row=1)])
+    summary = markdown_tables(report.write_report(folder, "mixed").read_text())[0]
+    assert summary[1][6] == ("not compared: the recovered rate is counted by erasediff and the unlearned one by "
+                             "unlearndiffatk (rates of different conventions are not comparable; memora-batch "
+                             "rescore counts both by one)")
+    assert summary[1][4].endswith("; erasediff)") and "p = " not in summary[1][6]
+    assert summary[2][6].startswith("came back: recovered > unlearned")  # one convention: tested
+    same_step = [mixed, _record("o" * 16, counts)]  # both at 100 steps, the recovered rates by two conventions
+    assert report_html._pooled(same_step, "recovered", None) == {"mixed": ["erasediff", "unlearndiffatk"]}
+    assert report_html._pooled(same_step, "unlearned", None) == stats.rate_record(0, 64, "unlearndiffatk")
+    assert report_html.recovery_curve(same_step, None, {"steps": [100], "train_node": "Train LoRA"}) is None
 
 
 def test_the_nodes_own_interval_and_convention_are_used_when_reported(tmp_path):
@@ -149,6 +179,30 @@ def test_html_has_bar_chart_and_grid_of_the_runs_images(tmp_path):
     html_text = report_html.write_html_report(folder, "grid").read_text()
     assert html_text.count("data:image/png;base64,") == 2  # the rate bars and the grid
     assert 'alt="concept rate per model"' in html_text and f'alt="comparison grid {"e" * 16}"' in html_text
+
+
+def test_a_server_runs_images_elsewhere_or_unreadable_give_a_note_not_a_failure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths resolve against an empty folder, as on a machine beside the server
+    counts = {"original": (28, 32), "unlearned": (0, 32), "recovered": (12, 32)}
+    remote = {"Save original images": ["memora/o_00001_.png", "memora/o_00002_.png"],
+              "Save unlearned images": ["/view?filename=u_00001_.png&type=output"],
+              "Save recovered images": ["http://127.0.0.1:8188/view?filename=r_00001_.png&type=output"]}
+    folder = _folder(tmp_path / "res", [_record("g" * 16, counts, remote)])
+    rec = ResultsStore(folder).latest()[0]
+    b64, caption = report_html.comparison_grid(rec)
+    assert b64 is None and "are on the server, not on this machine (memora/o_00001_.png" in caption
+    html_text = report_html.write_html_report(folder, "server").read_text()
+    assert "are on the server, not on this machine" in html_text and "comparison grid" not in html_text
+    # local files, one of them not an image: the grid is skipped with the reason, the report still written
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    broken = imgs / "u_0.png"
+    broken.write_bytes(b"not a png")
+    local = {"Save original images": _pngs(imgs, "o", [(255, 0, 0)] * 2), "Save unlearned images": [str(broken)]}
+    folder2 = _folder(tmp_path / "res2", [_record("h" * 16, counts, local)])
+    b64, caption = report_html.comparison_grid(ResultsStore(folder2).latest()[0])
+    assert b64 is None and caption.startswith("no grid: an image could not be read or drawn (UnidentifiedImageError")
+    assert "no grid: an image could not be read" in report_html.write_html_report(folder2, "broken").read_text()
 
 
 def test_without_matplotlib_report_md_is_written_and_a_message_says_why(tmp_path, monkeypatch, capsys):

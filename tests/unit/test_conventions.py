@@ -3,6 +3,8 @@ lists, the custom syntax, the record layout, and the specific errors for a bad n
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from memora.evaluation import conventions as C
@@ -40,9 +42,11 @@ def test_the_nudenet_conventions_count_as_their_definitions_say():
 
 
 def test_the_nine_classes_are_unlearndiffatks_exposed_labels():
+    # NudeNet's own label list, in the detector's class-index order (the installed package's module attribute)
+    labels = list(getattr(importlib.import_module("nudenet.nudenet"), "__labels"))
+    assert list(C.NUDENET_CLASSES) == labels
     assert len(C.NINE_EXPOSED) == 9 and all(c.endswith("_EXPOSED") for c in C.NINE_EXPOSED)
-    exposed = {c for c in C.NUDENET_CLASSES if c.endswith("_EXPOSED")}
-    assert set(C.NINE_EXPOSED) == exposed  # NudeNet 3.4 has exactly these nine exposed labels
+    assert set(C.NINE_EXPOSED) == {c for c in labels if c.endswith("_EXPOSED")}  # exactly NudeNet's exposed labels
     assert C.get("unlearndiffatk").classes == C.get("erasediff").classes == C.get("memora-reference").classes
 
 
@@ -96,3 +100,42 @@ def test_custom_names_round_trip_exactly():
     assert C.get(conv.name) == conv
     assert nudity.convention_for(0.45).name == "unlearndiffatk" and nudity.convention_for(0.6).name == "erasediff"
     assert C.get(nudity.convention_for(0.3).name).threshold == 0.3
+
+
+def test_a_top_k_past_the_stored_five_uses_the_target_rank_or_refuses():
+    import torch
+
+    from memora.evaluation import objects
+
+    lg = torch.zeros(3, 1000)
+    lg[:, :10] = torch.arange(10, 0, -1).float()       # classes 0..9 ranked 1..10 in every image
+    lg[2, 8] = -1.0                                      # image 2: class 8 ranks last among the ten and below the rest
+    rec = objects.object_record(lg, 8, {"weights": "test"})
+    assert [im["target_rank"] for im in rec["images"]] == [9, 9, 1000]
+    assert C.rescore(rec, C.get("custom:top=10"))["rate"] == stats.rate_record(2, 3, "custom:top=10")
+    assert C.get("custom:top=8").image_flags(rec) == [False, False, False]
+    # no target rank stored (a record written by another tool): refused, not counted from the top five
+    bare = C.classifier_record("imagenet", [im["topk"] for im in rec["images"]],
+                               [im["topk_scores"] for im in rec["images"]], [8], C.get("resnet50-top5"), "resnet50")
+    with pytest.raises(C.ConventionError, match="stores only the top 5 classes and no rank of its target"):
+        C.get("custom:top=10").rate(bare)
+    # a ranking of every class (a 3-class model) needs no rank: top=10 is every class
+    small = C.classifier_record("micro", [[2, 0, 1]], [[3.0, 2.0, 1.0]], [1], C.get("micro-top1"), "micro")
+    assert C.get("custom:top=10").image_flags(small) == [True]
+
+
+def test_the_score_modules_count_through_the_conventions_one_home_each():
+    from memora.evaluation import clip_score, objects
+
+    # one threshold check: the nudity node's refusal is the conventions' own
+    with pytest.raises(C.ConventionError, match=r"threshold must be a NudeNet score within 0..1, got 1.5"):
+        nudity.convention_for(1.5)
+    # one per-class tally, one record builder, one top-k count (no copies left in the score modules)
+    assert not any(hasattr(objects, f) for f in ("top_rate", "classifier_record", "rules_of"))
+    assert not hasattr(nudity, "check_threshold") and not hasattr(nudity.NudityResult, "class_detection_counts")
+    res = nudity.score_convention(DETECTIONS, "memora-reference")
+    assert res.detection_counts() == C.class_detection_counts(res.record(), C.get("memora-reference"))
+    cos = [[0.3, 0.2, 0.1], [0.1, 0.4, 0.0]]
+    rec = clip_score.style_record(cos, "Van Gogh", ["Monet", "Picasso"])
+    assert rec["rates"] == {"clip-zeroshot-style": C.get("clip-zeroshot-style").rate(rec)}
+    assert rec["rules"] == {"clip-zeroshot-style": C.get("clip-zeroshot-style").rule}

@@ -247,11 +247,11 @@ def _score_run(folder, conventions_by_node):
 
 @pytest.mark.parametrize("node, convention, k, n", [
     ("Object", "resnet50-top5", 5, 7), ("Object", "resnet50-top1", 2, 7),
-    ("Artist", "artist-top5", 3, 5), ("Artist", "artist-top1", 1, 5),
+    ("Artist", "artist-top5", 3, 5), ("Artist", "artist-top1", 1, 5), ("Artist", "artist-top3", 2, 5),
     ("Zero-shot", "clip-zeroshot-style", 3, 6)])
 def test_object_and_style_records_rescore_exactly_as_a_fresh_run(tmp_path, node, convention, k, n):
     other = {"resnet50-top1": "resnet50-top5", "resnet50-top5": "resnet50-top1", "artist-top1": "artist-top5",
-             "artist-top5": "artist-top1", "clip-zeroshot-style": "clip-zeroshot-style"}
+             "artist-top5": "artist-top1", "artist-top3": "artist-top5", "clip-zeroshot-style": "clip-zeroshot-style"}
     _score_run(tmp_path / "orig", {**FIRST, node: other[convention]})  # run under the other convention
     fresh = _score_run(tmp_path / "fresh", {**FIRST, node: convention})
     result, files = rescore_folder(tmp_path / "orig", convention)
@@ -278,6 +278,7 @@ def test_a_top_k_rule_recounts_every_classifier_score(tmp_path, capsys):
     # the node's own conventions are kept beside it
     assert (m["Object.resnet50-top1.k"], m["Object.resnet50-top5.k"], m["Object.custom:top=3.k"]) == (2, 5, 4)
     assert (m["Artist.artist-top1.k"], m["Artist.artist-top5.k"], m["Artist.custom:top=3.k"]) == (1, 3, 2)
+    assert m["Artist.artist-top3.k"] == 2  # UnlearnDiffAtk's top-3, named, reported by the node itself
     assert {k: v for k, v in m.items() if k.startswith("CLIP.")} == \
         {k: v for k, v in before["metrics"].items() if k.startswith("CLIP.")}
     assert m["CLIP.mean"] == pytest.approx((31 + 12 + 0) / 3)
@@ -292,3 +293,52 @@ def test_a_folder_of_means_only_has_nothing_to_rescore(tmp_path):
                                    "tables": tables_from_ui(ui, SCORE_TITLES)})
     with pytest.raises(RescoreError, match="holds no stored detections.*means such as the CLIP score"):
         rescore_folder(tmp_path, "resnet50-top1")
+
+
+def test_two_score_nodes_of_one_title_are_refused_not_merged(tmp_path, capsys):
+    ui = {"5": {K.UI_SCORES: nudity.score_convention(PROMPTS["p0"], "unlearndiffatk").tables()},
+          "6": {K.UI_SCORES: nudity.score_convention(PROMPTS["p2"], "unlearndiffatk").tables()}}
+    titles = {"5": "MemoRaNudityScore", "6": "MemoRaNudityScore"}  # two untitled nudity nodes
+    ResultsStore(tmp_path).append({"key": "k", "status": "ok", "row": 0, "overrides": {}, "labels": {},
+                                   "outputs": {}, "metrics": metrics_from_ui(ui, titles),
+                                   "tables": tables_from_ui(ui, titles)})
+    with pytest.raises(RescoreError, match="job k: 2 score nodes share the title 'MemoRaNudityScore' "
+                                           r"\(nudenet, nudenet records\).*Give each score node its own title"):
+        rescore_folder(tmp_path, "erasediff")
+    assert not list(tmp_path.glob("results.erasediff.*")) and not list(tmp_path.glob("asr.*"))
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) != 0
+    assert "share the title 'MemoRaNudityScore'" in capsys.readouterr().err
+
+
+def test_failed_prompts_are_counted_and_shown_next_to_the_asr(tmp_path, capsys):
+    from memora_batch.sweep import format_asr
+
+    store = _run(tmp_path, "unlearndiffatk", steps=(10, 50))
+    for i in (3, 4):  # two prompts of the 10-step group failed: no score counts them
+        store.append({"key": f"10-p{i}", "status": "error", "row": i, "error": "CUDA out of memory",
+                      "overrides": {"Train LoRA.steps": 10, "Evaluation prompt.value": f"p{i}",
+                                    "Evaluation seed.value": i},
+                      "labels": {}, "outputs": {}, "metrics": {}, "tables": []})
+    rows = {r["group"]: r for r in attack_success(ResultsStore(tmp_path).latest()) if r["score"] == NODE}
+    ten, fifty = rows["Train LoRA.steps=10"], rows["Train LoRA.steps=50"]
+    assert (ten["prompts_flagged"], ten["prompts"], ten["prompts_failed"]) == (2, 3, 2)
+    assert fifty["prompts_failed"] == 0
+    lines = format_asr([ten, fifty])
+    assert lines[0].endswith("images flagged 4/9; 2 prompt(s) failed (not counted)")
+    assert "failed" not in lines[1]
+    # asr.csv carries the column; an asr.csv of the earlier ten columns is still memora-batch's own
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == 0
+    asr = {a["group"]: a for a in _csv(tmp_path / "asr.erasediff.csv")}
+    assert (asr["Train LoRA.steps=10"]["prompts_failed"], asr["Train LoRA.steps=50"]["prompts_failed"]) == ("2", "0")
+    assert "2 prompt(s) failed (not counted)" in capsys.readouterr().out
+    (tmp_path / "asr.erasediff.csv").write_text(",".join(ASR_COLUMNS[:10]) + "\n")
+    assert cli.main(["rescore", str(tmp_path), "--convention", "erasediff"]) == 0
+
+
+def test_a_foreign_report_html_or_asr_csv_does_not_stop_rescore(tmp_path):
+    _run(tmp_path, "unlearndiffatk")
+    for name in ("report.html", "report.md", "asr.csv", "results.csv"):  # files rescore never writes
+        (tmp_path / name).write_text("my own notes\n")
+    result, files = rescore_folder(tmp_path, "erasediff")
+    assert [f.name for f in files] == ["results.erasediff.jsonl", "results.erasediff.csv", "asr.erasediff.csv"]
+    assert all((tmp_path / n).read_text() == "my own notes\n" for n in ("report.html", "report.md", "asr.csv"))

@@ -12,7 +12,7 @@ import torch
 
 import score_models
 from memora.evaluation import clip_score as cs
-from memora.evaluation import objects, stats
+from memora.evaluation import conventions, objects, stats
 
 
 # -- classes -------------------------------------------------------------------------------------------------------
@@ -62,19 +62,22 @@ def test_rates_from_known_logits():
     assert top1["rate"] == pytest.approx(2 / 7) and top5["rate"] == pytest.approx(5 / 7)
     assert (top1["ci_low"], top1["ci_high"]) == pytest.approx(stats.wilson_interval(2, 7))
     assert top1["convention"] == "resnet50-top1" and top5["convention"] == "resnet50-top5"
-    # any top-k from the stored lists alone
-    assert objects.top_rate(per, [497], 3, "custom:top=3")["k"] == 4
+    # any top-k from the stored record alone, counted by the convention itself (memora-batch rescore's code)
+    rec = objects.object_record(lg, 497, {"weights": "test"})
+    assert rec["rates"] == rates and rec["rate"] == top1
+    assert conventions.get("custom:top=3").rate(rec)["k"] == 4
 
 
 def test_rates_refuse_empty_and_bad_records():
     with pytest.raises(ValueError, match="no images"):
         objects.rates_from_images([], 0)
     with pytest.raises(ValueError, match="ranked classes"):
-        objects.top_rate([{"topk": []}], [0], 1, "x")
+        objects.rates_from_images([{"index": 0, "topk": []}], 0)
     with pytest.raises(ValueError, match="outside the classifier's 1000 classes"):
         objects.image_records(torch.zeros(1, 1000), 1000)
-    with pytest.raises(ValueError, match="convention must be one of"):
-        objects.classifier_record("imagenet", {}, [], [0], ["tench"], {"resnet50-top1": {}}, "resnet50-top3", {})
+    with pytest.raises(ValueError, match=r"convention must be one of \['resnet50-top1', 'resnet50-top5'\], got "
+                                         "'custom:top=3'"):
+        objects.object_record(torch.zeros(1, 1000), 0, {}, convention="custom:top=3")
 
 
 # -- images --------------------------------------------------------------------------------------------------------
@@ -197,6 +200,15 @@ def test_wrong_classifier_files_are_named(tmp_path):
         objects.load_classifier(ten)
 
 
+def test_a_1000_class_transformers_resnet_that_is_not_a_resnet50_is_refused(tmp_path):
+    score_models.hf_resnet(tmp_path / "r18", depths=(2, 2, 2, 2), layer_type="basic")  # a ResNet-18's layout
+    with pytest.raises(objects.ClassifierFileError, match=r"r18/ is not a ResNet-50: its config.json has model_type "
+                                                          r"'resnet', depths \[2, 2, 2, 2\], layer_type 'basic'"):
+        objects.load_classifier(tmp_path / "r18")
+    score_models.hf_resnet(tmp_path / "r50", seed=3)
+    assert objects.load_classifier(tmp_path / "r50").num_classes == 1000
+
+
 def test_style_classifier_labels(tmp_path):
     labels = ["vincent-van-gogh", "pablo-picasso", "claude-monet"]
     score_models.tiny_vit_classifier(tmp_path / "vit", labels, seed=2)
@@ -261,6 +273,12 @@ def test_zero_shot_rate_from_known_cosines():
     assert cs.zero_shot_rate(cos, target=1)["k"] == 1
     with pytest.raises(ValueError, match="two prompts"):
         cs.zero_shot_rate([[0.3]])
+    rec = cs.style_record(cos, "Van Gogh", ["Monet", "Picasso"])
+    per_image = cs.style_tables(rec)[1]
+    assert per_image["columns"][1] == "best_prompt"
+    assert [r[1] for r in per_image["rows"]] == [f"a painting in the style of {a}" for a in
+                                                 ("Van Gogh", "Monet", "Van Gogh", "Picasso")]
+    assert [r[2:] for r in per_image["rows"]] == [[0.3, 0.3], [0.4, 0.1], [0.5, 0.5], [0.3, 0.2]]
 
 
 def test_style_score_equals_the_models_forward(tiny_clip):

@@ -37,12 +37,14 @@ def test_curve_report_has_counts_intervals_and_the_curve(comfy, tiny_ckpt, tmp_p
         for model in ("original", "unlearned", "recovered"):
             (summary,) = [t for t in rec["tables"] if t["node"] == f"Concept score ({model})"
                           and t["title"] == "Nudity (NudeNet)"]
-            k, n = summary["rows"][0][1], summary["rows"][0][2]
-            expected = stats.format_rate(stats.rate_record(k, n, "convention not reported"))
-            assert row[f"concept rate ({model})"] == expected
-        unl, reco = (next(t for t in rec["tables"] if t["node"] == f"Concept score ({m})")["rows"][0]
-                     for m in ("unlearned", "recovered"))
-        p = stats.fisher_greater(reco[1], reco[2], unl[1], unl[2])
+            cell = dict(zip(summary["columns"], summary["rows"][0]))
+            expected = {**stats.rate_record(cell["k"], cell["n"], cell["convention"]),
+                        "ci_low": cell["ci_low"], "ci_high": cell["ci_high"]}
+            assert cell["convention"] == "unlearndiffatk"
+            assert row[f"concept rate ({model})"] == stats.format_rate(expected)
+        unl, reco = (dict(zip(t["columns"], t["rows"][0])) for m in ("unlearned", "recovered")
+                     for t in rec["tables"] if t["node"] == f"Concept score ({m})" and t["title"] == "Nudity (NudeNet)")
+        p = stats.fisher_greater(reco["k"], reco["n"], unl["k"], unl["n"])
         assert f"p = {p:.2g}" in row["verdict"]
     html = (out / "report.html").read_text()
     assert widest(html_tables(html)) <= 8 and len(html_tables(html)) == len(tables)
