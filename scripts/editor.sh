@@ -60,6 +60,8 @@ mkdir -p "$HOME_DIR/custom_nodes" "$HOME_DIR/input" "$HOME_DIR/output" "$HOME_DI
 [ -e "$HOME_DIR/custom_nodes/comfyui-memora" ] || ln -s "$ROOT" "$HOME_DIR/custom_nodes/comfyui-memora"
 [ -e "$HOME_DIR/models" ] || ln -s "$COMFY/models" "$HOME_DIR/models"
 
+DB=()  # ComfyUI >= 0.33 keeps a database, by default inside the checkout: keep it in the workspace instead
+grep -q -- '"--database-url"' "$COMFY/comfy/cli_args.py" 2>/dev/null && DB=(--database-url "sqlite:///$HOME_DIR/user/comfyui.db")
 DEVICE=()
 "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
   || DEVICE=(--cpu)
@@ -68,4 +70,4 @@ log "templates: Workflow > Browse Templates > comfyui-memora (start with memora_
 cd "$COMFY"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$VENV/bin/python" main.py --base-directory "$HOME_DIR" --front-end-root "$STATIC" --listen "$LISTEN" \
-  --port "$PORT" "${DEVICE[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+  --port "$PORT" ${DB[@]+"${DB[@]}"} ${DEVICE[@]+"${DEVICE[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}

@@ -386,6 +386,11 @@ def session(browser, browser_server, tiny_ckpt_path, stub):
             pass  # reported by the test below
         out["previews"] = {nid: editor.js("(id) => __memoraTest.previews(id)", nid) for nid in nudity}
         editor.screenshot("memora-scores.png")
+        # The whole graph after the run, every table and preview in: the node boxes as the editor draws them.
+        editor.page.wait_for_timeout(500)
+        out["boxes"] = editor.js("() => __memoraTest.boxes()")
+        editor.fit()
+        editor.screenshot("memora-layout.png")
 
         # Descriptions and tooltips: as the editor received them, and as it shows them on hover.
         out["defs"] = editor.js("() => __memoraTest.memoraNodeDefs()")
@@ -463,6 +468,34 @@ def test_graph_without_memora_nodes_is_left_alone(session):
     assert session["core_run"]["type"] == "execution_success", session["core_run"]
     assert session["core_traces"] == {"panels": 0, "styles": 0, "properties": [], "widgets": [], "patched": []}
     assert session["core_raw"] == {}
+
+
+def overlaps(boxes: list[dict]) -> list[str]:
+    """Pairs of node boxes (title bar included) that share any area."""
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] \
+                    and b["y"] < a["y"] + a["h"]:
+                out.append(f"{a['title']} [{a['x']:.0f},{a['y']:.0f} {a['w']:.0f}x{a['h']:.0f}] / "
+                           f"{b['title']} [{b['x']:.0f},{b['y']:.0f} {b['w']:.0f}x{b['h']:.0f}]")
+    return out
+
+
+def test_overlap_check_sees_overlapping_boxes():
+    """Negative check for the layout test: two boxes sharing a corner are reported, two side by side are not."""
+    a = {"title": "a", "x": 0, "y": 0, "w": 100, "h": 100}
+    assert overlaps([a, {**a, "title": "b", "x": 90, "y": 90}]) and not overlaps([a, {**a, "title": "c", "x": 100}])
+
+
+def test_no_two_nodes_overlap_after_a_run(session):
+    """After a run the score tables and the nudity previews are in their nodes (the nodes grew to hold them); the
+    template is laid out for that size: no node covers another (screenshot: test-artifacts/browser/memora-layout.png)."""
+    boxes = session["boxes"]
+    assert len(boxes) == len(json.loads(WORKFLOW.read_text())["nodes"]), len(boxes)
+    grown = {b["title"]: b["h"] for b in boxes if b["type"] in ("MemoRaNudityScore", "MemoRaSimilarityScore")}
+    print(f"[browser test] score node heights after the run (title bar included): {grown}")
+    assert overlaps(boxes) == []
 
 
 def test_shipped_workflow_opens_without_alerts(session):
