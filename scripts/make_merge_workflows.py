@@ -88,7 +88,8 @@ def concept_branch(g, side, unl, orig, enc_orig, enc_unl, seed_size, x, y):
         dec = g.wire(cols[1].add("VAEDecode", f"Concept {side} seed pixels ({half})"), samples=ks[0], vae=orig[2])
         e = g.wire(cols[1].add("VAEEncode", f"Concept {side} encode ({half})"), pixels=dec[0], vae=unl[2])
         inv = cols[2].add("MemoRaDDIMInversion", f"Concept {side} invert ({half})", **c(PURPLE), steps=50,
-                          start_at_step=15, cfg=7.5, refine_iterations=0, schedule="exact")
+                          start_at_step=15, cfg=7.5, refine_iterations=0, schedule="exact",
+                          size=(320, mw.GROWN_HEIGHT["progress"]))
         g.wire(inv, model=unl[0], positive=pos_u[0], negative=neg_u[0], latent=e[0])
         inverted[half] = inv
         nodes += [ks, dec, e, inv]
@@ -96,7 +97,7 @@ def concept_branch(g, side, unl, orig, enc_orig, enc_unl, seed_size, x, y):
                      include_endpoints=True)
     g.wire(sl, latent_a=inverted["first"][0], latent_b=inverted["second"][0])
     rg = cols[3].add("MemoRaRegenerate", f"Concept {side} regenerate", **c(PURPLE), steps=50, start_at_step=15,
-                     cfg=7.5, schedule="exact")
+                     cfg=7.5, schedule="exact", size=(320, mw.GROWN_HEIGHT["progress"]))
     g.wire(rg, model=unl[0], positive=pos_u[0], negative=neg_u[0], latent=sl[0])
     tr = cols[3].add(K.NODE_LORA_TRAIN, f"{K.TITLE_TRAIN_LORA} (concept {side})", **c(PURPLE), steps=500, seed=2024,
                      save_name=f"memora/concept_{side.lower()}")

@@ -37,9 +37,11 @@ BLUE, PURPLE, GREEN, CYAN, YELLOW = ("#223", "#335"), ("#323", "#535"), ("#232",
     ("#432", "#653")
 COL = 440  # column width in the editor's coordinates
 NODE_UNLEARNED_LOADER = "MemoRaLoadUnlearnedModel"
-#: score node heights after a run: widgets + the score table (web/memora.js: at most 132 px, scrolling inside) +
-#: the nudity node's image previews (at least 220 px)
+#: node heights after a run (measured in the editor by tests/browser): widgets + the score table (web/memora.js: at
+#: most 132 px, scrolling inside) + the nudity node's image previews (at least 220 px); inversion and regeneration
+#: nodes gain a progress line
 SCORE_HEIGHT = {"nudity": 560, "micro": 300, "similarity": 320}
+GROWN_HEIGHT = {"progress": 330}
 #: the micro world's MemoRa settings (memora_batch.profiles.micro_world_profile, scripts/micro_recovery.py)
 MICRO_TRAIN = {"steps": 100, "learning_rate": 1e-2}
 MICRO_EVAL_IMAGES = 32
@@ -200,14 +202,14 @@ def inversion_to_training(g, models, enc, images_a, images_b, x, save_images=Tru
     for side, img in (("A", images_a), ("B", images_b)):
         e = g.wire(col1.add("VAEEncode", f"Encode {side}"), pixels=img[0], vae=unl[2])
         inv = col1.add("MemoRaDDIMInversion", f"Invert {side}", **c(PURPLE), steps=50, start_at_step=15, cfg=7.5,
-                       refine_iterations=0, schedule="exact")
+                       refine_iterations=0, schedule="exact", size=(320, GROWN_HEIGHT["progress"]))
         g.wire(inv, model=unl[0], positive=pos[0], negative=neg[0], latent=e[0])
         lat[side] = inv
         nodes += [e, inv]
     sl = col2.add("MemoRaSlerpLatents", "Slerp pairs", **c(PURPLE), intervals=10, include_endpoints=True)
     g.wire(sl, latent_a=lat["A"][0], latent_b=lat["B"][0])
     rg = col2.add("MemoRaRegenerate", "Regenerate", **c(PURPLE), steps=50, start_at_step=15, cfg=7.5,
-                  schedule="exact")
+                  schedule="exact", size=(320, GROWN_HEIGHT["progress"]))
     g.wire(rg, model=unl[0], positive=pos[0], negative=neg[0], latent=sl[0])
     nodes += [sl, rg]
     if save_images:
@@ -589,6 +591,19 @@ def main(argv=None) -> int:
     return write_workflows(WORKFLOWS, info, check=args.check, only=args.only, script="scripts/make_workflows.py")
 
 
+def with_workflow_models(ui: dict) -> dict:
+    """The loaders' ``properties.models`` entries, once each, also as the workflow's top-level ``models`` list. The
+    editor offers a node's entry only when one of the node's widgets shows that exact file name (MemoRa Load Unlearned
+    Model shows 'unlearned/<file>'), but every top-level entry: both together list every file the template names."""
+    seen = {}
+    for node in ui["nodes"]:
+        for entry in (node.get("properties") or {}).get("models") or []:
+            seen.setdefault(entry["url"], entry)
+    if seen:
+        ui["models"] = list(seen.values())
+    return ui
+
+
 def write_workflows(workflows: dict, info: dict, check: bool, only=(), script: str = "") -> int:
     """Build each workflow of ``workflows`` ({name: (build(info), title)}), refuse overlapping nodes, and write its
     JSON and thumbnail into example_workflows/ (``check``: compare with the committed JSON instead; 1 if stale)."""
@@ -597,7 +612,7 @@ def write_workflows(workflows: dict, info: dict, check: bool, only=(), script: s
         if only and name not in only:
             continue
         # The editor validates "id" as a UUID (an alert on open otherwise): a fixed one per workflow name.
-        ui = build(info).to_json(workflow_id=workflow_uuid(name))
+        ui = with_workflow_models(build(info).to_json(workflow_id=workflow_uuid(name)))
         overlaps = check_layout(ui)
         if overlaps:
             raise SystemExit(f"{name}: overlapping nodes {overlaps}")

@@ -168,8 +168,10 @@ def _network_noise(m: dict) -> bool:
     model metadata. They come and go with page timing (seen in some pages and not in others); the extension makes no
     requests at all, so none of them can be its doing."""
     t = m["text"]
+    # "Error fetching file size": the missing-models dialog asks each listed model's download site for the file's
+    # size (the templates name their public models); the test machine has no network.
     return (t.startswith("Failed to load resource") or "Content Security Policy" in t
-            or t.startswith("Fetch API cannot load"))
+            or t.startswith("Fetch API cannot load") or t.startswith("Error fetching file size"))
 
 
 def load_problems(load: dict, baseline: list[dict]) -> list[str]:
@@ -294,12 +296,31 @@ def load_report(editor: Editor, server_url: str) -> dict:
     }
 
 
+def close_missing_models(editor: Editor) -> str:
+    """The text of the editor's missing-models dialog ('' when none opened), then the dialog closed."""
+    dialog = editor.page.locator("[role=dialog]").filter(has_text=re.compile("missing models", re.I))
+    try:
+        dialog.first.wait_for(state="visible", timeout=8000)
+    except Exception:
+        return ""
+    text = dialog.first.inner_text()
+    editor.page.keyboard.press("Escape")
+    try:
+        dialog.first.wait_for(state="hidden", timeout=3000)
+    except Exception:
+        dialog.first.locator("button[aria-label=Close], .p-dialog-close-button").first.click()
+        dialog.first.wait_for(state="hidden", timeout=3000)
+    return text
+
+
 def open_recovery_workflow(editor: Editor, ckpt: str) -> dict:
-    """Open the shipped memora_recovery workflow and shrink it to the tiny checkpoint; the alerts it raised."""
+    """Open the shipped memora_recovery workflow and shrink it to the tiny checkpoint; the alerts it raised and the
+    missing-models dialog it opened (the template names models the test server does not have)."""
     editor.load(json.loads(WORKFLOW.read_text()))
+    missing = close_missing_models(editor)
     alerts = editor.js("() => __memoraTest.toasts()")
     changed = editor.js("([ckpt, steps]) => __memoraTest.shrink(ckpt, steps)", [ckpt, TRAIN_STEPS])
-    return {"alerts": alerts, "changed": changed}
+    return {"alerts": alerts, "changed": changed, "missing_models": missing}
 
 
 def run_recovery(editor: Editor, server_url: str) -> tuple[dict, dict]:
@@ -496,6 +517,17 @@ def test_no_two_nodes_overlap_after_a_run(session):
     grown = {b["title"]: b["h"] for b in boxes if b["type"] in ("MemoRaNudityScore", "MemoRaSimilarityScore")}
     print(f"[browser test] score node heights after the run (title bar included): {grown}")
     assert overlaps(boxes) == []
+
+
+def test_the_editor_offers_the_models_the_template_names(session):
+    """memora_recovery names SD 1.4 and a public unlearned model (properties.models, docs/models.md): opened where
+    neither file is, the editor lists both in its missing-models dialog (with their download links)."""
+    shown = session["opened"]["missing_models"]
+    wf = json.loads(WORKFLOW.read_text())
+    names = {m["name"] for m in wf.get("models", [])}
+    assert names == {"sd-v1-4.ckpt", "UCE-Nudity-Diffusers-UNet.pt"}, names
+    for name in names:
+        assert name in shown, f"the missing-models dialog does not list {name}: {shown!r}"
 
 
 def test_shipped_workflow_opens_without_alerts(session):

@@ -45,6 +45,18 @@ def test_every_template_entry_is_documented_with_its_folder_and_url():
     assert seen == set(rows), f"documented but named by no template: {sorted(set(rows) - seen)}"
 
 
+def test_the_workflow_lists_every_loader_entry_at_the_top_level_too():
+    """The editor offers a node's entry only where a widget shows that exact name (MemoRa Load Unlearned Model shows
+    'unlearned/<file>'), but offers every entry of the workflow's top-level `models` list: it holds them all."""
+    rows = documented()
+    for path in TEMPLATES:
+        ui = json.loads(path.read_text())
+        nodes = {e["url"]: e for _t, _n, e in entries() if _t == path.name}
+        assert {m["url"]: m for m in ui.get("models", [])} == nodes, path.name
+        for m in ui.get("models", []):
+            assert (m["directory"], m["url"]) == rows[m["name"]], (path.name, m)
+
+
 def test_each_entry_names_the_file_its_loader_shows():
     for template, node, entry in entries():
         values = node.get("widgets_values") or []
