@@ -45,6 +45,8 @@ GROWN_HEIGHT = {"progress": 330}
 #: the micro world's MemoRa settings (memora_batch.profiles.micro_world_profile, scripts/micro_recovery.py)
 MICRO_TRAIN = {"steps": 100, "learning_rate": 1e-2}
 MICRO_EVAL_IMAGES = 32
+#: the micro world's variant (MemoRa Load Micro World) behind each titled loader of memora_recovery_micro
+MICRO_VARIANTS = {"original": "original", "unlearned": "unlearned"}
 
 
 class Arch:
@@ -132,7 +134,8 @@ def model_loaders(g, col, with_original: bool, arch: Arch) -> dict:
     models = {}
     if arch.micro:
         for variant in (["original"] if with_original else []) + ["unlearned"]:
-            models[variant] = col.add(K.NODE_MICRO_WORLD, K.MODEL_TITLES[variant], **c(BLUE), variant=variant)
+            models[variant] = col.add(K.NODE_MICRO_WORLD, K.MODEL_TITLES[variant], **c(BLUE),
+                                      variant=MICRO_VARIANTS[variant])
         return models
     if with_original:
         models["original"] = with_models(col.add("CheckpointLoaderSimple", K.TITLE_ORIGINAL_MODEL, **c(BLUE),
@@ -369,7 +372,7 @@ LOAD: nothing. "Original model" and "Unlearned model" are MemoRa Load Micro Worl
 
 RUN (Queue): the original model draws six seed images of the star (the reference seed pairs) -> the unlearned model inverts, slerps (33 latents) and regenerates them -> MemoRa LoRA Train (100 updates at learning rate 1e-2: the micro world's recipe) -> the original, unlearned and recovered models draw 32 evaluation images each -> "Concept score (...)": the detector's star rate with its interval; "Similarity to original": SSIM / PSNR.
 
-EXPECT: the unlearned model's star rate near 0, the original's high, the recovered model's back up: the erased star comes back. Same graph, titles and stages as memora_recovery: swap the loaders for your checkpoints (MemoRa Load Unlearned Model for the unlearned one) to audit a real model.
+EXPECT: the original model draws the star most of the time, the unlearned model almost never, the recovered model again in a good part of the images: the erased star comes back (measured figures: docs/micro-world-results.md). Same graph, titles and stages as memora_recovery: swap the loaders for your checkpoints (MemoRa Load Unlearned Model for the unlearned one) to audit a real model.
 
 COMMAND LINE: memora-batch demo runs the same pipeline (memora_recovery on the micro world) and writes a report."""
 
