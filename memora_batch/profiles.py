@@ -102,14 +102,17 @@ def _weights_entry(name: str, options: list[str]) -> Optional[str]:
     return hits[0] if hits else None
 
 
-def _embedded_path(entry: str) -> Optional[Path]:
-    """The file (or pipeline folder) of a loader entry, when ComfyUI runs in this process; None otherwise."""
-    try:
-        import folder_paths
-    except ImportError:
-        return None
+def _local_path(entry: str, backend) -> Optional[Path]:
+    """The file (or pipeline folder) of a loader entry when ComfyUI runs in this process (EmbeddedBackend), where
+    the pack's detection can read it; None for servers (their files are theirs)."""
+    from .backend import EmbeddedBackend
+
     label, rest = entry.split("/", 1)
-    for root in folder_paths.get_folder_paths(WEIGHT_FOLDERS.get(label, label)) if label in WEIGHT_FOLDERS else []:
+    if not isinstance(backend, EmbeddedBackend) or label not in WEIGHT_FOLDERS:
+        return None
+    import folder_paths
+
+    for root in folder_paths.get_folder_paths(WEIGHT_FOLDERS[label]):
         path = Path(root, rest.rstrip("/"))
         if path.exists():
             return path
@@ -134,9 +137,8 @@ def detected_format(path: Path) -> tuple[str, bool]:
     except Exception:  # not safetensors: zoo reads pickles safely (weights_only, memory-mapped archives)
         content = zoo.read_file(path)
     weights = zoo.detect(content, path.name)
-    flat = weights.unet or {}
     has_vae = any(str(k).startswith("first_stage_model.") for k in _flat_keys(content))
-    full = weights.format == zoo.LDM_CHECKPOINT and bool(flat) and bool(weights.text_encoder) and has_vae
+    full = weights.format == zoo.LDM_CHECKPOINT and bool(weights.unet) and bool(weights.text_encoder) and has_vae
     return weights.format, full
 
 
@@ -155,7 +157,7 @@ def unlearned_loader(name: str, base: Optional[str], backend) -> tuple[tuple[str
     info = backend.object_info(types)
     checkpoints = _options(info, NODE_CHECKPOINT_LOADER, "ckpt_name")
     entry = _weights_entry(name, _options(info, NODE_UNLEARNED_LOADER, "unlearned_weights"))
-    path = _embedded_path(entry) if entry else None
+    path = _local_path(entry, backend) if entry else None
     fmt, full = detected_format(path) if path is not None else ("", name in checkpoints)
     if (full or entry is None) and name in checkpoints:
         return (NODE_CHECKPOINT_LOADER, {"ckpt_name": name}), fmt
