@@ -296,13 +296,45 @@ def load_report(editor: Editor, server_url: str) -> dict:
     }
 
 
+PANEL_TOGGLE = 'button[aria-label="Toggle properties panel"]'  # front end >= 1.4x: missing models in the side panel
+MISSING_SECTION_TEXT = """() => {
+  // the smallest element around the "Missing Models" heading that also lists files (not the notes' text areas)
+  const heads = [...document.querySelectorAll("body *")].filter((e) => e.children.length === 0 &&
+    /^\\s*missing models\\s*$/i.test(e.textContent) && e.offsetParent !== null);
+  for (const h of heads) {
+    for (let e = h, up = 0; e && up < 8; e = e.parentElement, up++) {
+      if (/\\.(ckpt|pt|safetensors)\\b/.test(e.innerText ?? "")) return e.innerText;
+    }
+  }
+  return "";
+}"""
+
+
+def missing_models_panel(editor: Editor) -> str:
+    """Front ends that list missing models in the properties side panel (1.49): its 'Missing Models' section."""
+    toggle = editor.page.locator(PANEL_TOGGLE)
+    if toggle.count() == 0:
+        return ""
+    toggle.first.click()
+    try:
+        editor.page.get_by_text("Errors", exact=True).first.click(timeout=5000)  # the panel's Errors tab
+        editor.page.wait_for_function(f"() => ({MISSING_SECTION_TEXT})() !== ''", timeout=8000)
+    except Exception:
+        pass
+    text = editor.js(MISSING_SECTION_TEXT)
+    toggle.first.click()  # closed again: the canvas gets its width back
+    editor.page.wait_for_timeout(300)
+    return text
+
+
 def close_missing_models(editor: Editor) -> str:
-    """The text of the editor's missing-models dialog ('' when none opened), then the dialog closed."""
+    """The missing models the editor lists for the open workflow: its missing-models dialog (front end 1.27; closed
+    afterwards) or the properties panel's 'Missing Models' section (1.49); '' when it lists none."""
     dialog = editor.page.locator("[role=dialog]").filter(has_text=re.compile("missing models", re.I))
     try:
         dialog.first.wait_for(state="visible", timeout=8000)
     except Exception:
-        return ""
+        return missing_models_panel(editor)
     text = dialog.first.inner_text()
     editor.page.keyboard.press("Escape")
     try:
@@ -520,8 +552,10 @@ def test_no_two_nodes_overlap_after_a_run(session):
 
 
 def test_the_editor_offers_the_models_the_template_names(session):
-    """memora_recovery names SD 1.4 and a public unlearned model (properties.models, docs/models.md): opened where
-    neither file is, the editor lists both in its missing-models dialog (with their download links)."""
+    """memora_recovery names SD 1.4 and a public unlearned model (properties.models and the workflow's models list,
+    docs/models.md): opened where neither file is, the editor lists both as missing models (front end 1.27: the
+    missing-models dialog, with both links; 1.49: the properties panel's Errors tab, with SD 1.4's download; it
+    matches download links to a widget's exact value, and the unlearned loader's value carries its folder)."""
     shown = session["opened"]["missing_models"]
     wf = json.loads(WORKFLOW.read_text())
     names = {m["name"] for m in wf.get("models", [])}
