@@ -67,7 +67,11 @@ def _add_common(p: argparse.ArgumentParser, workflow: bool = True):
                    help="micro: replace the loaders titled 'Original model', 'Unlearned model' and 'Never-learned "
                         "model' by the built-in micro world (MemoRa Load Micro World)")
     p.add_argument("--original", metavar="CKPT", help="checkpoint for the loader titled 'Original model'")
-    p.add_argument("--unlearned", metavar="CKPT", help="checkpoint for the loader titled 'Unlearned model'")
+    p.add_argument("--unlearned", metavar="FILE",
+                   help="the unlearned model for the loader titled 'Unlearned model': a full checkpoint "
+                        "(models/checkpoints) or any file MemoRa Load Unlearned Model reads (UNet-only, partial, "
+                        "text-encoder-only, LoRA-shaped, diffusers folder: models/unlearned, unet, loras), merged "
+                        "onto --original's checkpoint; the loader is picked from the file")
     p.add_argument("--concept", metavar="TEXT", help="sets the node titled 'Concept prompt' (and 'Evaluation "
                                                      "prompt' unless --eval-prompt or the sweep sets it)")
     p.add_argument("--eval-prompt", metavar="TEXT", help="sets the node titled 'Evaluation prompt'")
@@ -236,13 +240,13 @@ def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None, p
     if extra_rows:
         rows = [{**r, **e} for r in (rows or [{}]) for e in extra_rows]
     columns = list(dict.fromkeys(c for r in rows for c in r))
-    profile = model_profile(args.models, args.original, args.unlearned)
-    if profile_edit is not None:  # memora-batch curve: the snapshot jobs load LoRA files instead of training
-        profile = profile_edit(profile)
-    if _sweep_sets_eval_prompt(columns):
-        profile.texts.pop(TITLE_EVALUATION_PROMPT, None)
     backend = _backend(args)
     try:
+        profile = model_profile(args.models, args.original, args.unlearned, backend)
+        if profile_edit is not None:  # memora-batch curve: the snapshot jobs load LoRA files instead of training
+            profile = profile_edit(profile)
+        if _sweep_sets_eval_prompt(columns):
+            profile.texts.pop(TITLE_EVALUATION_PROMPT, None)
         plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_set_texts(args.set), profile,
                                  quick=args.quick, texts=_texts(args, columns))
     except BaseException:

@@ -24,7 +24,7 @@ from memora.contracts import TITLE_EVALUATION_PROMPT, TITLE_EVALUATION_SEED
 from . import sweep as _sweep
 from .backend import Backend, RunResult
 from .folder import ResultsFolder
-from .profiles import ModelProfile, Setting, apply_profile, text_address
+from .profiles import ModelProfile, Setting, apply_profile, load_reports, text_address
 from .results import ResultsStore, files_from_ui, metrics_from_ui, tables_from_ui
 from .workflow import (AddressError, MissingNodeTypes, Workflow, apply_overrides, graph_key, graph_problems,
                        quick_settings, resolve_address, title_of)
@@ -410,6 +410,7 @@ def _record(plan: Plan, job: Job, result: RunResult, backend: Backend, seconds: 
         "evaluation": evaluation_settings(job.api),
         "metrics": metrics_from_ui(result.ui_outputs, job.titles),
         "tables": tables_from_ui(result.ui_outputs, job.titles),
+        "load_reports": load_reports(result.ui_outputs, job.api),
         "started": started,
         "seconds": round(seconds, 3),
         "server": result.server,
