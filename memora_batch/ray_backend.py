@@ -149,15 +149,12 @@ class RayBackend(Backend):
         total = ray.cluster_resources()
         if gpus is None:
             gpus = 1.0 if total.get("GPU", 0) > 0 else 0.0
-        if gpus == 0:
-            options.setdefault("cpu", True)
+        if gpus == 0 and options.get("cpu") is None:  # the CLI passes cpu=None when --cpu is not given
+            options["cpu"] = True
         if count is None:
-            by = [int(total.get("CPU", 0) // cpus) if cpus > 0 else 0]
-            if gpus > 0:
-                by.append(int(total.get("GPU", 0) // gpus))
-            count = max(1, min(b for b in by if b >= 0))
+            count = max(1, _worker_count(total, cpus, gpus))
         actor = ray.remote(ComfyWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
-                                                scheduling_strategy="SPREAD")
+                                                scheduling_strategy="SPREAD")  # num_cpus=0: no CPU bound
         self.actors = [actor.remote(f"w{i + 1}", options) for i in range(count)]
         refs = [a.boot.remote() for a in self.actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=boot_timeout)
@@ -225,15 +222,25 @@ class RayBackend(Backend):
     def resolve_lora(self, name: str) -> str:
         return self.paths.get(f"lora:{name}", name)
 
-    def _receive(self, paths: dict, data: dict) -> None:
-        """Write the files a worker sent under files/ (their place in its output folder kept); note where each is."""
+    def _receive(self, job: Any, paths: dict, data: dict) -> None:
+        """Write the files a worker sent for ``job`` under files/<job key>/ (their place in its output folder kept:
+        machines number their outputs on their own, so two jobs' files may share a name) and note where each is. A
+        different file already there (the same job's earlier try kept its bytes: equal, reused) is never replaced:
+        the new one takes the next free name "<stem> (2).<ext>"."""
         from memora.fileio import atomic_write
 
+        key = str(getattr(job, "key", None) or f"job-{len(self.overheads)}")
         for fid, path in paths.items():
             if self.files_dir is not None and fid in data:
                 kind, _, rel = fid.partition(":")
-                target = self.files_dir / ("loras" if kind == "lora" else "") / rel
-                atomic_write(target, data[fid], replace=True)
+                target = self.files_dir / key / ("loras" if kind == "lora" else "") / rel
+                if not target.exists():
+                    try:
+                        target = atomic_write(target, data[fid])
+                    except FileExistsError:
+                        target = _numbered(target, data[fid])
+                elif target.read_bytes() != data[fid]:
+                    target = _numbered(target, data[fid])
                 path = str(target)
             self.paths[fid] = path
 
@@ -266,15 +273,20 @@ class RayBackend(Backend):
                     except self.ray.exceptions.RayActorError as e:
                         self._lost(name, job, e, queue, retries, on_done, t0, started)
                         continue
-                    self._receive(paths, data)
+                    self._receive(job, paths, data)
                     self.overheads.append(time.monotonic() - t0 - compute)
                     result.server = f"ray:{name}@{info[name]['host']}"
                     result.retries = retries.pop(id(job), [])
                     on_done(job, result, time.monotonic() - t0, started)
                     idle.append(name)
         except KeyboardInterrupt:
+            # Ray refuses force=True for actor tasks (ValueError); a plain cancel asks politely, and close() kills
+            # the actors, so the user gets the runner's "interrupted; rerun to resume"
             for ref in flight:
-                self.ray.cancel(ref, force=True)
+                try:
+                    self.ray.cancel(ref)
+                except Exception:
+                    pass
             raise
         left = queue.left()
         if left and not self.alive:
@@ -355,6 +367,20 @@ class _Placement:
 
     def left(self) -> list:
         return [j for q in self.groups.values() for j in q]
+
+
+def _numbered(target: Path, data: bytes) -> Path:
+    """``data`` next to ``target`` under the first free name "<stem> (n)<suffix>", n >= 2 (never overwrites)."""
+    from memora.fileio import write_numbered
+
+    return write_numbered(target.parent, lambda n: f"{target.stem} ({n}){target.suffix}", 2, data)
+
+
+def _worker_count(total: dict, cpus: float, gpus: float) -> int:
+    """How many workers fit the cluster: each resource asked for bounds it (--ray-cpus-per-worker 0 drops the CPU
+    bound, for GPU clusters); asking for neither gives one worker per CPU."""
+    by = [int(total.get(res, 0) // per) for res, per in (("CPU", cpus), ("GPU", gpus)) if per > 0]
+    return min(by) if by else int(total.get("CPU", 0))
 
 
 def _union_options(spec: Any, other: Any) -> None:

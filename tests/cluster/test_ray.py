@@ -165,3 +165,32 @@ def test_workers_without_comfyui_or_a_model_file_are_named_before_any_job(cluste
     assert len(named) == 1 and tiny_ckpt in err and "(pid" in named[0], err  # only the third node's worker
     assert not (out / "results.jsonl").exists()
 
+
+
+def test_an_interrupt_stops_the_run_as_an_interrupt_with_nothing_half_recorded(cluster, sweep_csv, tmp_path):
+    """Ctrl-C while a job runs on a worker: the run ends with KeyboardInterrupt (the CLI's "interrupted; rerun to
+    resume"), not with the ValueError Ray raises for force-cancelling an actor task (which read as bad input)."""
+    from memora_batch import sweep as _sweep
+    from memora_batch.profiles import model_profile
+    from memora_batch.ray_backend import RayBackend
+    from memora_batch.runner import plan_jobs, run_plan
+    from memora_batch.workflow import Workflow
+
+    backend = RayBackend(cluster.address, {}, max_retries=2)
+    started = []
+
+    def interrupt_second(job, worker):
+        started.append(job.key)
+        if len(started) == 2:  # the first job is in flight on the other worker
+            raise KeyboardInterrupt
+
+    backend.on_job_start = interrupt_second
+    out = tmp_path / "results"
+    try:
+        plan = plan_jobs(Workflow.load(WORKFLOW), backend, _sweep.load_rows(str(sweep_csv)),
+                         profile=model_profile("micro"), quick=True)
+        with pytest.raises(KeyboardInterrupt):
+            run_plan(plan, backend, out, progress=False)
+    finally:
+        backend.close()
+    assert not (out / "results.jsonl").exists() or jsonl(out / "results.jsonl") == []

@@ -74,3 +74,33 @@ def test_placement_shares_the_largest_group_only_when_it_has_two_jobs_or_more():
     assert p.take("w2") == "a2"  # two left: the idle worker takes one from the far end
     assert p.take("w2") is None  # one left: it stays with its owner
     assert p.take("w1") == "a1"
+
+
+def test_same_named_files_from_two_machines_are_kept_apart_per_job(tmp_path):
+    """Two machines number their outputs on their own: jobs on different workers send back files of the same name.
+    Each job's files land under files/<job key>/, neither replaces the other, each record points at its own; a
+    different file already at a job's place is kept and the new one takes a numbered name."""
+    from types import SimpleNamespace
+
+    from memora_batch.ray_backend import RayBackend
+
+    backend = RayBackend.__new__(RayBackend)  # only the driver's file bookkeeping, no cluster
+    backend.shared_output, backend.paths, backend.overheads = False, {}, []
+    backend.bind_results(tmp_path)
+    fids = {"lora:memora/recovered_00001_.safetensors": "/w/models/loras/memora/recovered_00001_.safetensors",
+            "file:output/memora/img_00001_.png": "/w/output/memora/img_00001_.png"}
+    seen = {}
+    for key, content in (("aaaa", b"from worker 1"), ("bbbb", b"from worker 2")):
+        backend._receive(SimpleNamespace(key=key), dict(fids), {f: content + f.encode() for f in fids})
+        item = {"filename": "img_00001_.png", "subfolder": "memora", "type": "output"}
+        seen[key] = (backend.resolve_lora("memora/recovered_00001_.safetensors"), backend.resolve_file(item))
+    for key, content in (("aaaa", b"from worker 1"), ("bbbb", b"from worker 2")):
+        lora, image = map(Path, seen[key])
+        assert lora.is_relative_to(tmp_path / "files" / key) and image.is_relative_to(tmp_path / "files" / key)
+        assert lora.read_bytes() == content + b"lora:memora/recovered_00001_.safetensors"
+        assert image.read_bytes() == content + b"file:output/memora/img_00001_.png"
+    # the same job again (a rerun after a crash) with other bytes: the first file stays, the new one is numbered
+    backend._receive(SimpleNamespace(key="aaaa"), dict(fids), {f: b"again" for f in fids})
+    again = Path(backend.resolve_lora("memora/recovered_00001_.safetensors"))
+    assert again.name == "recovered_00001_ (2).safetensors" and again.read_bytes() == b"again"
+    assert Path(seen["aaaa"][0]).read_bytes() == b"from worker 1lora:memora/recovered_00001_.safetensors"
