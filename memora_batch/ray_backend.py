@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .backend import (Backend, BackendFailed, MissingExtra, OnDone, RunResult, affinity_key, file_id, now,
+from .backend import (Backend, BackendFailed, MissingExtra, OnDone, OnStart, RunResult, affinity_key, file_id, now,
                       output_files)
 
 
@@ -246,7 +246,7 @@ class RayBackend(Backend):
 
     # -- running -------------------------------------------------------------------------------------------------------
     def run_all(self, jobs: list, prompt_of: Callable[[Any], dict], on_done: OnDone,
-                job_timeout: Optional[float] = None) -> list:
+                job_timeout: Optional[float] = None, on_start: Optional[OnStart] = None) -> list:
         queue = _Placement(jobs, prompt_of)
         info = {i["name"]: i for i in self.infos}
         idle = [n for n in self.alive]
@@ -261,6 +261,8 @@ class RayBackend(Backend):
                     idle.remove(name)
                     if self.on_job_start:
                         self.on_job_start(job, info[name])
+                    if on_start:
+                        on_start(job, name)
                     ref = self.alive[name].run.remote(queue.prompt(job), self.files_dir is not None)
                     flight[ref] = (name, job, time.monotonic(), now())
                 if not flight:

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .backend import (Backend, EmbeddedBackend, MissingExtra, OnDone, RunResult, affinity_key, file_id, on_worker,
-                      output_files)
+from .backend import (Backend, EmbeddedBackend, MissingExtra, OnDone, OnStart, RunResult, affinity_key, file_id,
+                      on_worker, output_files)
 from .workflow import graph_key
 
 SHARD_GLOB = "*/shard-*.jsonl"
@@ -125,7 +125,7 @@ class SlurmBackend(Backend):
         on_done(job, result, float(line.get("seconds") or 0.0), line.get("started") or "")
 
     def run_all(self, jobs: list, prompt_of: Callable[[Any], dict], on_done: OnDone,
-                job_timeout: Optional[float] = None) -> list:
+                job_timeout: Optional[float] = None, on_start: Optional[OnStart] = None) -> list:
         if self.dir is None:
             raise RuntimeError("SlurmBackend.run_all before bind_results: the shards need the results folder")
         by_id = {graph_key(prompt_of(j)): j for j in jobs}

@@ -104,3 +104,32 @@ def test_same_named_files_from_two_machines_are_kept_apart_per_job(tmp_path):
     again = Path(backend.resolve_lora("memora/recovered_00001_.safetensors"))
     assert again.name == "recovered_00001_ (2).safetensors" and again.read_bytes() == b"again"
     assert Path(seen["aaaa"][0]).read_bytes() == b"from worker 1lora:memora/recovered_00001_.safetensors"
+
+
+def test_a_backend_without_node_events_gets_one_job_bar_with_per_worker_counts(tmp_path, capsys):
+    """Ray-like: every graph asked for up front (placement), jobs started by the backend's own callback on named
+    workers, no node events. One bar over the jobs, its postfix the jobs each worker finished (w1:2 w2:1); no per-job
+    node bar opened for the graphs asked for up front."""
+    from batch_kit import Instant, example_workflow
+
+    from memora_batch.backend import RunResult
+    from memora_batch.runner import plan_jobs, run_plan
+
+    class TwoWorkers(Instant):
+        def run_all(self, jobs, prompt_of, on_done, job_timeout=None, on_start=None):
+            prompts = [prompt_of(j) for j in jobs]  # placement reads every graph first
+            for i, (job, prompt) in enumerate(zip(jobs, prompts)):
+                worker = "w1" if i % 3 != 1 else "w2"
+                on_start(job, worker)
+                on_done(job, RunResult(f"p{i}", True, {}, None, f"ray:{worker}@host"), 0.01, "t")
+            return []
+
+    backend = TwoWorkers()
+    assert not backend.node_events
+    wf = example_workflow("recovery_sweep", definitions=True)
+    plan = plan_jobs(wf, backend, [{"Evaluation seed.value": i} for i in range(3)])
+    summary = run_plan(plan, backend, tmp_path / "r", progress=True)
+    err = capsys.readouterr().err
+    assert summary.ok == 3
+    assert "jobs: 100%" in err and "w1:2 w2:1" in err, err
+    assert " node/s" not in err and "job 1/3" not in err, err  # no per-job node bar
