@@ -127,8 +127,9 @@ class RayBackend(Backend):
                 ray.init(include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError) as e:
-            raise ClusterError(f"--ray {address}: cannot connect to a Ray cluster ({e}); nothing was run") from None
+        except Exception as e:  # ConnectionError, TimeoutError (a port that answers but is no Ray head), ...
+            raise ClusterError(f"--ray {address}: cannot connect to a Ray cluster there ({_short(e)}); is it the "
+                               f"address `ray start --head` printed? nothing was run") from None
         self.ray, self.address = ray, address
         self.max_retries, self.shared_output = max(0, int(max_retries)), shared_output
         self.files_dir: Optional[Path] = None
@@ -168,7 +169,7 @@ class RayBackend(Backend):
             try:
                 infos.append(ray.get(ref))
             except Exception as e:
-                raise ClusterError(f"worker w{i + 1}: could not start ({_short(e)}); is comfyui-memora installed "
+                raise ClusterError(f"worker w{i + 1}: could not start ({_cause(e)}); is comfyui-memora installed "
                                    f"on every machine of the cluster? nothing was run") from None
         problems = [f"worker {_who(i)}: {i['error']}" for i in infos if "error" in i]
         problems += [f"worker {_who(i)}: its ComfyUI ({i['comfyui']}) has no MemoRa nodes: the comfyui-memora pack "
@@ -272,8 +273,20 @@ class RayBackend(Backend):
                     name, job, t0, started = flight.pop(ref)
                     try:
                         result, paths, data, compute = self.ray.get(ref)
-                    except self.ray.exceptions.RayActorError as e:
+                    except self.ray.exceptions.RayActorError as e:  # the worker died
                         self._lost(name, job, e, queue, retries, on_done, t0, started)
+                        continue
+                    except self.ray.exceptions.RayTaskError as e:  # raised on the worker, outside ComfyUI: a result
+                        result = RunResult("", False, error={"exception_type": "WorkerError",
+                                                             "exception_message": _cause(e)},
+                                           server=f"ray:{name}@{info[name]['host']}",
+                                           retries=retries.pop(id(job), []))
+                        on_done(job, result, time.monotonic() - t0, started)
+                        idle.append(name)
+                        continue
+                    except self.ray.exceptions.RayError as e:  # the result was lost (object lost): a lost try
+                        self._lost(name, job, e, queue, retries, on_done, t0, started, drop=False)
+                        idle.append(name)
                         continue
                     self._receive(job, paths, data)
                     self.overheads.append(time.monotonic() - t0 - compute)
@@ -297,16 +310,18 @@ class RayBackend(Backend):
         return left
 
     def _lost(self, name: str, job: Any, err: Exception, queue: "_Placement", retries: dict, on_done: OnDone,
-              t0: float, started: str) -> None:
-        """A worker died with ``job``: drop the worker; the job runs again elsewhere, or is recorded as failed once
-        it has lost ``max_retries`` + 1 tries."""
+              t0: float, started: str, drop: bool = True) -> None:
+        """A worker died with ``job`` (``drop``: drop the worker; else only the job's result was lost): the job runs
+        again, or is recorded as failed once it has lost ``max_retries`` + 1 tries."""
         who = _who(next(i for i in self.infos if i["name"] == name))
-        self.alive.pop(name, None)
-        queue.release(name)
+        if drop:
+            self.alive.pop(name, None)
+            queue.release(name)
         tries = retries.setdefault(id(job), [])
         tries.append({"worker": who, "error": _short(err)})
-        print(f"memora-batch: Ray worker {who} died ({_short(err)}); its job goes to another worker",
-              file=sys.stderr, flush=True)
+        what = "died" if drop else "lost its job's result"
+        print(f"memora-batch: Ray worker {who} {what} ({_short(err)}); its job runs again", file=sys.stderr,
+              flush=True)
         if len(tries) > self.max_retries:
             retries.pop(id(job))
             result = RunResult("", False, error={"exception_type": "WorkerLost", "exception_message":
@@ -411,6 +426,15 @@ def _who(info: dict) -> str:
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _cause(err: BaseException) -> str:
+    """The exception at the root of a Ray error (the last 'XxxError: ...' line of the traceback it carries, say
+    "ModuleNotFoundError: No module named 'memora_batch'"), else its first line."""
+    import re
+
+    found = [line.strip() for line in str(err).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+    return found[-1][:300] if found else _short(err)
 
 
 def _resources(total: dict) -> str:

@@ -143,30 +143,6 @@ def test_two_node_cluster_matches_embedded_bit_for_bit_and_survives_a_killed_wor
         assert Path(r["outputs"]["lora_paths"][0]).stat().st_size > 0
 
 
-def test_workers_without_comfyui_or_a_model_file_are_named_before_any_job(cluster, comfy, tiny_ckpt, sweep_csv,
-                                                                          tmp_path, capsys):
-    # no ComfyUI where the workers look for it
-    out = tmp_path / "no-comfyui"
-    rc = cli.main(batch_args(out, sweep_csv, "--ray", cluster.address, "--comfyui", str(tmp_path / "nowhere")))
-    err = capsys.readouterr().err
-    assert rc == cli.EXIT_BAD_INPUT, err
-    assert err.count("no ComfyUI checkout there") == 2 and "worker w1 (pid" in err and "worker w2 (pid" in err
-    assert "nothing was run" in err and not (out / "results.jsonl").exists()
-    # a third node whose base directory lacks the checkpoint the jobs load
-    empty = tmp_path / "empty-base"
-    empty.mkdir()
-    cluster.start(head=False, MEMORA_BATCH_BASE_DIRECTORY=str(empty))
-    out = tmp_path / "no-model"
-    rc = cli.main(["run", WORKFLOW, "--original", tiny_ckpt, "--unlearned", tiny_ckpt, "--quick", "--out", str(out),
-                   "--no-progress", "--ray", cluster.address])
-    err = capsys.readouterr().err
-    assert rc == cli.EXIT_BAD_INPUT, err
-    named = [line for line in err.splitlines() if "worker w" in line]
-    assert len(named) == 1 and tiny_ckpt in err and "(pid" in named[0], err  # only the third node's worker
-    assert not (out / "results.jsonl").exists()
-
-
-
 def test_an_interrupt_stops_the_run_as_an_interrupt_with_nothing_half_recorded(cluster, sweep_csv, tmp_path):
     """Ctrl-C while a job runs on a worker: the run ends with KeyboardInterrupt (the CLI's "interrupted; rerun to
     resume"), not with the ValueError Ray raises for force-cancelling an actor task (which read as bad input)."""
@@ -194,3 +170,47 @@ def test_an_interrupt_stops_the_run_as_an_interrupt_with_nothing_half_recorded(c
     finally:
         backend.close()
     assert not (out / "results.jsonl").exists() or jsonl(out / "results.jsonl") == []
+
+
+def test_workers_without_comfyui_or_a_model_file_are_named_before_any_job(cluster, comfy, tiny_ckpt, sweep_csv,
+                                                                          tmp_path, capsys):
+    # no ComfyUI where the workers look for it
+    out = tmp_path / "no-comfyui"
+    rc = cli.main(batch_args(out, sweep_csv, "--ray", cluster.address, "--comfyui", str(tmp_path / "nowhere")))
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT, err
+    assert err.count("no ComfyUI checkout there") == 2 and "worker w1 (pid" in err and "worker w2 (pid" in err
+    assert "nothing was run" in err and not (out / "results.jsonl").exists()
+    # a third node whose base directory lacks the checkpoint the jobs load
+    empty = tmp_path / "empty-base"
+    empty.mkdir()
+    cluster.start(head=False, MEMORA_BATCH_BASE_DIRECTORY=str(empty))
+    out = tmp_path / "no-model"
+    rc = cli.main(["run", WORKFLOW, "--original", tiny_ckpt, "--unlearned", tiny_ckpt, "--quick", "--out", str(out),
+                   "--no-progress", "--ray", cluster.address])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT, err
+    named = [line for line in err.splitlines() if "worker w" in line]
+    assert len(named) == 1 and tiny_ckpt in err and "(pid" in named[0], err  # only the third node's worker
+    assert not (out / "results.jsonl").exists()
+
+
+def test_a_worker_without_the_pack_is_named_before_any_job(cluster, sweep_csv, tmp_path, capsys, monkeypatch):
+    """A node on which comfyui-memora cannot be imported. The venv's editable install makes the pack importable
+    everywhere on this machine, so the node's PYTHONPATH puts first a stand-in `memora_batch` whose import fails as
+    an absent package's would; the driver runs from a folder without the pack (Ray adds the driver's working
+    directory to every worker's sys.path). Its worker cannot even be created: the run stops naming it, and only it."""
+    shadow = tmp_path / "no-pack"
+    (shadow / "memora_batch").mkdir(parents=True)
+    (shadow / "memora_batch" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'memora_batch'\", name='memora_batch')\n")
+    cluster.start(head=False, PYTHONPATH=str(shadow))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "no-pack-run"
+    rc = cli.main(batch_args(out, sweep_csv, "--ray", cluster.address))
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT, err
+    named = [line for line in err.splitlines() if "could not start" in line]
+    assert len(named) == 1 and "worker w" in named[0] and "memora_batch" in named[0], err
+    assert "is comfyui-memora installed on every machine" in err and "nothing was run" in err
+    assert not (out / "results.jsonl").exists()
