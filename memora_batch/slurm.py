@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .backend import (Backend, EmbeddedBackend, MissingExtra, OnDone, OnStart, RunResult, affinity_key, file_id,
-                      on_worker, output_files)
+                      now, on_worker, output_files)
 from .workflow import graph_key
 
 SHARD_GLOB = "*/shard-*.jsonl"
@@ -51,7 +51,7 @@ def run_shard(shard_file: str, items: list, options: dict) -> int:
     for job_id, prompt in items:
         if job_id in done:
             continue
-        started, t0 = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), time.monotonic()
+        started, t0 = now(), time.monotonic()
         result = backend.run(prompt)
         line = {"id": job_id, "prompt_id": result.prompt_id, "success": result.success, "ui": result.ui_outputs,
                 "error": result.error, "server": name, "started": started, "seconds": time.monotonic() - t0,
@@ -143,7 +143,15 @@ class SlurmBackend(Backend):
         tasks = self._submit(run_dir, files, parts)
         print(f"memora-batch: {len(parts)} shard(s) submitted ({', '.join(str(t.job_id) for t in tasks)}); "
               f"shard results in {run_dir}", file=sys.stderr, flush=True)
-        return self._follow(tasks, files, by_id, on_done)
+        try:
+            return self._follow(tasks, files, by_id, on_done)
+        except KeyboardInterrupt:  # Ctrl-C: the submitted shards are cancelled, not left running behind the user
+            for t in tasks:
+                try:
+                    t.cancel(check=False)
+                except Exception:
+                    pass
+            raise
 
     def _shard(self, by_id: dict, prompt_of: Callable[[Any], dict]) -> list:
         groups: dict[str, list] = {}
