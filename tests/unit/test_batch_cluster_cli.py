@@ -133,3 +133,16 @@ def test_a_backend_without_node_events_gets_one_job_bar_with_per_worker_counts(t
     assert summary.ok == 3
     assert "jobs: 100%" in err and "w1:2 w2:1" in err, err
     assert " node/s" not in err and "job 1/3" not in err, err  # no per-job node bar
+
+
+def test_results_csv_shows_each_jobs_lost_tries():
+    import csv
+    import io
+
+    from memora_batch.results import csv_text
+
+    lost = [{"worker": "w2 (pid 7 on h, Ray node abc)", "error": "ActorDiedError: killed"}]
+    rows = list(csv.DictReader(io.StringIO(csv_text([
+        {"key": "a", "status": "ok", "row": 0, "server": "ray:w1@h", "retries": lost},
+        {"key": "b", "status": "ok", "row": 1, "server": "ray:w2@h", "retries": []}]))))
+    assert [(r["key"], r["retries"]) for r in rows] == [("a", "1"), ("b", "0")]
