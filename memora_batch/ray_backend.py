@@ -7,6 +7,10 @@ jobs it runs. The driver (the ``memora-batch`` process) plans, places and record
 - **Before any job**: every worker boots and reports its ComfyUI, its node types and its host; a worker without
   ComfyUI, without this pack, or whose ComfyUI rejects a job graph (a model file missing on that machine) stops the
   run with an error naming the worker (:class:`ClusterError`).
+- **Progress**: Ray sends the driver no node events (``node_events`` False): the runner shows one bar over the jobs,
+  started per job through ``on_start`` with the worker's name.
+- **Ctrl-C**: the jobs in flight are cancelled (without ``force``, which Ray refuses for actor tasks) and
+  :meth:`RayBackend.close` kills the actors; the runner reports "interrupted; rerun to resume".
 - **Placement**: jobs are grouped by :func:`~memora_batch.backend.affinity_key` (what is upstream of training); a
   worker keeps taking jobs of the groups it started while it is alive, so its cache saves that work as in one
   process. An idle worker with no group of its own takes an unstarted group, else shares the largest group left.
@@ -14,7 +18,8 @@ jobs it runs. The driver (the ``memora-batch`` process) plans, places and record
   runs on another worker, the lost try listed in the record's ``retries``. After ``max_retries`` lost tries a job is
   recorded as failed. A job that fails inside ComfyUI is a result (its input is wrong), recorded once.
 - **Files**: by default each finished job's output files and LoRAs are sent back and written under
-  ``<results folder>/files/`` on the driver; with ``shared_output`` the workers' output folder is a path every
+  ``<results folder>/files/<job key>/`` on the driver (machines number their files on their own: one folder per job,
+  nothing replaced); with ``shared_output`` the workers' output folder is a path every
   machine sees (a shared file system) and the records point there."""
 
 from __future__ import annotations
