@@ -146,3 +146,13 @@ def test_results_csv_shows_each_jobs_lost_tries():
         {"key": "a", "status": "ok", "row": 0, "server": "ray:w1@h", "retries": lost},
         {"key": "b", "status": "ok", "row": 1, "server": "ray:w2@h", "retries": []}]))))
     assert [(r["key"], r["retries"]) for r in rows] == [("a", "1"), ("b", "0")]
+
+
+def test_worker_count_from_the_cluster_resources():
+    from memora_batch.ray_backend import _worker_count
+
+    gpus8 = {"CPU": 4.0, "GPU": 8.0}
+    assert _worker_count(gpus8, 1.0, 1.0) == 4  # CPUs bound it
+    assert _worker_count(gpus8, 0.0, 1.0) == 8  # --ray-cpus-per-worker 0: only the GPUs do
+    assert _worker_count({"CPU": 6.0}, 2.0, 0.0) == 3
+    assert _worker_count({"CPU": 3.0}, 0.0, 0.0) == 3  # neither asked for: one per CPU
