@@ -34,6 +34,8 @@ class RunResult:
 
 #: ``on_done(job, result, seconds, started)``: called once per finished job (serialised by the backend)
 OnDone = Callable[[Any, RunResult, float, str], None]
+#: on_start(job, worker name or None) as a job starts
+OnStart = Callable[[Any, Optional[str]], None]
 
 
 class MissingExtra(ValueError):
@@ -53,9 +55,23 @@ class Backend:
     """Runs API-format graphs and says where their files went. Subclasses implement every method but
     :meth:`run_all`, whose default runs the jobs one after another through :meth:`run`."""
 
+    #: whether :meth:`listen` delivers the executor's node events (nodes executing, cached) of the job running now:
+    #: the runner then shows a bar per job (its nodes); without them one bar over the jobs, per-worker counts in its
+    #: postfix
+    node_events: bool = False
+
     def describe(self) -> str:
         """Where the jobs run, for messages: 'the embedded ComfyUI (/path)', 'server http://...'."""
         raise NotImplementedError
+
+    def listen(self, listener: Optional[Callable[[str, Any], None]]) -> None:
+        """Send node events to ``listener(event, data)`` while jobs run (None: stop); only where
+        :attr:`node_events`. The default has none to send."""
+
+    def log_to(self, path: Optional[Path]) -> Optional[Path]:
+        """Send ComfyUI's own output (in this process) to the file ``path`` (None: back to the console); returns the
+        path, or None where ComfyUI's output is elsewhere (servers, cluster workers), as in the default."""
+        return None
 
     def available_types(self) -> set:
         """The node types installed where the jobs run."""
@@ -92,11 +108,14 @@ class Backend:
         """Let go of what the backend holds (cluster workers, connections); the default holds nothing."""
 
     def run_all(self, jobs: list, prompt_of: Callable[[Any], dict], on_done: OnDone,
-                job_timeout: Optional[float] = None) -> list:
-        """Run ``jobs``; returns those left unrun. A backend that can lose a worker re-runs its job elsewhere and
-        lists the lost tries in :attr:`RunResult.retries`; a job that fails inside ComfyUI (its input) is a result,
-        reported once."""
+                job_timeout: Optional[float] = None, on_start: Optional[OnStart] = None) -> list:
+        """Run ``jobs``; returns those left unrun. ``on_start(job, worker)`` as each job starts where the backend
+        knows (worker: its name, or None with one place to run). A backend that can lose a worker re-runs its job
+        elsewhere and lists the lost tries in :attr:`RunResult.retries`; a job that fails inside ComfyUI (its input)
+        is a result, reported once."""
         for job in jobs:
+            if on_start:
+                on_start(job, None)
             started, t0 = now(), time.monotonic()
             result = self.run(prompt_of(job), timeout=job_timeout)
             on_done(job, result, time.monotonic() - t0, started)
@@ -113,8 +132,16 @@ class EmbeddedBackend(Backend):
     """ComfyUI's executor in this process (no server). Node outputs stay cached between jobs, as in a server:
     jobs that differ only downstream (say, the evaluation seed) reuse the upstream work (inversion, training)."""
 
+    node_events = True
+
     def __init__(self, comfy):
         self.comfy = comfy
+
+    def listen(self, listener: Optional[Callable[[str, Any], None]]) -> None:
+        self.comfy.listen(listener)
+
+    def log_to(self, path: Optional[Path]) -> Optional[Path]:
+        return self.comfy.log_to(path)
 
     @classmethod
     def boot(cls, comfy_path: Optional[str] = None, base_directory: Optional[str] = None,
@@ -203,7 +230,7 @@ class ServerBackend(Backend):
         return self.servers[0].run(prompt, timeout=timeout)
 
     def run_all(self, jobs: list, prompt_of: Callable[[Any], dict], on_done: OnDone,
-                job_timeout: Optional[float] = None) -> list:
+                job_timeout: Optional[float] = None, on_start: Optional[OnStart] = None) -> list:
         import sys
 
         from .server_client import run_jobs
@@ -212,6 +239,8 @@ class ServerBackend(Backend):
 
         def prompt_with_start(job):
             starts[id(job)] = now()
+            if on_start:
+                on_start(job, None)
             return prompt_of(job)
 
         def failed_server(server, job, err):

@@ -188,6 +188,39 @@ def training_rows(train_node: str, steps: list[int], seeds: list[Optional[int]],
     return rows
 
 
+#: folder (under models/loras) of the curve's training LoRAs: one file prefix per training job
+CURVE_SAVE_PREFIX = "memora/curve"
+
+
+def unique_save_names(rows: list[dict], train_node: str) -> list[dict]:
+    """Each training row with its own ``save_name`` (``memora/curve/<model>_seed<seed>_<hash of the row>``): no two
+    training jobs share a snapshot file name, so a snapshot named in an evaluation job is the one its training wrote
+    (machines number their files on their own: without this, two trainings on two workers would both write
+    ``memora/recovered_step25_00001_``)."""
+    import hashlib
+    import re
+
+    out = []
+    for row in rows:
+        row = {k: v for k, v in row.items() if k != f"{train_node}.save_name"}
+        digest = hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        slug = re.sub(r"[^A-Za-z0-9.-]+", "-", f"{row.get(f'label.{LABEL_MODEL}', 'model')}").strip("-.") or "model"
+        seed = row.get(f"label.{LABEL_SEED}", "workflow")
+        out.append({**row, f"{train_node}.save_name": f"{CURVE_SAVE_PREFIX}/{slug}_seed{seed}_{digest}"})
+    return out
+
+
+def check_snapshots_reachable(args) -> None:
+    """``curve --ray`` with snapshots: each evaluation job loads a snapshot file by name on whichever worker runs it,
+    so every worker must see the LoRA folder the trainings wrote to."""
+    if getattr(args, "ray", None) and not (getattr(args, "ray_shared_output", False)
+                                          and getattr(args, "base_directory", None)):
+        raise ValueError("curve --ray: the snapshot evaluation jobs load each training's snapshot LoRA by name on "
+                         "whichever worker runs them, so the LoRA folder must be shared by every worker: pass "
+                         "--ray-shared-output and one --base-directory on a file system every machine mounts (or "
+                         "--no-snapshots: one training per budget, each evaluated where it trained); nothing was run")
+
+
 def snapshot_rows(records: list[dict], train_node: str) -> list[dict]:
     """The evaluation jobs of the snapshots: each finished training job's row (its sweep values, labels) with the
     'Train LoRA' node replaced by a LoRA loader of one snapshot file (``<save_name>_step<N>_...``)."""
@@ -234,8 +267,19 @@ def run_curve(args, prepare, execute, results_dir_of) -> int:
     steps, seeds = parse_steps(args.steps), parse_seeds(args.lora_seeds)
     micro, train = args.models == "micro", args.train_node
     snapshots = not args.no_snapshots
+    if snapshots and len(steps) > 1:
+        check_snapshots_reachable(args)
     rows = training_rows(train, steps, seeds, args.control, micro, snapshots)
-    backend, plan = prepare(args, args.workflow, rows)
+    if args.sweep:  # crossed here (as prepare would) so that each training job gets its own file names
+        from . import sweep as _sweep
+
+        rows = [{**r, **e} for r in _sweep.load_rows(args.sweep) or [{}] for e in rows]
+    kept = args.sweep
+    args.sweep = None
+    try:
+        backend, plan = prepare(args, args.workflow, unique_save_names(rows, train))
+    finally:
+        args.sweep = kept
     results_dir = results_dir_of(args, plan.workflow.name + "-curve")
     check_metric_names(plan, {"--detector": args.detector, "--similarity": args.similarity})
     detector = args.detector or (plan.profile.detector_metric if plan.profile else None)

@@ -7,6 +7,10 @@ jobs it runs. The driver (the ``memora-batch`` process) plans, places and record
 - **Before any job**: every worker boots and reports its ComfyUI, its node types and its host; a worker without
   ComfyUI, without this pack, or whose ComfyUI rejects a job graph (a model file missing on that machine) stops the
   run with an error naming the worker (:class:`ClusterError`).
+- **Progress**: Ray sends the driver no node events (``node_events`` False): the runner shows one bar over the jobs,
+  started per job through ``on_start`` with the worker's name.
+- **Ctrl-C**: the jobs in flight are cancelled (without ``force``, which Ray refuses for actor tasks) and
+  :meth:`RayBackend.close` kills the actors; the runner reports "interrupted; rerun to resume".
 - **Placement**: jobs are grouped by :func:`~memora_batch.backend.affinity_key` (what is upstream of training); a
   worker keeps taking jobs of the groups it started while it is alive, so its cache saves that work as in one
   process. An idle worker with no group of its own takes an unstarted group, else shares the largest group left.
@@ -14,7 +18,8 @@ jobs it runs. The driver (the ``memora-batch`` process) plans, places and record
   runs on another worker, the lost try listed in the record's ``retries``. After ``max_retries`` lost tries a job is
   recorded as failed. A job that fails inside ComfyUI is a result (its input is wrong), recorded once.
 - **Files**: by default each finished job's output files and LoRAs are sent back and written under
-  ``<results folder>/files/`` on the driver; with ``shared_output`` the workers' output folder is a path every
+  ``<results folder>/files/<job key>/`` on the driver (machines number their files on their own: one folder per job,
+  nothing replaced); with ``shared_output`` the workers' output folder is a path every
   machine sees (a shared file system) and the records point there."""
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .backend import (Backend, BackendFailed, MissingExtra, OnDone, RunResult, affinity_key, file_id, now,
+from .backend import (Backend, BackendFailed, MissingExtra, OnDone, OnStart, RunResult, affinity_key, file_id, now,
                       output_files)
 
 
@@ -127,8 +132,9 @@ class RayBackend(Backend):
                 ray.init(include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError) as e:
-            raise ClusterError(f"--ray {address}: cannot connect to a Ray cluster ({e}); nothing was run") from None
+        except Exception as e:  # ConnectionError, TimeoutError (a port that answers but is no Ray head), ...
+            raise ClusterError(f"--ray {address}: cannot connect to a Ray cluster there ({_short(e)}); is it the "
+                               f"address `ray start --head` printed? nothing was run") from None
         self.ray, self.address = ray, address
         self.max_retries, self.shared_output = max(0, int(max_retries)), shared_output
         self.files_dir: Optional[Path] = None
@@ -149,15 +155,12 @@ class RayBackend(Backend):
         total = ray.cluster_resources()
         if gpus is None:
             gpus = 1.0 if total.get("GPU", 0) > 0 else 0.0
-        if gpus == 0:
-            options.setdefault("cpu", True)
+        if gpus == 0 and options.get("cpu") is None:  # the CLI passes cpu=None when --cpu is not given
+            options["cpu"] = True
         if count is None:
-            by = [int(total.get("CPU", 0) // cpus) if cpus > 0 else 0]
-            if gpus > 0:
-                by.append(int(total.get("GPU", 0) // gpus))
-            count = max(1, min(b for b in by if b >= 0))
+            count = max(1, _worker_count(total, cpus, gpus))
         actor = ray.remote(ComfyWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=0,
-                                                scheduling_strategy="SPREAD")
+                                                scheduling_strategy="SPREAD")  # num_cpus=0: no CPU bound
         self.actors = [actor.remote(f"w{i + 1}", options) for i in range(count)]
         refs = [a.boot.remote() for a in self.actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=boot_timeout)
@@ -171,7 +174,7 @@ class RayBackend(Backend):
             try:
                 infos.append(ray.get(ref))
             except Exception as e:
-                raise ClusterError(f"worker w{i + 1}: could not start ({_short(e)}); is comfyui-memora installed "
+                raise ClusterError(f"worker w{i + 1}: could not start ({_cause(e)}); is comfyui-memora installed "
                                    f"on every machine of the cluster? nothing was run") from None
         problems = [f"worker {_who(i)}: {i['error']}" for i in infos if "error" in i]
         problems += [f"worker {_who(i)}: its ComfyUI ({i['comfyui']}) has no MemoRa nodes: the comfyui-memora pack "
@@ -225,21 +228,31 @@ class RayBackend(Backend):
     def resolve_lora(self, name: str) -> str:
         return self.paths.get(f"lora:{name}", name)
 
-    def _receive(self, paths: dict, data: dict) -> None:
-        """Write the files a worker sent under files/ (their place in its output folder kept); note where each is."""
+    def _receive(self, job: Any, paths: dict, data: dict) -> None:
+        """Write the files a worker sent for ``job`` under files/<job key>/ (their place in its output folder kept:
+        machines number their outputs on their own, so two jobs' files may share a name) and note where each is. A
+        different file already there (the same job's earlier try kept its bytes: equal, reused) is never replaced:
+        the new one takes the next free name "<stem> (2).<ext>"."""
         from memora.fileio import atomic_write
 
+        key = str(getattr(job, "key", None) or f"job-{len(self.overheads)}")
         for fid, path in paths.items():
             if self.files_dir is not None and fid in data:
                 kind, _, rel = fid.partition(":")
-                target = self.files_dir / ("loras" if kind == "lora" else "") / rel
-                atomic_write(target, data[fid], replace=True)
+                target = self.files_dir / key / ("loras" if kind == "lora" else "") / rel
+                if not target.exists():
+                    try:
+                        target = atomic_write(target, data[fid])
+                    except FileExistsError:
+                        target = _numbered(target, data[fid])
+                elif target.read_bytes() != data[fid]:
+                    target = _numbered(target, data[fid])
                 path = str(target)
             self.paths[fid] = path
 
     # -- running -------------------------------------------------------------------------------------------------------
     def run_all(self, jobs: list, prompt_of: Callable[[Any], dict], on_done: OnDone,
-                job_timeout: Optional[float] = None) -> list:
+                job_timeout: Optional[float] = None, on_start: Optional[OnStart] = None) -> list:
         queue = _Placement(jobs, prompt_of)
         info = {i["name"]: i for i in self.infos}
         idle = [n for n in self.alive]
@@ -254,6 +267,8 @@ class RayBackend(Backend):
                     idle.remove(name)
                     if self.on_job_start:
                         self.on_job_start(job, info[name])
+                    if on_start:
+                        on_start(job, name)
                     ref = self.alive[name].run.remote(queue.prompt(job), self.files_dir is not None)
                     flight[ref] = (name, job, time.monotonic(), now())
                 if not flight:
@@ -263,18 +278,35 @@ class RayBackend(Backend):
                     name, job, t0, started = flight.pop(ref)
                     try:
                         result, paths, data, compute = self.ray.get(ref)
-                    except self.ray.exceptions.RayActorError as e:
+                    except self.ray.exceptions.RayActorError as e:  # the worker died
                         self._lost(name, job, e, queue, retries, on_done, t0, started)
                         continue
-                    self._receive(paths, data)
+                    except self.ray.exceptions.RayTaskError as e:  # raised on the worker, outside ComfyUI: a result
+                        result = RunResult("", False, error={"exception_type": "WorkerError",
+                                                             "exception_message": _cause(e)},
+                                           server=f"ray:{name}@{info[name]['host']}",
+                                           retries=retries.pop(id(job), []))
+                        on_done(job, result, time.monotonic() - t0, started)
+                        idle.append(name)
+                        continue
+                    except self.ray.exceptions.RayError as e:  # the result was lost (object lost): a lost try
+                        self._lost(name, job, e, queue, retries, on_done, t0, started, drop=False)
+                        idle.append(name)
+                        continue
+                    self._receive(job, paths, data)
                     self.overheads.append(time.monotonic() - t0 - compute)
                     result.server = f"ray:{name}@{info[name]['host']}"
                     result.retries = retries.pop(id(job), [])
                     on_done(job, result, time.monotonic() - t0, started)
                     idle.append(name)
         except KeyboardInterrupt:
+            # Ray refuses force=True for actor tasks (ValueError); a plain cancel asks politely, and close() kills
+            # the actors, so the user gets the runner's "interrupted; rerun to resume"
             for ref in flight:
-                self.ray.cancel(ref, force=True)
+                try:
+                    self.ray.cancel(ref)
+                except Exception:
+                    pass
             raise
         left = queue.left()
         if left and not self.alive:
@@ -283,16 +315,18 @@ class RayBackend(Backend):
         return left
 
     def _lost(self, name: str, job: Any, err: Exception, queue: "_Placement", retries: dict, on_done: OnDone,
-              t0: float, started: str) -> None:
-        """A worker died with ``job``: drop the worker; the job runs again elsewhere, or is recorded as failed once
-        it has lost ``max_retries`` + 1 tries."""
+              t0: float, started: str, drop: bool = True) -> None:
+        """A worker died with ``job`` (``drop``: drop the worker; else only the job's result was lost): the job runs
+        again, or is recorded as failed once it has lost ``max_retries`` + 1 tries."""
         who = _who(next(i for i in self.infos if i["name"] == name))
-        self.alive.pop(name, None)
-        queue.release(name)
+        if drop:
+            self.alive.pop(name, None)
+            queue.release(name)
         tries = retries.setdefault(id(job), [])
         tries.append({"worker": who, "error": _short(err)})
-        print(f"memora-batch: Ray worker {who} died ({_short(err)}); its job goes to another worker",
-              file=sys.stderr, flush=True)
+        what = "died" if drop else "lost its job's result"
+        print(f"memora-batch: Ray worker {who} {what} ({_short(err)}); its job runs again", file=sys.stderr,
+              flush=True)
         if len(tries) > self.max_retries:
             retries.pop(id(job))
             result = RunResult("", False, error={"exception_type": "WorkerLost", "exception_message":
@@ -357,6 +391,20 @@ class _Placement:
         return [j for q in self.groups.values() for j in q]
 
 
+def _numbered(target: Path, data: bytes) -> Path:
+    """``data`` next to ``target`` under the first free name "<stem> (n)<suffix>", n >= 2 (never overwrites)."""
+    from memora.fileio import write_numbered
+
+    return write_numbered(target.parent, lambda n: f"{target.stem} ({n}){target.suffix}", 2, data)
+
+
+def _worker_count(total: dict, cpus: float, gpus: float) -> int:
+    """How many workers fit the cluster: each resource asked for bounds it (--ray-cpus-per-worker 0 drops the CPU
+    bound, for GPU clusters); asking for neither gives one worker per CPU."""
+    by = [int(total.get(res, 0) // per) for res, per in (("CPU", cpus), ("GPU", gpus)) if per > 0]
+    return min(by) if by else int(total.get("CPU", 0))
+
+
 def _union_options(spec: Any, other: Any) -> None:
     """Add ``other``'s options to the input spec ``spec`` (old style: [[options], {...}]; COMBO: ["COMBO",
     {"options": [...]}])."""
@@ -383,6 +431,15 @@ def _who(info: dict) -> str:
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _cause(err: BaseException) -> str:
+    """The exception at the root of a Ray error (the last 'XxxError: ...' line of the traceback it carries, say
+    "ModuleNotFoundError: No module named 'memora_batch'"), else its first line."""
+    import re
+
+    found = [line.strip() for line in str(err).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+    return found[-1][:300] if found else _short(err)
 
 
 def _resources(total: dict) -> str:

@@ -21,7 +21,7 @@ from memora.contracts import UI_LORA, UI_LOSS, UI_SCORES
 from memora.fileio import atomic_write
 
 FIXED_COLUMNS = ["key", "status", "row"]
-TAIL_COLUMNS = ["outputs", "loras", "seconds", "started", "server", "prompt_id", "error"]
+TAIL_COLUMNS = ["outputs", "loras", "seconds", "started", "server", "retries", "prompt_id", "error"]
 #: the one text cell of a score table kept as a results column (the score-table contract): the convention a rate
 #: was counted by, written next to the rate
 TEXT_COLUMN = "convention"
@@ -147,7 +147,8 @@ def csv_text(rows: list[dict]) -> str:
         cells += [_exact(r.get("labels", {}).get(k[len("label."):])) for k in label_cols]
         cells += [_cell(r.get("metrics", {}).get(k)) for k in metric_cols]
         cells += [";".join(outputs.get("files", [])), ";".join(outputs.get("loras", [])),
-                  _cell(r.get("seconds")), r.get("started"), r.get("server"), r.get("prompt_id"),
+                  _cell(r.get("seconds")), r.get("started"), r.get("server"), len(r.get("retries") or []),
+                  r.get("prompt_id"),
                   r.get("error") or ""]
         w.writerow(cells)
     return buf.getvalue()

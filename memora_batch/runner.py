@@ -217,15 +217,17 @@ STAGE_TYPES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAd
 
 
 class _Progress:
-    """The console of a run: one bar per job (its nodes done, the node running now), a line per stage (a run of
-    sampler or MemoRa nodes of one type, with its time), a line per finished job (with its retries, and the jobs
-    finished per worker when several workers run). Without tqdm, or with
-    ``enabled`` False (--no-progress), the lines only. Writes to the stderr of its creation (ComfyUI's own output
-    may be redirected to a log meanwhile)."""
+    """The console of a run. With node events (``nodes``: the embedded backend): one bar per job (its nodes done,
+    the node running now) and a line per stage (a run of sampler or MemoRa nodes of one type, with its time).
+    Without (servers, Ray, SLURM): one bar over the jobs, the jobs each worker finished in its postfix
+    (``w1:3 w2:2``). Always a line per finished job (with its retries, and the jobs finished per worker when several
+    workers run). Without tqdm, or with ``enabled`` False (--no-progress), the lines only. Writes to the stderr of
+    its creation (ComfyUI's own output may be redirected to a log meanwhile)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, nodes: bool = True):
         self.out = sys.stderr
-        self.total, self.done, self.enabled = total, initial, enabled
+        self.total, self.done, self.enabled, self.nodes = total, initial, enabled, nodes
+        self.running: dict[str, str] = {}  # job key -> worker, without node events
         self.bar = None
         self.job: Optional[Job] = None
         self.stage: Optional[tuple[str, list, float]] = None  # (class type, titles, start)
@@ -238,18 +240,36 @@ class _Progress:
         else:
             print(text, file=self.out, flush=True)
 
-    def start(self, job: Job):
-        if self.job is not None:  # servers run several jobs at once: the bar follows the first
-            return
-        self.job, self.stage, self.seen = job, None, set()
+    def _tqdm(self, **kw):
         if not self.enabled:
-            return
+            return None
         try:
             from tqdm import tqdm
         except ImportError:
+            return None
+        return tqdm(file=self.out, dynamic_ncols=True, leave=True, **kw)
+
+    def start(self, job: Job, worker: Optional[str] = None):
+        if not self.nodes:
+            self.running[job.key] = worker or "?"
+            if self.bar is None:
+                self.bar = self._tqdm(total=self.total, initial=self.done, unit="job", desc="jobs")
+            self._postfix()
             return
-        self.bar = tqdm(total=len(job.api), unit="node", file=self.out, dynamic_ncols=True, leave=True,
-                        desc=f"job {self.done + 1}/{self.total} {job.key[:8]}")
+        if self.job is not None:
+            return
+        self.job, self.stage, self.seen = job, None, set()
+        self.bar = self._tqdm(total=len(job.api), unit="node", desc=f"job {self.done + 1}/{self.total} {job.key[:8]}")
+
+    def _postfix(self):
+        """The job-level bar's postfix: jobs finished per worker, and how many run now."""
+        if self.bar is None:
+            return
+        short = {w: w.split("@")[0].removeprefix("ray:") for w in self.per_worker}
+        text = " ".join(f"{short[w]}:{n}" for w, n in self.per_worker.items())
+        if self.running:
+            text += f" (running {len(self.running)})"
+        self.bar.set_postfix_str(text.strip())
 
     def event(self, event: str, data: Any):
         if self.job is None or not isinstance(data, dict):
@@ -289,6 +309,13 @@ class _Progress:
         self.done += 1
         worker = str(record.get("server"))
         self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
+        if not self.nodes:
+            self.running.pop(record["key"], None)
+            if self.bar is None:
+                self.bar = self._tqdm(total=self.total, initial=self.done - 1, unit="job", desc="jobs")
+            if self.bar is not None:
+                self.bar.update(1)
+                self._postfix()
         mine = self.job is not None and self.job.key == record["key"]
         if mine:
             self._end_stage()
@@ -316,22 +343,13 @@ class _Progress:
 def comfyui_log(backend: Backend, results_dir: "str | Path"):
     """Embedded runs: while the block runs, ComfyUI's own output (its logging, prints and per-sampling progress
     bars) goes to ``<results>/comfyui.log`` instead of the console; yields that path (None for backends without
-    it, e.g. servers, whose output stays in their own console)."""
-    comfy = getattr(backend, "comfy", None)
-    if comfy is None or not hasattr(comfy, "log_to"):
-        yield None
-        return
+    it, e.g. servers, whose output stays in their own console: :meth:`Backend.log_to`)."""
+    path = backend.log_to(Path(results_dir) / LOG_NAME)
     try:
-        yield comfy.log_to(Path(results_dir) / LOG_NAME)
+        yield path
     finally:
-        comfy.log_to(None)
-
-
-def _watch(backend: Backend, listener: Optional[Callable[[str, Any], None]]) -> None:
-    """Send the embedded executor's events (nodes executing, cached) to ``listener`` (None: stop)."""
-    comfy = getattr(backend, "comfy", None)
-    if comfy is not None and hasattr(comfy, "listen"):
-        comfy.listen(listener)
+        if path is not None:
+            backend.log_to(None)
 
 
 def run_plan(plan: Plan, backend: Backend, results_dir: "str | Path", retry_failed: bool = True,
@@ -367,10 +385,9 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
         todo.append(job)
     summary = Summary(total=len(plan.jobs), skipped=len(plan.jobs) - len(todo))
 
-    bar = _Progress(len(plan.jobs), summary.skipped, progress)
+    bar = _Progress(len(plan.jobs), summary.skipped, progress, nodes=backend.node_events)
 
     def prompt_of(job: Job) -> dict:
-        bar.start(job)
         return prefix_outputs(job.api, f"{prefix}/{job.key}") if prefix else job.api
 
     def done(job: Job, result: RunResult, seconds: float, started: str):
@@ -381,11 +398,13 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
         if on_record:
             on_record(rec)
 
-    _watch(backend, bar.event)
+    if backend.node_events:
+        backend.listen(bar.event)
     try:
-        summary.not_run = len(backend.run_all(todo, prompt_of, done, job_timeout=job_timeout))
+        summary.not_run = len(backend.run_all(todo, prompt_of, done, job_timeout=job_timeout, on_start=bar.start))
     finally:
-        _watch(backend, None)
+        if backend.node_events:
+            backend.listen(None)
         bar.close()
     return summary
 

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .backend import (Backend, EmbeddedBackend, MissingExtra, OnDone, RunResult, affinity_key, file_id, on_worker,
-                      output_files)
+from .backend import (Backend, EmbeddedBackend, MissingExtra, OnDone, OnStart, RunResult, affinity_key, file_id,
+                      now, on_worker, output_files)
 from .workflow import graph_key
 
 SHARD_GLOB = "*/shard-*.jsonl"
@@ -51,7 +51,7 @@ def run_shard(shard_file: str, items: list, options: dict) -> int:
     for job_id, prompt in items:
         if job_id in done:
             continue
-        started, t0 = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), time.monotonic()
+        started, t0 = now(), time.monotonic()
         result = backend.run(prompt)
         line = {"id": job_id, "prompt_id": result.prompt_id, "success": result.success, "ui": result.ui_outputs,
                 "error": result.error, "server": name, "started": started, "seconds": time.monotonic() - t0,
@@ -125,7 +125,7 @@ class SlurmBackend(Backend):
         on_done(job, result, float(line.get("seconds") or 0.0), line.get("started") or "")
 
     def run_all(self, jobs: list, prompt_of: Callable[[Any], dict], on_done: OnDone,
-                job_timeout: Optional[float] = None) -> list:
+                job_timeout: Optional[float] = None, on_start: Optional[OnStart] = None) -> list:
         if self.dir is None:
             raise RuntimeError("SlurmBackend.run_all before bind_results: the shards need the results folder")
         by_id = {graph_key(prompt_of(j)): j for j in jobs}
@@ -143,7 +143,15 @@ class SlurmBackend(Backend):
         tasks = self._submit(run_dir, files, parts)
         print(f"memora-batch: {len(parts)} shard(s) submitted ({', '.join(str(t.job_id) for t in tasks)}); "
               f"shard results in {run_dir}", file=sys.stderr, flush=True)
-        return self._follow(tasks, files, by_id, on_done)
+        try:
+            return self._follow(tasks, files, by_id, on_done)
+        except KeyboardInterrupt:  # Ctrl-C: the submitted shards are cancelled, not left running behind the user
+            for t in tasks:
+                try:
+                    t.cancel(check=False)
+                except Exception:
+                    pass
+            raise
 
     def _shard(self, by_id: dict, prompt_of: Callable[[Any], dict]) -> list:
         groups: dict[str, list] = {}

@@ -26,7 +26,8 @@ API::
                  "models": {"unlearned": {"seeds": {"1": [[0, 32], [15, 32], [17, 32]]}},
                             "never_learned": {"seeds": {"1": [[0, 32], [2, 32], [3, 32]]}}}})
     a["models"]["unlearned"]["verdict"]   # "short-term" | "long-term" | "nothing to recover" | "inconclusive"
-                                          # | "control"
+                                          # | "not erased" | "control"
+    a["models"]["unlearned"]["vs_control"]  # model - control of half_updates and auc, bootstrap interval over seeds
     a["text"]                             # the report
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ LONG_TERM = "long-term"
 NOTHING = "nothing to recover"
 CONTROL = "control"
 INCONCLUSIVE = "inconclusive"
+NOT_ERASED = "not erased"
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,16 @@ class Rule:
         return self
 
 
-RULE = ("Against the never-learned control measured with the same budgets, seeds and evaluation: at each budget > 0 "
-        "a one-sided Fisher exact test of 'model rate > control rate' (counts pooled over seeds), significant at "
+RULE = ("not erased: at 0 updates (the model itself) the Wilson lower bound of its rate is already >= half x the "
+        "original's rate; nothing was forgotten, so nothing is judged. Otherwise, against the never-learned control "
+        "measured with the same budgets, seeds and evaluation: at each budget > 0 a one-sided Fisher exact test of 'model rate > control rate' (counts pooled over seeds), significant at "
         "alpha / m (Bonferroni over the m budgets > 0). nothing to recover: no budget significant (within the "
         "largest budget the model recovers no more than a model that never learned the concept). short-term: some "
-        "budget is significant AND at some budget <= quick_updates the Wilson lower bound of the pooled rate is >= "
+        "budget is significant AND at some budget 0 < u <= quick_updates the Wilson lower bound of the pooled rate is >= "
         "half x the original's rate (the concept is back, at 95 % confidence, within the quick budget). long-term: "
         "significant somewhere, but not back with confidence within the quick budget (later, or only partly). "
-        "inconclusive: significant, not back yet, and the largest budget tested is below the quick budget.")
+        "inconclusive: significant, not back yet, and the largest budget tested is below the quick budget. The Wilson "
+        "'back' check is made at each budget <= quick_updates without a multiplicity correction (each at 95 %).")
 
 
 class CurveError(ValueError):
@@ -179,9 +183,14 @@ def judge(name: str, curve: dict, control: dict, updates: list[int], original_ra
             significant.append(p["updates"])
     target = rule.half * original_rate
     back = [p["updates"] for p in curve["points"]
-            if p["updates"] <= rule.quick_updates and p["rate"]["ci_low"] >= target - 1e-12]
+            if 0 < p["updates"] <= rule.quick_updates and p["rate"]["ci_low"] >= target - 1e-12]
     curve["significance_level"] = level
-    if not significant:
+    start = curve["points"][0]
+    if start["updates"] == 0 and start["rate"]["ci_low"] >= target - 1e-12:
+        verdict, reason = NOT_ERASED, (f"the model itself (0 updates) already shows the concept: Wilson lower bound "
+                                       f"{start['rate']['ci_low']:.3f} >= {rule.half:g} x the original's "
+                                       f"{original_rate:.3f}; nothing to judge")
+    elif not significant:
         best = min((p for p in curve["points"] if p["updates"] > 0), key=lambda q: q["fisher_p"])
         verdict, reason = NOTHING, (f"no budget recovers significantly more than the control (smallest p "
                                     f"{best['fisher_p']:.3g} at {best['updates']} updates >= {level:.3g})")
@@ -199,6 +208,20 @@ def judge(name: str, curve: dict, control: dict, updates: list[int], original_ra
                                       f"(Wilson lower bound >= {target:.3f}) within {rule.quick_updates} updates")
     curve.update({"verdict": verdict, "reason": reason, "significant_at": significant})
     return curve
+
+
+def speed_difference(model: dict, control: dict) -> dict:
+    """A speed figure of a model minus the control's (same seeds, paired per seed): the mean difference with its
+    bootstrap interval over seeds (:func:`stats.paired_difference_record`); no mean when a seed of either model is
+    censored (never reached half), the count of such seeds then given."""
+    pairs = list(zip(model["per_seed"], control["per_seed"]))
+    censored = sum(1 for a, b in pairs if a is None or b is None)
+    rec: dict = {"seeds": len(pairs), "censored": censored}
+    if censored:
+        rec.update({"n": len(pairs), "mean": None, "ci_low": None, "ci_high": None})
+    else:
+        rec.update(stats.paired_difference_record([a for a, _ in pairs], [b for _, b in pairs]))
+    return rec
 
 
 def _rate_at(curve: dict, u: int) -> dict:
@@ -260,11 +283,12 @@ def analyse(data: Mapping, rule: Optional[Rule] = None) -> dict:
             raise CurveError(f"model {name!r} was measured with seeds {seed_sets[name]}, the control "
                              f"{control_name!r} with {seed_sets[control_name]}: compare like with like")
     for name, curve in curves.items():
+        judge(name, curve, curves[control_name], updates, original, rule)
         if name == control_name:
-            judge(name, curve, curves[control_name], updates, original, rule)
             curve["verdict"] = CONTROL
         else:
-            judge(name, curve, curves[control_name], updates, original, rule)
+            curve["vs_control"] = {f: speed_difference(curve[f], curves[control_name][f])
+                                   for f in ("half_updates", "auc")}
     out = {"updates": updates, "original": stats.rate_record(ok, on, convention), "control": control_name,
            "rule": RULE, "settings": asdict(rule), "models": curves}
     out["text"] = report(out)
@@ -274,6 +298,12 @@ def analyse(data: Mapping, rule: Optional[Rule] = None) -> dict:
 def _fig(rec: dict, digits: int = 3) -> str:
     if rec["mean"] is None:
         return f"not reached by {rec['seeds'] - rec['reached']} of {rec['seeds']} seeds"
+    return stats.format_mean(rec, digits)
+
+
+def _diff(rec: dict, digits: int) -> str:
+    if rec["mean"] is None:
+        return f"not given ({rec['censored']} of {rec['seeds']} seeds never reached half)"
     return stats.format_mean(rec, digits)
 
 
@@ -303,5 +333,8 @@ def report(a: dict) -> str:
                          f"{r['ci_low']:.3f}-{r['ci_high']:.3f}  {lo:.2f}-{hi:.2f}  {sim:>24}  {pv:>12}")
         lines.append(f"  updates to half of the original's rate: {_fig(c['half_updates'], 1)}")
         lines.append(f"  normalised area under the curve: {_fig(c['auc'])}")
+        for f, what, d in (("half_updates", "updates to half", 1), ("auc", "area", 3)):
+            if "vs_control" in c:
+                lines.append(f"  {what}, model - control (paired over seeds): {_diff(c['vs_control'][f], d)}")
     lines.append(f"\nrule: {a['rule']}")
     return "\n".join(lines)

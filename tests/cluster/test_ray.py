@@ -143,6 +143,35 @@ def test_two_node_cluster_matches_embedded_bit_for_bit_and_survives_a_killed_wor
         assert Path(r["outputs"]["lora_paths"][0]).stat().st_size > 0
 
 
+def test_an_interrupt_stops_the_run_as_an_interrupt_with_nothing_half_recorded(cluster, sweep_csv, tmp_path):
+    """Ctrl-C while a job runs on a worker: the run ends with KeyboardInterrupt (the CLI's "interrupted; rerun to
+    resume"), not with the ValueError Ray raises for force-cancelling an actor task (which read as bad input)."""
+    from memora_batch import sweep as _sweep
+    from memora_batch.profiles import model_profile
+    from memora_batch.ray_backend import RayBackend
+    from memora_batch.runner import plan_jobs, run_plan
+    from memora_batch.workflow import Workflow
+
+    backend = RayBackend(cluster.address, {}, max_retries=2)
+    started = []
+
+    def interrupt_second(job, worker):
+        started.append(job.key)
+        if len(started) == 2:  # the first job is in flight on the other worker
+            raise KeyboardInterrupt
+
+    backend.on_job_start = interrupt_second
+    out = tmp_path / "results"
+    try:
+        plan = plan_jobs(Workflow.load(WORKFLOW), backend, _sweep.load_rows(str(sweep_csv)),
+                         profile=model_profile("micro"), quick=True)
+        with pytest.raises(KeyboardInterrupt):
+            run_plan(plan, backend, out, progress=False)
+    finally:
+        backend.close()
+    assert not (out / "results.jsonl").exists() or jsonl(out / "results.jsonl") == []
+
+
 def test_workers_without_comfyui_or_a_model_file_are_named_before_any_job(cluster, comfy, tiny_ckpt, sweep_csv,
                                                                           tmp_path, capsys):
     # no ComfyUI where the workers look for it
@@ -165,3 +194,23 @@ def test_workers_without_comfyui_or_a_model_file_are_named_before_any_job(cluste
     assert len(named) == 1 and tiny_ckpt in err and "(pid" in named[0], err  # only the third node's worker
     assert not (out / "results.jsonl").exists()
 
+
+def test_a_worker_without_the_pack_is_named_before_any_job(cluster, sweep_csv, tmp_path, capsys, monkeypatch):
+    """A node on which comfyui-memora cannot be imported. The venv's editable install makes the pack importable
+    everywhere on this machine, so the node's PYTHONPATH puts first a stand-in `memora_batch` whose import fails as
+    an absent package's would; the driver runs from a folder without the pack (Ray adds the driver's working
+    directory to every worker's sys.path). Its worker cannot even be created: the run stops naming it, and only it."""
+    shadow = tmp_path / "no-pack"
+    (shadow / "memora_batch").mkdir(parents=True)
+    (shadow / "memora_batch" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'memora_batch'\", name='memora_batch')\n")
+    cluster.start(head=False, PYTHONPATH=str(shadow))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "no-pack-run"
+    rc = cli.main(batch_args(out, sweep_csv, "--ray", cluster.address))
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT, err
+    named = [line for line in err.splitlines() if "could not start" in line]
+    assert len(named) == 1 and "worker w" in named[0] and "memora_batch" in named[0], err
+    assert "is comfyui-memora installed on every machine" in err and "nothing was run" in err
+    assert not (out / "results.jsonl").exists()

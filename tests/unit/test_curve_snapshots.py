@@ -116,3 +116,33 @@ def test_curve_data_without_image_counts_is_refused():
     with pytest.raises(ValueError, match="cannot count the images behind"):
         C.curve_data([_rec("unlearned", 1, 25, 0.5)], {}, "Train LoRA", [25], "Concept score (recovered).star.rate",
                      None, "never_learned")
+
+
+def test_every_training_job_saves_under_its_own_name(monkeypatch, tmp_path):
+    """Machines number their LoRA files on their own: two trainings on two workers must not both write
+    memora/recovered_step25_00001_. Each training job of the curve (model x seed, crossed with a sweep file's rows)
+    gets its own save_name; the snapshot evaluation jobs load those names."""
+    backend = Instant()
+    sweep = tmp_path / "rows.csv"
+    sweep.write_text("Evaluation seed.value\n3\n4\n")
+    _curve(monkeypatch, backend, tmp_path / "c", "--steps", "25,50", "--lora-seeds", "1,2", "--control",
+           "sd-v1-4.ckpt", "--sweep", str(sweep))  # the instant backend reports no metrics: only the graphs matter
+    trainings = [p for p in backend.ran if any(n.get("class_type") == "MemoRaLoRATrain" for n in p.values())]
+    names = [n["inputs"]["save_name"] for p in trainings for n in p.values()
+             if n.get("class_type") == "MemoRaLoRATrain"]
+    assert len(trainings) == 8 and len(set(names)) == 8, names  # 2 models x 2 seeds x 2 sweep rows
+    assert all(n.startswith("memora/curve/") for n in names)
+    assert {n.split("/")[-1].rsplit("_", 1)[0] for n in names} == {
+        "unlearned_seed1", "unlearned_seed2", "sd-v1-4.ckpt_seed1", "sd-v1-4.ckpt_seed2"}
+    rows = C.unique_save_names([{"label.curve_model": "a b/c", "label.lora_seed": 1}], "Train LoRA")
+    assert rows[0]["Train LoRA.save_name"].startswith("memora/curve/a-b-c_seed1_")
+
+
+@pytest.mark.parametrize("extra", [(), ("--ray-shared-output",), ("--base-directory", "/shared/comfy")])
+def test_curve_on_ray_with_snapshots_needs_a_shared_lora_folder(tmp_path, capsys, extra):
+    out = tmp_path / "c"
+    rc = cli.main(["curve", SWEEP, "--out", str(out), "--steps", "25,50", "--ray", "127.0.0.1:1", *extra])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT, err
+    assert "curve --ray: the snapshot evaluation jobs load each training's snapshot LoRA by name" in err
+    assert "--ray-shared-output and one --base-directory" in err and not out.exists()

@@ -139,3 +139,53 @@ def test_describe_gives_the_statistics_without_a_control():
     p = d["models"]["unlearned"]["points"][2]["rate"]
     assert (p["k"], p["n"]) == (40, 50) and p["ci_low"] < 0.8 < p["ci_high"]
     assert "p vs control" in d["text"] and "no control" in d["text"] and "e-" not in d["text"]
+
+
+def test_a_model_already_showing_the_concept_at_0_updates_is_not_erased_and_0_never_counts_as_back():
+    # 40/50 at 0 updates: Wilson lower bound ~0.67 >= 0.45 (half of 0.9): nothing was forgotten
+    kept = [[40, 50], [41, 50], [42, 50], [43, 50]]
+    u = RV.analyse(_data(kept, FLAT))["models"]["unlearned"]
+    assert u["verdict"] == RV.NOT_ERASED and "0 updates" in u["reason"]
+    # 25/50 at 0 (lower bound ~0.37 < 0.45) and never back later: the 0-update point does not make it short-term
+    partial = [[25, 50], [24, 50], [25, 50], [26, 50]]
+    v = RV.analyse(_data(partial, FLAT))["models"]["unlearned"]
+    low0 = sps.binomtest(25, 50).proportion_ci(method="wilson").low  # the seeds' 0-update points: one model, once
+    assert v["points"][0]["rate"]["k"] == 25 and low0 < 0.45
+    assert v["verdict"] == RV.LONG_TERM, v["reason"]
+    # a point at 0 whose lower bound is >= half but judged with a budget > 0 only: back at 25, never at 0
+    w = RV.analyse(_data(FAST, FLAT))["models"]["unlearned"]
+    assert "back at 25 updates" in w["reason"]
+
+
+def test_speed_figures_are_compared_with_the_control_paired_over_seeds():
+    data = _data(FAST, FLAT)
+    data["models"]["unlearned"]["seeds"] = {"1": FAST, "2": [[0, 50], [25, 50], [35, 50], [45, 50]],
+                                            "3": [[0, 50], [20, 50], [30, 50], [40, 50]]}
+    data["models"]["never_learned"]["seeds"] = {"1": FLAT, "2": [[0, 50], [2, 50], [5, 50], [30, 50]],
+                                                "3": [[0, 50], [0, 50], [1, 50], [2, 50]]}
+    a = RV.analyse(data)
+    u, c = a["models"]["unlearned"], a["models"]["never_learned"]
+    auc = u["vs_control"]["auc"]
+    diffs = [x - y for x, y in zip(u["auc"]["per_seed"], c["auc"]["per_seed"])]
+    assert auc["mean"] == pytest.approx(sum(diffs) / 3) and auc["censored"] == 0
+    # a second computation of the interval: scipy's percentile bootstrap of the differences' mean, its own call
+    res = sps.bootstrap((diffs,), lambda x, axis: x.mean(axis=axis), method="percentile", n_resamples=9999,
+                        random_state=0)
+    spread = max(diffs) - min(diffs)
+    assert auc["ci_low"] == pytest.approx(res.confidence_interval.low, abs=0.05 * spread)
+    assert auc["ci_high"] == pytest.approx(res.confidence_interval.high, abs=0.05 * spread)
+    # the control's seeds 1 and 3 never reach half: updates-to-half has no paired mean, the count says why
+    half = u["vs_control"]["half_updates"]
+    assert half["mean"] is None and half["censored"] == 2 and half["seeds"] == 3
+    assert "model - control (paired over seeds)" in a["text"] and "2 of 3 seeds never reached half" in a["text"]
+    assert "vs_control" not in c
+
+
+def test_paired_difference_record_checks_its_pairs():
+    from memora.evaluation import stats
+
+    rec = stats.paired_difference_record([3.0, 5.0, 4.0], [1.0, 1.0, 2.0])
+    assert rec["mean"] == pytest.approx(8 / 3) and rec["n"] == 3 and rec["difference"] == "tested - control"
+    assert 2.0 <= rec["ci_low"] <= rec["mean"] <= rec["ci_high"] <= 4.0
+    with pytest.raises(stats.StatsInputError, match="3 tested values but 2 control values"):
+        stats.paired_difference_record([1, 2, 3], [1, 2])
