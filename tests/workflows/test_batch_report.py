@@ -26,6 +26,7 @@ def test_curve_report_has_counts_intervals_and_the_curve(comfy, tiny_ckpt, tmp_p
     assert f"report:  {out / 'report.md'} and {out / 'report.html'}" in printed.out
     records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    assert sorted(r["labels"]["updates"] for r in records) == [1, 2]
     md = (out / "report.md").read_text()
     tables = markdown_tables(md)
     assert widest(tables) <= 8
@@ -33,7 +34,8 @@ def test_curve_report_has_counts_intervals_and_the_curve(comfy, tiny_ckpt, tmp_p
     assert len(rows) == 2
     for rec in records:
         row = dict(zip(header, next(r for r in rows if r[0] == rec["key"][:10])))
-        assert row["inputs"] == f"Train LoRA.steps={rec['overrides']['Train LoRA.steps']}"
+        # one training to 2 updates (snapshot at 1), then the snapshot's evaluation job: each row names its budget
+        assert f"updates={rec['labels']['updates']}" in row["inputs"]
         for model in ("original", "unlearned", "recovered"):
             (summary,) = [t for t in rec["tables"] if t["node"] == f"Concept score ({model})"
                           and t["title"] == "Nudity (NudeNet)"]
