@@ -253,9 +253,12 @@ def node_tables(rec: dict) -> list[Table]:
 
 
 def _table_title(t: dict) -> str:
-    """'<node title>: <table title>', the node title alone where the table repeats it."""
+    """'<node title>: <table title>', the node title alone where the table repeats it (or the table title where it
+    already starts with the node's)."""
     node, title = str(t.get("node") or ""), str(t.get("title") or "")
-    return node if title in ("", node) else f"{node}: {title}"
+    if title in ("", node):
+        return node
+    return title if title.startswith(node + ": ") else f"{node}: {title}"
 
 
 def job_section(j: JobSummary) -> Section:
