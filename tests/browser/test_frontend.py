@@ -247,6 +247,8 @@ def loader_problems(new_loaders: list[dict], expected_file: str, model_source: d
 
 
 def _cell_matches(cell: str, value) -> bool:
+    if value is None:  # no value (an interval of one image): shown as "-", never as a number
+        return cell == "-"
     if isinstance(value, bool):
         return cell == ("yes" if value else "no")
     if isinstance(value, str):
