@@ -15,6 +15,7 @@ from memora.contracts import TITLE_UNLEARNED_MODEL
 from memora.fileio import atomic_write
 
 from .results import ResultsStore
+from .sweep import CURVE_LABELS
 
 
 def curve_rows(train_node: str, steps: list[int]) -> list[dict]:
@@ -141,7 +142,7 @@ def _similarity_kind(column: Optional[str]) -> str:
 
 # -- the snapshot curve: one training per model and LoRA seed ----------------------------------------------------------
 #: labels the curve's jobs carry into the results (which model, which LoRA seed, how many updates)
-LABEL_MODEL, LABEL_SEED, LABEL_UPDATES = "curve_model", "lora_seed", "updates"
+LABEL_MODEL, LABEL_SEED, LABEL_UPDATES = CURVE_LABELS  # memora_batch.sweep groups the ASR by them
 TESTED = "unlearned"  # the model under test: the workflow's 'Unlearned model'
 LORA_LOADER = "LoraLoaderModelOnly"  # ComfyUI's stock loader: evaluates each snapshot file
 

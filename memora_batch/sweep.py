@@ -248,6 +248,20 @@ def _job_rates(metrics: dict) -> dict[str, tuple[int, int, str]]:
     return out
 
 
+#: inputs that only name outputs (each training's own save name, a snapshot file): never what tells groups apart
+NAMING_INPUTS = (".save_name", ".filename_prefix", ".lora_name")
+#: labels memora-batch curve gives its jobs (model, LoRA seed, updates): a snapshot's evaluation job has no training
+#: node, so its budget is only in these
+CURVE_LABELS = ("curve_model", "lora_seed", "updates")
+
+
+def _group_inputs(r: dict) -> dict:
+    """A job's inputs that can tell ASR groups apart: its overrides but output names, and the curve's labels."""
+    out = {a: v for a, v in (r.get("overrides") or {}).items() if not a.endswith(NAMING_INPUTS)}
+    out.update({k: v for k, v in (r.get("labels") or {}).items() if k in CURVE_LABELS})
+    return out
+
+
 def attack_success(records: list[dict]) -> list[dict]:
     """The attack success rate over the prompt set, per score node (per model) and per group of jobs that differ only
     in the prompt CSV's prompt / seed / guidance (e.g. one group per LoRA training budget of a curve; a group is
@@ -261,13 +275,13 @@ def attack_success(records: list[dict]) -> list[dict]:
     ok = [r for r in records if r.get("status") == "ok"]
     seen: dict[str, set] = {}
     for r in ok:
-        for a, v in (r.get("overrides") or {}).items():
+        for a, v in _group_inputs(r).items():
             seen.setdefault(a, set()).add(json.dumps(v, default=str))
     varying = {a for a, vals in seen.items() if not _prompt_address(a)
-               and (len(vals) > 1 or any(a not in (r.get("overrides") or {}) for r in ok))}
+               and (len(vals) > 1 or any(a not in _group_inputs(r) for r in ok))}
+
     def group_of(r: dict) -> tuple:
-        return tuple(sorted((a, json.dumps(v, default=str)) for a, v in (r.get("overrides") or {}).items()
-                            if a in varying))
+        return tuple(sorted((a, json.dumps(v, default=str)) for a, v in _group_inputs(r).items() if a in varying))
 
     failed = Counter(group_of(r) for r in records if r.get("status") != "ok")
     groups: dict[tuple, dict[str, list]] = {}

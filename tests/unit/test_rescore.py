@@ -342,3 +342,21 @@ def test_a_foreign_report_html_or_asr_csv_does_not_stop_rescore(tmp_path):
     result, files = rescore_folder(tmp_path, "erasediff")
     assert [f.name for f in files] == ["results.erasediff.jsonl", "results.erasediff.csv", "asr.erasediff.csv"]
     assert all((tmp_path / n).read_text() == "my own notes\n" for n in ("report.html", "report.md", "asr.csv"))
+
+
+def test_asr_groups_curve_jobs_by_budget_not_by_output_names():
+    """A curve's jobs: each training has its own save name and each snapshot's evaluation job loads its own file,
+    but the ASR groups are the budgets (the 'updates' label), over the prompts."""
+    def job(prompt, updates, k, snapshot):
+        ov = {"Evaluation prompt.text": prompt, "Train LoRA.save_name": f"memora/curve/u_{prompt}"}
+        ov.update({"Train LoRA.lora_name": f"u_{prompt}_step{updates}.safetensors"} if snapshot
+                  else {"Train LoRA.steps": updates})
+        return {"status": "ok", "overrides": ov, "labels": {"curve_model": "unlearned", "updates": updates},
+                "metrics": {"S.rate": k / 4, "S.n": 4, "S.k": k, "S.convention": "unlearndiffatk"}}
+
+    records = [job("a", 2, 1, False), job("b", 2, 0, False), job("a", 1, 0, True), job("b", 1, 0, True)]
+    rows = {r["group"]: r for r in attack_success(records)}
+    assert set(rows) == {"updates=1", "Train LoRA.steps=2, updates=2"}, set(rows)
+    by_updates = {g.rsplit("updates=", 1)[1]: r for g, r in rows.items()}
+    assert (by_updates["2"]["prompts_flagged"], by_updates["2"]["prompts"]) == (1, 2)
+    assert (by_updates["1"]["prompts_flagged"], by_updates["1"]["prompts"]) == (0, 2)

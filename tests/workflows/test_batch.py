@@ -319,10 +319,14 @@ def test_curve_over_training_steps_with_a_prompt_csv(comfy, tiny_ckpt, tmp_path,
         stats.bootstrap_mean_interval([x[1] for x in per]), abs=1e-6)
     # the attack success rate over the two prompts, per model and training budget (asr.csv, printed)
     asr = {(a["score"], a["group"]): a for a in _read_csv(out / "asr.csv")}
-    a = asr[(rate, "Train LoRA.steps=2")]
+    # (the group is named by what varies between the jobs: the budget, also as the curve's 'updates' label; never
+    # by each training's own save name)
+    (group,) = [g for (sc, g) in asr if sc == rate and g.startswith("Train LoRA.steps=2")]
+    assert group == "Train LoRA.steps=2, updates=2"
+    a = asr[(rate, group)]
     flagged = sum(int(table[("2", c)][f"{rate}.k"]) > 0 for c in ("1", "2"))
     assert (int(a["prompts_flagged"]), int(a["prompts"]), a["convention"]) == (flagged, 2, "unlearndiffatk")
-    assert "attack success rate over the prompt set" in captured.out and f"{rate} [Train LoRA.steps=2]: ASR" in \
+    assert "attack success rate over the prompt set" in captured.out and f"{rate} [{group}]: ASR" in \
         captured.out
     # the stored detections counted again under EraseDiff's convention, without running a model
     assert cli.main(["rescore", str(out), "--convention", "erasediff"]) == 0
