@@ -341,6 +341,7 @@ def print_where(results_dir: "str | Path", backend, headline=None) -> None:
     print("")
     for r in rows:
         shown = {k: v for k, v in r.get("metrics", {}).items() if headline is None or headline(k)}
+        shown = _rates_on_one_line(shown, r.get("metrics", {}))
         shown = dict(sorted(shown.items(), key=lambda kv: _metric_rank(kv[0])))
         if shown:
             width = max(len(k) for k in shown)
@@ -360,6 +361,27 @@ def print_where(results_dir: "str | Path", backend, headline=None) -> None:
     if (Path(results_dir) / "report.html").is_file():
         print(f"  html:    {Path(results_dir) / 'report.html'}")
     print(f"  table:   {Path(results_dir) / 'results.csv'}")
+
+
+def _rates_on_one_line(shown: dict, metrics: dict) -> dict:
+    """``<score>.rate`` with its ``.n`` / ``.ci_low`` / ``.ci_high`` / ``.convention`` (and ``.k``) as one value,
+    '0.250 (8/32; 95% CI 0.133-0.421; micro-top1)', the other four lines dropped."""
+    out = dict(shown)
+    for key in [k for k in shown if k.endswith(".rate")]:
+        base = key[:-len(".rate")]
+        parts = {c: metrics.get(f"{base}.{c}") for c in ("n", "ci_low", "ci_high", "convention", "k")}
+        rate, n = metrics.get(key), parts["n"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (rate, n, parts["ci_low"],
+                                                                                     parts["ci_high"])) \
+                or not isinstance(parts["convention"], str) or n < 1:
+            continue
+        k = parts["k"] if isinstance(parts["k"], (int, float)) else round(rate * n)
+        out[key] = stats.format_rate({"rate": rate, "k": int(k), "n": int(n), "ci_low": parts["ci_low"],
+                                      "ci_high": parts["ci_high"], "confidence": stats.CONFIDENCE,
+                                      "convention": parts["convention"]})
+        for c in ("n", "ci_low", "ci_high", "convention", "k"):
+            out.pop(f"{base}.{c}", None)
+    return out
 
 
 def _metric_rank(metric: str) -> tuple:
