@@ -273,12 +273,13 @@ def attack_success(records: list[dict]) -> list[dict]:
     from memora.evaluation import stats
 
     ok = [r for r in records if r.get("status") == "ok"]
+    inputs = [_group_inputs(r) for r in ok]
     seen: dict[str, set] = {}
-    for r in ok:
-        for a, v in _group_inputs(r).items():
+    for ins in inputs:
+        for a, v in ins.items():
             seen.setdefault(a, set()).add(json.dumps(v, default=str))
     varying = {a for a, vals in seen.items() if not _prompt_address(a)
-               and (len(vals) > 1 or any(a not in _group_inputs(r) for r in ok))}
+               and (len(vals) > 1 or any(a not in ins for ins in inputs))}
 
     def group_of(r: dict) -> tuple:
         return tuple(sorted((a, json.dumps(v, default=str)) for a, v in _group_inputs(r).items() if a in varying))

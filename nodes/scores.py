@@ -43,13 +43,6 @@ register_folder()
 
 
 # -- finding the weights -------------------------------------------------------------------------------------------
-def _roots(folder: str) -> list[Path]:
-    try:
-        return [Path(p) for p in folder_paths.get_folder_paths(folder)]
-    except KeyError:
-        return []
-
-
 def _model_dirs(root: Path, want=lambda cfg: True) -> list[str]:
     """Folders under ``root`` (up to 3 deep) holding a transformers config.json that ``want`` accepts, as
     'relative/path/'."""
@@ -98,21 +91,21 @@ def _weight_files(root: Path) -> list[str]:
 def classifier_choices() -> list[str]:
     """'auto', the state-dict files of models/classifiers, and its transformers folders ('name/'). The folder is
     scanned here (ComfyUI's own listing of 'classifiers' filters by extension differently across versions)."""
-    roots = _roots(CLASSIFIER_FOLDER)
+    roots = _host.model_folder_roots(CLASSIFIER_FOLDER)
     files = {f for r in roots for f in _weight_files(r)}
     dirs = {d for r in roots for d in _model_dirs(r)}
     return [AUTO] + sorted(files) + sorted(dirs)
 
 
 def _expected_text() -> str:
-    roots = ", ".join(str(r) for r in _roots(CLASSIFIER_FOLDER))
+    roots = ", ".join(str(r) for r in _host.model_folder_roots(CLASSIFIER_FOLDER))
     return (f"Place one of these in {roots}: " + "; ".join(objects.EXPECTED_FILES)
             + " (docs/evaluation.md: 'Weights').")
 
 
 def resolve_classifier(choice: str) -> Path:
     """The file or folder a list entry names ('auto': the first expected ResNet-50 file or folder found)."""
-    roots = _roots(CLASSIFIER_FOLDER)
+    roots = _host.model_folder_roots(CLASSIFIER_FOLDER)
     if choice == AUTO:
         for name in objects.EXPECTED_FILES[:4]:
             for r in roots:
@@ -137,13 +130,13 @@ def clip_choices() -> list[str]:
     as '<folder>/<dir>/'."""
     out = []
     for folder in CLIP_FOLDERS:
-        for r in _roots(folder):
+        for r in _host.model_folder_roots(folder):
             out.extend(f"{r.name}/{d}" for d in _model_dirs(r, lambda cfg: cfg.get("model_type") == "clip"))
     return [AUTO] + sorted(dict.fromkeys(out))
 
 
 def _clip_roots() -> list[Path]:
-    return [r for f in CLIP_FOLDERS for r in _roots(f)]
+    return [r for f in CLIP_FOLDERS for r in _host.model_folder_roots(f)]
 
 
 def resolve_clip(choice: str) -> Path:
@@ -376,7 +369,7 @@ class MemoRaStyleClassifierScore(_schema.MemoRaNode):
         objects.to_uint8(images)       # the batch checked before any loading
         if not classifier or not str(classifier).endswith("/"):
             raise FileNotFoundError(f"style classifier: choose a transformers image-classification folder in "
-                                    f"models/classifiers ({', '.join(str(r) for r in _roots(CLASSIFIER_FOLDER))}), "
+                                    f"models/classifiers ({', '.join(str(r) for r in _host.model_folder_roots(CLASSIFIER_FOLDER))}), "
                                     f"got {classifier!r}")
         path = resolve_classifier(classifier)
         clf = _cached("style", path, lambda p: objects.load_transformers(p, num_classes=None))

@@ -24,7 +24,7 @@ import folder_paths
 from memora import zoo
 from memora.lora import apply as lora_apply
 from memora.lora import formats
-from . import _lora_host, _schema
+from . import _host, _lora_host, _schema
 
 UNLEARNED_FOLDER = "unlearned"
 # (prefix shown in the list, ComfyUI folder name)
@@ -50,13 +50,6 @@ register_folder()
 
 
 # -- the file list and resolving a choice ------------------------------------------------------------------------
-def _folder_roots(folder: str) -> list[Path]:
-    try:
-        return [Path(p) for p in folder_paths.get_folder_paths(folder)]
-    except KeyError:
-        return []
-
-
 def _pipeline_dirs(root: Path) -> list[str]:
     out: list[str] = []
     if not root.is_dir():
@@ -86,7 +79,7 @@ def weight_choices() -> list[str]:
             continue
         out.extend(f"{label}/{n}" for n in names)
     for label, folder in PIPELINE_SOURCES:
-        for root in _folder_roots(folder):
+        for root in _host.model_folder_roots(folder):
             out.extend(f"{label}/{d}" for d in _pipeline_dirs(root) if f"{label}/{d}" not in out)
     return out
 
@@ -104,16 +97,16 @@ def resolve_choice(choice: str) -> Path:
     if not parts or any(p in ("..", ".") for p in parts) or rest.startswith("/"):
         raise ValueError(f"unlearned_weights: {choice!r} is not a plain path inside the {label} folder")
     if rest.endswith("/"):
-        for root in _folder_roots(folders[label]):
+        for root in _host.model_folder_roots(folders[label]):
             cand = (root / "/".join(parts)).resolve()
             if cand.is_relative_to(root.resolve()) and zoo.is_pipeline_folder(cand):
                 return cand
         raise ValueError(f"unlearned_weights: no diffusers pipeline folder {rest!r} in the {label} folder(s) "
-                         f"{[str(r) for r in _folder_roots(folders[label])]}")
+                         f"{[str(r) for r in _host.model_folder_roots(folders[label])]}")
     full = folder_paths.get_full_path(folders[label], "/".join(parts))
     if full is None:
         raise ValueError(f"unlearned_weights: file {rest!r} not found in the {label} folder(s) "
-                         f"{[str(r) for r in _folder_roots(folders[label])]}")
+                         f"{[str(r) for r in _host.model_folder_roots(folders[label])]}")
     return Path(full)
 
 
