@@ -37,7 +37,7 @@ from memora.fileio import atomic_write  # noqa: E402
 from memora.micro import data, detector, text, world  # noqa: E402
 from memora_build import micro_detector, micro_diffusion as diffusion, micro_text  # noqa: E402
 
-UNET_EMA = 0.99
+UNET_EMA = 0.995
 VAE_KL = 1e-6
 VAE_LOWFREQ = 1.0
 UNET_WARMUP = 30
@@ -290,9 +290,18 @@ def unet_worker(args) -> int:
         if step % 100 == 0 or step == total - 1:
             log(f"  {name} step {step}/{total}: loss {loss:.4f}")
 
+    def snapshot(step, ema):
+        # the EMA weights so far, for looking at a long run while it trains (--snapshots DIR; never shipped)
+        sd = dict(unet.state_dict())
+        names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        sd.update({n: s.clone() for n, s in zip(names, ema.shadow)})
+        Path(args.snapshots).mkdir(parents=True, exist_ok=True)
+        torch.save(sd, Path(args.snapshots) / f"{name}.{step}.pt")
+
     tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"], steps=args.unet_steps,
                              batch=args.unet_batch, lr=args.unet_lr, seed=STAGE_SEEDS["unet"], ema_decay=UNET_EMA,
-                             warmup=UNET_WARMUP, min_snr_gamma=UNET_MIN_SNR, progress=progress)
+                             warmup=UNET_WARMUP, min_snr_gamma=UNET_MIN_SNR, progress=progress, balanced=True,
+                             snapshot=snapshot if args.snapshots else None, snapshot_every=1000)
     torch.save({"state_dict": unet.state_dict(), "log": {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}},
                Path(args.work) / f"{name}.out.pt")
     return 0
@@ -303,8 +312,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=world.WEIGHTS_DIR, help="output folder (default: the shipped one)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the main process (default 2)")
     ap.add_argument("--images-per-concept", type=int, default=1000)
-    ap.add_argument("--vae-steps", type=int, default=400)
-    ap.add_argument("--unet-steps", type=int, default=2000)
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=2e-3)
     ap.add_argument("--esd-steps", type=int, default=60)
@@ -323,6 +332,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reuse", type=Path, default=None,
                     help="take the VAE, text encoder, detector and trained UNets from this earlier build (same "
                          "arguments required) and redo only ESD, the measurements and the files")
+    ap.add_argument("--snapshots", type=Path, default=None,
+                    help="also save the UNets' EMA weights every 1,000 updates here (to watch a long run)")
     ap.add_argument("--unet-worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -422,6 +433,8 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
             cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
                    "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
                    "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads)]
+            if args.snapshots:
+                cmd += ["--snapshots", str(args.snapshots)]
             procs[name] = subprocess.Popen(cmd)
             if args.jobs <= 1:
                 procs[name].wait()
@@ -502,7 +515,7 @@ def recipe(args, built: Built, esd_log) -> dict:
         "unet": {"steps": args.unet_steps, "batch": args.unet_batch, "lr": args.unet_lr,
                  "schedule": f"cosine, {UNET_WARMUP} warm-up", "parallel_jobs": args.jobs,
                  "objective": f"eps MSE with min-SNR-{UNET_MIN_SNR:g} weighting, t uniform 0..999, SD scaled_linear betas",
-                 "caption_dropout": 0.1,
+                 "caption_dropout": 0.1, "batches": "class-balanced",
                  "ema": UNET_EMA, **logs["unet"]},
         "esd": {"method": f"ESD-{args.esd_method}", "steps": args.esd_steps, "batch": 32, "lr": args.esd_lr,
                 "negative_guidance": args.esd_negative_guidance, "sample_steps": 20, "sample_cfg": 3.0,
@@ -538,7 +551,7 @@ def manifest(args, built: Built, esd_log, measured, build_info: dict) -> dict:
         "shared": "clip.safetensors and vae.safetensors are identical for all three variants; the UNets differ",
         "seeds": STAGE_SEEDS,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("out", "reuse", "unet_worker", "work")},
+                 if k not in ("out", "reuse", "unet_worker", "work", "snapshots")},
         "recipe": recipe(args, built, esd_log),
         "measurements": {
             "how": (f"{args.eval_images} images per concept and model, DDIM {args.eval_steps} steps, cfg "
