@@ -88,13 +88,11 @@ def load_detector() -> _det.Detector:
     path = world.weight_path("detector", manifest=manifest)
     key = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
     if key not in _DETECTOR_CACHE:
-        width = int(manifest.get("recipe", {}).get("detector", {}).get("width", 16))
         # built and filled outside inference mode: the executor runs nodes under it, and a module created there
         # holds inference tensors that load_state_dict could not copy into
         with torch.inference_mode(False):
             sd = comfy.utils.load_torch_file(str(path), safe_load=True)
-            det = _det.Detector(width=width)
-            det.load_state_dict({k: v.clone() for k, v in sd.items()})
+            det = _det.from_state_dict({k: v.clone() for k, v in sd.items()})
         _DETECTOR_CACHE.clear()
         _DETECTOR_CACHE[key] = det.eval()
     return _DETECTOR_CACHE[key]

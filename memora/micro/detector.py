@@ -1,10 +1,11 @@
 """The micro world's concept detector: a small CNN that names the shape in a 32 x 32 image (torch only).
 
-Six classes: the five concepts and ``none`` (nothing recognisable). It is trained at build time
-(``memora_build.micro_detector``) on fresh procedural images, with flips and quarter turns (the classes are rotation
-invariant), a random blur and pixel noise (generated images are softer than drawn ones), and VAE round-trips of drawn
-images (what a decoded latent looks like). An image counts as showing a concept when the concept is the detector's top class: the *rate* of a concept
-on a batch is the fraction of images whose top class it is.
+Six classes: the five concepts and ``none`` (nothing recognisable, or a near-shape). It is trained at build time
+(``memora_build.micro_detector``) on fresh procedural images and hard negatives for ``none`` (ellipses, capsules,
+beans, shapes with a part cut away), half of them as VAE round trips, under heavy augmentation (any rotation,
+elongation / squash, scale and position jitter, blur, noise). An image counts as showing a concept when the concept
+is the detector's top class: the *rate* of a concept on a batch is the fraction of images whose top class it is.
+``memora.micro.judge`` gives an independent second opinion from the shape's outline.
 """
 
 from __future__ import annotations
@@ -16,24 +17,54 @@ import torch.nn.functional as F
 
 from .data import DETECTOR_CLASSES, IMAGE_SIZE
 
+WIDTH = 16  # base channel count of the shipped detector
+
 
 class Detector(torch.nn.Module):
-    def __init__(self, n_classes: int = len(DETECTOR_CLASSES), width: int = 16):
+    """Four convolution stages (BatchNorm, ReLU; 32 -> 16 -> 8 -> 4 pixels), then global average and max pooling and
+    one linear layer: about 0.15 M parameters (0.6 MB) at width 16, ~9 M multiply-adds per 32 x 32 image.
+
+    The global pooling makes the head independent of the input size; ``prepare`` still resizes every image to the
+    micro world's 32 x 32, the size it was trained at."""
+
+    def __init__(self, n_classes: int = len(DETECTOR_CLASSES), width: int = WIDTH):
         super().__init__()
-        w = width
+        w = int(width)
+        if w < 1:
+            raise ValueError(f"the detector's width must be a positive whole number, got {width!r}")
+
+        def block(c_in, c_out):
+            return [torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c_out),
+                    torch.nn.ReLU()]
+
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, w, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(w, w, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(w, 2 * w, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(2 * w, 2 * w, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(2 * w, 4 * w, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            *block(3, w), torch.nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), torch.nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), *block(4 * w, 4 * w), torch.nn.MaxPool2d(2),
+            *block(4 * w, 8 * w),
         )
-        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * w * 16, 128), torch.nn.ReLU(),
-                                        torch.nn.Linear(128, n_classes))
+        self.head = torch.nn.Linear(16 * w, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, 32, 32] in -1..1 -> logits [B, n_classes]."""
-        return self.head(self.features(x))
+        f = self.features(x)
+        return self.head(torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=1))
+
+
+def from_state_dict(state_dict: dict) -> Detector:
+    """A detector (in eval mode) holding ``state_dict``; its width and class count are read from the tensors'
+    shapes, so a file is self-describing. A state dict of another network is refused, naming what differs."""
+    first, head = state_dict.get("features.0.weight"), state_dict.get("head.weight")
+    if first is None or head is None or first.dim() != 4 or head.dim() != 2:
+        raise ValueError("not a micro-world detector state dict: expected 'features.0.weight' (a convolution) and "
+                         f"'head.weight' (a linear layer); got keys {sorted(state_dict)[:6]}...")
+    det = Detector(n_classes=int(head.shape[0]), width=int(first.shape[0]))
+    missing, unexpected = det.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the detector state dict does not match the network (width {first.shape[0]}): missing "
+                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}; it was made by another "
+                         "version of memora.micro.detector")
+    return det.eval()
 
 
 def prepare(images: torch.Tensor) -> torch.Tensor:
