@@ -25,17 +25,25 @@ def uce_names(state: dict) -> list[str]:
     return sorted(n for n in state if n.endswith(UCE_TARGETS))
 
 
-def uce_token_sets(contexts: torch.Tensor, uncond: torch.Tensor, erase_idx) -> dict:
+def uce_token_sets(contexts: torch.Tensor, uncond: torch.Tensor, erase_idx, guide: str = "kept_mean") -> dict:
     """UCE's token vectors from the prompts' embeddings (contexts [K, 77, C], uncond [77, C]): erase = each erased
     prompt's vectors from the first position where the prompts differ on (the concept word, the end token and the
-    padding after it: where the concept lives; the shared 'a photo of a' prefix is left alone), guide = the empty
-    prompt's vectors at the same positions, preserve = every position of the kept prompts and of the empty prompt."""
+    padding after it: where the concept lives; the shared 'a photo of a' prefix is left alone), guide = at the same
+    positions either the mean of the kept prompts' vectors (``kept_mean``: "a photo of a shape", a generic shape
+    that is none of the erased ones) or the empty prompt's (``empty``: the unconditional model, which still draws
+    the erased concept at its prior rate); preserve = every position of the kept prompts and of the empty prompt."""
     erase_idx = [int(i) for i in erase_idx]
     differs = (contexts != contexts[:1]).any(dim=-1).any(dim=0)  # [77]
     first = int(differs.nonzero()[0]) if differs.any() else 0
     kept = [i for i in range(contexts.shape[0]) if i not in erase_idx]
+    if guide == "kept_mean":
+        target = contexts[kept, first:].mean(0)
+    elif guide == "empty":
+        target = uncond[first:]
+    else:
+        raise ValueError(f"UCE guide must be 'kept_mean' or 'empty', got {guide!r}")
     return {"erase": torch.cat([contexts[i, first:] for i in erase_idx]),
-            "guide": uncond[first:].repeat(len(erase_idx), 1),
+            "guide": target.repeat(len(erase_idx), 1),
             "preserve": torch.cat([contexts[kept].reshape(-1, contexts.shape[-1]), uncond]),
             "first_position": first}
 
@@ -84,3 +92,37 @@ def partial_state(unet: torch.nn.Module, names) -> dict:
 def changed_names(before: dict, after: dict) -> list[str]:
     """Names whose tensors differ between two state dicts of the same network."""
     return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+# -- the shipped variants of the original -------------------------------------------------------------------------
+#: how each variant of the original is made (scripts/build_micro_world.py; --recipe NAME.KEY=VALUE overrides)
+VARIANT_RECIPES = {
+    "esd_x": {"method": "esd", "train": "x", "erase": ("star",), "steps": 60, "lr": 1e-3, "negative_guidance": 1.0,
+              "preserve_weight": 0.0, "seed": 6},
+    "esd_u": {"method": "esd", "train": "u", "erase": ("star",), "steps": 60, "lr": 2e-4, "negative_guidance": 1.0,
+              "preserve_weight": 0.0, "seed": 6},
+    "uce": {"method": "uce", "erase": ("star",), "guide": "kept_mean", "lam": 0.1, "preserve_weight": 1.0},
+    "esd_u_deep": {"method": "esd", "train": "u", "erase": ("star",), "steps": 300, "lr": 2e-4,
+                   "negative_guidance": 2.0, "preserve_weight": 1.0, "seed": 6},
+    "esd_x_star_cross": {"method": "esd", "train": "x", "erase": ("star", "cross"), "steps": 120, "lr": 1e-3,
+                         "negative_guidance": 1.0, "preserve_weight": 0.0, "seed": 6},
+}
+
+PAPERS = {
+    "esd": "Gandikota, Materzynska, Fiotto-Kaufman, Bau: Erasing Concepts from Diffusion Models (ICCV 2023)",
+    "uce": "Gandikota, Orgad, Belinkov, Materzynska, Bau: Unified Concept Editing in Diffusion Models (WACV 2024)",
+}
+
+
+def override(recipes: dict, items) -> dict:
+    """Recipes with ``NAME.KEY=VALUE`` overrides (the value parsed as the default's type)."""
+    out = {k: dict(v) for k, v in recipes.items()}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        name, dot, field_ = key.partition(".")
+        if not sep or not dot or name not in out or field_ not in out[name]:
+            raise ValueError(f"--recipe {item!r}: expected NAME.KEY=VALUE with NAME one of {sorted(out)} and KEY one "
+                             f"of that recipe's keys")
+        old = out[name][field_]
+        out[name][field_] = (tuple(value.split(",")) if isinstance(old, tuple) else type(old)(value))
+    return out
