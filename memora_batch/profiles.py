@@ -26,6 +26,8 @@ TITLE = object()  # placeholder in a swap's inputs: the swapped node's own title
 TEXT_INPUTS = ("value", "text", "string", "prompt")
 #: micro-world demo: images per evaluation (the detector rate is a share of these)
 MICRO_EVAL_IMAGES = 32
+#: the micro-world variant each model role of a workflow gets (roles not listed: the variant of the same name)
+MICRO_VARIANTS = {"unlearned": "esd_x"}
 
 
 @dataclass
@@ -83,10 +85,12 @@ def micro_world_profile() -> ModelProfile:
     # Empty Latent Image divides by 8 (SD's VAE); the micro VAE is 4x, so its 8 x 8 latents come from 64 x 64
     size = int(manifest.get("empty_latent_size") or world.EMPTY_LATENT_SIZE)
     prof = ModelProfile(description=f"built-in micro world: tiny SD1.x-family models trained on procedural shapes, "
-                                    f"shipped with the pack; concept {concept!r} erased ESD-style",
+                                    f"shipped with the pack; concept {concept!r} erased by ESD-x "
+                                    f"(variant {MICRO_VARIANTS['unlearned']!r})",
                         source="--models micro")
-    for variant, title in MODEL_TITLES.items():
-        prof.swaps[title] = (NODE_MICRO_WORLD, {"variant": variant})
+    for role, title in MODEL_TITLES.items():
+        # the workflows' "unlearned model" is the micro world's ESD-x variant (its default)
+        prof.swaps[title] = (NODE_MICRO_WORLD, {"variant": MICRO_VARIANTS.get(role, role)})
     prof.swaps[TITLE_CONCEPT_SCORE + "*"] = (NODE_MICRO_DETECTOR, {"concept": concept, "title": TITLE})
     for title in (TITLE_SEED_IMAGE_SIZE, TITLE_EVALUATION_IMAGE_SIZE):
         prof.defaults[f"{title}.width"] = size
