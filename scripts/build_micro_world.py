@@ -39,12 +39,13 @@ from memora.fileio import atomic_write  # noqa: E402
 from memora.micro import data, detector, text, world  # noqa: E402
 from memora_build import micro_detector, micro_diffusion as diffusion, micro_erasure as erasure, micro_text  # noqa: E402
 
-UNET_EMA = 0.995
+UNET_EMA = 0.99
+FINETUNE_EMA = 0.995
 VAE_KL = 1e-6
 VAE_LOWFREQ = 1.0
 UNET_WARMUP = 30
 UNET_MIN_SNR = 5.0
-STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "eval": 7}
+STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "finetune": 8, "eval": 7}
 #: the scoring convention of every rate the build reports (memora.evaluation.stats.rate_record)
 CONVENTION = "micro detector top-1"
 
@@ -248,7 +249,9 @@ class Built:
     variants: dict = field(default_factory=dict)  # name -> (stored tensors, log) for the variants of the original
 
 
-REUSABLE_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "erase")
+PHASE1_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "erase")
+REUSABLE_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "finetune_steps", "finetune_lr",
+                 "erase")
 
 
 def _load_record(prev_dir: Path, prev: dict, name: str) -> dict:
@@ -302,7 +305,10 @@ def reuse_build(args, comfy_path, timer) -> Built:
 
 
 def unet_worker(args) -> int:
-    """Train one UNet (``--unet-worker NAME``) from the inputs the main process saved in ``--work``."""
+    """Train one UNet (``--unet-worker NAME``) from the inputs the main process saved in ``--work``: phase 1 (the
+    first micro world's recipe: uniform batches, --unet-steps) unless its result came with the inputs (``init``:
+    --reuse-phase1), then phase 2 (class-balanced batches, --finetune-steps, a fresh cosine schedule from
+    --finetune-lr, a slower EMA) from phase 1's EMA weights."""
     torch.set_num_threads(max(1, args.threads))
     boot_comfy()
     use_fast_attention()
@@ -322,12 +328,22 @@ def unet_worker(args) -> int:
         Path(args.snapshots).mkdir(parents=True, exist_ok=True)
         torch.save(sd, Path(args.snapshots) / f"{name}.{step}.pt")
 
-    tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"], steps=args.unet_steps,
-                             batch=args.unet_batch, lr=args.unet_lr, seed=STAGE_SEEDS["unet"], ema_decay=UNET_EMA,
-                             warmup=UNET_WARMUP, min_snr_gamma=UNET_MIN_SNR, progress=progress, balanced=True,
-                             snapshot=snapshot if args.snapshots else None, snapshot_every=1000)
-    torch.save({"state_dict": unet.state_dict(), "log": {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}},
-               Path(args.work) / f"{name}.out.pt")
+    common = dict(min_snr_gamma=UNET_MIN_SNR, progress=progress, warmup=UNET_WARMUP, batch=args.unet_batch)
+    logs = {}
+    if inp.get("init") is not None:
+        unet.load_state_dict(inp["init"])
+        logs["phase1"] = "reused (--reuse-phase1)"
+    else:
+        tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"], steps=args.unet_steps,
+                                 lr=args.unet_lr, seed=STAGE_SEEDS["unet"], ema_decay=UNET_EMA, **common)
+        logs["phase1"] = {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}
+    if args.finetune_steps > 0:
+        tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"],
+                                 steps=args.finetune_steps, lr=args.finetune_lr, seed=STAGE_SEEDS["finetune"],
+                                 ema_decay=FINETUNE_EMA, balanced=True, snapshot=snapshot if args.snapshots else None,
+                                 snapshot_every=500, **common)
+        logs["phase2"] = {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}
+    torch.save({"state_dict": unet.state_dict(), "log": logs}, Path(args.work) / f"{name}.out.pt")
     return 0
 
 
@@ -336,10 +352,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=world.WEIGHTS_DIR, help="output folder (default: the shipped one)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the main process (default 2)")
     ap.add_argument("--images-per-concept", type=int, default=1000)
-    ap.add_argument("--vae-steps", type=int, default=600)
-    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--vae-steps", type=int, default=400)
+    ap.add_argument("--unet-steps", type=int, default=2000, help="UNet phase 1 updates (uniform batches)")
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=2e-3)
+    ap.add_argument("--finetune-steps", type=int, default=1500, help="UNet phase 2 updates (class-balanced batches)")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--reuse-phase1", type=Path, default=None, metavar="DIR",
+                    help="take the VAE, text encoder and phase-1 UNets from this earlier build (same arguments) and "
+                         "train the detector, phase 2 and the rest")
     ap.add_argument("--detector-eval-images", type=int, default=500,
                     help="held-out procedural images per class for the detector's accuracy table")
     ap.add_argument("--eval-images", type=int, default=128, help="images per concept and model for the measurements")
@@ -359,6 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "arguments required) and redo only the variants, the measurements and the files")
     ap.add_argument("--snapshots", type=Path, default=None,
                     help="also save the UNets' EMA weights every 1,000 updates here (to watch a long run)")
+    ap.add_argument("--tables", type=Path, default=None, metavar="DIR",
+                    help="print the markdown tables of docs/micro-world.md from DIR's manifest, and exit")
     ap.add_argument("--unet-worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -431,7 +454,8 @@ def detector_stage(args, vae):
     return det, det_log
 
 
-def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: torch.Tensor, meanwhile=None):
+def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: torch.Tensor, meanwhile=None,
+                phase1: dict | None = None):
     """Stage 5: the original UNet (every concept) and the never-learned one (all but the erased concept), trained in
     worker processes (``--unet-worker``), in parallel with --jobs 2 (one thread each). ``meanwhile()`` (the detector
     stage) runs in this process while they train; its result is returned too."""
@@ -441,11 +465,12 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
     with tempfile.TemporaryDirectory(prefix="memora-micro-build-") as work:
         procs = {}
         for name, keep in jobs.items():
-            torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond},
-                       Path(work) / f"{name}.in.pt")
+            torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond,
+                        "init": (phase1 or {}).get(name)}, Path(work) / f"{name}.in.pt")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
                    "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
-                   "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads)]
+                   "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads),
+                   "--finetune-steps", str(args.finetune_steps), "--finetune-lr", str(args.finetune_lr)]
             if args.snapshots:
                 cmd += ["--snapshots", str(args.snapshots)]
             procs[name] = subprocess.Popen(cmd)
@@ -464,14 +489,50 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
     return unets, unet_logs, side
 
 
+def phase1_from(args, comfy_path, x_all):
+    """--reuse-phase1 DIR: the VAE, text encoder and phase-1 UNets of an earlier build made with the same arguments
+    (every file checked against its manifest's sha256)."""
+    prev_dir = Path(args.reuse_phase1)
+    prev = world.load_manifest(prev_dir)
+    for k in PHASE1_ARGS:
+        if prev["args"].get(k) != getattr(args, k):
+            raise SystemExit(f"--reuse-phase1 {prev_dir}: it was built with {k}={prev['args'].get(k)!r}, this run "
+                             f"has {getattr(args, k)!r}")
+    if prev["args"].get("finetune_steps", 0):
+        raise SystemExit(f"--reuse-phase1 {prev_dir}: its UNets already had phase 2; give a build without it")
+    vae = make_vae(STAGE_SEEDS["vae"])
+    vae.load_state_dict(_load_record(prev_dir, prev, "vae"))
+    vae.eval()
+    tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
+    prefix = "cond_stage_model.transformer."
+    clip = text.load_text_model({k[len(prefix):]: v for k, v in _load_record(prev_dir, prev, "clip").items()})
+    ctx = text.encode(clip, tok, [data.caption(c) for c in data.CONCEPTS] + [""])
+    phase1 = {name: _load_record(prev_dir, prev, name) for name in ("original", "never_learned")}
+    recipe_ = prev["recipe"]
+    logs = {"vae": {k: v for k, v in recipe_["vae"].items() if k not in ("steps", "batch", "lr", "loss")},
+            "clip": {k: v for k, v in recipe_["text_encoder"].items() if k not in ("init", "pretraining")},
+            "phase1": {"from": str(prev_dir), "stage_seconds": prev["build"].get("stage_seconds"),
+                       "unet": {n: recipe_["unet"].get(n) for n in ("original", "never_learned")}}}
+    log(f"phase 1 (VAE, text encoder, UNets) from {prev_dir}")
+    return vae, encode_means(vae, x_all), clip, ctx, phase1, logs
+
+
 def train_stages(args, comfy_path, x_all, labels, none_imgs, timer: Timer) -> Built:
-    """Stages 2-5 from scratch: VAE, text encoder, then the two UNets in worker processes while this one trains the
-    detector (its seconds are recorded separately: 'unets' is the wall time of the two stages together)."""
-    vae, z, vae_log = vae_stage(args, x_all, none_imgs)
-    timer.done("vae")
-    clip, ctx, clip_log = text_stage(comfy_path)
+    """Stages 2-5: VAE, text encoder (or, with --reuse-phase1, those and the phase-1 UNets of an earlier build),
+    then the two UNets in worker processes while this one trains the detector (its seconds are recorded separately:
+    'unets' is the wall time of the two stages together)."""
+    phase1 = None
+    if args.reuse_phase1:
+        vae, z, clip, ctx, phase1, p1_logs = phase1_from(args, comfy_path, x_all)
+        vae_log, clip_log = p1_logs["vae"], p1_logs["clip"]
+        timer.done("phase1 reused")
+    else:
+        vae, z, vae_log = vae_stage(args, x_all, none_imgs)
+        timer.done("vae")
+        clip, ctx, clip_log = text_stage(comfy_path)
+        timer.done("clip")
+        p1_logs = None
     contexts, uncond = ctx[:-1], ctx[-1]
-    timer.done("clip")
     t_det = {}
 
     def detector_meanwhile():
@@ -480,9 +541,12 @@ def train_stages(args, comfy_path, x_all, labels, none_imgs, timer: Timer) -> Bu
         t_det["seconds"] = round(time.perf_counter() - t0, 1)
         return out
 
-    unets, unet_logs, (det, det_log) = unets_stage(args, z, labels, contexts, uncond, meanwhile=detector_meanwhile)
+    unets, unet_logs, (det, det_log) = unets_stage(args, z, labels, contexts, uncond, meanwhile=detector_meanwhile,
+                                                   phase1=phase1)
     timer.done("unets")
     timer.seconds["detector (during unets)"] = t_det["seconds"]
+    if p1_logs:
+        unet_logs["phase1_reused"] = p1_logs["phase1"]
     return Built(vae, clip, contexts, uncond, det, unets,
                  {"vae": vae_log, "clip": clip_log, "detector": det_log, "unet": unet_logs})
 
@@ -642,11 +706,14 @@ def recipe(args, built: Built) -> dict:
         "dataset": f"{args.images_per_concept} images per concept (never_learned: the same minus '{erase}')",
         "vae": {"steps": args.vae_steps, "batch": 16, "lr": 2e-3,
                 "loss": f"L1 + MSE + {VAE_LOWFREQ} x MSE of 8x8 averages + {VAE_KL} KL", **logs["vae"]},
-        "unet": {"steps": args.unet_steps, "batch": args.unet_batch, "lr": args.unet_lr,
-                 "schedule": f"cosine, {UNET_WARMUP} warm-up", "parallel_jobs": args.jobs,
+        "unet": {"phase1": {"steps": args.unet_steps, "lr": args.unet_lr, "batches": "uniform", "ema": UNET_EMA,
+                            "seed": STAGE_SEEDS["unet"]},
+                 "phase2": {"steps": args.finetune_steps, "lr": args.finetune_lr, "batches": "class-balanced",
+                            "ema": FINETUNE_EMA, "seed": STAGE_SEEDS["finetune"], "init": "phase 1's EMA weights"},
+                 "batch": args.unet_batch, "schedule": f"cosine, {UNET_WARMUP} warm-up (each phase)",
+                 "parallel_jobs": args.jobs,
                  "objective": f"eps MSE with min-SNR-{UNET_MIN_SNR:g} weighting, t uniform 0..999, SD scaled_linear betas",
-                 "caption_dropout": 0.1, "batches": "class-balanced",
-                 "ema": UNET_EMA, **logs["unet"]},
+                 "caption_dropout": 0.1, **logs["unet"]},
         "variants": {name: vlog for name, (_, vlog) in built.variants.items()},
         "detector": logs["detector"],
         "text_encoder": {"init": "transformers' CLIPTextModel initialisation, seeded",
@@ -680,7 +747,7 @@ def manifest(args, built: Built, results: dict, files: dict, build_info: dict) -
                   "its own file's tensors put over it",
         "seeds": STAGE_SEEDS,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("out", "reuse", "unet_worker", "work", "snapshots")},
+                 if k not in ("out", "reuse", "reuse_phase1", "unet_worker", "work", "snapshots")},
         "recipe": recipe(args, built),
         "measurements": {
             "how": (f"{args.eval_images} images per concept and model, DDIM {args.eval_steps} steps, cfg "
@@ -696,10 +763,56 @@ def manifest(args, built: Built, results: dict, files: dict, build_info: dict) -
     }
 
 
+def markdown_tables(m: dict) -> str:
+    """docs/micro-world.md's tables from a manifest: rates per model and concept (with the Wilson intervals), the
+    targets, the detector's accuracy and confusion matrix, the detector/judge agreement and the stage times."""
+    concepts, rates = m["concepts"], m["measurements"]["rates"]
+    n = next(iter(next(iter(rates.values())).values()))["n"]
+    lines = ["| model (erased) | " + " | ".join(concepts) + " | targets met |", "|---|" + "---|" * (len(concepts) + 1)]
+    per = m["measurements"]["targets"]["per_variant"]
+    for name, r in rates.items():
+        erased = m["variants"][name]["erased"]
+        cells = []
+        for c in concepts:
+            cell = f"{r[c]['rate']:.2f} ({r[c]['ci_low']:.2f}-{r[c]['ci_high']:.2f})"
+            cells.append(f"**{cell}**" if c in erased else cell)
+        met = "-" if name == "original" else ("yes" if per[name]["met"] else "no")
+        lines.append(f"| {name} ({', '.join(erased) or 'none'}) | " + " | ".join(cells) + f" | {met} |")
+    lines += ["", f"n = {n} images per model and concept; {m['measurements']['how']}.", "",
+              "| variant | kept concept / original |", "|---|---|"]
+    for name, t in per.items():
+        lines.append(f"| {name} | " + ", ".join(f"{c} {v:.2f}" if v is not None else f"{c} n/a"
+                                                   for c, v in t["kept_over_original"].items()) + " |")
+    ev = m["recipe"]["detector"].get("evaluation")
+    if ev:
+        classes = ev["classes"]
+        lines += ["", f"Detector on held-out procedural images ({ev['n_per_class']} per class: {ev['images_per_class']} "
+                      f"drawn + their VAE round trips; seed {ev['seed']}):", "",
+                  "| true \\ called | " + " | ".join(classes) + " | accuracy |", "|---|" + "---|" * (len(classes) + 1)]
+        for c, row in zip(classes, ev["confusion"]):
+            lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + f" | {ev['per_class'][c]:.3f} |")
+        if "hard_negatives" in ev:
+            h = ev["hard_negatives"]
+            lines += ["", f"Hard negatives (near-shapes, n = {h['n']}) called none: {h['none_rate']:.3f}; per kind: "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in h["per_kind"].items())]
+    agree = m["measurements"].get("detector_judge_agreement")
+    if agree:
+        lines += ["", "| model | detector and judge agree |", "|---|---|"]
+        lines += [f"| {k} | {v['rate']:.3f} ({v['ci_low']:.3f}-{v['ci_high']:.3f}, n = {v['n']}) |"
+                  for k, v in agree.items()]
+    b = m["build"]
+    lines += ["", f"Build: {b['seconds']:.0f} s wall ({b['threads']} thread(s) in the main process); stages (s): "
+                  + ", ".join(f"{k} {v}" for k, v in b["stage_seconds"].items())]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.unet_worker:
         return unet_worker(args)
+    if args.tables:
+        print(markdown_tables(world.load_manifest(args.tables)))
+        return 0
     if args.retrain_detector and not args.reuse:
         raise SystemExit("--retrain-detector goes with --reuse (a full build trains the detector anyway)")
     t_all, cpu_all = time.perf_counter(), time.process_time()
