@@ -32,7 +32,7 @@ NONE_INDEX = DETECTOR_CLASSES.index(NONE)
 HARD_NEGATIVE_KINDS: tuple[str, ...] = ("ellipse", "capsule", "bean", "partial_circle", "partial_star",
                                         "partial_cross")
 EVAL_SEED = 424_242  # default seed of the held-out images; training draws from 10 * seed + 1 and 10 * seed + 2
-DEFAULTS = {"steps": 2400, "batch": 128, "lr": 4e-3, "width": WIDTH, "images_per_class": 1200,
+DEFAULTS = {"steps": 1500, "batch": 128, "lr": 4e-3, "width": WIDTH, "images_per_class": 1200,
             "hard_negatives": 1200, "round_trip_share": 0.5}
 
 VaeLike = Union[None, Callable[[torch.Tensor], torch.Tensor], torch.nn.Module]
@@ -235,7 +235,7 @@ def train_detector(vae: VaeLike, seed: int, *, steps: int = DEFAULTS["steps"], b
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            losses.append([step, round(float(loss), 4)])
+            losses.append([step, round(float(loss.detach()), 4)])
             if progress is not None:
                 progress(step, steps, float(loss))
     det.eval()

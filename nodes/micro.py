@@ -10,7 +10,9 @@ import torch
 from comfy_api.latest import io
 
 from memora.micro import data, world
+from memora.evaluation.stats import format_rate, rate_record
 from memora.micro import detector as _det
+from memora.micro import judge as _judge
 from . import _host, _micro_host, _schema
 
 
@@ -83,11 +85,12 @@ class MemoRaMicroDetector(_schema.MemoRaNode):
     def execute(cls, images, concept, title) -> io.NodeOutput:
         data.check_concept(concept)
         x = _det.prepare(images)
-        det = load_detector()
-        probs = _det.probabilities(det, x)
-        rates = _det.rates(probs)
-        table, report = score_table(probs, rates, concept, title)
-        return io.NodeOutput(rates[concept], report, ui=_host.publish_scores([table]))
+        probs = _det.probabilities(load_detector(), x)
+        # the judge sees exactly what the detector saw (the same 32 x 32 resize)
+        judged = _judge.judge_batch(((x + 1) / 2).permute(0, 2, 3, 1).numpy())
+        tables, report = score_tables(probs, judged, concept, title)
+        rate = next(r[1] for r in tables[0]["rows"] if r[0] == concept)
+        return io.NodeOutput(rate, report, ui=_host.publish_scores(tables))
 
 
 _DETECTOR_CACHE: dict = {}
@@ -111,16 +114,44 @@ def load_detector() -> _det.Detector:
     return _DETECTOR_CACHE[key]
 
 
-def score_table(probs: torch.Tensor, rates: dict, concept: str, title: str) -> tuple[dict, str]:
+CONVENTION = "micro-top1"
+AGREEMENT_CONVENTION = "micro-top1-vs-judge"
+COLUMNS = ["concept", "rate", "n", "ci_low", "ci_high", "convention", "judge_rate", "judge_ci_low",
+           "judge_ci_high", "agreement", "mean probability"]
+
+
+def score_tables(probs: torch.Tensor, judged: list, concept: str, title: str) -> tuple[list, str]:
+    """The per-class table (one row per class: the detector's rate with its Wilson interval, the judge's rate and
+    interval, and the share of images on which both agree whether the image shows that class), a one-row table of
+    the overall detector-judge agreement (same label), and the text report."""
+    classes = data.DETECTOR_CLASSES
+    top = [classes[i] for i in probs.argmax(-1).tolist()]
+    n = len(top)
     mean_p = probs.mean(0).tolist()
-    rows = [[c, round(rates[c], 4), round(mean_p[i], 4)] for i, c in enumerate(data.DETECTOR_CLASSES)]
-    table = {"title": str(title), "columns": ["concept", "rate", "mean probability"], "rows": rows}
-    top = [data.DETECTOR_CLASSES[i] for i in probs.argmax(-1).tolist()]
-    lines = [f"{title}: {probs.shape[0]} images; rate of '{concept}' = {rates[concept]:.3f}",
-             "concept      rate   mean p"]
-    lines += [f"{r[0]:<10} {r[1]:>6.3f} {r[2]:>8.3f}" for r in rows]
-    lines.append("top class per image: " + ", ".join(top))
-    return table, "\n".join(lines)
+    rows, records = [], {}
+    for i, c in enumerate(classes):
+        records[c] = det_rec = rate_record(sum(t == c for t in top), n, CONVENTION)
+        jud_rec = rate_record(sum(j == c for j in judged), n, "micro-judge")
+        agree = sum((t == c) == (j == c) for t, j in zip(top, judged)) / n
+        rows.append([c, det_rec["rate"], n, round(det_rec["ci_low"], 4), round(det_rec["ci_high"], 4), CONVENTION,
+                     jud_rec["rate"], round(jud_rec["ci_low"], 4), round(jud_rec["ci_high"], 4), agree,
+                     round(mean_p[i], 4)])
+    agr = _judge.agreement(top, judged)
+    agr_rec = rate_record(agr["k"], n, AGREEMENT_CONVENTION)
+    table = {"title": str(title), "columns": list(COLUMNS), "rows": rows}
+    summary = {"title": f"{title}: detector vs judge",
+               "columns": ["agreement", "agreement_ci_low", "agreement_ci_high", "n_images", "convention"],
+               "rows": [[agr_rec["rate"], round(agr_rec["ci_low"], 4), round(agr_rec["ci_high"], 4), n,
+                         AGREEMENT_CONVENTION]]}
+    lines = [f"{title}: {n} images; rate of '{concept}' = {format_rate(records[concept])}",
+             f"judge (geometric, no learned weights): rate of '{concept}' = {rows[classes.index(concept)][6]:.3f}; "
+             "detector and judge give "
+             f"the same label on {format_rate(agr_rec)}",
+             "concept      rate  95% CI         judge  agreement  mean p"]
+    lines += [f"{r[0]:<10} {r[1]:>6.3f}  {r[3]:.3f}-{r[4]:.3f}  {r[6]:>6.3f}  {r[9]:>9.3f}  {r[10]:>6.3f}" for r in rows]
+    lines.append("top class per image (detector/judge): " + ", ".join(
+        t if t == j else f"{t}/{j}" for t, j in zip(top, judged)))
+    return [table, summary], "\n".join(lines)
 
 
 NODES = [MemoRaLoadMicroWorld, MemoRaMicroDetector]
