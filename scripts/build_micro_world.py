@@ -47,7 +47,7 @@ UNET_WARMUP = 30
 UNET_MIN_SNR = 5.0
 STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "finetune": 8, "eval": 7}
 #: the scoring convention of every rate the build reports (memora.evaluation.stats.rate_record)
-CONVENTION = "micro detector top-1"
+CONVENTION = "micro-top1"
 
 
 def log(msg: str):
@@ -212,7 +212,7 @@ def evaluate(unet, vae, det, contexts, uncond, *, n: int, seed: int, cfg: float,
         samples[concept] = to_uint8(imgs[:8])
         entry = {"detector": [data.DETECTOR_CLASSES[i] for i in top.tolist()]}
         if judge is not None:
-            entry["judge"] = list(judge(imgs))
+            entry["judge"] = list(judge(to_uint8(imgs)))
         labels[concept] = entry
     return {"counts": counts, "n": n, "samples": samples, "labels": labels}
 
@@ -588,7 +588,7 @@ def measure(args, built: Built):
     for name in world.VARIANTS:
         results[name] = evaluate(built.unets[name], built.vae, built.det, built.contexts, built.uncond,
                                  n=args.eval_images, seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg,
-                                 steps=args.eval_steps, judge=judge.judge if judge else None)
+                                 steps=args.eval_steps, judge=judge.judge_batch if judge else None)
         log(f"  {name}: " + ", ".join(f"{c} {k / args.eval_images:.2f}" for c, k in results[name]["counts"].items()))
     return results
 
