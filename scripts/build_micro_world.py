@@ -250,7 +250,7 @@ class Built:
 
 
 PHASE1_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "erase")
-REUSABLE_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "finetune_steps", "finetune_lr",
+REUSABLE_ARGS = ("finetune_models", "images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "finetune_steps", "finetune_lr",
                  "erase")
 
 
@@ -337,7 +337,7 @@ def unet_worker(args) -> int:
         tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"], steps=args.unet_steps,
                                  lr=args.unet_lr, seed=STAGE_SEEDS["unet"], ema_decay=UNET_EMA, **common)
         logs["phase1"] = {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}
-    if args.finetune_steps > 0:
+    if args.finetune_steps > 0 and name in args.finetune_models.split(","):
         tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"],
                                  steps=args.finetune_steps, lr=args.finetune_lr, seed=STAGE_SEEDS["finetune"],
                                  ema_decay=FINETUNE_EMA, balanced=True, snapshot=snapshot if args.snapshots else None,
@@ -358,6 +358,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unet-lr", type=float, default=2e-3)
     ap.add_argument("--finetune-steps", type=int, default=1500, help="UNet phase 2 updates (class-balanced batches)")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-models", default="original,never_learned",
+                    help="the UNets that get phase 2 (comma-separated; the others stay at phase 1)")
+    ap.add_argument("--detector-from", type=Path, default=None, metavar="FILE",
+                    help="take the detector from this safetensors file instead of training it (recorded with its "
+                         "sha256 in the manifest)")
     ap.add_argument("--reuse-phase1", type=Path, default=None, metavar="DIR",
                     help="take the VAE, text encoder and phase-1 UNets from this earlier build (same arguments) and "
                          "train the detector, phase 2 and the rest")
@@ -443,9 +448,17 @@ def detector_stage(args, vae):
     """Stage 4: the concept detector (memora_build.micro_detector: drawn images, hard negatives and VAE round trips),
     and its accuracy table and confusion matrix on held-out procedural images (drawn and round trips)."""
     det_log: dict = {}
-    sd = micro_detector.train_detector(
-        vae, STAGE_SEEDS["detector"], log=det_log,
-        progress=lambda s, t, loss: (s % 400 == 0) and log(f"  detector step {s}/{t}: loss {loss:.4f}"))
+    if args.detector_from:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(args.detector_from))
+        det_log.update({"from": str(args.detector_from), "sha256": world.sha256_file(Path(args.detector_from)),
+                        "made_by": "memora_build.micro_detector.train_detector (helper 18b's run on this VAE), not "
+                                   "retrained by this build"})
+    else:
+        sd = micro_detector.train_detector(
+            vae, STAGE_SEEDS["detector"], log=det_log,
+            progress=lambda s, t, loss: (s % 400 == 0) and log(f"  detector step {s}/{t}: loss {loss:.4f}"))
     det = detector.from_state_dict(sd)
     det_log["evaluation"] = micro_detector.evaluate_detector(det, images_per_class=args.detector_eval_images,
                                                              vae=vae)
@@ -470,7 +483,8 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
             cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
                    "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
                    "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads),
-                   "--finetune-steps", str(args.finetune_steps), "--finetune-lr", str(args.finetune_lr)]
+                   "--finetune-steps", str(args.finetune_steps), "--finetune-lr", str(args.finetune_lr),
+                   "--finetune-models", args.finetune_models]
             if args.snapshots:
                 cmd += ["--snapshots", str(args.snapshots)]
             procs[name] = subprocess.Popen(cmd)
@@ -580,17 +594,34 @@ def variants_stage(args, built: Built, timer: Timer):
         timer.done(name)
 
 
+_MEASURE: dict = {}  # what the forked measurement workers read (set by measure() before forking)
+
+
+def _measure_one(name: str):
+    args, built, judge = _MEASURE["args"], _MEASURE["built"], _MEASURE["judge"]
+    torch.set_num_threads(1)
+    r = evaluate(built.unets[name], built.vae, built.det, built.contexts, built.uncond, n=args.eval_images,
+                 seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg, steps=args.eval_steps,
+                 judge=judge.judge_batch if judge else None)
+    log(f"  {name}: " + ", ".join(f"{c} {k / args.eval_images:.2f}" for c, k in r["counts"].items()))
+    return name, r
+
+
 def measure(args, built: Built):
     """Stage 7: every model's detection counts per concept (with the judge's labels when memora.micro.judge is
-    there) and the contact sheet's samples."""
-    judge = _judge_module()
-    results = {}
-    for name in world.VARIANTS:
-        results[name] = evaluate(built.unets[name], built.vae, built.det, built.contexts, built.uncond,
-                                 n=args.eval_images, seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg,
-                                 steps=args.eval_steps, judge=judge.judge_batch if judge else None)
-        log(f"  {name}: " + ", ".join(f"{c} {k / args.eval_images:.2f}" for c, k in results[name]["counts"].items()))
-    return results
+    there) and the contact sheet's samples; the models are shared out over --jobs forked worker processes of one
+    thread each (the same numbers as one process: each model's sampling is seeded on its own)."""
+    _MEASURE.update(args=args, built=built, judge=_judge_module())
+    names = list(world.VARIANTS)
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
+            done = dict(ex.map(_measure_one, names))
+    else:
+        done = dict(map(_measure_one, names))
+    return {name: done[name] for name in names}
 
 
 def _judge_module():
