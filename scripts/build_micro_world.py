@@ -289,7 +289,7 @@ def reuse_build(args, comfy_path, timer) -> Built:
             "unet": {n: recipe_["unet"][n] for n in ("original", "never_learned")}}
     stages = ["vae", "clip", "unets"]
     timer.t0 = time.perf_counter()
-    if args.retrain_detector:
+    if args.retrain_detector or args.detector_from:
         det, det_log = detector_stage(args, vae)
         timer.done("detector")
     else:
@@ -376,6 +376,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="change one setting of a variant's recipe (memora_build/micro_erasure.py VARIANT_RECIPES), "
                          "e.g. esd_u.steps=120; repeatable")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="with --reuse: take the variants' files too, and redo only the measurements and the files")
     ap.add_argument("--retrain-detector", action="store_true",
                     help="with --reuse: train the detector again instead of reusing the earlier build's")
     ap.add_argument("--jobs", type=int, default=2,
@@ -592,6 +594,23 @@ def variants_stage(args, built: Built, timer: Timer):
                                                     for k, v in rec.items()},
                                          "paper": erasure.PAPERS[rec["method"]], **vlog})
         timer.done(name)
+
+
+def reuse_variants(args, built: Built, timer: Timer):
+    """--measure-only: the variants' files of the --reuse build (sha256-checked) instead of making them again."""
+    from safetensors.torch import load_file
+
+    prev_dir = Path(args.reuse)
+    prev = world.load_manifest(prev_dir)
+    for name, vlog in prev["recipe"]["variants"].items():
+        stored = load_file(str(world.weight_path(name, prev_dir, prev)))
+        unet = copy.deepcopy(built.unets["original"])
+        unet.load_state_dict({**unet.state_dict(), **stored})
+        built.unets[name] = unet.eval()
+        built.variants[name] = (stored, vlog)
+    timer.seconds.update({k: v for k, v in prev["build"]["stage_seconds"].items() if k in prev["recipe"]["variants"]})
+    built.reused["stages"] += list(prev["recipe"]["variants"])
+    log(f"reused the variants of {prev_dir}: {', '.join(prev['recipe']['variants'])}")
 
 
 _MEASURE: dict = {}  # what the forked measurement workers read (set by measure() before forking)
@@ -844,8 +863,8 @@ def main(argv=None) -> int:
     if args.tables:
         print(markdown_tables(world.load_manifest(args.tables)))
         return 0
-    if args.retrain_detector and not args.reuse:
-        raise SystemExit("--retrain-detector goes with --reuse (a full build trains the detector anyway)")
+    if (args.retrain_detector or args.measure_only) and not args.reuse:
+        raise SystemExit("--retrain-detector and --measure-only go with --reuse")
     t_all, cpu_all = time.perf_counter(), time.process_time()
     torch.set_num_threads(max(1, args.threads))
     comfy_path = boot_comfy()
@@ -860,7 +879,10 @@ def main(argv=None) -> int:
     else:
         built = train_stages(args, comfy_path, x_all, labels, none_imgs, timer)
     timer.t0 = time.perf_counter()
-    variants_stage(args, built, timer)
+    if args.measure_only:
+        reuse_variants(args, built, timer)
+    else:
+        variants_stage(args, built, timer)
     results = measure(args, built)
     timer.done("evaluation")
     out = Path(args.out)
