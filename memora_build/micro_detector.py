@@ -4,7 +4,8 @@ Two entry points, used by scripts/build_micro_world.py, scripts/micro_detector_r
 
 - ``train_detector(vae, seed, ...) -> state_dict``: fresh procedural images of the six classes (the five concepts
   and ``none``), plus *hard negatives* labelled ``none`` (ellipses, capsules, bean-shaped blobs, shapes with a large
-  part cut away: near-shapes the detector must not reward), half of them also as round trips through ``vae`` (what
+  part cut away, stars with 3, 6 or 7 points, crosses with 3, 5 or 6 arms: near-shapes the detector must not
+  reward), half of them also as round trips through ``vae`` (what
   a decoded latent looks like), trained with heavy augmentation (any rotation, elongation / squash, scale, position
   jitter, flips, blur, pixel noise, brightness and contrast).
 - ``evaluate_detector(detector, images_per_class=500, seed=...) -> {"classes", "per_class", "confusion", ...}``:
@@ -30,7 +31,7 @@ from memora.micro.detector import WIDTH, Detector, from_state_dict, probabilitie
 
 NONE_INDEX = DETECTOR_CLASSES.index(NONE)
 HARD_NEGATIVE_KINDS: tuple[str, ...] = ("ellipse", "capsule", "bean", "partial_circle", "partial_star",
-                                        "partial_cross")
+                                        "partial_cross", "star_3_6_7", "arms_3_5_6")
 EVAL_SEED = 424_242  # default seed of the held-out images; training draws from 10 * seed + 1 and 10 * seed + 2
 DEFAULTS = {"steps": 1500, "batch": 128, "lr": 4e-3, "width": WIDTH, "images_per_class": 1200,
             "hard_negatives": 1200, "round_trip_share": 0.5}
@@ -80,6 +81,29 @@ def _elongated_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarra
     return _supersampled(lambda dr, ss: dr.polygon([(x * ss, y * ss) for x, y in pts], fill=255), size)
 
 
+def _wrong_count_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A star with 3, 6 or 7 points, or a cross-like shape with 3, 5 or 6 arms: the count makes it no concept."""
+    cx, cy = rng.uniform(0.4, 0.6, 2) * size
+    rot = rng.uniform(0, 2 * math.pi)
+    r = rng.uniform(0.28, 0.40) * size
+    n = int(rng.choice([3, 6, 7] if kind == "star_3_6_7" else [3, 5, 6]))
+    if kind == "star_3_6_7":
+        # a three-pointed star with a fat centre is a triangle (whose edge midpoints lie at half the radius)
+        inner = rng.uniform(0.2, 0.32) if n == 3 else rng.uniform(0.3, 0.45)
+        pts = [((r if k % 2 == 0 else r * inner) * math.cos(math.pi * k / n),
+                (r if k % 2 == 0 else r * inner) * math.sin(math.pi * k / n)) for k in range(2 * n)]
+        pts = _rotated(pts, cx, cy, rot)
+        return _supersampled(lambda dr, ss: dr.polygon([(x * ss, y * ss) for x, y in pts], fill=255), size)
+    w = rng.uniform(0.28, 0.45 if n == 3 else 0.34) * r  # wider arms of 5 or 6 would merge into a disc
+    arms = [_rotated([(0, -w), (r, -w), (r, w), (0, w)], cx, cy, rot + 2 * math.pi * k / n) for k in range(n)]
+
+    def draw_arms(dr, ss):
+        dr.ellipse([(cx - w) * ss, (cy - w) * ss, (cx + w) * ss, (cy + w) * ss], fill=255)
+        for arm in arms:
+            dr.polygon([(x * ss, y * ss) for x, y in arm], fill=255)
+    return _supersampled(draw_arms, size)
+
+
 def _partial_mask(concept: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """A circle, star or cross with a large part (a third to two thirds) cut away by a straight line."""
     kind, geom = data.shape_outline(concept, rng, size)
@@ -102,6 +126,8 @@ def hard_negative(kind: str, rng: np.random.Generator, size: int = data.IMAGE_SI
     img = data._background(rng, bg, size)
     if kind.startswith("partial_"):
         mask = _partial_mask(kind.split("_", 1)[1], rng, size)
+    elif kind in ("star_3_6_7", "arms_3_5_6"):
+        mask = _wrong_count_mask(kind, rng, size)
     else:
         mask = _elongated_mask(kind, rng, size)
     out = img * (1 - mask[..., None]) + fg[None, None, :] * mask[..., None]

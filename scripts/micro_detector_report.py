@@ -54,6 +54,12 @@ def load_detector() -> det_mod.Detector:
     return det_mod.from_state_dict(load_file(str(world.weight_path("detector", manifest=world.load_manifest()))))
 
 
+def micro_vae(comfy) -> torch.nn.Module:
+    """The micro world's VAE network (ldm AutoencoderKL) as MemoRa Load Micro World builds it."""
+    loader = comfy.node_class("MemoRaLoadMicroWorld")
+    return loader.execute("original").args[2].first_stage_model.float().eval()
+
+
 def judge_accuracy(images: np.ndarray, labels: np.ndarray) -> dict:
     """The judge's accuracy per class and confusion matrix on labelled uint8 images."""
     from memora_build.micro_detector import confusion
@@ -79,8 +85,9 @@ def procedural(det, vae_model, n: int, seed: int) -> dict:
     return ev
 
 
-def sample(comfy, variant: str, concept: str, n: int, steps: int, cfg: float) -> torch.Tensor:
-    """``n`` images of ``variant`` for the concept's prompt, through ComfyUI's executor ([n, 32, 32, 3] in 0..1)."""
+def sample(comfy, variant: str, concept: str, n: int, steps: int, cfg: float) -> tuple[torch.Tensor, float]:
+    """``n`` images of ``variant`` for the concept's prompt, through ComfyUI's executor ([n, 32, 32, 3] in 0..1),
+    and the rate MemoRa Micro World Detector reports for them."""
     from graphs import Graph
 
     manifest = world.load_manifest()
@@ -94,10 +101,11 @@ def sample(comfy, variant: str, concept: str, n: int, steps: int, cfg: float) ->
                 seed=NOISE_SEED + data.CONCEPTS.index(concept), steps=steps, cfg=cfg, sampler_name="ddim",
                 scheduler="ddim_uniform", denoise=1.0)
     dec = g.node("VAEDecode", samples=ks[0], vae=w[2])
+    node = g.node("MemoRaMicroDetector", images=dec[0], concept=concept, title=f"{variant}: {concept}")
     res = comfy.run(g.prompt)
     if not res.success:
         raise RuntimeError(f"sampling {variant} / {concept} failed: {res.error_message}")
-    return comfy.node_outputs(dec.id)[0].float().clamp(0, 1)
+    return comfy.node_outputs(dec.id)[0].float().clamp(0, 1), float(comfy.node_outputs(node.id)[0])
 
 
 def generated(comfy, det, variants, n: int, steps: int, cfg: float) -> tuple[dict, list]:
@@ -107,9 +115,12 @@ def generated(comfy, det, variants, n: int, steps: int, cfg: float) -> tuple[dic
         out[variant] = {}
         for concept in data.CONCEPTS:
             t0 = time.perf_counter()
-            images = sample(comfy, variant, concept, n, steps, cfg)
+            images, node_rate = sample(comfy, variant, concept, n, steps, cfg)
             x = det_mod.prepare(images)
             d_lab = [CLASSES[i] for i in det_mod.probabilities(det, x).argmax(-1).tolist()]
+            if abs(node_rate - d_lab.count(concept) / n) > 1e-9:
+                raise RuntimeError(f"{variant} / {concept}: the node's rate {node_rate} differs from the detector's "
+                                   f"{d_lab.count(concept) / n} on the same images")
             img8 = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
             j_lab = judge.judge_batch(img8)
             agr = judge.agreement(d_lab, j_lab)
@@ -229,13 +240,14 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     comfy = boot(Path(tempfile.mkdtemp(prefix="memora-micro-detector-")))
+    import comfy.utils as comfy_utils
+
+    comfy_utils.PROGRESS_BAR_ENABLED = False  # one progress bar per KSampler run would flood the log
     variants = [v for v in args.variants.split(",") if v] or list(world.VARIANTS)
     for v in variants:
         world.check_variant(v)
     det = load_detector()
-    from nodes._micro_host import load_world
-
-    vae = load_world("original")[2].first_stage_model.float().eval()
+    vae = micro_vae(comfy)
     seed = md.EVAL_SEED if args.eval_seed is None else args.eval_seed
     rec = {"machine": f"{__import__('os').cpu_count()} CPU cores, torch {torch.__version__}",
            "images": args.images, "steps": args.steps, "cfg": args.cfg, "variants": variants}

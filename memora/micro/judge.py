@@ -13,12 +13,14 @@ that shares none of its failure modes. The judge looks at the shape's outline on
    (area / convex-hull area, scipy.spatial.ConvexHull) and the angular harmonics of the outline's radius about the
    centroid, r(theta) = r0 (1 + sum_k h_k cos(k theta + phi_k)).
 4. **Rules** (thresholds set by hand from the shapes' geometry, then checked on procedural images; see
-   ``THRESHOLDS``). The dominant harmonic is the largest of h_1..h_6 when it is >= 0.08 and 1.4 times the
-   runner-up. Elongated (> 1.45) -> none; dominant 5 and h_5 >= 0.10 -> star (a regular pentagon has 0.086);
-   dominant 4 on a concave region (solidity < 0.88) or with h_4 >= 0.20 -> cross (squares stay below 0.16);
-   dominant 3, h_3 >= 0.15, solidity >= 0.85 -> triangle; otherwise a region that is not convex (solidity < 0.90)
-   -> none; a convex one with h_1, h_3..h_6 < 0.06 and h_2 < 0.12 -> circle (an oval above), dominant 4 ->
-   square; anything else -> none.
+   ``THRESHOLDS``). The dominant harmonic is the largest of h_1..h_6 when it is 1.4 times the runner-up.
+   Elongated (> 1.5) -> none; dominant 5 with h_5 >= 0.10 -> star if its tips are pointed (a regular pentagon
+   has h_5 = 0.086; five wide, round-ended arms -> none); dominant 4 with h_4 >= 0.08 on a concave region
+   (solidity < 0.88) or h_4 >= 0.20 -> cross (squares stay below 0.16); dominant 3, h_3 >= 0.15 and solidity
+   >= 0.85 -> triangle; otherwise a region that is not convex (solidity < 0.90) -> none; a convex one with h_1,
+   h_3..h_6 < 0.05 and h_2 < 0.21 -> circle (a flatter oval -> none), dominant 4 with h_4 >= 0.05 -> square
+   (rounded corners included); anything else -> none. A region smaller than 6 % of the image is none (the
+   smallest drawn concept covers about 8 %).
 
 numpy and scipy only; deterministic. ``agreement`` compares the detector's labels with the judge's, and
 ``disagreement_sheet`` draws the images they disagree on, each captioned with both labels.
@@ -40,20 +42,23 @@ UPSAMPLE = 4
 N_ANGLES = 96
 THRESHOLDS = {
     "min_contrast": 0.10,        # ink (colour distance, 0..1 per channel, Euclidean) of the shape's core
-    "min_area": 0.02,            # smallest region, as a share of the image
+    "min_area": 0.06,            # smallest region, as a share of the image (the smallest drawn concept: ~0.08)
     "second_region": 0.25,       # a second region this large (relative to the largest) -> no single shape
-    "max_elongation": 1.45,      # circles up to ~1.25 and triangles up to ~1.33 in the data; ellipses >= 1.7
+    "max_elongation": 1.5,       # drawn circles reach ~1.25, triangles ~1.33; the hard-negative ellipses >= 1.7
     "concave": 0.88,             # solidity below: four-fold -> a cross (crosses ~0.65-0.87)
     "convex": 0.90,              # solidity above: circle, triangle or square (~0.9-1.0)
     "star": 0.10,                # a dominant fifth harmonic this large: a star (stars ~0.3, blurred ~0.1-0.2;
                                  # a regular pentagon 0.086)
+    "star_tips": 0.33,           # ... with pointed tips (tip share: stars 0.04-0.32; five wide arms >= 0.35)
     "cross": 0.20,               # a dominant fourth harmonic this large: a cross even if blurred (squares <= 0.16)
     "triangle": 0.15,            # a dominant third harmonic this large: a triangle (~0.27; an equilateral 0.275)
     "triangle_solidity": 0.85,   # ... on a region at least this solid (blurred corners fall below "convex")
-    "round": 0.06,               # a convex region whose harmonics 1 and 3-6 all stay below this is a circle
-    "oval": 0.12,                # ... if its harmonic 2 (an oval) stays below this (squashed circles ~0.1)
-    "dominance": 1.4,            # the winning harmonic must exceed the runner-up by this factor
-    "min_harmonic": 0.08,        # ... and be at least this large
+    "square": 0.05,              # a dominant fourth harmonic this large on a convex region: a square (rounded
+                                 # corners ~0.05-0.09, sharp 0.14; circles <= 0.02)
+    "round": 0.05,               # a convex region whose harmonics 1 and 3-6 all stay below this is a circle
+    "oval": 0.21,                # ... if its harmonic 2 stays below this (an ellipse of aspect 1.5: ~0.2)
+    "dominance": 1.4,            # the winning harmonic must exceed the runner-up among 1..6 by this factor
+    "min_harmonic": 0.08,        # ... and, for the concave shapes, be at least this large
 }
 
 
@@ -65,6 +70,7 @@ class Verdict:
     solidity: float = float("nan")
     harmonics: tuple = ()
     contrast: float = float("nan")
+    tips: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -132,8 +138,10 @@ def segment(image) -> tuple[Optional[np.ndarray], str, float]:
     return ndimage.binary_fill_holes(labels == order[0] + 1), "", contrast
 
 
-def measure(mask: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """(elongation, solidity, harmonics h_1..h_8 of the outline's radius about the centroid) of a region mask."""
+def measure(mask: np.ndarray) -> tuple[float, float, np.ndarray, float]:
+    """(elongation, solidity, harmonics h_1..h_8 of the outline's radius about the centroid, tip share) of a region
+    mask. The tip share is the share of directions whose radius lies in the top quarter of the radius range: about
+    a quarter for pointed tips (a star's), more for wide, rounded arm ends."""
     ys, xs = np.nonzero(mask)
     cy, cx = ys.mean(), xs.mean()
     cov = np.cov(np.stack([xs - cx, ys - cy]))
@@ -158,17 +166,17 @@ def measure(mask: np.ndarray) -> tuple[float, float, np.ndarray]:
     prof = np.interp(idx, idx[ok], prof[ok], period=N_ANGLES)
     spec = np.fft.rfft(prof)
     harmonics = 2 * np.abs(spec[1:9]) / np.abs(spec[0])
-    return elongation, min(solidity, 1.0), harmonics
+    lo, hi = prof.min(), prof.max()
+    tips = float(np.mean(prof > lo + 0.75 * (hi - lo)))
+    return elongation, min(solidity, 1.0), harmonics, tips
 
 
 def _dominant(h: np.ndarray) -> Optional[int]:
-    """The harmonic (1-based) that clearly dominates the others among 1..6, or None."""
+    """The harmonic (1-based) that exceeds every other among 1..6 by the dominance factor, or None."""
     vals = {k: h[k - 1] for k in range(1, 7)}
     best = max(vals, key=vals.get)
     runner = max(v for k, v in vals.items() if k != best)
-    if vals[best] >= THRESHOLDS["min_harmonic"] and vals[best] >= THRESHOLDS["dominance"] * runner:
-        return best
-    return None
+    return best if vals[best] >= THRESHOLDS["dominance"] * runner else None
 
 
 def judge(image) -> Verdict:
@@ -176,16 +184,18 @@ def judge(image) -> Verdict:
     mask, why, contrast = segment(image)
     if mask is None:
         return Verdict(NONE, why, contrast=contrast)
-    elong, sol, h = measure(mask)
+    elong, sol, h, tips = measure(mask)
     v = dict(elongation=round(elong, 3), solidity=round(sol, 3), harmonics=tuple(round(float(x), 3) for x in h),
-             contrast=round(contrast, 3))
+             contrast=round(contrast, 3), tips=round(tips, 3))
     t = THRESHOLDS
     if elong > t["max_elongation"]:
         return Verdict(NONE, "elongated", **v)
     k = _dominant(h)
     if k == 5 and h[4] >= t["star"]:
-        return Verdict("star", "five-fold outline", **v)
-    if k == 4 and (sol < t["concave"] or h[3] >= t["cross"]):
+        if tips <= t["star_tips"]:
+            return Verdict("star", "five-fold outline, pointed tips", **v)
+        return Verdict(NONE, "five wide arms", **v)
+    if k == 4 and h[3] >= t["min_harmonic"] and (sol < t["concave"] or h[3] >= t["cross"]):
         return Verdict("cross", "four-fold, concave outline", **v)
     if k == 3 and h[2] >= t["triangle"] and sol >= t["triangle_solidity"]:
         return Verdict("triangle", "three-fold, convex outline", **v)
@@ -195,7 +205,7 @@ def judge(image) -> Verdict:
         if h[1] < t["oval"]:
             return Verdict("circle", "convex and round", **v)
         return Verdict(NONE, "convex oval", **v)
-    if k == 4:
+    if k == 4 and h[3] >= t["square"]:
         return Verdict("square", "four-fold, convex outline", **v)
     return Verdict(NONE, f"convex, harmonic {k}", **v)
 

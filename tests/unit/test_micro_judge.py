@@ -59,9 +59,19 @@ def test_judge_geometry():
     assert judge.judge(_polygon_image(circle)).label == "circle"
     blank = np.full((32, 32, 3), 230, np.uint8)
     assert judge.judge(blank).reason == "no contrast"
-    dots = _polygon_image(_regular(8, r=3, cx=8, cy=8))
-    dots = np.minimum(dots, _polygon_image(_regular(8, r=3, cx=24, cy=22)))
+    dots = _polygon_image(_regular(8, r=6, cx=8, cy=8))
+    dots = np.minimum(dots, _polygon_image(_regular(8, r=6, cx=23, cy=22)))
     assert judge.judge(dots).reason == "several regions"
+    assert judge.judge(_polygon_image(_regular(12, r=3))).reason == "region too small"  # a dot, not a circle
+    # five wide, square-ended arms: five-fold, but no star (its tips are not pointed)
+    arms = np.full((32, 32, 3), 235, np.uint8)
+    for k in range(5):
+        a = 0.4 + 2 * math.pi * k / 5
+        c, s_ = math.cos(a), math.sin(a)
+        arm = [(16 + c * x - s_ * y, 16 + s_ * x + c * y) for x, y in ((0, -3.2), (11, -3.2), (11, 3.2), (0, 3.2))]
+        arms = np.minimum(arms, _polygon_image(arm))
+    five = judge.judge(arms)
+    assert five.label == "none" and five.reason == "five wide arms" and five.tips > 0.4 and star.tips < 0.3
 
 
 def test_judge_input_checks():
