@@ -34,7 +34,7 @@ HARD_NEGATIVE_KINDS: tuple[str, ...] = ("ellipse", "capsule", "bean", "partial_c
                                         "partial_cross", "star_3_6_7", "arms_3_5_6")
 EVAL_SEED = 424_242  # default seed of the held-out images; training draws from 10 * seed + 1 and 10 * seed + 2
 DEFAULTS = {"steps": 1500, "batch": 128, "lr": 4e-3, "width": WIDTH, "images_per_class": 1200,
-            "hard_negatives": 1200, "round_trip_share": 0.5}
+            "hard_negatives": 1200, "round_trip_share": 0.5, "fat_crosses": 300}
 
 VaeLike = Union[None, Callable[[torch.Tensor], torch.Tensor], torch.nn.Module]
 
@@ -134,6 +134,29 @@ def hard_negative(kind: str, rng: np.random.Generator, size: int = data.IMAGE_SI
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def fat_cross(rng: np.random.Generator, size: int = data.IMAGE_SIZE) -> np.ndarray:
+    """A cross with wide, round-ended arms (half-width 0.34-0.46 of its reach), as the models draw them: still a
+    cross (the procedural crosses' arms have half-widths 0.28-0.40 and square ends), so the detector does not learn
+    that every fat four-armed shape is none while it learns that five or six arms are."""
+    bg, fg = data._colours(rng)
+    img = data._background(rng, bg, size)
+    cx, cy = rng.uniform(0.4, 0.6, 2) * size
+    rot = rng.uniform(0, 2 * math.pi)
+    r = rng.uniform(0.28, 0.40) * size
+    w = rng.uniform(0.34, 0.46) * r  # half-width of an arm
+
+    def draw_cross(dr, ss):
+        for k in range(4):
+            a = rot + k * math.pi / 2
+            arm = _rotated([(0, -w), (r - w, -w), (r - w, w), (0, w)], cx, cy, a)
+            dr.polygon([(x * ss, y * ss) for x, y in arm], fill=255)
+            ex, ey = cx + (r - w) * math.cos(a), cy + (r - w) * math.sin(a)
+            dr.ellipse([(ex - w) * ss, (ey - w) * ss, (ex + w) * ss, (ey + w) * ss], fill=255)
+    mask = _supersampled(draw_cross, size)
+    out = img * (1 - mask[..., None]) + fg[None, None, :] * mask[..., None]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def hard_negatives(n: int, seed: int, size: int = data.IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """``n`` hard negatives, the kinds in turn: (uint8 [n, size, size, 3], kind index [n] into HARD_NEGATIVE_KINDS)."""
     kinds = np.arange(n) % len(HARD_NEGATIVE_KINDS)
@@ -218,13 +241,16 @@ def augment(x: torch.Tensor, g: torch.Generator, *, max_blur: float = 1.4, noise
 
 # -- training ------------------------------------------------------------------------------------------------------
 def training_set(vae: VaeLike, seed: int, images_per_class: int, n_hard: int,
-                 round_trip_share: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drawn images of the six classes (seed 10 * seed + 1), hard negatives labelled none (10 * seed + 2) and,
-    with a VAE, the round trips of a ``round_trip_share`` of them: (x [N, 3, 32, 32] in -1..1, labels [N])."""
+                 round_trip_share: float, n_fat: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drawn images of the six classes (seed 10 * seed + 1), hard negatives labelled none (10 * seed + 2), wide
+    crosses labelled cross (10 * seed + 4) and, with a VAE, the round trips of a ``round_trip_share`` of them:
+    (x [N, 3, 32, 32] in -1..1, labels [N])."""
     imgs, labels = data.make_dataset(images_per_class, 10 * seed + 1, DETECTOR_CLASSES)
     hard, _ = hard_negatives(n_hard, 10 * seed + 2)
-    x = data.to_tensor_range(np.concatenate([imgs, hard]))
-    y = torch.cat([torch.from_numpy(labels), torch.full((len(hard),), NONE_INDEX, dtype=torch.long)])
+    fat = [fat_cross(np.random.default_rng([10 * seed + 4, i])) for i in range(n_fat)]
+    x = data.to_tensor_range(np.concatenate([imgs, hard] + ([np.stack(fat)] if fat else [])))
+    y = torch.cat([torch.from_numpy(labels), torch.full((len(hard),), NONE_INDEX, dtype=torch.long),
+                   torch.full((len(fat),), DETECTOR_CLASSES.index("cross"), dtype=torch.long)])
     if vae is not None and round_trip_share > 0:
         order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(10 * seed + 3))
         pick = order[:int(round(round_trip_share * x.shape[0]))]
@@ -236,14 +262,14 @@ def training_set(vae: VaeLike, seed: int, images_per_class: int, n_hard: int,
 def train_detector(vae: VaeLike, seed: int, *, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"],
                    lr: float = DEFAULTS["lr"], width: int = DEFAULTS["width"],
                    images_per_class: int = DEFAULTS["images_per_class"], hard_negatives: int = DEFAULTS["hard_negatives"],
-                   round_trip_share: float = DEFAULTS["round_trip_share"],
+                   round_trip_share: float = DEFAULTS["round_trip_share"], fat_crosses: int = DEFAULTS["fat_crosses"],
                    progress: Optional[Callable[[int, int, float], None]] = None,
                    log: Optional[dict] = None) -> dict:
     """Train a detector from scratch; returns its state dict (float32 tensors; ``memora.micro.detector.
     from_state_dict`` rebuilds the network). ``vae``: None (drawn images only), an AutoencoderKL or a round-trip
     callable (see ``vae_round_trip``). ``log``, when given, receives the arguments, losses and timings."""
     start = time.perf_counter()
-    x, y = training_set(vae, seed, images_per_class, hard_negatives, round_trip_share)
+    x, y = training_set(vae, seed, images_per_class, hard_negatives, round_trip_share, fat_crosses)
     data_s = time.perf_counter() - start
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -269,7 +295,7 @@ def train_detector(vae: VaeLike, seed: int, *, steps: int = DEFAULTS["steps"], b
         log.update({"seed": seed, "steps": steps, "batch": batch, "lr": lr, "width": width,
                     "images_per_class": images_per_class, "hard_negatives": hard_negatives,
                     "hard_negative_kinds": list(HARD_NEGATIVE_KINDS), "round_trip_share": round_trip_share,
-                    "vae_round_trips": vae is not None, "training_images": int(x.shape[0]),
+                    "fat_crosses": fat_crosses, "vae_round_trips": vae is not None, "training_images": int(x.shape[0]),
                     "parameters": sum(p.numel() for p in det.parameters()), "classes": list(DETECTOR_CLASSES),
                     "losses": losses, "seconds_data": round(data_s, 1),
                     "seconds": round(time.perf_counter() - start, 1)})

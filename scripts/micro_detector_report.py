@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 for p in (str(ROOT), str(ROOT / "tests" / "support"), str(ROOT / "scripts")):
@@ -48,10 +49,19 @@ def log(msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def load_detector() -> det_mod.Detector:
+def load_detector() -> tuple[det_mod.Detector, dict]:
+    """The shipped detector and the training record in its file's metadata (or in the manifest)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    return det_mod.from_state_dict(load_file(str(world.weight_path("detector", manifest=world.load_manifest()))))
+    manifest = world.load_manifest()
+    path = world.weight_path("detector", manifest=manifest)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    recipe = manifest.get("recipe", {}).get("detector", {})
+    info = json.loads(meta["args"]) if "args" in meta else {k: v for k, v in recipe.items() if not isinstance(
+        v, (list, dict))}
+    return det_mod.from_state_dict(load_file(str(path))), info
 
 
 def micro_vae(comfy) -> torch.nn.Module:
@@ -108,17 +118,37 @@ def sample(comfy, variant: str, concept: str, n: int, steps: int, cfg: float) ->
     return comfy.node_outputs(dec.id)[0].float().clamp(0, 1), float(comfy.node_outputs(node.id)[0])
 
 
-def generated(comfy, det, variants, n: int, steps: int, cfg: float) -> tuple[dict, list]:
+def cached_sample(comfy, cache, variant, concept, n, steps, cfg) -> tuple[torch.Tensor, Optional[float]]:
+    """``sample``, or the images an earlier run with the same settings left in the ``cache`` folder (the manifest's
+    sha256 is part of the name, so a rebuilt world is sampled again). The node's rate is None for cached images."""
+    if cache is None:
+        return sample(comfy, variant, concept, n, steps, cfg)
+    import hashlib
+
+    # the manifest records every file of a build: a rebuilt world is sampled again
+    digest = hashlib.sha256(json.dumps(world.load_manifest(), sort_keys=True).encode()).hexdigest()[:16]
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    path = Path(cache) / f"{variant}-{digest}-{concept}-n{n}-s{steps}-cfg{cfg}.npy"
+    if path.is_file():
+        return torch.from_numpy(np.load(path)).float() / 255, None
+    images, rate = sample(comfy, variant, concept, n, steps, cfg)
+    buf = __import__("io").BytesIO()
+    np.save(buf, (images * 255).round().byte().numpy())
+    atomic_write(path, buf.getvalue(), replace=True)
+    return images, rate
+
+
+def generated(comfy, det, variants, n: int, steps: int, cfg: float, cache=None) -> tuple[dict, list]:
     """Section 2: per model and prompt, both labels of every image; the disagreements for the contact sheet."""
     out, disagree = {}, []
     for variant in variants:
         out[variant] = {}
         for concept in data.CONCEPTS:
             t0 = time.perf_counter()
-            images, node_rate = sample(comfy, variant, concept, n, steps, cfg)
+            images, node_rate = cached_sample(comfy, cache, variant, concept, n, steps, cfg)
             x = det_mod.prepare(images)
             d_lab = [CLASSES[i] for i in det_mod.probabilities(det, x).argmax(-1).tolist()]
-            if abs(node_rate - d_lab.count(concept) / n) > 1e-9:
+            if node_rate is not None and abs(node_rate - d_lab.count(concept) / n) > 1e-9:
                 raise RuntimeError(f"{variant} / {concept}: the node's rate {node_rate} differs from the detector's "
                                    f"{d_lab.count(concept) / n} on the same images")
             img8 = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -201,21 +231,25 @@ def write_outputs(out: Path, rec: dict, disagree: list):
              "[micro-detector.json](micro-detector.json). The detector is the CNN of `memora/micro/detector.py`; the "
              "judge (`memora/micro/judge.py`) is a geometric classifier of the shape's outline with no learned "
              "weights (solidity, elongation and the angular harmonics of the outline), an independent second "
-             "opinion.", ""]
+             "opinion.", "",
+             f"The shipped detector: {rec['detector']['parameters']:,} parameters, trained by "
+             "`memora_build.micro_detector.train_detector` with "
+             + ", ".join(f"{k} {v}" for k, v in rec["detector"]["training"].items()) + ".", ""]
     lines += markdown_procedural(rec["procedural"])
     if rec.get("generated"):
         lines += markdown_generated(rec["generated"], rec["images"], rec["steps"], rec["cfg"])
-        by_model: dict = {}
+        by_prompt: dict = {}
         for item in disagree:
-            by_model.setdefault(item[3].split(":")[0], []).append(item)
-        picked = [it for items in by_model.values() for it in items[:12]]
+            by_prompt.setdefault(item[3], []).append(item)
+        picked = [it for items in by_prompt.values() for it in items[:3]]
         if picked:
             sheet = judge.disagreement_sheet(np.stack([p[0] for p in picked]), [p[1] for p in picked],
-                                             [p[2] for p in picked], names=[p[3] for p in picked], cols=8)
+                                             [p[2] for p in picked], names=[p[3] for p in picked], cols=9,
+                                             limit=len(picked))
             buf = __import__("io").BytesIO()
             sheet.save(buf, format="PNG")
             atomic_write(img_dir / sheet_name, buf.getvalue(), replace=True)
-            lines += ["", f"Disagreements (up to 12 per model; D: detector, J: judge, then model:prompt; "
+            lines += ["", f"Disagreements (the first 3 of each model and prompt; D: detector, J: judge, then model:prompt; "
                       f"{len(disagree)} in all):", "", f"![disagreements](img/{sheet_name})"]
     atomic_write(out / "micro-detector.md", "\n".join(lines) + "\n", replace=True)
     atomic_write(out / "micro-detector.json", json.dumps(rec, indent=1) + "\n", replace=True)
@@ -231,6 +265,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-seed", type=int, default=None, help="default: micro_detector.EVAL_SEED")
     ap.add_argument("--variants", default="", help="comma-separated (default: every variant the loader offers)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="keep the generated images here and reuse them on the next run (same weights and settings)")
+    ap.add_argument("--generate-only", action="store_true", help="only fill --cache with generated images")
     args = ap.parse_args(argv)
     if args.images < 0 or args.eval_images < 1:
         ap.error("--images must be >= 0 and --eval-images >= 1")
@@ -246,17 +283,26 @@ def main(argv=None) -> int:
     variants = [v for v in args.variants.split(",") if v] or list(world.VARIANTS)
     for v in variants:
         world.check_variant(v)
-    det = load_detector()
+    if args.generate_only:
+        if args.cache is None:
+            ap.error("--generate-only needs --cache")
+        for v in variants:
+            for c in data.CONCEPTS:
+                cached_sample(comfy, args.cache, v, c, args.images, args.steps, args.cfg)
+                log(f"generated {v} / {c}")
+        return 0
+    det, det_info = load_detector()
     vae = micro_vae(comfy)
     seed = md.EVAL_SEED if args.eval_seed is None else args.eval_seed
     rec = {"machine": f"{__import__('os').cpu_count()} CPU cores, torch {torch.__version__}",
-           "images": args.images, "steps": args.steps, "cfg": args.cfg, "variants": variants}
+           "images": args.images, "steps": args.steps, "cfg": args.cfg, "variants": variants,
+           "detector": {"training": det_info, "parameters": sum(p.numel() for p in det.parameters())}}
     with torch.inference_mode(False), torch.no_grad():
         rec["procedural"] = procedural(det, vae, args.eval_images, seed)
     log("procedural: detector " + ", ".join(f"{c} {v:.3f}" for c, v in rec["procedural"]["per_class"].items()))
     disagree: list = []
     if args.images:
-        rec["generated"], disagree = generated(comfy, det, variants, args.images, args.steps, args.cfg)
+        rec["generated"], disagree = generated(comfy, det, variants, args.images, args.steps, args.cfg, args.cache)
     rec["seconds"] = round(time.perf_counter() - t0)
     write_outputs(args.out, rec, disagree)
     log(f"wrote {args.out / 'micro-detector.md'} ({rec['seconds']} s)")

@@ -16,7 +16,8 @@ that shares none of its failure modes. The judge looks at the shape's outline on
    ``THRESHOLDS``). The dominant harmonic is the largest of h_1..h_6 when it is 1.4 times the runner-up.
    Elongated (> 1.5) -> none; dominant 5 with h_5 >= 0.10 -> star if its tips are pointed (a regular pentagon
    has h_5 = 0.086; five wide, round-ended arms -> none); dominant 4 with h_4 >= 0.08 on a concave region
-   (solidity < 0.88) or h_4 >= 0.20 -> cross (squares stay below 0.16); dominant 3, h_3 >= 0.15 and solidity
+   (solidity < 0.88), or h_4 >= 0.20, or wide arm ends (tip share >= 0.38) -> cross (squares stay below 0.16
+   and 0.35); dominant 3, h_3 >= 0.15 and solidity
    >= 0.85 -> triangle; otherwise a region that is not convex (solidity < 0.90) -> none; a convex one with h_1,
    h_3..h_6 < 0.05 and h_2 < 0.21 -> circle (a flatter oval -> none), dominant 4 with h_4 >= 0.05 -> square
    (rounded corners included); anything else -> none. A region smaller than 6 % of the image is none (the
@@ -51,6 +52,8 @@ THRESHOLDS = {
                                  # a regular pentagon 0.086)
     "star_tips": 0.33,           # ... with pointed tips (tip share: stars 0.04-0.32; five wide arms >= 0.35)
     "cross": 0.20,               # a dominant fourth harmonic this large: a cross even if blurred (squares <= 0.16)
+    "cross_tips": 0.38,          # ... or wide arm ends (tip share: wide round-armed crosses >= 0.42, squares,
+                                 # rounded or not, <= 0.35)
     "triangle": 0.15,            # a dominant third harmonic this large: a triangle (~0.27; an equilateral 0.275)
     "triangle_solidity": 0.85,   # ... on a region at least this solid (blurred corners fall below "convex")
     "square": 0.05,              # a dominant fourth harmonic this large on a convex region: a square (rounded
@@ -195,7 +198,8 @@ def judge(image) -> Verdict:
         if tips <= t["star_tips"]:
             return Verdict("star", "five-fold outline, pointed tips", **v)
         return Verdict(NONE, "five wide arms", **v)
-    if k == 4 and h[3] >= t["min_harmonic"] and (sol < t["concave"] or h[3] >= t["cross"]):
+    if k == 4 and h[3] >= t["min_harmonic"] and (sol < t["concave"] or h[3] >= t["cross"]
+                                                   or tips >= t["cross_tips"]):
         return Verdict("cross", "four-fold, concave outline", **v)
     if k == 3 and h[2] >= t["triangle"] and sol >= t["triangle_solidity"]:
         return Verdict("triangle", "three-fold, convex outline", **v)

@@ -34,15 +34,15 @@ def test_shipped_detector_per_class_accuracy_on_a_fresh_seed(shipped):
 def test_train_detector_api_returns_a_loadable_state_dict():
     """A very short training run (no VAE, then a callable 'VAE'): the API the build script wires."""
     log = {}
-    sd = md.train_detector(None, 11, steps=3, batch=16, images_per_class=6, hard_negatives=6, log=log)
+    sd = md.train_detector(None, 11, steps=3, batch=16, images_per_class=6, hard_negatives=6, fat_crosses=2, log=log)
     det = detector.from_state_dict(sd)
-    assert log["steps"] == 3 and log["training_images"] == 6 * 6 + 6 and not log["vae_round_trips"]
+    assert log["steps"] == 3 and log["training_images"] == 6 * 6 + 6 + 2 and not log["vae_round_trips"]
     assert sum(p.numel() for p in det.parameters()) == log["parameters"] < 500_000
-    again = md.train_detector(None, 11, steps=3, batch=16, images_per_class=6, hard_negatives=6)
+    again = md.train_detector(None, 11, steps=3, batch=16, images_per_class=6, hard_negatives=6, fat_crosses=2)
     assert all(torch.equal(sd[k], again[k]) for k in sd)  # seeded
     log2 = {}
     md.train_detector(lambda x: x.flip(2), 11, steps=1, batch=8, images_per_class=4, hard_negatives=2,
-                      round_trip_share=0.5, log=log2)
+                      fat_crosses=0, round_trip_share=0.5, log=log2)
     assert log2["vae_round_trips"] and log2["training_images"] == 26 + 13
 
 

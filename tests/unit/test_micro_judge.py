@@ -36,10 +36,13 @@ def test_judge_names_fresh_procedural_shapes():
         assert acc >= (0.9 if c == data.NONE else 0.95), (c, acc)
 
 
-def test_judge_refuses_near_shapes():
-    hard, kinds = micro_detector.hard_negatives(36, 4242)
+def test_judge_refuses_near_shapes_and_keeps_wide_crosses():
+    hard, kinds = micro_detector.hard_negatives(48, 4242)
     got = judge.judge_batch(hard)
     assert np.mean([g == data.NONE for g in got]) >= 0.95, list(zip(got, kinds))
+    # crosses with wide, round-ended arms (as the models draw them) are crosses: measured 60/60
+    fat = [micro_detector.fat_cross(np.random.default_rng([17, i])) for i in range(24)]
+    assert np.mean([g == "cross" for g in judge.judge_batch(np.stack(fat))]) >= 0.95
 
 
 def test_judge_geometry():
