@@ -48,6 +48,8 @@ UNET_MIN_SNR = 5.0
 STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "finetune": 8, "eval": 7}
 #: the scoring convention of every rate the build reports (memora.evaluation.stats.rate_record)
 CONVENTION = "micro-top1"
+#: the shipped detector's training length (helper 18b's run: train_detector(vae, 4, steps=900) on this VAE)
+DETECTOR_STEPS = 900
 
 
 def log(msg: str):
@@ -455,11 +457,12 @@ def detector_stage(args, vae):
 
         sd = load_file(str(args.detector_from))
         det_log.update({"from": str(args.detector_from), "sha256": world.sha256_file(Path(args.detector_from)),
-                        "made_by": "memora_build.micro_detector.train_detector (helper 18b's run on this VAE), not "
-                                   "retrained by this build"})
+                        "made_by": f"memora_build.micro_detector.train_detector(vae, {STAGE_SEEDS['detector']}, "
+                                   f"steps={DETECTOR_STEPS}) on this VAE (the call a full build makes), run by the "
+                                   f"detector's author; not retrained by this build"})
     else:
         sd = micro_detector.train_detector(
-            vae, STAGE_SEEDS["detector"], log=det_log,
+            vae, STAGE_SEEDS["detector"], steps=DETECTOR_STEPS, log=det_log,
             progress=lambda s, t, loss: (s % 400 == 0) and log(f"  detector step {s}/{t}: loss {loss:.4f}"))
     det = detector.from_state_dict(sd)
     det_log["evaluation"] = micro_detector.evaluate_detector(det, images_per_class=args.detector_eval_images,
