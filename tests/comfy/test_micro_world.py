@@ -129,11 +129,13 @@ def _rate(comfy, manifest, variant: str, shown: str, n: int = 16, steps: int = 2
 
 def test_original_draws_the_erased_and_the_kept_concept(comfy, manifest, kept_concept):
     """Sampled by the stock KSampler (16 images, DDIM 20 steps, cfg 7.5): the original draws the star and the kept
-    concept."""
-    star, kept = _rate(comfy, manifest, "original", manifest["erased_concept"]), _rate(comfy, manifest, "original",
-                                                                                        kept_concept)
-    print(f"original through ComfyUI: star {star:.3f}, {kept_concept} {kept:.3f}")
-    assert star >= 0.6 and kept >= 0.6
+    concept, each at about the rate the build measured on 128 images (its Wilson lower bound minus a 16-image
+    sampling margin, and at least 0.4)."""
+    measured = manifest["measurements"]["rates"]["original"]
+    for concept in (manifest["erased_concept"], kept_concept):
+        r = _rate(comfy, manifest, "original", concept)
+        print(f"original through ComfyUI: {concept} {r:.3f} (build: {measured[concept]['rate']:.3f})")
+        assert r >= max(0.4, measured[concept]["ci_low"] - 0.2), (concept, r)
 
 
 @pytest.mark.parametrize("variant", VARIANTS_OF_THE_ORIGINAL)
