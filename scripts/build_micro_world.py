@@ -251,6 +251,7 @@ class Built:
     variants: dict = field(default_factory=dict)  # name -> (stored tensors, log) for the variants of the original
 
 
+SHARED_ARGS = ("images_per_concept", "vae_steps")
 PHASE1_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "erase")
 REUSABLE_ARGS = ("finetune_models", "images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "finetune_steps", "finetune_lr",
                  "erase")
@@ -365,6 +366,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--detector-from", type=Path, default=None, metavar="FILE",
                     help="take the detector from this safetensors file instead of training it (recorded with its "
                          "sha256 in the manifest)")
+    ap.add_argument("--reuse-shared", type=Path, default=None, metavar="DIR",
+                    help="take the VAE, text encoder and detector from this earlier build (same data and VAE "
+                         "arguments) and train the UNets and the rest")
     ap.add_argument("--reuse-phase1", type=Path, default=None, metavar="DIR",
                     help="take the VAE, text encoder and phase-1 UNets from this earlier build (same arguments) and "
                          "train the detector, phase 2 and the rest")
@@ -511,13 +515,15 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
 def phase1_from(args, comfy_path, x_all):
     """--reuse-phase1 DIR: the VAE, text encoder and phase-1 UNets of an earlier build made with the same arguments
     (every file checked against its manifest's sha256)."""
-    prev_dir = Path(args.reuse_phase1)
+    shared_only = args.reuse_shared is not None
+    prev_dir = Path(args.reuse_shared if shared_only else args.reuse_phase1)
+    flag = "--reuse-shared" if shared_only else "--reuse-phase1"
     prev = world.load_manifest(prev_dir)
-    for k in PHASE1_ARGS:
+    for k in SHARED_ARGS if shared_only else PHASE1_ARGS:
         if prev["args"].get(k) != getattr(args, k):
-            raise SystemExit(f"--reuse-phase1 {prev_dir}: it was built with {k}={prev['args'].get(k)!r}, this run "
+            raise SystemExit(f"{flag} {prev_dir}: it was built with {k}={prev['args'].get(k)!r}, this run "
                              f"has {getattr(args, k)!r}")
-    if prev["args"].get("finetune_steps", 0):
+    if not shared_only and prev["args"].get("finetune_steps", 0):
         raise SystemExit(f"--reuse-phase1 {prev_dir}: its UNets already had phase 2; give a build without it")
     vae = make_vae(STAGE_SEEDS["vae"])
     vae.load_state_dict(_load_record(prev_dir, prev, "vae"))
@@ -526,13 +532,15 @@ def phase1_from(args, comfy_path, x_all):
     prefix = "cond_stage_model.transformer."
     clip = text.load_text_model({k[len(prefix):]: v for k, v in _load_record(prev_dir, prev, "clip").items()})
     ctx = text.encode(clip, tok, [data.caption(c) for c in data.CONCEPTS] + [""])
-    phase1 = {name: _load_record(prev_dir, prev, name) for name in ("original", "never_learned")}
+    phase1 = {} if shared_only else {name: _load_record(prev_dir, prev, name) for name in ("original", "never_learned")}
+    if shared_only and not args.detector_from:
+        args.detector_from = world.weight_path("detector", prev_dir, prev)  # sha256-checked like the others
     recipe_ = prev["recipe"]
     logs = {"vae": {k: v for k, v in recipe_["vae"].items() if k not in ("steps", "batch", "lr", "loss")},
             "clip": {k: v for k, v in recipe_["text_encoder"].items() if k not in ("init", "pretraining")},
-            "phase1": {"from": str(prev_dir), "stage_seconds": prev["build"].get("stage_seconds"),
+            ("shared_from" if shared_only else "phase1"): {"from": str(prev_dir), "stage_seconds": prev["build"].get("stage_seconds"),
                        "unet": {n: recipe_["unet"].get(n) for n in ("original", "never_learned")}}}
-    log(f"phase 1 (VAE, text encoder, UNets) from {prev_dir}")
+    log(f"{'VAE, text encoder, detector' if shared_only else 'phase 1 (VAE, text encoder, UNets)'} from {prev_dir}")
     return vae, encode_means(vae, x_all), clip, ctx, phase1, logs
 
 
@@ -541,7 +549,7 @@ def train_stages(args, comfy_path, x_all, labels, none_imgs, timer: Timer) -> Bu
     then the two UNets in worker processes while this one trains the detector (its seconds are recorded separately:
     'unets' is the wall time of the two stages together)."""
     phase1 = None
-    if args.reuse_phase1:
+    if args.reuse_phase1 or args.reuse_shared:
         vae, z, clip, ctx, phase1, p1_logs = phase1_from(args, comfy_path, x_all)
         vae_log, clip_log = p1_logs["vae"], p1_logs["clip"]
         timer.done("phase1 reused")
@@ -564,8 +572,10 @@ def train_stages(args, comfy_path, x_all, labels, none_imgs, timer: Timer) -> Bu
                                                    phase1=phase1)
     timer.done("unets")
     timer.seconds["detector (during unets)"] = t_det["seconds"]
-    if p1_logs:
+    if p1_logs and "phase1" in p1_logs:
         unet_logs["phase1_reused"] = p1_logs["phase1"]
+    if p1_logs and "shared_from" in p1_logs:
+        unet_logs["shared_reused"] = p1_logs["shared_from"]
     return Built(vae, clip, contexts, uncond, det, unets,
                  {"vae": vae_log, "clip": clip_log, "detector": det_log, "unet": unet_logs})
 
