@@ -5,6 +5,7 @@
     memora-batch demo                                                  (memora_recovery on the built-in micro world)
     memora-batch demo --original sd-v1-4.ckpt --unlearned esd-nudity.safetensors --concept "a photo of the nude person"
     memora-batch convert WORKFLOW.json [-o api.json]                   (UI -> API format)
+    memora-batch rescore RESULTS_DIR --convention erasediff            (rates again under another convention)
 
 See docs/batch.md."""
 
@@ -27,6 +28,7 @@ from . import sweep as _sweep
 from .backend import EmbeddedBackend, ServerBackend, pack_root
 from .folder import FolderError, ResultsFolder
 from .profiles import model_profile
+from .results import ResultsStore
 from .workflow import Workflow
 
 EXIT_BAD_INPUT = 2
@@ -65,7 +67,11 @@ def _add_common(p: argparse.ArgumentParser, workflow: bool = True):
                    help="micro: replace the loaders titled 'Original model', 'Unlearned model' and 'Never-learned "
                         "model' by the built-in micro world (MemoRa Load Micro World)")
     p.add_argument("--original", metavar="CKPT", help="checkpoint for the loader titled 'Original model'")
-    p.add_argument("--unlearned", metavar="CKPT", help="checkpoint for the loader titled 'Unlearned model'")
+    p.add_argument("--unlearned", metavar="FILE",
+                   help="the unlearned model for the loader titled 'Unlearned model': a full checkpoint "
+                        "(models/checkpoints) or any file MemoRa Load Unlearned Model reads (UNet-only, partial, "
+                        "text-encoder-only, LoRA-shaped, diffusers folder: models/unlearned, unet, loras), merged "
+                        "onto --original's checkpoint; the loader is picked from the file")
     p.add_argument("--concept", metavar="TEXT", help="sets the node titled 'Concept prompt' (and 'Evaluation "
                                                      "prompt' unless --eval-prompt or the sweep sets it)")
     p.add_argument("--eval-prompt", metavar="TEXT", help="sets the node titled 'Evaluation prompt'")
@@ -83,6 +89,59 @@ def _add_common(p: argparse.ArgumentParser, workflow: bool = True):
                    help="folder (under ComfyUI's output) for each job's saved files; default "
                         "memora-batch/<workflow>/<job key>; '' keeps the workflow's own prefixes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cluster(p)
+
+
+def _add_cluster(p: argparse.ArgumentParser):
+    """--ray / --slurm and their options (docs/batch.md, 'On a cluster')."""
+    g = p.add_argument_group("cluster (docs/batch.md: 'On a cluster')")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster, one embedded ComfyUI per worker: 'auto' (the default: the cluster "
+                        "this machine belongs to), HOST:PORT, ray://HOST:PORT, or 'local' (start Ray here)")
+    g.add_argument("--ray-gpus-per-worker", type=_non_negative, default=None, metavar="N",
+                   help="GPUs per worker (default 1 when the cluster has GPUs, else 0)")
+    g.add_argument("--ray-cpus-per-worker", type=_non_negative, default=1.0, metavar="N",
+                   help="CPUs per worker (default 1)")
+    g.add_argument("--ray-workers", type=_positive_int, default=None, metavar="N",
+                   help="number of workers (default: as many as the cluster's resources allow)")
+    g.add_argument("--ray-shared-output", action="store_true",
+                   help="the workers' ComfyUI output folder is on a file system the driver shares: leave the files "
+                        "there (default: send them back into <results folder>/files/)")
+    g.add_argument("--max-retries", type=_non_negative_int, default=2, metavar="N",
+                   help="--ray: times a job whose worker died runs again on another worker (default 2); with "
+                        "--slurm a rerun of the command resumes a shard that died")
+    g.add_argument("--slurm", action="store_true",
+                   help="submit the sweep to SLURM through submitit, as a job array of shards")
+    g.add_argument("--slurm-partition", default=None, metavar="NAME", help="SLURM partition")
+    g.add_argument("--slurm-gpus", type=_non_negative_int, default=1, metavar="N", help="GPUs per shard (default 1)")
+    g.add_argument("--slurm-time", type=_positive_int, default=60, metavar="MINUTES",
+                   help="time limit per shard in minutes (default 60)")
+    g.add_argument("--slurm-shards", type=_positive_int, default=None, metavar="N",
+                   help="shards in the job array (default: one per group of jobs sharing upstream work, at most 32)")
+    g.add_argument("--slurm-executor", choices=["slurm", "local"], default="slurm",
+                   help="local: run the shards as local processes (submitit's local executor), to try it out")
+
+
+def _number(text: str, kind, test, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not test(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "a number >= 0")
+
+
+def _non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v > 0, "an integer > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p_curve)
     p_curve.add_argument("--steps", default="10,50,100,250,500", help="training steps (comma-separated)")
     p_curve.add_argument("--train-node", default=TITLE_TRAIN_LORA, help="title of the MemoRa LoRA Train node")
+    p_curve.add_argument("--lora-seeds", default=None, metavar="1,2,3",
+                         help="LoRA training seeds: one curve per seed, one training each (default: the workflow's)")
+    p_curve.add_argument("--control", default=None, metavar="MODEL",
+                         help="the never-learned control, measured the same way: a micro-world variant with "
+                              "--models micro (e.g. never_learned), else a checkpoint for 'Unlearned model'; gives "
+                              "the Fisher test per budget and the recovery verdict (docs/evaluation.md)")
+    p_curve.add_argument("--no-snapshots", action="store_true",
+                         help="train once per budget, each on its own learning-rate schedule, instead of once per seed "
+                              "with snapshots (the curve before snapshots existed; slower)")
     p_curve.add_argument("--detector", default=None,
                          help="metric column holding the concept detector rate of the recovered model (default: "
                               "the first '*rate*' / 'recovered' score column found)")
@@ -104,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="MemoRa recovery end to end: the built-in micro world, or your models")
     _add_common(p_demo, workflow=False)
     p_demo.add_argument("--workflow", default=None, help="default: example_workflows/memora_recovery.json")
+    p_res = sub.add_parser("rescore", help="count every rate of a results folder again under another scoring "
+                                           "convention, from the stored detections (no model runs)")
+    p_res.add_argument("results", help="results folder of a memora-batch run (its --out)")
+    p_res.add_argument("--convention", required=True,
+                       help="unlearndiffatk, erasediff, memora-reference, resnet50-top1, resnet50-top5, micro-top1, "
+                            "clip-zeroshot-style, artist-top1, artist-top5, 'custom:threshold=T,classes=A,B' or "
+                            "'custom:top=K' (docs/evaluation.md)")
+    p_res.add_argument("--force", action="store_true",
+                       help="replace results.<convention>.csv / asr.<convention>.csv files memora-batch did not write")
     p_conv = sub.add_parser("convert", help="convert a UI-format workflow to API format")
     p_conv.add_argument("workflow")
     p_conv.add_argument("-o", "--output", help="write here (default: stdout); an existing file only with --force, "
@@ -115,12 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- building blocks shared by the subcommands -----------------------------------------------------------------------
+def _embedded_options(args) -> dict:
+    return {"comfy_path": args.comfyui, "base_directory": getattr(args, "base_directory", None),
+            "custom_nodes": tuple(getattr(args, "custom_nodes", []) or []),
+            "all_custom_nodes": getattr(args, "all_custom_nodes", False), "cpu": True if args.cpu else None}
+
+
 def _backend(args):
+    chosen = [o for o, on in (("--server", args.server), ("--ray", getattr(args, "ray", None)),
+                              ("--slurm", getattr(args, "slurm", False))) if on]
+    if len(chosen) > 1:
+        raise _sweep.SweepError(f"{' and '.join(chosen)}: choose one place to run the jobs")
     if args.server:
         return ServerBackend(args.server)
-    return EmbeddedBackend.boot(args.comfyui, getattr(args, "base_directory", None),
-                                tuple(getattr(args, "custom_nodes", []) or []),
-                                getattr(args, "all_custom_nodes", False), cpu=True if args.cpu else None)
+    if getattr(args, "ray", None):
+        from .ray_backend import RayBackend
+
+        return RayBackend(args.ray, _embedded_options(args), gpus_per_worker=args.ray_gpus_per_worker,
+                          cpus_per_worker=args.ray_cpus_per_worker, workers=args.ray_workers,
+                          max_retries=args.max_retries, shared_output=args.ray_shared_output)
+    if getattr(args, "slurm", False):
+        from .slurm import SlurmBackend
+
+        return SlurmBackend(_embedded_options(args), partition=args.slurm_partition, gpus=args.slurm_gpus,
+                            time_min=args.slurm_time, shards=args.slurm_shards, executor=args.slurm_executor)
+    return EmbeddedBackend.boot(**_embedded_options(args))
 
 
 def _texts(args, sweep_columns: list[str]) -> dict:
@@ -138,18 +234,24 @@ def _sweep_sets_eval_prompt(columns: list[str]) -> bool:
     return "prompt" in columns or any(c.startswith(TITLE_EVALUATION_PROMPT + ".") for c in columns)
 
 
-def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None):
+def prepare(args, workflow_path: str, extra_rows: Optional[list[dict]] = None, profile_edit=None):
     workflow = Workflow.load(workflow_path)
     rows = _sweep.load_rows(args.sweep) if args.sweep else []
     if extra_rows:
         rows = [{**r, **e} for r in (rows or [{}]) for e in extra_rows]
     columns = list(dict.fromkeys(c for r in rows for c in r))
-    profile = model_profile(args.models, args.original, args.unlearned)
-    if _sweep_sets_eval_prompt(columns):
-        profile.texts.pop(TITLE_EVALUATION_PROMPT, None)
     backend = _backend(args)
-    plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_set_texts(args.set), profile,
-                             quick=args.quick, texts=_texts(args, columns))
+    try:
+        profile = model_profile(args.models, args.original, args.unlearned, backend)
+        if profile_edit is not None:  # memora-batch curve: the snapshot jobs load LoRA files instead of training
+            profile = profile_edit(profile)
+        if _sweep_sets_eval_prompt(columns):
+            profile.texts.pop(TITLE_EVALUATION_PROMPT, None)
+        plan = _runner.plan_jobs(workflow, backend, rows, _sweep.parse_set_texts(args.set), profile,
+                                 quick=args.quick, texts=_texts(args, columns))
+    except BaseException:
+        backend.close()
+        raise
     return backend, plan
 
 
@@ -172,56 +274,83 @@ def print_dry_run(plan, backend) -> None:
         print(f"  {job.key}  {json.dumps(job.overrides, default=str)}")
 
 
-def execute(args, backend, plan, results_dir: Path, after=None):
-    """Run the plan into ``results_dir`` holding its lock; ``after(results_dir)`` runs under the lock too."""
+def execute(args, backend, plan, results_dir: Path, after=None, detector: Optional[str] = None,
+            curve: Optional[dict] = None):
+    """Run the plan into ``results_dir`` holding its lock; ``after(results_dir)`` runs under the lock too, before
+    the reports (report.md, report.html; ``detector``: the concept-rate column, ``curve``: a curve run's steps). The
+    backend is closed (cluster workers let go) when this returns."""
+    try:
+        return _execute(args, backend, plan, results_dir, after, detector, curve)
+    finally:
+        backend.close()
+
+
+def _execute(args, backend, plan, results_dir: Path, after=None, detector: Optional[str] = None,
+             curve: Optional[dict] = None):
     prefix = _runner.checked_output_prefix(plan, args.output_prefix)
     if args.dry_run:
         print_dry_run(plan, backend)
         return None
-    from .report import write_report
+    from .report import write_reports
 
     with ResultsFolder(results_dir, force=args.force) as folder:
         print(f"memora-batch: {len(plan.jobs)} job(s) of {plan.workflow.name} on {backend.describe()}; "
               f"results in {results_dir}", file=sys.stderr, flush=True)
-        summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
-                                   progress=not args.no_progress, output_prefix=prefix,
-                                   job_timeout=args.timeout, folder=folder)
-        report = write_report(results_dir, plan.workflow.name)
-        print(f"memora-batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done"
-              + (f", {summary.not_run} not run" if summary.not_run else ""))
-        print(f"  results: {results_dir / 'results.csv'} (and results.jsonl)")
-        print(f"  report:  {report}")
+        with _runner.comfyui_log(backend, results_dir) as log:
+            summary = _runner.run_plan(plan, backend, results_dir, retry_failed=not args.no_retry_failed,
+                                       progress=not args.no_progress, output_prefix=prefix,
+                                       job_timeout=args.timeout, folder=folder)
         if after is not None:
             after(results_dir)
+        detector = detector or (plan.profile.detector_metric if plan.profile else None)
+        reports = write_reports(results_dir, plan.workflow.name, detector, curve)
+        print(f"memora-batch: {summary.ok} ok, {summary.failed} failed, {summary.skipped} already done"
+              + (f", {summary.not_run} not run" if summary.not_run else "")
+              + (f", {summary.retried} re-run after a worker died" if summary.retried else ""))
+        if len(summary.workers) > 1 or summary.retried:
+            print(f"  per worker: {summary.per_worker()}")
+        print(f"  results: {results_dir / 'results.csv'} (and results.jsonl)")
+        print("  report:  " + " and ".join(str(p) for p in reports if p is not None))
+        if log is not None:
+            print(f"  ComfyUI's own output: {log}")
     return summary
 
 
 # -- subcommands -----------------------------------------------------------------------------------------------------
+def report_asr(results_dir: Path, name: str = "asr.csv") -> None:
+    """The attack success rate over the prompt set per score node (per model): printed and written to asr.csv."""
+    rows = _sweep.attack_success(ResultsStore(results_dir).latest())
+    if not rows:
+        return
+    path = _sweep.write_asr(results_dir, rows, name)
+    print("attack success rate over the prompt set (a prompt succeeds when any of its images is flagged):")
+    for line in _sweep.format_asr(rows):
+        print("  " + line)
+    print(f"  asr:     {path}")
+
+
 def cmd_run(args) -> int:
     backend, plan = prepare(args, args.workflow)
-    summary = execute(args, backend, plan, _results_dir(args, plan.workflow.name))
+    results_dir = _results_dir(args, plan.workflow.name)
+    summary = execute(args, backend, plan, results_dir, after=report_asr)
     return 0 if summary is None or summary.failed == 0 and summary.not_run == 0 else EXIT_JOB_FAILED
 
 
 def cmd_curve(args) -> int:
-    from .curve import check_metric_names, curve_rows, print_verdict
+    from .curve import LABEL_MODEL, LABEL_UPDATES, TESTED, parse_steps, run_curve
 
-    try:
-        steps = sorted({int(s) for s in str(args.steps).split(",") if s.strip()})
-    except ValueError:
-        steps = []
-    if not steps or any(s < 1 for s in steps):
-        raise _sweep.SweepError(f"--steps {args.steps!r}: expected positive integers like 10,50,100,250,500")
-    backend, plan = prepare(args, args.workflow, curve_rows(args.train_node, steps))
-    results_dir = _results_dir(args, plan.workflow.name + "-curve")
-    check_metric_names(plan, {"--detector": args.detector, "--similarity": args.similarity})
-    detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
-    status = []
-    summary = execute(args, backend, plan, results_dir, after=lambda d: status.append(
-        print_verdict(d, args.train_node, steps, detector, args.similarity)))
-    if summary is None:
-        return 0
-    return EXIT_JOB_FAILED if summary.failed or summary.not_run else status[0]
+    def execute_curve(args_, backend, plan, results_dir, after=None):
+        # every execution of the curve also writes asr.csv and the reports (report.html: the curve chart)
+        def after_all(d):
+            report_asr(d)
+            if after is not None:
+                after(d)
+        detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
+        curve = {"steps": parse_steps(args.steps), "train_node": args.train_node, "label_updates": LABEL_UPDATES,
+                 "label_model": LABEL_MODEL, "tested": TESTED}
+        return execute(args_, backend, plan, results_dir, after=after_all, detector=detector, curve=curve)
+
+    return run_curve(args, prepare, execute_curve, _results_dir)
 
 
 def cmd_demo(args) -> int:
@@ -247,10 +376,13 @@ def cmd_demo(args) -> int:
     from .report import print_where
 
     concept_metric = plan.profile.detector_metric if plan.profile else None
-    suffix = concept_metric.split(")", 1)[1] if concept_metric else ".flagged_rate"
+    suffix = concept_metric.split(")", 1)[1] if concept_metric else ".rate"
 
-    def headline(metric: str) -> bool:
-        return ((metric.startswith(TITLE_CONCEPT_SCORE) and metric.endswith(suffix))
+    base = suffix[:-len(".rate")] if suffix.endswith(".rate") else suffix
+    rate_cells = tuple(base + c for c in (".rate", ".n", ".ci_low", ".ci_high", ".convention")) + (suffix,)
+
+    def headline(metric: str) -> bool:  # the concept's rate with its n, interval and convention
+        return ((metric.startswith(TITLE_CONCEPT_SCORE) and metric.endswith(rate_cells))
                 or (metric.startswith(TITLE_SIMILARITY) and metric.endswith((".ssim", ".psnr")))
                 or metric.endswith(".final_loss"))
 
@@ -289,9 +421,26 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_rescore(args) -> int:
+    from .rescore import rescore_folder
+
+    result, files = rescore_folder(args.results, args.convention, force=args.force)
+    print(f"memora-batch rescore: {len(result.rescored)} score table(s) counted again under {args.convention}")
+    for node, why in sorted(result.skipped.items()):
+        print(f"  not rescored: {node}: {why}")
+    rows = _sweep.attack_success(result.records)
+    for line in _sweep.format_asr(rows):
+        print("  " + line)
+    for f in files:
+        print(f"  wrote {f}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "curve": cmd_curve, "demo": cmd_demo, "convert": cmd_convert}[args.command]
+    handler = {"run": cmd_run, "curve": cmd_curve, "demo": cmd_demo, "convert": cmd_convert,
+               "rescore": cmd_rescore}[args.command]
+    from .backend import BackendFailed
     from .results import ResultsError
     from .server_client import AllServersFailed, ServerUnreachable
     from .workflow import WorkflowError
@@ -302,7 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ResultsError, ValueError) as e:
         print(f"memora-batch: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except AllServersFailed as e:
+    except (AllServersFailed, BackendFailed) as e:
         print(f"memora-batch: {e}", file=sys.stderr)
         return EXIT_JOB_FAILED
     except KeyboardInterrupt:

@@ -6,6 +6,8 @@ Used by the test harness and by ``memora-batch`` in its default (embedded) mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import inspect
 import logging
 import os
@@ -40,12 +42,19 @@ class _ServerStub:
         self.last_node_id = None
         self.last_prompt_id = None
         self.events: list[tuple[str, Any]] = []
+        self.listener = None
 
     def send_sync(self, event, data, sid=None):
         self.events.append((event, data))
+        if self.listener is not None:
+            self.listener(event, data)
 
 
 _BOOTED: Optional["EmbeddedComfy"] = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def find_comfyui(path: Optional[str] = None) -> Optional[Path]:
@@ -69,6 +78,7 @@ class EmbeddedComfy:
         self.executor = None
         self.server = _ServerStub()
         self.version = "unknown"
+        self.log_path: Optional[Path] = None
 
     @classmethod
     def boot(cls, comfy_path: Path, custom_nodes: Iterable[Path] = (), base_directory: Optional[Path] = None,
@@ -161,11 +171,58 @@ class EmbeddedComfy:
             raise GraphValidationError(valid[1], valid[3])
         return valid[2]
 
+    # -- the console ----------------------------------------------------------------------------------------------
+    def listen(self, listener) -> None:
+        """``listener(event, data)`` gets the executor's events while graphs run (nodes executing, cached; the
+        nodes' own events); None stops."""
+        self.server.listener = listener
+
+    def log_to(self, path: "Optional[str | Path]") -> Optional[Path]:
+        """ComfyUI's own output while graphs run (its logging at INFO, prints, per-sampling progress bars) goes to
+        the end of the file ``path`` instead of the console; None: to the console again. Returns the path."""
+        self.log_path = Path(path) if path is not None else None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(f"==== memora-batch: ComfyUI {self.version} from {self.comfy_path}, output logged from "
+                        f"{_now()} ====\n")
+        return self.log_path
+
+    @contextlib.contextmanager
+    def _output(self):
+        if self.log_path is None:
+            yield
+            return
+        root = logging.getLogger()
+        with open(self.log_path, "a", encoding="utf-8", buffering=1) as f:
+            handler = logging.StreamHandler(f)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            level = root.level
+            consoles = [h for h in root.handlers if type(h) is logging.StreamHandler
+                        and getattr(h, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)]
+            for h in consoles:
+                root.removeHandler(h)
+            root.addHandler(handler)
+            if level > logging.INFO:
+                root.setLevel(logging.INFO)
+            try:
+                with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                    yield
+            finally:
+                root.removeHandler(handler)
+                root.setLevel(level)
+                for h in consoles:
+                    root.addHandler(h)
+
     def run(self, prompt: dict, prompt_id: Optional[str] = None, extra_data: Optional[dict] = None) -> RunResult:
         prompt_id = prompt_id or str(uuid.uuid4())
         outputs = self.validate(prompt, prompt_id)
         self.server.events.clear()
-        self.executor.execute(prompt, prompt_id, extra_data or {}, outputs)
+        extra = dict(extra_data or {})
+        if self.server.listener is not None:
+            extra.setdefault("client_id", "memora-batch")  # the executor sends its events only to a client
+        with self._output():
+            self.executor.execute(prompt, prompt_id, extra, outputs)
         history = getattr(self.executor, "history_result", {}) or {}
         error = None
         for event, data in self.executor.status_messages:

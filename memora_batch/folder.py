@@ -6,9 +6,12 @@ writable before the first job.
   the process ends, however it ends (kill -9 included), so a lock is never stale. The file holds the holder's PID,
   host, start time and command line; a second run into the same folder stops with :class:`FolderLocked` naming them.
 - **Whose files**: ``results.jsonl`` is the record of finished jobs (appended, never rewritten); ``results.csv``,
-  ``report.md`` and ``curve.json`` are derived from it and rewritten by every run (resume included). A derived file
-  that exists but was not written by memora-batch (it lacks memora-batch's header) is replaced only with ``--force``
-  (:class:`FolderNotOurs`); a ``results.jsonl`` whose lines are not memora-batch records is never appended to.
+  ``report.md``, ``report.html``, ``curve.json`` and ``asr.csv`` are derived from it and rewritten by every run
+  (resume included); ``memora-batch rescore`` writes ``results.<convention>.jsonl`` / ``.csv`` and
+  ``asr.<convention>.csv`` (named by the holder as ``derived``). A derived file that exists but was not written by
+  memora-batch (it lacks memora-batch's header, or its first line is not a memora-batch record) is replaced only with
+  ``--force`` (:class:`FolderNotOurs`); a ``results.jsonl`` whose lines are not memora-batch records is never
+  appended to.
 - **Writable**: the lock is written and fsync'ed into the folder and ``results.jsonl`` opened for appending before
   anything runs, and the filesystem must have :data:`MIN_FREE_BYTES` free (:class:`FolderUnwritable`)."""
 
@@ -25,10 +28,31 @@ from typing import Optional
 from memora.fileio import UnwritableFolderError, make_folder
 
 from .backend import now
+from .sweep import ASR_SIGNATURE
 
 LOCK_NAME = "memora-batch.lock"
 #: the derived files a run rewrites, and how memora-batch's own version of each begins
-DERIVED_SIGNATURES = {"results.csv": "key,status,row", "report.md": "# memora-batch: ", "curve.json": '{\n  "steps": '}
+DERIVED_SIGNATURES = {"results.csv": "key,status,row", "report.md": "# memora-batch: ", "curve.json": '{\n  "steps": ',
+                      "report.html": "<!DOCTYPE html>\n<!-- memora-batch report -->",
+                      "asr.csv": ASR_SIGNATURE}
+#: a JSON-lines file of memora-batch's starts with a job record (checked by parsing its first line)
+JSONL_RECORD = "<a memora-batch job record>"
+
+
+def signature(name: str) -> str:
+    """How memora-batch's own version of the derived file ``name`` begins: a run's fixed files, and rescore's
+    ``results.<convention>.csv`` / ``.jsonl`` and ``asr.<convention>.csv`` (those of results.csv, a job record and
+    asr.csv). KeyError for a name memora-batch never writes."""
+    if name in DERIVED_SIGNATURES:
+        return DERIVED_SIGNATURES[name]
+    stem, _, ext = name.rpartition(".")
+    if stem.startswith("results.") and ext == "csv":
+        return DERIVED_SIGNATURES["results.csv"]
+    if stem.startswith("results.") and ext == "jsonl" and stem != "results":
+        return JSONL_RECORD
+    if stem.startswith("asr.") and ext == "csv":
+        return DERIVED_SIGNATURES["asr.csv"]
+    raise KeyError(f"{name} is not a file memora-batch derives")
 MIN_FREE_BYTES = 1 << 20
 
 
@@ -80,11 +104,18 @@ def _holder(path: Path) -> str:
 
 
 class ResultsFolder:
-    """``with ResultsFolder(path, force=...):`` holds the lock for the block; every check is made on entry."""
+    """``with ResultsFolder(path, force=...):`` holds the lock for the block; every check is made on entry.
+    ``run_files``: the holder rewrites a run's derived files (results.csv, report.md, report.html, curve.json,
+    asr.csv), so foreign ones stop it; False for a holder that writes only its ``derived`` files (rescore), which a
+    foreign report.html it never touches must not stop."""
 
-    def __init__(self, path: "str | Path", force: bool = False):
+    def __init__(self, path: "str | Path", force: bool = False, derived: tuple[str, ...] = (), run_files: bool = True):
         self.path = Path(path)
         self.force = force
+        #: the derived files the holder writes, checked with the run's own (``signature``)
+        self.derived = tuple(dict.fromkeys([*(DERIVED_SIGNATURES if run_files else ()), *derived]))
+        for name in self.derived:
+            signature(name)  # a name memora-batch never writes is a programming error, found at once
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "ResultsFolder":
@@ -153,12 +184,12 @@ class ResultsFolder:
         self._check_foreign()
 
     def _check_foreign(self) -> None:
-        foreign = [name for name, head in DERIVED_SIGNATURES.items() if (self.path / name).exists()
-                   and not _starts_with(self.path / name, head)]
+        foreign = [name for name in self.derived if (self.path / name).exists()
+                   and not _starts_with(self.path / name, signature(name))]
         if foreign and not self.force:
             raise FolderNotOurs(f"results folder {self.path} holds {', '.join(foreign)} not written by memora-batch; "
-                                f"a run rewrites these files: pass --force to replace them, or choose another --out; "
-                                f"nothing was run")
+                                f"memora-batch rewrites these files: pass --force to replace them, or choose another "
+                                f"--out; nothing was run")
 
     def release(self) -> None:
         if self._fd is not None:
@@ -167,8 +198,19 @@ class ResultsFolder:
 
 
 def _starts_with(path: Path, head: str) -> bool:
+    if head == JSONL_RECORD:
+        return _first_line_is_record(path)
     try:
         with open(path, "rb") as f:
             return f.read(len(head.encode("utf-8"))) == head.encode("utf-8")
     except OSError:
         return False
+
+
+def _first_line_is_record(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.loads(f.readline())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("key"), str) and "status" in obj

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from memora.contracts import (EVALUATED_MODELS, MODEL_TITLES, NODE_MICRO_DETECTOR, NODE_MICRO_WORLD,
@@ -19,7 +20,8 @@ from memora.contracts import (EVALUATED_MODELS, MODEL_TITLES, NODE_MICRO_DETECTO
                               TITLE_ORIGINAL_MODEL, TITLE_SEED_IMAGE_SIZE, TITLE_TRAIN_LORA, concept_score_title,
                               evaluate_title)
 
-from .workflow import (AddressError, apply_overrides, first_resolvable, fitted_value, input_specs, title_of)
+from .workflow import (AddressError, apply_overrides, combo_options, first_resolvable, fitted_value, input_specs,
+                       title_of)
 
 TITLE = object()  # placeholder in a swap's inputs: the swapped node's own title
 #: the inputs a titled prompt node's text may sit in, tried in order
@@ -28,6 +30,12 @@ TEXT_INPUTS = ("value", "text", "string", "prompt")
 MICRO_EVAL_IMAGES = 32
 #: the micro-world variant each model role of a workflow gets (roles not listed: the variant of the same name)
 MICRO_VARIANTS = {"unlearned": "esd_x"}
+NODE_CHECKPOINT_LOADER = "CheckpointLoaderSimple"
+#: MemoRa Load Unlearned Model: inputs ckpt_name (the base), unlearned_weights ('<folder>/<file>'), lora_strength
+NODE_UNLEARNED_LOADER = "MemoRaLoadUnlearnedModel"
+#: the loader's list prefixes -> ComfyUI model folders (nodes/unlearned.py FILE_SOURCES / PIPELINE_SOURCES)
+WEIGHT_FOLDERS = {"unlearned": "unlearned", "unet": "diffusion_models", "loras": "loras",
+                  "checkpoints": "checkpoints", "diffusers": "diffusers"}
 
 
 @dataclass
@@ -54,10 +62,14 @@ class ModelProfile:
     detector_metric: Optional[str] = None
     description: str = ""
     source: str = "--models"
+    #: what --unlearned's file was detected as ('' when not read: a server's file, or no --unlearned)
+    unlearned_format: str = ""
 
 
 def model_profile(models: Optional[str], original: Optional[str] = None,
-                  unlearned: Optional[str] = None) -> ModelProfile:
+                  unlearned: Optional[str] = None, backend=None) -> ModelProfile:
+    """The profile of --models / --original / --unlearned. With a ``backend``, ``unlearned`` may be any file MemoRa
+    Load Unlearned Model reads: :func:`unlearned_loader` picks the loader from the file."""
     prof = ModelProfile()
     if models == "micro":
         prof = micro_world_profile()
@@ -66,12 +78,110 @@ def model_profile(models: Optional[str], original: Optional[str] = None,
     given = (("original", original), ("unlearned", unlearned))
     for variant, ckpt in given:
         if ckpt:
-            prof.swaps[MODEL_TITLES[variant]] = ("CheckpointLoaderSimple", {"ckpt_name": ckpt})
+            prof.swaps[MODEL_TITLES[variant]] = (NODE_CHECKPOINT_LOADER, {"ckpt_name": ckpt})
+    if unlearned and backend is not None:
+        prof.swaps[MODEL_TITLES["unlearned"]], prof.unlearned_format = unlearned_loader(unlearned, original, backend)
     if any(ckpt for _, ckpt in given):
         # a loader named on the command line must be in the workflow
         prof.optional_titles = prof.optional_titles - {MODEL_TITLES[v] for v, ckpt in given if ckpt}
         prof.source = "--models / --original / --unlearned" if models else "--original / --unlearned"
     return prof
+
+
+# -- --unlearned: which loader takes the file -----------------------------------------------------------------------
+def _options(object_info: dict, node_type: str, name: str) -> list[str]:
+    info = object_info.get(node_type)
+    return [str(o) for o in combo_options(input_specs(info).get(name)) or []] if info else []
+
+
+def _weights_entry(name: str, options: list[str]) -> Optional[str]:
+    """MemoRa Load Unlearned Model's list entry for ``name``: the entry itself ('unlearned/x.pt'), else the one
+    '<folder>/<name>' entry (checkpoints/ last: a file in several folders is taken from the loader's own first)."""
+    if name in options:
+        return name
+    hits = [o for o in options if o.split("/", 1)[-1].rstrip("/") == name.rstrip("/")]
+    hits.sort(key=lambda o: o.startswith("checkpoints/"))
+    return hits[0] if hits else None
+
+
+def _local_path(entry: str, backend) -> Optional[Path]:
+    """The file (or pipeline folder) of a loader entry when ComfyUI runs in this process (EmbeddedBackend), where
+    the pack's detection can read it; None for servers (their files are theirs)."""
+    from .backend import EmbeddedBackend
+
+    label, rest = entry.split("/", 1)
+    if not isinstance(backend, EmbeddedBackend) or label not in WEIGHT_FOLDERS:
+        return None
+    import folder_paths
+
+    for root in folder_paths.get_folder_paths(WEIGHT_FOLDERS[label]):
+        path = Path(root, rest.rstrip("/"))
+        if path.exists():
+            return path
+    return None
+
+
+def detected_format(path: Path) -> tuple[str, bool]:
+    """(format, is a full checkpoint) of an unlearned-weights file, by memora.zoo's own detection on its keys (a
+    safetensors header is read without its tensors). A full checkpoint (ldm UNet, text encoder and VAE) loads with
+    the stock CheckpointLoaderSimple; everything else needs a base."""
+    import torch
+
+    from memora import zoo
+
+    if path.is_dir():
+        return zoo.load_unlearned(path).format, False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            content = {k: torch.empty(0) for k in f.keys()}
+    except Exception:  # not safetensors: zoo reads pickles safely (weights_only, memory-mapped archives)
+        content = zoo.read_file(path)
+    weights = zoo.detect(content, path.name)
+    has_vae = any(str(k).startswith("first_stage_model.") for k in _flat_keys(content))
+    full = weights.format == zoo.LDM_CHECKPOINT and bool(weights.unet) and bool(weights.text_encoder) and has_vae
+    return weights.format, full
+
+
+def _flat_keys(content: dict) -> list:
+    inner = content.get("state_dict") if isinstance(content.get("state_dict"), dict) else content
+    return list(inner)
+
+
+def unlearned_loader(name: str, base: Optional[str], backend) -> tuple[tuple[str, dict], str]:
+    """((loader class, inputs), detected format) for --unlearned ``name``: a full checkpoint in models/checkpoints
+    loads with CheckpointLoaderSimple as before; any other file MemoRa Load Unlearned Model lists (UNet-only,
+    partial, text-encoder-only, LoRA-shaped, pipeline folders, ...) loads through it on ``base`` (--original; without
+    it, the loader's own ckpt_name in the workflow). The format comes from memora.zoo's detection when the file is
+    on this machine (embedded runs); on a server the folder decides (checkpoints -> CheckpointLoaderSimple)."""
+    types = [t for t in (NODE_CHECKPOINT_LOADER, NODE_UNLEARNED_LOADER) if t in backend.available_types()]
+    info = backend.object_info(types)
+    checkpoints = _options(info, NODE_CHECKPOINT_LOADER, "ckpt_name")
+    entry = _weights_entry(name, _options(info, NODE_UNLEARNED_LOADER, "unlearned_weights"))
+    path = _local_path(entry, backend) if entry else None
+    fmt, full = detected_format(path) if path is not None else ("", name in checkpoints)
+    if (full or entry is None) and name in checkpoints:
+        return (NODE_CHECKPOINT_LOADER, {"ckpt_name": name}), fmt
+    if entry is None:
+        folders = ", ".join(f"models/{f}" for f in WEIGHT_FOLDERS.values())
+        raise ValueError(f"--unlearned {name!r}: no such checkpoint or unlearned-weights file where ComfyUI looks "
+                         f"({folders}; {backend.describe()}); expected a name as MemoRa Load Unlearned Model lists "
+                         f"it, e.g. 'unlearned/esd-nudity-UNET-SD.pt' or 'esd-nudity-UNET-SD.pt'")
+    inputs = {"unlearned_weights": entry}
+    if base:
+        inputs["ckpt_name"] = base
+    return (NODE_UNLEARNED_LOADER, inputs), fmt
+
+
+def load_reports(ui_outputs: dict, api: dict) -> dict[str, str]:
+    """{node title: report} of the MemoRa Load Unlearned Model nodes that ran (their UI text)."""
+    out = {}
+    for nid, ui in (ui_outputs or {}).items():
+        node = api.get(nid) or {}
+        if node.get("class_type") == NODE_UNLEARNED_LOADER and isinstance(ui, dict) and ui.get("text"):
+            out[title_of(api, nid)] = "\n".join(str(t) for t in ui["text"])
+    return out
 
 
 def micro_world_profile() -> ModelProfile:

@@ -21,7 +21,10 @@ from memora.contracts import UI_LORA, UI_LOSS, UI_SCORES
 from memora.fileio import atomic_write
 
 FIXED_COLUMNS = ["key", "status", "row"]
-TAIL_COLUMNS = ["outputs", "loras", "seconds", "started", "server", "prompt_id", "error"]
+TAIL_COLUMNS = ["outputs", "loras", "seconds", "started", "server", "retries", "prompt_id", "error"]
+#: the one text cell of a score table kept as a results column (the score-table contract): the convention a rate
+#: was counted by, written next to the rate
+TEXT_COLUMN = "convention"
 
 
 class ResultsError(ValueError):
@@ -117,33 +120,51 @@ class ResultsStore:
         self.write_csv()
 
     def write_csv(self) -> None:
-        rows = self.latest()
-        override_cols, label_cols, metric_cols = [], [], []
-        for r in rows:
-            for k in r.get("overrides", {}):
-                if k not in override_cols:
-                    override_cols.append(k)
-            for k in r.get("labels", {}):
-                if f"label.{k}" not in label_cols:
-                    label_cols.append(f"label.{k}")
-            for k in r.get("metrics", {}):
-                if k not in metric_cols:
-                    metric_cols.append(k)
-        header = FIXED_COLUMNS + override_cols + label_cols + metric_cols + TAIL_COLUMNS
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(header)
-        for r in rows:
-            outputs = r.get("outputs", {})
-            cells = [r.get("key"), r.get("status"), r.get("row")]
-            cells += [_exact(r.get("overrides", {}).get(k)) for k in override_cols]
-            cells += [_exact(r.get("labels", {}).get(k[len("label."):])) for k in label_cols]
-            cells += [_cell(r.get("metrics", {}).get(k)) for k in metric_cols]
-            cells += [";".join(outputs.get("files", [])), ";".join(outputs.get("loras", [])),
-                      _cell(r.get("seconds")), r.get("started"), r.get("server"), r.get("prompt_id"),
-                      r.get("error") or ""]
-            w.writerow(cells)
-        atomic_write(self.csv, buf.getvalue(), replace=True)
+        atomic_write(self.csv, csv_text(self.latest()), replace=True)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """results.csv's text for these records (one row each)."""
+    override_cols, label_cols, metric_cols = [], [], []
+    for r in rows:
+        for k in r.get("overrides", {}):
+            if k not in override_cols:
+                override_cols.append(k)
+        for k in r.get("labels", {}):
+            if f"label.{k}" not in label_cols:
+                label_cols.append(f"label.{k}")
+        for k in r.get("metrics", {}):
+            if k not in metric_cols:
+                metric_cols.append(k)
+    header = FIXED_COLUMNS + override_cols + label_cols + metric_cols + TAIL_COLUMNS
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in rows:
+        outputs = r.get("outputs", {})
+        cells = [r.get("key"), r.get("status"), r.get("row")]
+        cells += [_exact(r.get("overrides", {}).get(k)) for k in override_cols]
+        cells += [_exact(r.get("labels", {}).get(k[len("label."):])) for k in label_cols]
+        cells += [_cell(r.get("metrics", {}).get(k)) for k in metric_cols]
+        cells += [";".join(outputs.get("files", [])), ";".join(outputs.get("loras", [])),
+                  _cell(r.get("seconds")), r.get("started"), r.get("server"), len(r.get("retries") or []),
+                  r.get("prompt_id"),
+                  r.get("error") or ""]
+        w.writerow(cells)
+    return buf.getvalue()
+
+
+def write_snapshot(directory: "str | Path", stem: str, records: list[dict]) -> tuple[Path, Path]:
+    """Write ``records`` as <stem>.jsonl and <stem>.csv (each atomically, replacing an earlier snapshot of that
+    name): derived results such as a rescoring, never results.jsonl / results.csv themselves."""
+    if stem == "results":
+        raise ValueError("a snapshot never replaces the run's own results.jsonl / results.csv")
+    directory = Path(directory)
+    lines = [json.dumps(r if _finite(r) else _nan_to_none(r), default=str, allow_nan=False) for r in records]
+    jsonl, table = directory / f"{stem}.jsonl", directory / f"{stem}.csv"
+    atomic_write(jsonl, "".join(line + "\n" for line in lines), replace=True)
+    atomic_write(table, csv_text(records), replace=True)
+    return jsonl, table
 
 
 def _is_record(obj: Any) -> bool:
@@ -200,7 +221,7 @@ def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
     """Numbers the nodes report in their UI output, flattened to ``<node title>.<name>`` columns.
 
     - ``memora_scores`` tables ({title, columns, rows}): a one-row table (a node's summary) gives
-      ``<node>.<column>`` for each numeric cell; a table whose rows are named by a text first cell (a detector's
+      ``<node>.<column>`` for each numeric cell and for the text ``convention`` cell; a table whose rows are named by a text first cell (a detector's
       concepts) gives ``<node>.<row name>.<column>``. Other multi-row tables (per-image details) stay in the JSONL
       record (``tables``); only a node that reports none of the above gets ``<node>.<column>.mean`` from them.
     - ``memora_loss`` (training): ``<node>.final_loss`` and ``<node>.train_steps``.
@@ -214,7 +235,7 @@ def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
         single = [t for t in tables if len(t.get("rows") or []) == 1]
         for table in single:
             for c, v in zip(table["columns"], table["rows"][0]):
-                if _is_number(v):
+                if _kept(c, v):
                     metrics.setdefault(f"{name}.{c}", v)
         for table in tables:
             rows = [r for r in table.get("rows") or [] if isinstance(r, (list, tuple)) and r]
@@ -223,7 +244,7 @@ def metrics_from_ui(ui_outputs: dict, titles: dict[str, str]) -> dict[str, Any]:
                 # one row per named item (e.g. a detector's concepts): <node>.<item>.<column>
                 for r in rows:
                     for c, v in zip(table["columns"][1:], r[1:]):
-                        if _is_number(v):
+                        if _kept(c, v):
                             metrics.setdefault(f"{name}.{r[0]}.{c}", v)
                 single.append(table)
         if not single:
@@ -248,6 +269,11 @@ def tables_from_ui(ui_outputs: dict, titles: dict[str, str]) -> list[dict]:
             if isinstance(table, dict):
                 out.append({"node": titles.get(str(nid), str(nid)), **table})
     return out
+
+
+def _kept(column: str, v: Any) -> bool:
+    """A cell that becomes a results column: a number, or the text naming the convention a rate was counted by."""
+    return _is_number(v) or (column == TEXT_COLUMN and isinstance(v, str))
 
 
 def _is_number(v: Any) -> bool:

@@ -11,16 +11,20 @@ first job."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from memora.contracts import TITLE_EVALUATION_PROMPT, TITLE_EVALUATION_SEED
+
 from . import sweep as _sweep
 from .backend import Backend, RunResult
 from .folder import ResultsFolder
-from .profiles import ModelProfile, Setting, apply_profile, text_address
+from .profiles import ModelProfile, Setting, apply_profile, load_reports, text_address
 from .results import ResultsStore, files_from_ui, metrics_from_ui, tables_from_ui
 from .workflow import (AddressError, MissingNodeTypes, Workflow, apply_overrides, graph_key, graph_problems,
                        quick_settings, resolve_address, title_of)
@@ -186,34 +190,166 @@ class Summary:
     ok: int = 0
     failed: int = 0
     not_run: int = 0
+    #: per worker (the record's ``server``): [jobs finished, seconds spent in them]
+    workers: dict = field(default_factory=dict)
+    #: jobs re-run after their worker died
+    retried: int = 0
+
+    def count(self, record: dict) -> None:
+        if record["status"] == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.retried += bool(record.get("retries"))
+        jobs_seconds = self.workers.setdefault(str(record.get("server")), [0, 0.0])
+        jobs_seconds[0] += 1
+        jobs_seconds[1] += float(record.get("seconds") or 0.0)
+
+    def per_worker(self) -> str:
+        """'w1: 3 jobs in 41.2 s; w2: ...' (empty when nothing ran)."""
+        return "; ".join(f"{w}: {n} job{'s' if n != 1 else ''} in {t:.1f} s" for w, (n, t) in self.workers.items())
+
+
+#: ComfyUI's own output during an embedded run, in the results folder
+LOG_NAME = "comfyui.log"
+#: node types whose run is a stage of its own on the console (with every MemoRa node)
+STAGE_TYPES = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 
 
 class _Progress:
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
+    """The console of a run. With node events (``nodes``: the embedded backend): one bar per job (its nodes done,
+    the node running now) and a line per stage (a run of sampler or MemoRa nodes of one type, with its time).
+    Without (servers, Ray, SLURM): one bar over the jobs, the jobs each worker finished in its postfix
+    (``w1:3 w2:2``). Always a line per finished job (with its retries, and the jobs finished per worker when several
+    workers run). Without tqdm, or with ``enabled`` False (--no-progress), the lines only. Writes to the stderr of
+    its creation (ComfyUI's own output may be redirected to a log meanwhile)."""
 
-                self.bar = tqdm(total=total, initial=initial, unit="job", desc="memora-batch", file=sys.stderr,
-                                dynamic_ncols=True)
-            except ImportError:
-                self.bar = None
-        self.total, self.done = total, initial
-        self.enabled = enabled
+    def __init__(self, total: int, initial: int, enabled: bool, nodes: bool = True):
+        self.out = sys.stderr
+        self.total, self.done, self.enabled, self.nodes = total, initial, enabled, nodes
+        self.running: dict[str, str] = {}  # job key -> worker, without node events
+        self.bar = None
+        self.job: Optional[Job] = None
+        self.stage: Optional[tuple[str, list, float]] = None  # (class type, titles, start)
+        self.seen: set = set()
+        self.per_worker: dict[str, int] = {}  # jobs finished per worker (the record's ``server``)
+
+    def _write(self, text: str):
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
+
+    def _tqdm(self, **kw):
+        if not self.enabled:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(file=self.out, dynamic_ncols=True, leave=True, **kw)
+
+    def start(self, job: Job, worker: Optional[str] = None):
+        if not self.nodes:
+            self.running[job.key] = worker or "?"
+            if self.bar is None:
+                self.bar = self._tqdm(total=self.total, initial=self.done, unit="job", desc="jobs")
+            self._postfix()
+            return
+        if self.job is not None:
+            return
+        self.job, self.stage, self.seen = job, None, set()
+        self.bar = self._tqdm(total=len(job.api), unit="node", desc=f"job {self.done + 1}/{self.total} {job.key[:8]}")
+
+    def _postfix(self):
+        """The job-level bar's postfix: jobs finished per worker, and how many run now."""
+        if self.bar is None:
+            return
+        short = {w: w.split("@")[0].removeprefix("ray:") for w in self.per_worker}
+        text = " ".join(f"{short[w]}:{n}" for w, n in self.per_worker.items())
+        if self.running:
+            text += f" (running {len(self.running)})"
+        self.bar.set_postfix_str(text.strip())
+
+    def event(self, event: str, data: Any):
+        if self.job is None or not isinstance(data, dict):
+            return
+        nodes = data.get("nodes") if event == "execution_cached" else [data.get("node")] \
+            if event == "executing" else []
+        for nid in [str(n) for n in nodes or [] if n is not None]:
+            if nid in self.seen or nid not in self.job.api:
+                continue
+            self.seen.add(nid)
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix_str(self.job.titles.get(nid, nid)[:40])
+            if event == "executing":
+                self._stage(nid)
+
+    def _stage(self, nid: str):
+        kind = self.job.api[nid].get("class_type", "")
+        if not (kind.startswith("MemoRa") or kind in STAGE_TYPES):
+            return
+        if self.stage is not None and self.stage[0] == kind:
+            self.stage[1].append(self.job.titles.get(nid, nid))
+            return
+        self._end_stage()
+        self.stage = (kind, [self.job.titles.get(nid, nid)], time.monotonic())
+
+    def _end_stage(self):
+        if self.stage is None:
+            return
+        kind, titles, t0 = self.stage
+        names = ", ".join(titles) if len(titles) <= 3 else f"{titles[0]} ... {titles[-1]}"
+        self._write(f"  {self.job.key[:8]}  {kind}{f' x{len(titles)}' if len(titles) > 1 else ''}: {names}  "
+                    f"({time.monotonic() - t0:.1f} s)")
+        self.stage = None
 
     def update(self, record: dict):
         self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{record['key'][:8]} {record['status']}")
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"[{self.done}/{self.total}] {record['key']} {record['status']} {record.get('error') or ''}",
-                  file=sys.stderr, flush=True)
+        worker = str(record.get("server"))
+        self.per_worker[worker] = self.per_worker.get(worker, 0) + 1
+        if not self.nodes:
+            self.running.pop(record["key"], None)
+            if self.bar is None:
+                self.bar = self._tqdm(total=self.total, initial=self.done - 1, unit="job", desc="jobs")
+            if self.bar is not None:
+                self.bar.update(1)
+                self._postfix()
+        mine = self.job is not None and self.job.key == record["key"]
+        if mine:
+            self._end_stage()
+        if mine and self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.set_postfix_str(record["status"])
+            self.bar.close()
+            self.bar = None
+        error = f" {record.get('error').splitlines()[0][:200]}" if record.get("error") else ""
+        retried = f" (re-run {len(record['retries'])}x after a worker died)" if record.get("retries") else ""
+        workers = (" [" + " ".join(f"{w}:{n}" for w, n in self.per_worker.items()) + "]"
+                   if len(self.per_worker) > 1 else "")
+        print(f"[{self.done}/{self.total}] job {record['key']} {record['status']} in {record.get('seconds')} s"
+              f"{retried}{error}{workers}", file=self.out, flush=True)
+        if mine:
+            self.job = None
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def comfyui_log(backend: Backend, results_dir: "str | Path"):
+    """Embedded runs: while the block runs, ComfyUI's own output (its logging, prints and per-sampling progress
+    bars) goes to ``<results>/comfyui.log`` instead of the console; yields that path (None for backends without
+    it, e.g. servers, whose output stays in their own console: :meth:`Backend.log_to`)."""
+    path = backend.log_to(Path(results_dir) / LOG_NAME)
+    try:
+        yield path
+    finally:
+        if path is not None:
+            backend.log_to(None)
 
 
 def run_plan(plan: Plan, backend: Backend, results_dir: "str | Path", retry_failed: bool = True,
@@ -238,6 +374,7 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
     for problem in store.problems:
         print(f"memora-batch: warning: {problem}", file=sys.stderr, flush=True)
     store.repair()
+    backend.bind_results(Path(results_dir))
     finished = store.finished_keys()
     failed_before = {r["key"] for r in store.records if r.get("status") != "ok"}
     todo, seen = [], set()
@@ -248,25 +385,26 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
         todo.append(job)
     summary = Summary(total=len(plan.jobs), skipped=len(plan.jobs) - len(todo))
 
+    bar = _Progress(len(plan.jobs), summary.skipped, progress, nodes=backend.node_events)
+
     def prompt_of(job: Job) -> dict:
         return prefix_outputs(job.api, f"{prefix}/{job.key}") if prefix else job.api
-
-    bar = _Progress(len(plan.jobs), summary.skipped, progress)
 
     def done(job: Job, result: RunResult, seconds: float, started: str):
         rec = _record(plan, job, result, backend, seconds, started)
         store.append(rec)
-        if rec["status"] == "ok":
-            summary.ok += 1
-        else:
-            summary.failed += 1
+        summary.count(rec)
         bar.update(rec)
         if on_record:
             on_record(rec)
 
+    if backend.node_events:
+        backend.listen(bar.event)
     try:
-        summary.not_run = len(backend.run_all(todo, prompt_of, done, job_timeout=job_timeout))
+        summary.not_run = len(backend.run_all(todo, prompt_of, done, job_timeout=job_timeout, on_start=bar.start))
     finally:
+        if backend.node_events:
+            backend.listen(None)
         bar.close()
     return summary
 
@@ -274,6 +412,11 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
 def _record(plan: Plan, job: Job, result: RunResult, backend: Backend, seconds: float, started: str) -> dict:
     """One job's line in results.jsonl."""
     files, loras = files_from_ui(result.ui_outputs, backend.resolve_file)
+    by_node = {}
+    for nid, ui in (result.ui_outputs or {}).items():
+        node_files = files_from_ui({nid: ui}, backend.resolve_file)[0]
+        if node_files:
+            by_node.setdefault(job.titles.get(str(nid), str(nid)), []).extend(node_files)
     rec = {
         "key": job.key,
         "status": "ok" if result.success else "error",
@@ -281,18 +424,37 @@ def _record(plan: Plan, job: Job, result: RunResult, backend: Backend, seconds: 
         "workflow": plan.workflow.name,
         "overrides": job.overrides,
         "labels": job.labels,
-        "outputs": {"files": files, "loras": loras, "lora_paths": [backend.resolve_lora(n) for n in loras]},
+        "outputs": {"files": files, "loras": loras, "lora_paths": [backend.resolve_lora(n) for n in loras],
+                    "files_by_node": by_node},
+        "evaluation": evaluation_settings(job.api),
         "metrics": metrics_from_ui(result.ui_outputs, job.titles),
         "tables": tables_from_ui(result.ui_outputs, job.titles),
+        "load_reports": load_reports(result.ui_outputs, job.api),
         "started": started,
         "seconds": round(seconds, 3),
         "server": result.server,
         "prompt_id": result.prompt_id,
         "error": result.error_message if not result.success else None,
+        "retries": list(result.retries),
     }
     if not result.success and result.error:
         rec["error_node"] = {k: result.error.get(k) for k in ("node_id", "node_type") if result.error.get(k)}
     return rec
+
+
+def evaluation_settings(api: dict) -> dict:
+    """The evaluation prompt and seed the job ran with (the inputs of the nodes titled 'Evaluation prompt' and
+    'Evaluation seed', where the workflow has them): the captions of the report's comparison grids."""
+    found = {}
+    for key, title, names in (("prompt", TITLE_EVALUATION_PROMPT, ("value", "text", "string", "prompt")),
+                              ("seed", TITLE_EVALUATION_SEED, ("value", "seed", "noise_seed"))):
+        for nid in api:
+            inputs = api[nid].get("inputs", {}) if title_of(api, nid) == title else {}
+            value = next((inputs[n] for n in names if n in inputs and not isinstance(inputs[n], list)), None)
+            if value is not None:
+                found[key] = value
+                break
+    return found
 
 
 def prefix_outputs(api: dict, prefix: str) -> dict:

@@ -23,6 +23,7 @@ import csv
 import io
 import itertools
 import json
+from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional
@@ -213,3 +214,115 @@ def parse_set_texts(items: list[str]) -> dict[str, str]:
         key, value = item.split("=", 1)
         out[key.strip()] = value
     return out
+
+
+# -- attack success rate over a prompt set -------------------------------------------------------------------------
+#: asr.csv's columns (its first line is memora-batch's signature, folder.DERIVED_SIGNATURES: a file that starts
+#: otherwise is not replaced without --force)
+ASR_COLUMNS = ["score", "group", "convention", "prompts_flagged", "prompts", "asr", "ci_low", "ci_high",
+               "images_flagged", "images", "prompts_failed"]
+#: how every version of memora-batch's asr.csv begins (prompts_failed was added after the first ten columns)
+ASR_SIGNATURE = ",".join(ASR_COLUMNS[:10])
+ALL_JOBS = "(all jobs)"
+
+
+def _prompt_address(address: str) -> bool:
+    """Whether an override address is set by a prompt CSV's columns (the prompt, seed or guidance of the evaluation)."""
+    titles = {t for targets in PROMPT_CSV_CONVENTION.values() for t, _ in targets}
+    return address.rsplit(".", 1)[0] in titles
+
+
+def _job_rates(metrics: dict) -> dict[str, tuple[int, int, str]]:
+    """{score: (k, n, convention)} for each rate a job's metrics hold (``<score>.rate``, ``.n``, ``.convention``, and
+    ``.k`` when present), e.g. 'Concept score (recovered)'."""
+    out = {}
+    for key, conv in metrics.items():
+        if not key.endswith(".convention") or not isinstance(conv, str):
+            continue
+        score = key[:-len(".convention")]
+        rate, n = metrics.get(f"{score}.rate"), metrics.get(f"{score}.n")
+        if not isinstance(rate, (int, float)) or not isinstance(n, (int, float)) or n < 1:
+            continue
+        k = metrics.get(f"{score}.k")
+        out[score] = (int(k) if isinstance(k, (int, float)) else round(float(rate) * n), int(n), conv)
+    return out
+
+
+#: inputs that only name outputs (each training's own save name, a snapshot file): never what tells groups apart
+NAMING_INPUTS = (".save_name", ".filename_prefix", ".lora_name")
+#: labels memora-batch curve gives its jobs (model, LoRA seed, updates): a snapshot's evaluation job has no training
+#: node, so its budget is only in these
+CURVE_LABELS = ("curve_model", "lora_seed", "updates")
+
+
+def _group_inputs(r: dict) -> dict:
+    """A job's inputs that can tell ASR groups apart: its overrides but output names, and the curve's labels."""
+    out = {a: v for a, v in (r.get("overrides") or {}).items() if not a.endswith(NAMING_INPUTS)}
+    out.update({k: v for k, v in (r.get("labels") or {}).items() if k in CURVE_LABELS})
+    return out
+
+
+def attack_success(records: list[dict]) -> list[dict]:
+    """The attack success rate over the prompt set, per score node (per model) and per group of jobs that differ only
+    in the prompt CSV's prompt / seed / guidance (e.g. one group per LoRA training budget of a curve; a group is
+    named by the other inputs that vary between jobs, '(all jobs)' when none does): a prompt (job)
+    succeeds when its score node flagged at least one of its images; ASR = prompts that succeeded / prompts, with a
+    Wilson 95 % interval and the convention the images were counted by (UnlearnDiffAtk's definition); the images
+    flagged over all prompts are given too, and ``prompts_failed``: the group's jobs that failed, which no score
+    counts (they are not in ``prompts``, so the ASR is over the prompts that ran)."""
+    from memora.evaluation import stats
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    inputs = [_group_inputs(r) for r in ok]
+    seen: dict[str, set] = {}
+    for ins in inputs:
+        for a, v in ins.items():
+            seen.setdefault(a, set()).add(json.dumps(v, default=str))
+    varying = {a for a, vals in seen.items() if not _prompt_address(a)
+               and (len(vals) > 1 or any(a not in ins for ins in inputs))}
+
+    def group_of(r: dict) -> tuple:
+        return tuple(sorted((a, json.dumps(v, default=str)) for a, v in _group_inputs(r).items() if a in varying))
+
+    failed = Counter(group_of(r) for r in records if r.get("status") != "ok")
+    groups: dict[tuple, dict[str, list]] = {}
+    for r in ok:
+        fixed = group_of(r)
+        for score, kn in _job_rates(r.get("metrics") or {}).items():
+            groups.setdefault(fixed, {}).setdefault(score, []).append(kn)
+    rows = []
+    for fixed, scores in groups.items():
+        label = ", ".join(f"{a}={json.loads(v)}" for a, v in fixed) or ALL_JOBS
+        for score, kns in scores.items():
+            convs = sorted({c for _, _, c in kns})
+            conv = convs[0] if len(convs) == 1 else "mixed: " + " / ".join(convs)
+            rec = stats.rate_record(sum(k > 0 for k, _, _ in kns), len(kns), conv)
+            rows.append({"score": score, "group": label, "convention": conv, "prompts_flagged": rec["k"],
+                         "prompts": rec["n"], "asr": rec["rate"], "ci_low": rec["ci_low"], "ci_high": rec["ci_high"],
+                         "images_flagged": sum(k for k, _, _ in kns), "images": sum(n for _, n, _ in kns),
+                         "prompts_failed": failed[fixed]})
+    return sorted(rows, key=lambda row: (row["group"], row["score"]))
+
+
+def write_asr(directory: "str | Path", rows: list[dict], name: str = "asr.csv") -> Path:
+    """Write the ASR rows as CSV (atomically). Called under the results folder's lock, whose holder checked before
+    anything ran that an existing file of this name is memora-batch's (folder.signature; --force otherwise)."""
+    from memora.fileio import atomic_write
+
+    path = Path(directory) / name
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(ASR_COLUMNS)
+    for row in rows:
+        w.writerow([f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in ASR_COLUMNS])
+    atomic_write(path, buf.getvalue(), replace=True)
+    return path
+
+
+def format_asr(rows: list[dict]) -> list[str]:
+    """One line per row: 'Concept score (recovered) [Train LoRA.steps=10]: ASR 0.500 (1/2 prompts; 95% CI ...;
+    unlearndiffatk); images 3/8', and '; 2 prompts failed (not counted)' when some did."""
+    return [f"{r['score']} [{r['group']}]: ASR {r['asr']:.3f} ({r['prompts_flagged']}/{r['prompts']} prompts; 95% CI "
+            f"{r['ci_low']:.3f}-{r['ci_high']:.3f}; {r['convention']}); images flagged {r['images_flagged']}/"
+            f"{r['images']}" + (f"; {r['prompts_failed']} prompt(s) failed (not counted)"
+                                if r.get("prompts_failed") else "") for r in rows]

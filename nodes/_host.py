@@ -4,6 +4,7 @@ interrupts and front-end events. ``memora`` never imports ComfyUI; everything th
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -11,6 +12,7 @@ import torch
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
+import folder_paths
 
 from memora import contracts
 from memora import schedule as _schedule
@@ -207,6 +209,15 @@ def check_steps(steps: int, start_at_step: int):
 
 
 # -- progress, interrupts, events --------------------------------------------------------------------------------
+def model_folder_roots(folder: str) -> list[Path]:
+    """The paths ComfyUI has for a model folder (models/<folder> and extra_model_paths.yaml's); [] for a folder it
+    does not know."""
+    try:
+        return [Path(p) for p in folder_paths.get_folder_paths(folder)]
+    except KeyError:
+        return []
+
+
 def send_event(event: str, data: dict):
     """Push an event to connected front ends; silently nothing when there is no server (in-process runs)."""
     try:

@@ -128,8 +128,10 @@ def remove_training_wrappers(diffusion_model) -> int:
 def train_on_model(model, positive, samples: torch.Tensor, recipe: _recipe.LoRARecipe, precision: str = "auto",
                    gradient_checkpointing: bool = False,
                    on_update: Optional[Callable[[_train.UpdateInfo], None]] = None,
-                   on_micro_step: Optional[Callable[[int, int], None]] = None) -> TrainingRun:
-    """Train a LoRA on a clone of ``model`` (never modified) with the recipe; ``samples`` are a LATENT's samples."""
+                   on_micro_step: Optional[Callable[[int, int], None]] = None,
+                   snapshot_steps: tuple[int, ...] = ()) -> TrainingRun:
+    """Train a LoRA on a clone of ``model`` (never modified) with the recipe; ``samples`` are a LATENT's samples;
+    ``snapshot_steps``: update counts after which a copy of the LoRA is kept (``run.result.snapshots``)."""
     schedule = _tm.diffusion_schedule(model)
     shapes = _tm.target_layers(model, recipe.targets)
     dtype = _tm.training_dtype(model, precision)
@@ -170,7 +172,7 @@ def train_on_model(model, positive, samples: torch.Tensor, recipe: _recipe.LoRAR
 
                 return _train.train_lora(predict, latents, layers, recipe, schedule, generator, device=device,
                                          loss_scaling=(dtype == torch.float16), on_micro_step=on_micro_step,
-                                         on_update=on_update)
+                                         on_update=on_update, snapshot_steps=snapshot_steps)
 
             guider = comfy.samplers.CFGGuider(patcher)
             guider.inner_set_conds({"positive": cond})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from comfy_api.latest import io
@@ -13,6 +14,7 @@ from memora.lora import denoiser as _precision
 from memora.lora import fingerprint, formats
 from memora.lora import metadata as _metadata
 from memora.lora import recipe as _recipe
+from memora.lora import train as _train
 from memora.lora.train import V_PREDICTION
 from . import _host, _lora_host, _schema
 from . import _train_host as _th
@@ -66,6 +68,16 @@ def _inputs():
         _schema.save_name_input("memora/recovered", "File prefix under models/loras (subfolders with '/'); the file "
                                                     "is <save_name>_<counter>_.safetensors and never overwrites one. "
                                                     "Empty: do not save."),
+        io.String.Input("snapshot_steps", default="", optional=True,
+                        tooltip="Also save the LoRA after these update counts, e.g. '25,50,100,200' (each <= steps): "
+                                "one training gives every point of a recovery curve. Files "
+                                "<save_name>_step<N>_<counter>_.safetensors next to the final one, listed before it "
+                                "in the node's LoRA list; each is bit for bit the LoRA of a separate N-update run "
+                                "with the same seed and schedule_steps = this run's schedule length. Empty: none."),
+        io.Int.Input("schedule_steps", default=0, min=0, max=100000, optional=True,
+                     tooltip="Length of the learning-rate schedule in updates (cosine decays to 0 over it); 0: "
+                             "steps. Set it to a longer run's length to reproduce that run's first `steps` updates "
+                             "exactly (its snapshot at `steps`)."),
     ]
 
 
@@ -120,7 +132,10 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
     clipping at 1.0, random horizontal flips, every random draw from one seeded generator (bit-identical results on
     the CPU for the same inputs). The input model is never modified; the queue's cancel stops within one step and
     writes nothing. The LoRA is saved in kohya format (loads in LoraLoader and diffusers) under
-    models/loras/<save_name>_<counter>_.safetensors, never overwriting a file."""
+    models/loras/<save_name>_<counter>_.safetensors, never overwriting a file. With snapshot_steps, the LoRA is also
+    saved after each of those update counts (<save_name>_step<N>_<counter>_.safetensors): one training gives every
+    point of a recovery curve, each bit for bit the LoRA of a separate N-update run with schedule_steps set to this
+    run's length."""
 
     @classmethod
     def define_schema(cls):
@@ -138,7 +153,7 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
     @classmethod
     def execute(cls, model, latents, positive, steps, rank, alpha, learning_rate, lr_schedule, batch_size,
                 gradient_accumulation, targets, random_flip, precision, gradient_checkpointing, seed,
-                save_name) -> io.NodeOutput:
+                save_name, snapshot_steps="", schedule_steps=0) -> io.NodeOutput:
         # -- every check before any work --
         samples = _host.check_latent(model, latents.get("samples") if isinstance(latents, dict) else None,
                                      "latents")
@@ -146,12 +161,18 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
         recipe = _recipe.LoRARecipe(steps=steps, rank=rank, alpha=alpha, learning_rate=learning_rate,
                                     lr_schedule=lr_schedule, batch_size=batch_size,
                                     gradient_accumulation=gradient_accumulation, targets=targets,
-                                    random_flip=bool(random_flip), seed=seed).validate()
+                                    random_flip=bool(random_flip), seed=seed,
+                                    schedule_steps=schedule_steps).validate()
+        snapshots = _recipe.parse_snapshot_steps(snapshot_steps, recipe.steps)
         _tm.prediction_type(model)
         _tm.target_layers(model, targets)
         _tm.check_model_conditioning(model, positive)
         _tm.training_dtype(model, precision)
         save = _lora_host.check_save_name(save_name) is not None
+        if snapshots and not save:
+            raise ValueError(f"snapshot_steps {snapshot_steps!r} needs a save_name: snapshots are saved as files "
+                             f"(<save_name>_step<N>_<counter>_.safetensors); give a save_name or empty "
+                             f"snapshot_steps")
         hidden = getattr(cls, "hidden", None)
         node_id = getattr(hidden, "unique_id", None)
         concept = _conditioning.concept_from_prompt(getattr(hidden, "prompt", None), node_id)
@@ -159,21 +180,60 @@ class MemoRaLoRATrain(_schema.MemoRaNode):
         # -- training (the input model is never modified; cancel raises out of here, nothing written) --
         progress = _host.TrainProgress(recipe.steps, node_id)
         run = _th.train_on_model(model, positive, samples, recipe, precision, bool(gradient_checkpointing),
-                                 on_update=progress.update, on_micro_step=progress.micro_step)
+                                 on_update=progress.update, on_micro_step=progress.micro_step,
+                                 snapshot_steps=snapshots)
         lora_sd = _lora_host.layers_to_kohya(model, run.layers)
         out_model, _report = _lora_host.apply_lora(model, lora_sd, 1.0)
 
-        filename = ""
+        filename, saved = "", []
         if save:
-            metadata = lora_metadata(recipe, run, concept, samples, lora_sd, title=save_name.strip(),
-                                     sgm_names=_lora_host.is_sdxl(model))
-            metadata.update(kohya_base_model_tags(model, run.prediction_type))
-            # the file: the UNet layer names kohya sd-scripts writes for this architecture (SDXL: SGM names)
-            filename = _lora_host.save_lora_file(_lora_host.sd_scripts_names(model, lora_sd), save_name, metadata,
-                                                 progress.node_id)
+            for n in snapshots:  # first the snapshots, in update order; the final LoRA last (the editor shows it)
+                saved.append(save_trained(model, snapshot_recipe(recipe, n), snapshot_run(run, n), concept, samples,
+                                          _lora_host.layers_to_kohya(model, _Frozen.wrap(run.result.snapshots[n])),
+                                          _recipe.snapshot_save_name(save_name, n), progress.node_id))
+            filename = save_trained(model, recipe, run, concept, samples, lora_sd, save_name, progress.node_id)
+            saved.append(filename)
         loss_map = {"loss": list(run.result.losses), "lr": list(run.result.lrs)}
-        ui = {contracts.UI_LOSS: run.result.history(), contracts.UI_LORA: [filename] if filename else []}
+        ui = {contracts.UI_LOSS: run.result.history(), contracts.UI_LORA: saved}
         return io.NodeOutput(out_model, lora_sd, loss_map, filename, ui=ui)
+
+
+def save_trained(model, recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str, samples, lora_sd,
+                 save_name: str, node_id) -> str:
+    """Save one trained LoRA with its metadata (the UNet layer names kohya sd-scripts writes for this architecture,
+    SGM names for SDXL); returns its name as LoraLoader lists it."""
+    metadata = lora_metadata(recipe, run, concept, samples, lora_sd, title=save_name.strip(),
+                             sgm_names=_lora_host.is_sdxl(model))
+    metadata.update(kohya_base_model_tags(model, run.prediction_type))
+    return _lora_host.save_lora_file(_lora_host.sd_scripts_names(model, lora_sd), save_name, metadata, node_id)
+
+
+def snapshot_recipe(recipe: _recipe.LoRARecipe, n: int) -> _recipe.LoRARecipe:
+    """The recipe of the separate run a snapshot at ``n`` updates equals: ``n`` steps on this run's schedule."""
+    return dataclasses.replace(recipe, steps=int(n), schedule_steps=recipe.schedule_length)
+
+
+def snapshot_run(run: _th.TrainingRun, n: int) -> _th.TrainingRun:
+    """``run`` as it stood after ``n`` updates (losses, learning rates, micro-steps), for the snapshot's metadata."""
+    res = run.result
+    per_update = res.micro_steps // max(len(res.losses), 1)
+    cut = _train.TrainResult(losses=res.losses[:n], lrs=res.lrs[:n], grad_norms=res.grad_norms[:n],
+                             micro_steps=per_update * n, optimizer=res.optimizer)
+    return dataclasses.replace(run, result=cut)
+
+
+class _Frozen:
+    """A stored LoRA layer (``memora.lora.formats.LoraLayer``) where a trainable one's ``to_layer()`` is expected."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def to_layer(self):
+        return self.layer
+
+    @classmethod
+    def wrap(cls, layers: dict) -> dict:
+        return {name: cls(layer) for name, layer in layers.items()}
 
 
 NODES = [MemoRaLoRATrain]

@@ -24,11 +24,12 @@ import folder_paths
 from memora import zoo
 from memora.lora import apply as lora_apply
 from memora.lora import formats
-from . import _lora_host, _schema
+from . import _host, _lora_host, _schema
 
 UNLEARNED_FOLDER = "unlearned"
 # (prefix shown in the list, ComfyUI folder name)
-FILE_SOURCES = (("unlearned", UNLEARNED_FOLDER), ("unet", "diffusion_models"), ("loras", "loras"))
+FILE_SOURCES = (("unlearned", UNLEARNED_FOLDER), ("unet", "diffusion_models"), ("loras", "loras"),
+                ("checkpoints", "checkpoints"))
 PIPELINE_SOURCES = (("unlearned", UNLEARNED_FOLDER), ("diffusers", "diffusers"))
 _PIPELINE_SEARCH_DEPTH = 3
 
@@ -49,13 +50,6 @@ register_folder()
 
 
 # -- the file list and resolving a choice ------------------------------------------------------------------------
-def _folder_roots(folder: str) -> list[Path]:
-    try:
-        return [Path(p) for p in folder_paths.get_folder_paths(folder)]
-    except KeyError:
-        return []
-
-
 def _pipeline_dirs(root: Path) -> list[str]:
     out: list[str] = []
     if not root.is_dir():
@@ -76,7 +70,7 @@ def _pipeline_dirs(root: Path) -> list[str]:
 
 
 def weight_choices() -> list[str]:
-    """'unlearned/<file>', 'unet/<file>', 'loras/<file>', and pipeline folders 'unlearned/<dir>/', 'diffusers/<dir>/'."""
+    """'unlearned/<file>', 'unet/<file>', 'loras/<file>', 'checkpoints/<file>', and pipeline folders 'unlearned/<dir>/', 'diffusers/<dir>/'."""
     out: list[str] = []
     for label, folder in FILE_SOURCES:
         try:
@@ -85,7 +79,7 @@ def weight_choices() -> list[str]:
             continue
         out.extend(f"{label}/{n}" for n in names)
     for label, folder in PIPELINE_SOURCES:
-        for root in _folder_roots(folder):
+        for root in _host.model_folder_roots(folder):
             out.extend(f"{label}/{d}" for d in _pipeline_dirs(root) if f"{label}/{d}" not in out)
     return out
 
@@ -94,7 +88,7 @@ def resolve_choice(choice: str) -> Path:
     """The file or pipeline folder a list entry names; ValueError for anything outside the model folders."""
     if not isinstance(choice, str) or "/" not in choice:
         raise ValueError(f"unlearned_weights: expected '<folder>/<file>' as the list shows it "
-                         f"(folders: unlearned, unet, loras, diffusers), got {choice!r}")
+                         f"(folders: unlearned, unet, loras, checkpoints, diffusers), got {choice!r}")
     label, rest = choice.split("/", 1)
     folders = dict(FILE_SOURCES) | dict(PIPELINE_SOURCES)
     if label not in folders:
@@ -103,16 +97,16 @@ def resolve_choice(choice: str) -> Path:
     if not parts or any(p in ("..", ".") for p in parts) or rest.startswith("/"):
         raise ValueError(f"unlearned_weights: {choice!r} is not a plain path inside the {label} folder")
     if rest.endswith("/"):
-        for root in _folder_roots(folders[label]):
+        for root in _host.model_folder_roots(folders[label]):
             cand = (root / "/".join(parts)).resolve()
             if cand.is_relative_to(root.resolve()) and zoo.is_pipeline_folder(cand):
                 return cand
         raise ValueError(f"unlearned_weights: no diffusers pipeline folder {rest!r} in the {label} folder(s) "
-                         f"{[str(r) for r in _folder_roots(folders[label])]}")
+                         f"{[str(r) for r in _host.model_folder_roots(folders[label])]}")
     full = folder_paths.get_full_path(folders[label], "/".join(parts))
     if full is None:
         raise ValueError(f"unlearned_weights: file {rest!r} not found in the {label} folder(s) "
-                         f"{[str(r) for r in _folder_roots(folders[label])]}")
+                         f"{[str(r) for r in _host.model_folder_roots(folders[label])]}")
     return Path(full)
 
 
@@ -269,7 +263,8 @@ class MemoRaLoadUnlearnedModel(_schema.MemoRaNode):
     files are merged onto the base through weight patches (the base is never modified in place); loads that match
     nothing or almost nothing of the base are refused instead of silently returning the base model. Pickles load
     with weights_only: a file that needs code to load is refused. Files: models/unlearned, models/unet,
-    models/loras, and pipeline folders in models/unlearned or models/diffusers."""
+    models/loras, models/checkpoints (a full unlearned checkpoint), and pipeline folders in models/unlearned or
+    models/diffusers. The report is also the node's UI text, so batch runs record it with their results."""
 
     @classmethod
     def define_schema(cls):
@@ -278,8 +273,9 @@ class MemoRaLoadUnlearnedModel(_schema.MemoRaNode):
                            tooltip="The base checkpoint the model was unlearned from (the zoo: Stable "
                                    "Diffusion 1.4). Partial files are merged onto it; its VAE is used."),
             io.Combo.Input("unlearned_weights", options=weight_choices(),
-                           tooltip="The unlearned weights: a file from models/unlearned, models/unet or "
-                                   "models/loras, or a diffusers pipeline folder (entries ending in '/')."),
+                           tooltip="The unlearned weights: a file from models/unlearned, models/unet, "
+                                   "models/loras or models/checkpoints (a full checkpoint), or a diffusers "
+                                   "pipeline folder (entries ending in '/')."),
             io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                            tooltip="Strength for LoRA-format files (SPM); ignored for every other format."),
         ], outputs=[
@@ -298,7 +294,7 @@ class MemoRaLoadUnlearnedModel(_schema.MemoRaNode):
             formats.check_finite(part or {}, weights.source)
         model, clip, vae = load_base_checkpoint(ckpt_name)
         model, clip, report = apply_unlearned(model, clip, weights, float(lora_strength), base_name=ckpt_name)
-        return io.NodeOutput(model, clip, vae, report)
+        return io.NodeOutput(model, clip, vae, report, ui={"text": [report]})
 
 
 NODES = [MemoRaLoadUnlearnedModel]

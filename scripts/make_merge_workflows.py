@@ -42,7 +42,7 @@ One MemoRa LoRA per concept, each trained on its own regenerated images and capt
 
 LOAD
 - "Original model": the model BEFORE unlearning (e.g. sd-v1-4.ckpt). It draws each concept's seed images.
-- "Unlearned model": the model with the concepts erased. Both branches invert, regenerate and train on it; the merged LoRA is applied to it. (A partial UNet, text-encoder file, AC delta or SPM LoRA: replace by "MemoRa Load Unlearned Model", keep the title.)
+- "Unlearned model" (MemoRa Load Unlearned Model): the base it was unlearned from (sd-v1-4.ckpt) + the model with the concepts erased, in any format the loader detects (full or partial UNet, text encoder, AC delta, SPM LoRA, diffusers folder, full checkpoint; docs/models.md). Both branches invert, regenerate and train on it; the merged LoRA is applied to it.
 - "Concept A prompt", "Concept B prompt": the erased concepts, as captions ("a photo of <name>").
 
 RUN (Queue). Per concept: seed images from the original model -> encode with the unlearned VAE -> DDIM inversion to step 15 of 50 -> slerp within pairs -> regeneration -> MemoRa LoRA Train (rank 4, 500 updates). Then "Merge LoRAs" (MemoRa Multi-LoRA Merge) and one sampler with the merged LoRA on the unlearned model.
@@ -68,7 +68,7 @@ README_AUTO = """AutoMemoRa: guidance between the unlearned model ("bad") and th
 w = 0: the unlearned model; w = 1: the LoRA model (both exactly); w > 1 pushes beyond the LoRA model, further toward the recovered concept. main = "unlearned" swaps the roles (pushes away from it).
 
 LOAD
-- "Unlearned model": the model with the concept erased.
+- "Unlearned model" (MemoRa Load Unlearned Model): the base (sd-v1-4.ckpt) + the model with the concept erased, in any format the loader detects (docs/models.md).
 - "MemoRa LoRA": the LoRA recovered for it (e.g. models/loras/memora/recovered_00001_.safetensors from memora_recovery, or a merge).
 - "Prompt": what to draw.
 
@@ -88,7 +88,8 @@ def concept_branch(g, side, unl, orig, enc_orig, enc_unl, seed_size, x, y):
         dec = g.wire(cols[1].add("VAEDecode", f"Concept {side} seed pixels ({half})"), samples=ks[0], vae=orig[2])
         e = g.wire(cols[1].add("VAEEncode", f"Concept {side} encode ({half})"), pixels=dec[0], vae=unl[2])
         inv = cols[2].add("MemoRaDDIMInversion", f"Concept {side} invert ({half})", **c(PURPLE), steps=50,
-                          start_at_step=15, cfg=7.5, refine_iterations=0, schedule="exact")
+                          start_at_step=15, cfg=7.5, refine_iterations=0, schedule="exact",
+                          size=(320, mw.GROWN_HEIGHT["progress"]))
         g.wire(inv, model=unl[0], positive=pos_u[0], negative=neg_u[0], latent=e[0])
         inverted[half] = inv
         nodes += [ks, dec, e, inv]
@@ -96,7 +97,7 @@ def concept_branch(g, side, unl, orig, enc_orig, enc_unl, seed_size, x, y):
                      include_endpoints=True)
     g.wire(sl, latent_a=inverted["first"][0], latent_b=inverted["second"][0])
     rg = cols[3].add("MemoRaRegenerate", f"Concept {side} regenerate", **c(PURPLE), steps=50, start_at_step=15,
-                     cfg=7.5, schedule="exact")
+                     cfg=7.5, schedule="exact", size=(320, mw.GROWN_HEIGHT["progress"]))
     g.wire(rg, model=unl[0], positive=pos_u[0], negative=neg_u[0], latent=sl[0])
     tr = cols[3].add(K.NODE_LORA_TRAIN, f"{K.TITLE_TRAIN_LORA} (concept {side})", **c(PURPLE), steps=500, seed=2024,
                      save_name=f"memora/concept_{side.lower()}")
@@ -111,8 +112,8 @@ def build_multi(info):
     g = UIGraph(info)
     g.note(README_MULTI, "Read me", pos=(-560, 0), size=(520, 1000))
     col = Stack(g, 0)
-    orig = col.add("CheckpointLoaderSimple", K.TITLE_ORIGINAL_MODEL, **c(BLUE), ckpt_name="sd-v1-4.ckpt")
-    unl = col.add("CheckpointLoaderSimple", K.TITLE_UNLEARNED_MODEL, **c(BLUE), ckpt_name="unlearned-model.safetensors")
+    loaders = mw.model_loaders(g, col, True, mw.SD1_OWN)
+    orig, unl = loaders["original"], loaders["unlearned"]
     prompts, enc = {}, {}
     for side, text in CONCEPTS.items():
         prompts[side] = col.add("PrimitiveStringMultiline", f"Concept {side} prompt", size=(400, 140), **c(YELLOW),
@@ -173,7 +174,7 @@ def build_auto(info):
     g = UIGraph(info)
     g.note(README_AUTO, "Read me", pos=(-560, 0), size=(520, 640))
     col = Stack(g, 0)
-    unl = col.add("CheckpointLoaderSimple", K.TITLE_UNLEARNED_MODEL, **c(BLUE), ckpt_name="unlearned-model.safetensors")
+    unl = mw.model_loaders(g, col, False, mw.SD1_OWN)["unlearned"]
     lora = col.add("MemoRaLoadLoRA", "MemoRa LoRA", **c(BLUE), size=(400, 130),
                    lora_name="memora/recovered_00001_.safetensors")
     prompt = col.add("PrimitiveStringMultiline", "Prompt", size=(400, 140), **c(YELLOW),

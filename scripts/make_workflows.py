@@ -1,5 +1,5 @@
-"""Generate example_workflows/{memora_recovery,memora_recovery_sdxl,memora_from_images,recovery_sweep}.json and their
-thumbnails.
+"""Generate example_workflows/{memora_recovery,memora_recovery_sdxl,memora_recovery_micro,memora_from_images,
+recovery_sweep}.json and their thumbnails.
 
 The JSON is written in the editor's UI format from the installed node definitions (ComfyUI booted in-process with
 this pack), so widget values sit in the positions the editor expects. Run it after changing a node's inputs, then
@@ -19,6 +19,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
@@ -35,21 +36,68 @@ CONCEPT = "a photo of the nude person"
 BLUE, PURPLE, GREEN, CYAN, YELLOW = ("#223", "#335"), ("#323", "#535"), ("#232", "#353"), ("#233", "#355"), \
     ("#432", "#653")
 COL = 440  # column width in the editor's coordinates
+NODE_UNLEARNED_LOADER = "MemoRaLoadUnlearnedModel"
+#: node heights after a run (measured in the editor by tests/browser): widgets + the score table (web/memora.js: at
+#: most 132 px, scrolling inside) + the nudity node's image previews (at least 220 px); inversion and regeneration
+#: nodes gain a progress line
+SCORE_HEIGHT = {"nudity": 560, "micro": 300, "similarity": 320}
+GROWN_HEIGHT = {"progress": 330}
+#: the micro world's MemoRa settings (memora_batch.profiles.micro_world_profile, scripts/micro_recovery.py)
+MICRO_TRAIN = {"steps": 100, "learning_rate": 1e-2}
+MICRO_EVAL_IMAGES = 32
+#: the micro world's variant (MemoRa Load Micro World) behind each titled loader of memora_recovery_micro
+MICRO_VARIANTS = {"original": "original", "unlearned": "unlearned"}
 
 
 class Arch:
-    """What a workflow assumes of its models: the checkpoint names its loaders show and the image size (px)."""
+    """What a workflow assumes of its models: the checkpoint names its loaders show, the unlearned weights MemoRa
+    Load Unlearned Model shows (``unlearned``: '<folder>/<file>' as its list names it) and the image size (px).
+    ``models``: {file name: (url, ComfyUI folder)} of the public files the loaders name (docs/models.md), written as
+    the loader nodes' ``properties.models`` so the editor offers the download. ``micro``: the micro world shipped
+    with the pack instead of checkpoints (MemoRa Load Micro World and its detector; nothing to download)."""
 
-    def __init__(self, original: str, unlearned: str, size: int):
+    def __init__(self, original: str, unlearned: str, size: int, models: Optional[dict] = None, micro: bool = False):
         self.original, self.unlearned, self.size = original, unlearned, size
+        self.models, self.micro = models or {}, micro
 
 
-SD1 = Arch("sd-v1-4.ckpt", "unlearned-model.safetensors", 512)
+# Public files (docs/models.md lists them with their sources; tests/unit/test_model_links.py checks the two agree).
+SD14 = ("sd-v1-4.ckpt", "https://huggingface.co/CompVis/stable-diffusion-v-1-4-original/resolve/main/sd-v1-4.ckpt",
+        "checkpoints")
+UCE_NUDITY = ("UCE-Nudity-Diffusers-UNet.pt", "https://huggingface.co/siyich/ijd-unlearned-checkpoints/resolve/main/"
+              "nudity/UCE/UCE-Nudity-Diffusers-UNet.pt", "unlearned")
+SDXL_BASE = ("sd_xl_base_1.0.safetensors", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/"
+             "main/sd_xl_base_1.0.safetensors", "checkpoints")
+
+SD1 = Arch(SD14[0], f"{UCE_NUDITY[2]}/{UCE_NUDITY[0]}", 512,
+           models={m[0]: m[1:] for m in (SD14, UCE_NUDITY)})
+# Your own unlearned model on SD 1.4 (the merge / AutoMemoRa workflows: concepts with no one published file)
+SD1_OWN = Arch(SD14[0], "unlearned/unlearned-model.safetensors", 512, models={SD14[0]: SD14[1:]})
 # SDXL base: 1024 px. The prompts stay CLIPTextEncode, as in ComfyUI's own SDXL examples: on an SDXL checkpoint's CLIP
 # it encodes with both text encoders and returns the pooled output, and the sampler (and MemoRa's nodes, which go
 # through ComfyUI's CFGGuider) fill SDXL's size conditioning from the latent: original = target = the image size,
 # crop 0 - what CLIPTextEncodeSDXL would be set to here, without a second copy of the sizes to keep in step.
-SDXL = Arch("sd_xl_base_1.0.safetensors", "unlearned-sdxl.safetensors", 1024)
+# No public SDXL erasure is published as a file to download: "unlearned/unlearned-sdxl.safetensors" is yours.
+SDXL = Arch(SDXL_BASE[0], "unlearned/unlearned-sdxl.safetensors", 1024, models={SDXL_BASE[0]: SDXL_BASE[1:]})
+
+
+def micro_arch() -> Arch:
+    """The micro world (memora.micro, shipped with the pack): its image size from its manifest."""
+    from memora.micro import world
+
+    manifest = world.load_manifest()
+    return Arch("", "", int(manifest.get("empty_latent_size") or world.EMPTY_LATENT_SIZE), micro=True)
+
+
+def model_entries(arch: Arch, *names: str) -> list[dict]:
+    """``properties.models`` of a loader: {name, url, directory} per public file it names (the editor's format)."""
+    return [{"name": n, "url": arch.models[n][0], "directory": arch.models[n][1]} for n in names if n in arch.models]
+
+
+def with_models(node, entries: list[dict]):
+    if entries:
+        node.data["properties"]["models"] = entries
+    return node
 
 
 def c(pair):
@@ -80,16 +128,31 @@ class Stack:
 
 
 # -- shared pieces -----------------------------------------------------------------------------------------------------
-def models_and_prompts(g, with_original: bool, x, arch: Arch = SD1):
+def model_loaders(g, col, with_original: bool, arch: Arch) -> dict:
+    """The titled loaders: checkpoints (the original) and MemoRa Load Unlearned Model (base checkpoint + unlearned
+    weights in any format it detects; a full checkpoint too, from models/checkpoints), or the micro world's models."""
+    models = {}
+    if arch.micro:
+        for variant in (["original"] if with_original else []) + ["unlearned"]:
+            models[variant] = col.add(K.NODE_MICRO_WORLD, K.MODEL_TITLES[variant], **c(BLUE),
+                                      variant=MICRO_VARIANTS[variant])
+        return models
+    if with_original:
+        models["original"] = with_models(col.add("CheckpointLoaderSimple", K.TITLE_ORIGINAL_MODEL, **c(BLUE),
+                                                 ckpt_name=arch.original), model_entries(arch, arch.original))
+    unlearned_file = arch.unlearned.split("/", 1)[1]
+    models["unlearned"] = with_models(
+        col.add(NODE_UNLEARNED_LOADER, K.TITLE_UNLEARNED_MODEL, size=(400, 130), **c(BLUE), ckpt_name=arch.original,
+                unlearned_weights=arch.unlearned, lora_strength=1.0),
+        model_entries(arch, arch.original, unlearned_file))
+    return models
+
+
+def models_and_prompts(g, with_original: bool, x, arch: Arch = SD1, concept: str = CONCEPT):
     """Loaders, the concept prompt (one string node feeding every text encoder), per-model encodings."""
     col = Stack(g, x)
-    models = {}
-    if with_original:
-        models["original"] = col.add("CheckpointLoaderSimple", K.TITLE_ORIGINAL_MODEL, **c(BLUE),
-                                     ckpt_name=arch.original)
-    models["unlearned"] = col.add("CheckpointLoaderSimple", K.TITLE_UNLEARNED_MODEL, **c(BLUE),
-                                  ckpt_name=arch.unlearned)
-    concept = col.add("PrimitiveStringMultiline", K.TITLE_CONCEPT_PROMPT, size=(400, 140), **c(YELLOW), value=CONCEPT)
+    models = model_loaders(g, col, with_original, arch)
+    concept = col.add("PrimitiveStringMultiline", K.TITLE_CONCEPT_PROMPT, size=(400, 140), **c(YELLOW), value=concept)
     enc = {}
     for name, loader in models.items():
         pos = col.add("CLIPTextEncode", f"Concept prompt ({name} model)", size=(400, 130))
@@ -133,7 +196,7 @@ def seed_images(g, models, enc, x, steps=50, size_px=512):
     return batches, nodes, max(col.y, col_a.y, col_b.y)
 
 
-def inversion_to_training(g, models, enc, images_a, images_b, x, save_images=True):
+def inversion_to_training(g, models, enc, images_a, images_b, x, save_images=True, micro=False):
     """VAE-encode with the unlearned VAE, invert both halves, slerp within pairs, regenerate, train."""
     unl = models["unlearned"]
     pos, neg = enc["unlearned"]
@@ -142,34 +205,40 @@ def inversion_to_training(g, models, enc, images_a, images_b, x, save_images=Tru
     for side, img in (("A", images_a), ("B", images_b)):
         e = g.wire(col1.add("VAEEncode", f"Encode {side}"), pixels=img[0], vae=unl[2])
         inv = col1.add("MemoRaDDIMInversion", f"Invert {side}", **c(PURPLE), steps=50, start_at_step=15, cfg=7.5,
-                       refine_iterations=0, schedule="exact")
+                       refine_iterations=0, schedule="exact", size=(320, GROWN_HEIGHT["progress"]))
         g.wire(inv, model=unl[0], positive=pos[0], negative=neg[0], latent=e[0])
         lat[side] = inv
         nodes += [e, inv]
     sl = col2.add("MemoRaSlerpLatents", "Slerp pairs", **c(PURPLE), intervals=10, include_endpoints=True)
     g.wire(sl, latent_a=lat["A"][0], latent_b=lat["B"][0])
     rg = col2.add("MemoRaRegenerate", "Regenerate", **c(PURPLE), steps=50, start_at_step=15, cfg=7.5,
-                  schedule="exact")
+                  schedule="exact", size=(320, GROWN_HEIGHT["progress"]))
     g.wire(rg, model=unl[0], positive=pos[0], negative=neg[0], latent=sl[0])
     nodes += [sl, rg]
     if save_images:
         dec = g.wire(col2.add("VAEDecode", "Regenerated images"), samples=rg[0], vae=unl[2])
         nodes += [dec, g.wire(col2.add("SaveImage", "Save regenerated images", size=(320, 320),
                                        filename_prefix="memora/regenerated"), images=dec[0])]
-    tr = col3.add(K.NODE_LORA_TRAIN, K.TITLE_TRAIN_LORA, **c(PURPLE), steps=500, seed=2024, save_name="memora/recovered")
+    train = MICRO_TRAIN if micro else {"steps": 500}
+    tr = col3.add(K.NODE_LORA_TRAIN, K.TITLE_TRAIN_LORA, **c(PURPLE), seed=2024, save_name="memora/recovered",
+                  **train)
     g.wire(tr, model=unl[0], latents=rg[0], positive=pos[0])
     nodes.append(tr)
     return tr, nodes, max(col1.y, col2.y, col3.y)
 
 
-def evaluation(g, models, train, x, y, with_original=True, prompt=CONCEPT, size_px=512):
-    """The same prompt, seed and guidance through each model (LMS, 50 steps, as the reference evaluates); scores."""
+def evaluation(g, models, train, x, y, with_original=True, prompt=CONCEPT, size_px=512, micro_concept=None):
+    """The same prompt, seed and guidance through each model (LMS, 50 steps, as the reference evaluates); scores.
+    ``micro_concept``: the micro world's settings (its detector for that concept, DDIM, 32 images, seed 1)."""
+    micro = micro_concept is not None
     col0 = Stack(g, x, y)
     ep = col0.add("PrimitiveStringMultiline", K.TITLE_EVALUATION_PROMPT, size=(400, 140), **c(YELLOW), value=prompt)
-    es = col0.add("PrimitiveInt", K.TITLE_EVALUATION_SEED, **c(YELLOW), value=0)
+    es = col0.add("PrimitiveInt", K.TITLE_EVALUATION_SEED, **c(YELLOW), value=1 if micro else 0)
     eg = col0.add("PrimitiveFloat", K.TITLE_EVALUATION_GUIDANCE, **c(YELLOW), value=7.5)
     size = col0.add("EmptyLatentImage", K.TITLE_EVALUATION_IMAGE_SIZE, width=size_px, height=size_px,
-                    batch_size=1)
+                    batch_size=MICRO_EVAL_IMAGES if micro else 1)
+    sampler = {"sampler_name": "ddim", "scheduler": "ddim_uniform"} if micro else \
+        {"sampler_name": "lms", "scheduler": "normal"}
     nodes = [ep, es, eg, size]
     runs = {}
     which = (["original"] if with_original else []) + ["unlearned", "recovered"]
@@ -182,8 +251,7 @@ def evaluation(g, models, train, x, y, with_original=True, prompt=CONCEPT, size_
                    clip=loader[1], text=ep[0])
         n = g.wire(cols[0].add("CLIPTextEncode", f"Empty prompt ({name})", size=(400, 130), text=""),
                    clip=loader[1])
-        ks = cols[1].add("KSampler", K.evaluate_title(name), seed=0, steps=50, cfg=7.5, sampler_name="lms",
-                         scheduler="normal", denoise=1.0)
+        ks = cols[1].add("KSampler", K.evaluate_title(name), seed=0, steps=50, cfg=7.5, denoise=1.0, **sampler)
         g.wire(ks, model=model_out, positive=p[0], negative=n[0], latent_image=size[0], seed=es[0], cfg=eg[0])
         d = g.wire(cols[2].add("VAEDecode", f"{name.capitalize()} images"), samples=ks[0], vae=loader[2])
         sv = g.wire(cols[2].add("SaveImage", f"Save {name} images", size=(320, 250),
@@ -191,15 +259,23 @@ def evaluation(g, models, train, x, y, with_original=True, prompt=CONCEPT, size_
         runs[name] = d
         nodes += [p, n, ks, d, sv]
         row_y = max(cl.y for cl in cols)
+    # Score nodes are laid out at the size they grow to after a run (their score table, and the nudity node's image
+    # previews, appear under the widgets): nothing overlaps once the numbers are in (tests/browser checks it).
     scores = Stack(g, x + COL * 4, y)
     for name in which:
-        nodes.append(g.wire(scores.add("MemoRaNudityScore", K.concept_score_title(name), **c(GREEN)),
-                            images=runs[name][0]))
+        title = K.concept_score_title(name)
+        if micro:
+            node = scores.add(K.NODE_MICRO_DETECTOR, title, size=(400, SCORE_HEIGHT["micro"]), **c(GREEN),
+                              values={"concept": micro_concept, "title": title})
+        else:
+            node = scores.add("MemoRaNudityScore", title, size=(400, SCORE_HEIGHT["nudity"]), **c(GREEN))
+        nodes.append(g.wire(node, images=runs[name][0]))
     if with_original:
         sims = Stack(g, x + COL * 5, y)
         a, b = _sim_inputs(g)
         for name in ("recovered", "unlearned"):
-            nodes.append(g.wire(sims.add("MemoRaSimilarityScore", K.similarity_title(name), **c(GREEN)),
+            nodes.append(g.wire(sims.add("MemoRaSimilarityScore", K.similarity_title(name), **c(GREEN),
+                                         size=(400, SCORE_HEIGHT["similarity"])),
                                 **{a: runs["original"][0], b: runs[name][0]}))
     return nodes
 
@@ -216,8 +292,8 @@ def _sim_inputs(g):
 README_RECOVERY = """MemoRa: recover an erased concept from an unlearned model (Memory Self-Regeneration, arXiv 2510.03263).
 
 LOAD
-- "Original model": the model BEFORE unlearning (e.g. sd-v1-4.ckpt) from models/checkpoints. It draws the seed images and the reference evaluation images.
-- "Unlearned model": the model with the concept erased (ESD, UCE, FMN, SalUn, SPM, MACE, AdvUnlearn, ...). If yours is a partial UNet, a text-encoder file, an AC delta.bin or an SPM LoRA, replace this loader by "MemoRa Load Unlearned Model" (same MODEL/CLIP/VAE outputs, keep the title).
+- "Original model": the model BEFORE unlearning (sd-v1-4.ckpt) from models/checkpoints. It draws the seed images and the reference evaluation images.
+- "Unlearned model" (MemoRa Load Unlearned Model): ckpt_name = the base the model was unlearned from (sd-v1-4.ckpt); unlearned_weights = the unlearned model in any format the zoo ships, detected from the file: a full or partial UNet (.pt / .safetensors, e.g. UCE-Nudity-Diffusers-UNet.pt, ESD, FMN, SalUn), a text encoder (AdvUnlearn), an AC delta.bin, an SPM LoRA, a diffusers folder (MACE), or a full checkpoint (checkpoints/...). Put the file in models/unlearned. Its "report" output says what was detected and changed. Where to download each model: docs/models.md (the editor offers the files this template names).
 - "Concept prompt": the erased concept, as in the paper: "a photo of the nude person", "a photo of the parachute", ...
 
 RUN (Queue). Stages: seed images (original model) -> encode, DDIM inversion to step 15 of 50, slerp within each seed pair (33 latents), regeneration (unlearned model) -> MemoRa LoRA Train (500 updates, rank 4) -> evaluation of the original, unlearned and recovered models on the same prompt and seed -> scores.
@@ -241,7 +317,7 @@ README_RECOVERY_SDXL = """MemoRa on SDXL base: recover an erased concept from an
 
 LOAD
 - "Original model": SDXL base BEFORE unlearning (sd_xl_base_1.0.safetensors: the single-file checkpoint with both text encoders and the VAE) from models/checkpoints. SDXL base only: not the refiner.
-- "Unlearned model": the SDXL base model with the concept erased (ESD, UCE, ... for SDXL), as a single-file checkpoint. If yours is a diffusers UNet (full or partial), a partial safetensors of changed weights (UCE / ESD-XL style) or an SDXL LoRA-shaped eraser, replace this loader by "MemoRa Load Unlearned Model" with sd_xl_base_1.0.safetensors as its base (same MODEL/CLIP/VAE outputs, keep the title).
+- "Unlearned model" (MemoRa Load Unlearned Model): ckpt_name = sd_xl_base_1.0.safetensors (the base); unlearned_weights = the SDXL erasure in models/unlearned: a diffusers UNet (full or partial), a partial safetensors of changed weights (UCE / ESD-XL style), an SDXL LoRA-shaped eraser, or a full SDXL checkpoint (checkpoints/...).
 - "Concept prompt": the erased concept, e.g. "a photo of the nude person".
 
 PROMPTS: plain CLIP Text Encode, as ComfyUI's own SDXL examples. On an SDXL checkpoint it encodes with both text encoders and adds the pooled embedding; SDXL's size conditioning (original and target size, crop 0) comes from the latent's size, 1024 x 1024 here, in every stage (seed images, inversion, regeneration, training, evaluation). Change "Seed image size" and "Evaluation image size" together.
@@ -250,20 +326,29 @@ RUN (Queue): seed images (original model) -> encode, DDIM inversion to step 15 o
 
 OUTPUT: an SDXL LoRA in models/loras/memora/recovered_XXXXX_.safetensors (kohya format: loads in LoraLoader on SDXL and in diffusers' StableDiffusionXLPipeline); images in output/memora/.
 
-BATCH: memora-batch run memora_recovery_sdxl.json --original sd_xl_base_1.0.safetensors --unlearned YOURS.safetensors --sweep prompts.csv (docs/batch.md). Keep the titles."""
+BATCH: memora-batch run memora_recovery_sdxl.json --original sd_xl_base_1.0.safetensors --unlearned YOURS.safetensors --sweep prompts.csv (docs/batch.md; --unlearned takes any file the loader reads). Keep the titles."""
 
 
 def _build_recovery(info, arch: Arch, readme: str, first_group: str):
     from memora_build.uigraph import UIGraph
 
+    concept, micro_concept = CONCEPT, None
+    if arch.micro:
+        from memora.micro import world
+
+        manifest = world.load_manifest()
+        concept, micro_concept = world.erased_prompt(manifest), manifest.get("erased_concept", world.ERASED_CONCEPT)
     g = UIGraph(info)
     g.note(readme, "Read me", pos=(-560, 0), size=(520, 900))
-    models, enc, model_nodes = models_and_prompts(g, with_original=True, x=0, arch=arch)
+    models, enc, model_nodes = models_and_prompts(g, with_original=True, x=0, arch=arch, concept=concept)
     batches, seed_nodes, seed_bottom = seed_images(g, models, enc, x=COL + 60, size_px=arch.size)
-    train, inv_nodes, bottom = inversion_to_training(g, models, enc, batches["A"], batches["B"], x=COL * 4 + 120)
+    train, inv_nodes, bottom = inversion_to_training(g, models, enc, batches["A"], batches["B"], x=COL * 4 + 120,
+                                                     micro=arch.micro)
     ey = max(bottom, seed_bottom) + 100
-    g.note(README_EVAL, "Evaluation and scores", pos=(-560, ey), size=(520, 480))
-    eval_nodes = evaluation(g, models, train, x=0, y=ey, size_px=arch.size)
+    g.note(README_EVAL_MICRO if arch.micro else README_EVAL, "Evaluation and scores", pos=(-560, ey),
+           size=(520, 480))
+    eval_nodes = evaluation(g, models, train, x=0, y=ey, size_px=arch.size, prompt=concept,
+                            micro_concept=micro_concept)
     g.group(first_group, model_nodes, color="#3f789e")
     g.group("2. Seed images from the original model (reference seed pairs)", seed_nodes, color="#8A8")
     g.group("3. Unlearned model: invert, slerp, regenerate, train the MemoRa LoRA", inv_nodes, color="#a1309b")
@@ -279,10 +364,31 @@ def build_recovery_sdxl(info):
     return _build_recovery(info, SDXL, README_RECOVERY_SDXL, "1. SDXL base models and the concept prompt")
 
 
+README_MICRO = """MemoRa on the MICRO WORLD shipped with the pack: the whole method, nothing to download, a few minutes on a CPU (docs/micro-world.md).
+
+The micro world is three tiny SD1.x-family text-to-image models trained on five procedural shapes (circle, square, triangle, star, cross): "original" learned all five; "unlearned" is the original with the STAR erased by ESD-x (its cross-attention fine-tuned with negative guidance); a concept detector trained on the same shapes scores the images.
+
+LOAD: nothing. "Original model" and "Unlearned model" are MemoRa Load Micro World (variant original / unlearned); "Concept prompt" is the micro world's caption of the star.
+
+RUN (Queue): the original model draws six seed images of the star (the reference seed pairs) -> the unlearned model inverts, slerps (33 latents) and regenerates them -> MemoRa LoRA Train (100 updates at learning rate 1e-2: the micro world's recipe) -> the original, unlearned and recovered models draw 32 evaluation images each -> "Concept score (...)": the detector's star rate with its interval; "Similarity to original": SSIM / PSNR.
+
+EXPECT: the original model draws the star most of the time, the unlearned model almost never, the recovered model again in a good part of the images: the erased star comes back (measured figures: docs/micro-world-results.md). Same graph, titles and stages as memora_recovery: swap the loaders for your checkpoints (MemoRa Load Unlearned Model for the unlearned one) to audit a real model.
+
+COMMAND LINE: memora-batch demo runs the same pipeline (memora_recovery on the micro world) and writes a report."""
+
+README_EVAL_MICRO = """Evaluation on the micro world: 32 images per model from "Evaluation prompt" (the star's caption), seed 1, DDIM 50 steps, cfg 7.5 (the micro world's own experiment, scripts/micro_recovery.py).
+
+"Concept score": MemoRa Micro World Detector, the share of images whose top class is the star (rate, n, Wilson interval). "Similarity to original": SSIM / PSNR of each model's images against the original model's images for the same prompt and seed."""
+
+
+def build_recovery_micro(info):
+    return _build_recovery(info, micro_arch(), README_MICRO, "1. The micro world's models and the concept prompt")
+
+
 README_IMAGES = """MemoRa from your own images of the concept (no original model needed).
 
 LOAD
-- "Unlearned model": the model with the concept erased (models/checkpoints; or replace by "MemoRa Load Unlearned Model" and keep the title).
+- "Unlearned model" (MemoRa Load Unlearned Model): the base it was unlearned from (sd-v1-4.ckpt) + the unlearned weights in any zoo format (models/unlearned; a full checkpoint from checkpoints/ works too). docs/models.md says where to download them.
 - "Concept image 1a" ... "3b": six images of the concept in input/ (upload with the node's button). They form three PAIRS: 1a-1b, 2a-2b, 3a-3b; slerp interpolates within a pair only. Pick pairs that show the concept in a similar framing. More pairs: add LoadImage nodes and chain more Image Batch nodes on both sides (A and B must have the same count).
 - "Resize to training size": every image is scaled and center-cropped to 512 x 512 (SD1.x).
 - "Concept prompt": the caption used for inversion, regeneration and training, e.g. "a photo of the nude person".
@@ -328,8 +434,8 @@ README_SWEEP = """recovery_sweep: the MemoRa pipeline set up for memora-batch (d
 
   memora-batch run recovery_sweep.json --sweep prompts.csv
       the field's prompt CSV as is: columns prompt, evaluation_seed, evaluation_guidance set "Evaluation prompt", "Evaluation seed", "Evaluation guidance"; other columns (case_number, categories, ...) are copied to the results.
-  memora-batch curve recovery_sweep.json --steps 10,50,100,250,500
-      sweeps "Train LoRA.steps"; prints the recovery curve and the short-term / long-term forgetting verdict.
+  memora-batch curve recovery_sweep.json --steps 10,50,100,250,500 --lora-seeds 1,2,3 --control never-learned.safetensors
+      one training per LoRA seed (and per model): "Train LoRA.steps" = the largest budget, "Train LoRA.snapshot_steps" = the others (saved as files); each snapshot is then evaluated through a LoRA loader. Prints each budget's rate with n and a Wilson interval, the Fisher test against the never-learned control, the recovery speed and the recovery verdict (docs/evaluation.md); without --control, the short-term / long-term forgetting verdict.
   memora-batch run recovery_sweep.json --sweep grid.yaml
       any input by "<node title>.<input>", e.g. "Unlearned model.ckpt_name", "Concept prompt.value", "Train LoRA.seed".
 
@@ -355,7 +461,8 @@ def build_sweep(info):
     eval_nodes = evaluation(g, models, train, x=0, y=ey)
     g.group("1. Models and the concept prompt", model_nodes, color="#3f789e")
     g.group("2. Seed images from the original model (reference seed pairs)", seed_nodes, color="#8A8")
-    g.group("3. Invert, slerp, regenerate, train (swept by curve: Train LoRA.steps)", inv_nodes, color="#a1309b")
+    g.group("3. Invert, slerp, regenerate, train (curve: Train LoRA.steps, .snapshot_steps, .seed)", inv_nodes,
+            color="#a1309b")
     g.group("4. Evaluation (swept by prompt CSVs: Evaluation prompt / seed / guidance)", eval_nodes, color="#b58b2a")
     return g
 
@@ -364,6 +471,8 @@ WORKFLOWS = {
     "memora_recovery": (build_recovery, "MemoRa recovery: original -> seed images -> unlearned model inverts, "
                                         "slerps, regenerates -> LoRA -> scores"),
     "memora_recovery_sdxl": (build_recovery_sdxl, "MemoRa recovery on SDXL base: the same pipeline at 1024 px"),
+    "memora_recovery_micro": (build_recovery_micro, "MemoRa recovery on the micro world: runs with nothing "
+                                                    "downloaded, minutes on a CPU"),
     "memora_from_images": (build_from_images, "MemoRa from your own images of the concept"),
     "recovery_sweep": (build_sweep, "MemoRa recovery for memora-batch sweeps (prompt CSVs, training-step curves)"),
 }
@@ -486,6 +595,19 @@ def main(argv=None) -> int:
     return write_workflows(WORKFLOWS, info, check=args.check, only=args.only, script="scripts/make_workflows.py")
 
 
+def with_workflow_models(ui: dict) -> dict:
+    """The loaders' ``properties.models`` entries, once each, also as the workflow's top-level ``models`` list. The
+    editor offers a node's entry only when one of the node's widgets shows that exact file name (MemoRa Load Unlearned
+    Model shows 'unlearned/<file>'), but every top-level entry: both together list every file the template names."""
+    seen = {}
+    for node in ui["nodes"]:
+        for entry in (node.get("properties") or {}).get("models") or []:
+            seen.setdefault(entry["url"], entry)
+    if seen:
+        ui["models"] = list(seen.values())
+    return ui
+
+
 def write_workflows(workflows: dict, info: dict, check: bool, only=(), script: str = "") -> int:
     """Build each workflow of ``workflows`` ({name: (build(info), title)}), refuse overlapping nodes, and write its
     JSON and thumbnail into example_workflows/ (``check``: compare with the committed JSON instead; 1 if stale)."""
@@ -494,7 +616,7 @@ def write_workflows(workflows: dict, info: dict, check: bool, only=(), script: s
         if only and name not in only:
             continue
         # The editor validates "id" as a UUID (an alert on open otherwise): a fixed one per workflow name.
-        ui = build(info).to_json(workflow_id=workflow_uuid(name))
+        ui = with_workflow_models(build(info).to_json(workflow_id=workflow_uuid(name)))
         overlaps = check_layout(ui)
         if overlaps:
             raise SystemExit(f"{name}: overlapping nodes {overlaps}")

@@ -51,7 +51,7 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT).parts
-        if len(parts) > 1 and parts[1] in ("comfy", "server", "browser", "workflows"):
+        if len(parts) > 1 and parts[1] in ("comfy", "server", "browser", "workflows", "cluster"):
             item.add_marker(pytest.mark.comfy)
             if COMFY_PATH is None:
                 item.add_marker(pytest.mark.skip(reason=_ABSENT_REASON))

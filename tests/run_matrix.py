@@ -23,6 +23,8 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 UNIT_DIR = "unit"
 COMFY_DIRS = ["comfy", "server", "workflows", "browser"]
+#: ComfyUI tiers run with the first checkout present only (their start-up cost is paid once)
+ONCE_DIRS = ["cluster"]
 NO_COMFYUI = TESTS / "no-comfyui-here"
 
 
@@ -48,11 +50,15 @@ def plan(present: list[Path]) -> list[tuple[str, list[str], Path | None, str]]:
     ComfyUI tiers per checkout (with none present: once, so their skips are reported)."""
     runs = [("unit tests (no ComfyUI)", [str(TESTS / UNIT_DIR)], None, "unit")]
     comfy_dirs = [str(TESTS / d) for d in COMFY_DIRS if (TESTS / d).is_dir()]
+    once_dirs = [str(TESTS / d) for d in ONCE_DIRS if (TESTS / d).is_dir()]
     if not present:
-        runs.append(("no ComfyUI (ComfyUI tests skipped)", comfy_dirs, None, "no-comfyui"))
+        runs.append(("no ComfyUI (ComfyUI tests skipped)", comfy_dirs + once_dirs, None, "no-comfyui"))
     for path in present:
         ver = version(path)
         runs.append((f"ComfyUI {ver} ({path})", comfy_dirs, path, f"comfyui-{ver}"))
+    if present and once_dirs:
+        ver = version(present[0])
+        runs.append((f"cluster tier, ComfyUI {ver} ({present[0]})", once_dirs, present[0], f"cluster-{ver}"))
     return runs
 
 

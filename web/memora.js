@@ -72,6 +72,7 @@ function findNode(id) {
 }
 
 function num(v) {
+  if (v === null || v === undefined || v === "") return null; // Number(null) is 0: a missing value is not a zero
   const x = Number(v);
   return Number.isFinite(x) ? x : null;
 }
@@ -80,7 +81,7 @@ function fmtNumber(v) {
   if (typeof v === "boolean") return v ? "yes" : "no";
   if (typeof v === "string") return v;
   const x = num(v);
-  if (x === null) return v === null || v === undefined ? "" : String(v);
+  if (x === null) return v === null || v === undefined ? "-" : String(v); // "-": no value (e.g. no interval for n < 2)
   if (Number.isInteger(x)) return String(x);
   const a = Math.abs(x);
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? x.toExponential(3) : x.toPrecision(4);

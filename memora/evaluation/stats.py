@@ -107,6 +107,18 @@ def mean_record(values: Sequence[float], confidence: float = CONFIDENCE) -> dict
             "interval": MEAN_INTERVAL}
 
 
+def paired_difference_record(tested: Sequence[float], control: Sequence[float],
+                             confidence: float = CONFIDENCE) -> dict:
+    """The mean of the paired differences tested[i] - control[i] (e.g. per LoRA seed) with its bootstrap interval:
+    :func:`mean_record` of the differences, plus ``difference`` = "tested - control"."""
+    if len(tested) != len(control):
+        raise StatsInputError(f"paired difference: {len(tested)} tested values but {len(control)} control values; "
+                              f"expected one pair per seed")
+    rec = mean_record([float(a) - float(b) for a, b in zip(tested, control)], confidence)
+    rec["difference"] = "tested - control"
+    return rec
+
+
 def _pct(confidence: float) -> str:
     p = confidence * 100
     return f"{p:.0f}" if math.isclose(p, round(p)) else f"{p:g}"

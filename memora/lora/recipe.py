@@ -43,8 +43,12 @@ class LoRARecipe:
 
     steps: optimizer updates (the reference README: 500).
     rank, alpha: LoRA rank and alpha; the delta is ``alpha / rank * up @ down``.
-    learning_rate, lr_schedule: AdamW peak learning rate; "cosine" decays to 0 over ``steps`` updates (no warm-up),
-        "constant" keeps it.
+    learning_rate, lr_schedule: AdamW peak learning rate; "cosine" decays to 0 over ``schedule_steps`` updates (no
+        warm-up), "constant" keeps it.
+    schedule_steps: the length of the learning-rate schedule; 0 (the default) means ``steps``. A run of N updates
+        with ``schedule_steps=T`` (T >= N) is the first N updates of the T-update run with the same seed: what a
+        snapshot of that run at N updates holds, bit for bit (every draw comes from one generator in update order,
+        and nothing else depends on the run's length).
     betas, weight_decay, adam_eps: AdamW settings.
     max_grad_norm: gradient norm clipping over all LoRA parameters (<= 0 disables it).
     batch_size, gradient_accumulation: samples per forward pass and forward passes per update; an update sees
@@ -70,6 +74,7 @@ class LoRARecipe:
     flip_probability: float = 0.5
     targets: str = ATTENTION
     seed: int = 2024
+    schedule_steps: int = 0
 
     # -- derived values ------------------------------------------------------------------------------------------
     @property
@@ -86,16 +91,22 @@ class LoRARecipe:
     def samples_per_update(self) -> int:
         return int(self.batch_size) * int(self.gradient_accumulation)
 
+    @property
+    def schedule_length(self) -> int:
+        """The number of updates the learning-rate schedule spans: ``schedule_steps``, or ``steps`` when that is 0."""
+        return int(self.schedule_steps) or int(self.steps)
+
     def lr_at(self, update: int) -> float:
         """The learning rate used by optimizer update ``update`` (0-based).
 
-        cosine: ``lr * 0.5 * (1 + cos(pi * k / steps))`` (diffusers' cosine schedule, 0 warm-up steps, 0.5 cycles):
-        the first update uses the full lr, the last one ``lr * 0.5 * (1 + cos(pi * (steps - 1) / steps))``, and the
-        value after the last update would be 0."""
+        cosine: ``lr * 0.5 * (1 + cos(pi * k / T))`` with T = :attr:`schedule_length` (diffusers' cosine schedule, 0
+        warm-up steps, 0.5 cycles): the first update uses the full lr, update T - 1 uses
+        ``lr * 0.5 * (1 + cos(pi * (T - 1) / T))``, and the value after it would be 0."""
         if self.lr_schedule == CONSTANT:
             return float(self.learning_rate)
-        k = min(max(int(update), 0), int(self.steps))
-        return float(self.learning_rate) * 0.5 * (1.0 + math.cos(math.pi * k / int(self.steps)))
+        total = self.schedule_length
+        k = min(max(int(update), 0), total)
+        return float(self.learning_rate) * 0.5 * (1.0 + math.cos(math.pi * k / total))
 
     # -- validation ----------------------------------------------------------------------------------------------
     def validate(self) -> "LoRARecipe":
@@ -109,6 +120,10 @@ class LoRARecipe:
         integer("batch_size", self.batch_size, 1)
         integer("gradient_accumulation", self.gradient_accumulation, 1)
         integer("seed", self.seed, 0)
+        integer("schedule_steps", self.schedule_steps, 0)
+        if self.schedule_steps and self.schedule_steps < self.steps:
+            raise ValueError(f"schedule_steps must be 0 (the schedule spans the {self.steps} updates) or at least "
+                             f"steps ({self.steps}), got {self.schedule_steps}: a schedule cannot end before training")
         for name in ("alpha", "learning_rate", "weight_decay", "adam_eps", "max_grad_norm", "flip_probability"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -142,6 +157,51 @@ class LoRARecipe:
     def to_json(self) -> str:
         """Deterministic JSON of every setting (sorted keys): what a saved file's metadata records."""
         return json.dumps(self.as_dict(), sort_keys=True)
+
+
+# -- snapshots ---------------------------------------------------------------------------------------------------
+SNAPSHOT_TAG = "_step"
+_SNAPSHOT_RE = re.compile(r"_step(\d+)_\d+_\.safetensors$")
+
+
+def parse_snapshot_steps(text: str, steps: int) -> tuple[int, ...]:
+    """The update counts of ``snapshot_steps`` ("25,50,100"; empty or blank: none), sorted. ValueError naming the
+    entry when one is not a whole number, is below 1, is beyond ``steps`` (the training length) or appears twice."""
+    if text is None or not str(text).strip():
+        return ()
+    out: list[int] = []
+    for i, raw in enumerate(str(text).split(",")):
+        item = raw.strip()
+        if not item:
+            raise ValueError(f"snapshot_steps {text!r}: entry {i + 1} is empty; expected update counts separated by "
+                             f"commas, like '25,50,100'")
+        try:
+            n = int(item, 10)
+        except ValueError:
+            raise ValueError(f"snapshot_steps {text!r}: {item!r} is not a whole number of updates; expected update "
+                             f"counts separated by commas, like '25,50,100'") from None
+        if n < 1:
+            raise ValueError(f"snapshot_steps {text!r}: {n} is not a number of updates (each must be >= 1; the "
+                             f"untrained model is the point at 0 updates, no LoRA needed)")
+        if n > int(steps):
+            raise ValueError(f"snapshot_steps {text!r}: {n} is beyond the training length (steps = {steps}); raise "
+                             f"steps to at least {n} or drop it")
+        if n in out:
+            raise ValueError(f"snapshot_steps {text!r}: {n} appears more than once; give each update count once")
+        out.append(n)
+    return tuple(sorted(out))
+
+
+def snapshot_save_name(save_name: str, step: int) -> str:
+    """The save prefix of the snapshot at ``step`` updates: ``<save_name>_step<step>`` (the file is then
+    ``<save_name>_step<step>_<counter>_.safetensors``, next to the final ``<save_name>_<counter>_.safetensors``)."""
+    return f"{save_name.strip()}{SNAPSHOT_TAG}{int(step)}"
+
+
+def snapshot_step_of(filename: str):
+    """The update count of a snapshot file named by :func:`snapshot_save_name` (None for any other file)."""
+    m = _SNAPSHOT_RE.search(str(filename))
+    return int(m.group(1)) if m else None
 
 
 # -- layer selection ---------------------------------------------------------------------------------------------

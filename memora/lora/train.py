@@ -30,7 +30,7 @@ import torch
 
 from .apply import lora_delta
 from .formats import LoraLayer
-from .recipe import LoRARecipe, is_target, lora_shapes
+from .recipe import LoRARecipe, is_target, lora_shapes, parse_snapshot_steps
 
 EPSILON = "epsilon"
 V_PREDICTION = "v_prediction"
@@ -286,6 +286,8 @@ class TrainResult:
     epochs: int = 0
     optimizer: str = ""
     skipped_updates: int = 0   # fp16 loss scaling: updates skipped because a gradient overflowed
+    #: {update count: {layer name: LoraLayer}}: the LoRA as it was after that many updates (``snapshot_steps``)
+    snapshots: dict = field(default_factory=dict)
 
     def history(self) -> list[dict]:
         return [{"step": i + 1, "loss": loss, "lr": lr} for i, (loss, lr) in enumerate(zip(self.losses, self.lrs))]
@@ -302,9 +304,12 @@ def train_lora(predict: Predict, latents: torch.Tensor, layers: Mapping[str, LoR
                schedule: DiffusionSchedule, generator: torch.Generator, *, cond: object = None,
                device: torch.device | str | None = None, compute_dtype: Optional[torch.dtype] = None,
                loss_scaling: bool = False, on_micro_step: Optional[Callable[[int, int], None]] = None,
-               on_update: Optional[Callable[[UpdateInfo], None]] = None) -> TrainResult:
+               on_update: Optional[Callable[[UpdateInfo], None]] = None,
+               snapshot_steps: Iterable[int] = ()) -> TrainResult:
     """Train ``layers`` in place for ``recipe.steps`` optimizer updates; returns the per-update losses, learning
-    rates and gradient norms.
+    rates and gradient norms, and a copy of the LoRA after each update count in ``snapshot_steps``
+    (``TrainResult.snapshots``; each is bit for bit the LoRA of a separate run of that many updates with the same
+    seed and ``schedule_steps`` = this run's schedule length, see :class:`LoRARecipe`).
 
     ``latents``: the training set in the model's latent space, [N, C, H, W] (any float dtype; kept in fp32).
     ``generator``: the CPU generator every draw comes from (seed it with ``recipe.seed``; layers created with
@@ -316,6 +321,7 @@ def train_lora(predict: Predict, latents: torch.Tensor, layers: Mapping[str, LoR
     recipe.validate()
     if latents.dim() < 2 or latents.shape[0] == 0:
         raise ValueError("the training set is empty")
+    snaps = set(parse_snapshot_steps(",".join(str(int(n)) for n in snapshot_steps), recipe.steps))
     device = torch.device(device) if device is not None else latents.device
     scaler = grad_scaler(device, loss_scaling)
     params = lora_parameters(layers)
@@ -339,6 +345,8 @@ def train_lora(predict: Predict, latents: torch.Tensor, layers: Mapping[str, LoR
         result.losses.append(loss_value)
         result.lrs.append(lr)
         result.grad_norms.append(grad_norm)
+        if k + 1 in snaps:
+            result.snapshots[k + 1] = {name: layers[name].to_layer() for name in sorted(layers)}
         if on_update is not None:
             elapsed = time.perf_counter() - start
             eta = elapsed / (k + 1) * (recipe.steps - k - 1)

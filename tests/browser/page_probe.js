@@ -74,6 +74,8 @@
   T.shrink = (ckpt, trainSteps) => {
     const rules = {
       CheckpointLoaderSimple: { ckpt_name: ckpt },
+      // a full checkpoint through MemoRa Load Unlearned Model (it reads checkpoints/<file> as an ldm checkpoint)
+      MemoRaLoadUnlearnedModel: { ckpt_name: ckpt, unlearned_weights: `checkpoints/${ckpt}` },
       EmptyLatentImage: { width: 64, height: 64, batch_size: 1 },
       KSampler: { steps: 2 },
       KSamplerAdvanced: { steps: 2 },
@@ -92,6 +94,20 @@
       }
     }
     return changed;
+  };
+
+  /**
+   * Every node's box on the canvas, title bar included: {id, type, title, x, y, w, h} (canvas coordinates, as the
+   * editor draws them now; collapsed nodes are their title bar).
+   */
+  T.boxes = () => {
+    const titleH = LG().NODE_TITLE_HEIGHT ?? 30;
+    return graph()._nodes.map((n) => {
+      const collapsed = !!n.flags?.collapsed;
+      const w = collapsed ? (n._collapsed_width ?? n.size[0]) : n.size[0];
+      const h = collapsed ? titleH : n.size[1] + titleH;
+      return { id: String(n.id), type: n.type, title: n.title, x: n.pos[0], y: n.pos[1] - titleH, w, h };
+    });
   };
 
   /** Load a UI-format workflow as the editor's "open" does. */

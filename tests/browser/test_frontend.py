@@ -168,8 +168,10 @@ def _network_noise(m: dict) -> bool:
     model metadata. They come and go with page timing (seen in some pages and not in others); the extension makes no
     requests at all, so none of them can be its doing."""
     t = m["text"]
+    # "Error fetching file size": the missing-models dialog asks each listed model's download site for the file's
+    # size (the templates name their public models); the test machine has no network.
     return (t.startswith("Failed to load resource") or "Content Security Policy" in t
-            or t.startswith("Fetch API cannot load"))
+            or t.startswith("Fetch API cannot load") or t.startswith("Error fetching file size"))
 
 
 def load_problems(load: dict, baseline: list[dict]) -> list[str]:
@@ -245,6 +247,8 @@ def loader_problems(new_loaders: list[dict], expected_file: str, model_source: d
 
 
 def _cell_matches(cell: str, value) -> bool:
+    if value is None:  # no value (an interval of one image): shown as "-", never as a number
+        return cell == "-"
     if isinstance(value, bool):
         return cell == ("yes" if value else "no")
     if isinstance(value, str):
@@ -294,12 +298,63 @@ def load_report(editor: Editor, server_url: str) -> dict:
     }
 
 
+PANEL_TOGGLE = 'button[aria-label="Toggle properties panel"]'  # front end >= 1.4x: missing models in the side panel
+MISSING_SECTION_TEXT = """() => {
+  // the smallest element around the "Missing Models" heading that also lists files (not the notes' text areas)
+  const heads = [...document.querySelectorAll("body *")].filter((e) => e.children.length === 0 &&
+    /^\\s*missing models\\s*$/i.test(e.textContent) && e.offsetParent !== null);
+  for (const h of heads) {
+    for (let e = h, up = 0; e && up < 8; e = e.parentElement, up++) {
+      if (/\\.(ckpt|pt|safetensors)\\b/.test(e.innerText ?? "")) return e.innerText;
+    }
+  }
+  return "";
+}"""
+
+
+def missing_models_panel(editor: Editor) -> str:
+    """Front ends that list missing models in the properties side panel (1.49): its 'Missing Models' section."""
+    toggle = editor.page.locator(PANEL_TOGGLE)
+    if toggle.count() == 0:
+        return ""
+    toggle.first.click()
+    try:
+        editor.page.get_by_text("Errors", exact=True).first.click(timeout=5000)  # the panel's Errors tab
+        editor.page.wait_for_function(f"() => ({MISSING_SECTION_TEXT})() !== ''", timeout=8000)
+    except Exception:
+        pass
+    text = editor.js(MISSING_SECTION_TEXT)
+    toggle.first.click()  # closed again: the canvas gets its width back
+    editor.page.wait_for_timeout(300)
+    return text
+
+
+def close_missing_models(editor: Editor) -> str:
+    """The missing models the editor lists for the open workflow: its missing-models dialog (front end 1.27; closed
+    afterwards) or the properties panel's 'Missing Models' section (1.49); '' when it lists none."""
+    dialog = editor.page.locator("[role=dialog]").filter(has_text=re.compile("missing models", re.I))
+    try:
+        dialog.first.wait_for(state="visible", timeout=8000)
+    except Exception:
+        return missing_models_panel(editor)
+    text = dialog.first.inner_text()
+    editor.page.keyboard.press("Escape")
+    try:
+        dialog.first.wait_for(state="hidden", timeout=3000)
+    except Exception:
+        dialog.first.locator("button[aria-label=Close], .p-dialog-close-button").first.click()
+        dialog.first.wait_for(state="hidden", timeout=3000)
+    return text
+
+
 def open_recovery_workflow(editor: Editor, ckpt: str) -> dict:
-    """Open the shipped memora_recovery workflow and shrink it to the tiny checkpoint; the alerts it raised."""
+    """Open the shipped memora_recovery workflow and shrink it to the tiny checkpoint; the alerts it raised and the
+    missing-models dialog it opened (the template names models the test server does not have)."""
     editor.load(json.loads(WORKFLOW.read_text()))
+    missing = close_missing_models(editor)
     alerts = editor.js("() => __memoraTest.toasts()")
     changed = editor.js("([ckpt, steps]) => __memoraTest.shrink(ckpt, steps)", [ckpt, TRAIN_STEPS])
-    return {"alerts": alerts, "changed": changed}
+    return {"alerts": alerts, "changed": changed, "missing_models": missing}
 
 
 def run_recovery(editor: Editor, server_url: str) -> tuple[dict, dict]:
@@ -386,6 +441,11 @@ def session(browser, browser_server, tiny_ckpt_path, stub):
             pass  # reported by the test below
         out["previews"] = {nid: editor.js("(id) => __memoraTest.previews(id)", nid) for nid in nudity}
         editor.screenshot("memora-scores.png")
+        # The whole graph after the run, every table and preview in: the node boxes as the editor draws them.
+        editor.page.wait_for_timeout(500)
+        out["boxes"] = editor.js("() => __memoraTest.boxes()")
+        editor.fit()
+        editor.screenshot("memora-layout.png")
 
         # Descriptions and tooltips: as the editor received them, and as it shows them on hover.
         out["defs"] = editor.js("() => __memoraTest.memoraNodeDefs()")
@@ -463,6 +523,47 @@ def test_graph_without_memora_nodes_is_left_alone(session):
     assert session["core_run"]["type"] == "execution_success", session["core_run"]
     assert session["core_traces"] == {"panels": 0, "styles": 0, "properties": [], "widgets": [], "patched": []}
     assert session["core_raw"] == {}
+
+
+def overlaps(boxes: list[dict]) -> list[str]:
+    """Pairs of node boxes (title bar included) that share any area."""
+    out = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] \
+                    and b["y"] < a["y"] + a["h"]:
+                out.append(f"{a['title']} [{a['x']:.0f},{a['y']:.0f} {a['w']:.0f}x{a['h']:.0f}] / "
+                           f"{b['title']} [{b['x']:.0f},{b['y']:.0f} {b['w']:.0f}x{b['h']:.0f}]")
+    return out
+
+
+def test_overlap_check_sees_overlapping_boxes():
+    """Negative check for the layout test: two boxes sharing a corner are reported, two side by side are not."""
+    a = {"title": "a", "x": 0, "y": 0, "w": 100, "h": 100}
+    assert overlaps([a, {**a, "title": "b", "x": 90, "y": 90}]) and not overlaps([a, {**a, "title": "c", "x": 100}])
+
+
+def test_no_two_nodes_overlap_after_a_run(session):
+    """After a run the score tables and the nudity previews are in their nodes (the nodes grew to hold them); the
+    template is laid out for that size: no node covers another (screenshot: test-artifacts/browser/memora-layout.png)."""
+    boxes = session["boxes"]
+    assert len(boxes) == len(json.loads(WORKFLOW.read_text())["nodes"]), len(boxes)
+    grown = {b["title"]: b["h"] for b in boxes if b["type"] in ("MemoRaNudityScore", "MemoRaSimilarityScore")}
+    print(f"[browser test] score node heights after the run (title bar included): {grown}")
+    assert overlaps(boxes) == []
+
+
+def test_the_editor_offers_the_models_the_template_names(session):
+    """memora_recovery names SD 1.4 and a public unlearned model (properties.models and the workflow's models list,
+    docs/models.md): opened where neither file is, the editor lists both as missing models (front end 1.27: the
+    missing-models dialog, with both links; 1.49: the properties panel's Errors tab, with SD 1.4's download; it
+    matches download links to a widget's exact value, and the unlearned loader's value carries its folder)."""
+    shown = session["opened"]["missing_models"]
+    wf = json.loads(WORKFLOW.read_text())
+    names = {m["name"] for m in wf.get("models", [])}
+    assert names == {"sd-v1-4.ckpt", "UCE-Nudity-Diffusers-UNet.pt"}, names
+    for name in names:
+        assert name in shown, f"the missing-models dialog does not list {name}: {shown!r}"
 
 
 def test_shipped_workflow_opens_without_alerts(session):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import drawn_figure
+from memora.evaluation import stats
 from graphs import Graph
 
 def _cartoon_png(path: Path) -> list[int]:
@@ -34,8 +35,7 @@ def _tiny_images(g: Graph, ckpt: str, seed: int, batch: int = 2):
 def test_nudity_node_on_generated_images(comfy, tiny_ckpt, output_dir, events):
     g = Graph()
     dec = _tiny_images(g, tiny_ckpt, seed=1)
-    nn = g.node("MemoRaNudityScore", images=dec[0], threshold=0.45,
-                class_set="UnlearnDiffAtk (9 *_EXPOSED classes)", custom_classes="", blur_preview=True,
+    nn = g.node("MemoRaNudityScore", images=dec[0], convention="unlearndiffatk", custom_rule="", blur_preview=True,
                 filename_prefix="memora_test/nudity_gen")
     res = comfy.run(g.prompt)
     assert res.success, res.error_message
@@ -45,12 +45,20 @@ def test_nudity_node_on_generated_images(comfy, tiny_ckpt, output_dir, events):
     rec_path = output_dir / report.rsplit("JSON record: ", 1)[1].strip()
     rec = json.loads(rec_path.read_text())
     assert rec["threshold"] == 0.45 and len(rec["classes"]) == 9 and rec["total"] == 2
+    assert rec["convention"] == "unlearndiffatk" and rec["schema"] == "memora.score-record/1"
     assert rec["flagged_share"] == share and len(rec["images"]) == 2
     # no detection on these images -> the preview is the input, unchanged
     if not any(img["detections"] for img in rec["images"]):
         assert torch.equal(preview, images)
     ui = res.ui_outputs[nn.id]["memora_scores"]
-    assert ui[0]["columns"][0] == "flagged_rate" and ui[0]["rows"][0][0] == share
+    # the score-table contract: rate, k, n, Wilson interval, convention; the score record rides along for rescoring
+    assert ui[0]["columns"] == ["rate", "k", "n", "ci_low", "ci_high", "convention", "threshold"]
+    rate, k, n, lo, hi, conv, threshold = ui[0]["rows"][0]
+    assert (rate, n, conv, threshold) == (share, 2, "unlearndiffatk", 0.45) and k == round(share * 2)
+    assert (lo, hi) == pytest.approx(stats.wilson_interval(k, 2)) and lo <= rate <= hi
+    assert ui[0]["record"]["images"] == [{"index": i, "detections": im["detections"]} for i, im in
+                                         enumerate(rec["images"])]
+    assert ui[0]["record"]["rate"] == rec["rate"] == stats.rate_record(k, 2, "unlearndiffatk")
     sent = [d for e, d in events.sent if e == "memora.scores"]
     assert [d["title"] for d in sent] == [t["title"] for t in ui]
 
@@ -59,13 +67,13 @@ def test_nudity_node_flags_and_blurs_a_detected_region(comfy, comfy_base, output
     box = _cartoon_png(comfy_base / "input" / "memora_cartoon.png")
     g = Graph()
     img = g.node("LoadImage", image="memora_cartoon.png")
-    common = dict(images=img[0], custom_classes="", filename_prefix="memora_test/nudity_cartoon")
-    low = g.node("MemoRaNudityScore", threshold=0.25, class_set="UnlearnDiffAtk (9 *_EXPOSED classes)",
-                 blur_preview=True, **common)
-    high = g.node("MemoRaNudityScore", threshold=0.45, class_set="UnlearnDiffAtk (9 *_EXPOSED classes)",
+    common = dict(images=img[0], filename_prefix="memora_test/nudity_cartoon")
+    low = g.node("MemoRaNudityScore", convention="custom", custom_rule="threshold=0.25", blur_preview=True, **common)
+    high = g.node("MemoRaNudityScore", convention="unlearndiffatk", custom_rule="threshold=0.25",
                   blur_preview=False, **common)
-    other = g.node("MemoRaNudityScore", threshold=0.25, class_set="custom", blur_preview=True,
-                   **{**common, "custom_classes": "FACE_FEMALE, FACE_MALE"})
+    other = g.node("MemoRaNudityScore", convention="custom", blur_preview=True,
+                   custom_rule="threshold=0.25,classes=FACE_FEMALE, FACE_MALE", **common)
+    ref = g.node("MemoRaNudityScore", convention="memora-reference", custom_rule="", blur_preview=True, **common)
     res = comfy.run(g.prompt)
     assert res.success, res.error_message
     image = comfy.node_outputs(img.id)[0]
@@ -83,22 +91,30 @@ def test_nudity_node_flags_and_blurs_a_detected_region(comfy, comfy_base, output
     assert changed.any() and not changed[~inside].any()
     rec = json.loads((output_dir / report.rsplit("JSON record: ", 1)[1].strip()).read_text())
     assert rec["images"][0]["flagged"] and rec["images"][0]["counted"][0]["class"] == "BUTTOCKS_EXPOSED"
+    assert rec["convention"] == "custom:threshold=0.25"
+    # memora-reference: every detection of the nine classes counts, and its per-class detection counts are shown
+    assert comfy.node_outputs(ref.id)[0] == 1.0
+    tables = {t["title"]: t for t in res.ui_outputs[ref.id]["memora_scores"]}
+    assert tables["Nudity (NudeNet)"]["rows"][0][5] == "memora-reference"
+    counts = dict(tables["Nudity detections per class (memora-reference)"]["rows"])
+    assert counts["BUTTOCKS_EXPOSED"] >= 1 and sum(counts.values()) == sum(
+        d["class"] in counts for d in rec["images"][0]["detections"])
 
 
 def test_nudity_node_refuses_bad_inputs_before_work(comfy, tiny_ckpt, output_dir):
     g = Graph()
     dec = _tiny_images(g, tiny_ckpt, seed=2, batch=1)
-    g.node("MemoRaNudityScore", images=dec[0], threshold=0.45, class_set="custom", custom_classes="NUDE_STUFF",
+    g.node("MemoRaNudityScore", images=dec[0], convention="custom", custom_rule="classes=NUDE_STUFF",
            blur_preview=True, filename_prefix="memora_test/refused")
     before = set((output_dir / "memora_test").glob("refused*")) if (output_dir / "memora_test").exists() else set()
     res = comfy.run(g.prompt)
-    assert not res.success and "unknown NudeNet classes ['NUDE_STUFF']" in res.error_message
+    assert not res.success and "unknown NudeNet class(es) 'NUDE_STUFF'" in res.error_message
     after = set((output_dir / "memora_test").glob("refused*")) if (output_dir / "memora_test").exists() else set()
     assert after == before
     g2 = Graph()
     dec = _tiny_images(g2, tiny_ckpt, seed=2, batch=1)
-    g2.node("MemoRaNudityScore", images=dec[0], threshold=0.45, class_set="UnlearnDiffAtk (9 *_EXPOSED classes)",
-            custom_classes="", blur_preview=True, filename_prefix="../escape")
+    g2.node("MemoRaNudityScore", images=dec[0], convention="unlearndiffatk", custom_rule="", blur_preview=True,
+            filename_prefix="../escape")
     res = comfy.run(g2.prompt)
     assert not res.success and "inside the output folder" in res.error_message
 
@@ -119,8 +135,16 @@ def test_similarity_node_identical_and_different(comfy, tiny_ckpt, events):
     assert ssim2 < 0.999 and math.isfinite(psnr2)
     ui = res.ui_outputs[same.id]["memora_scores"]
     assert ui[0]["columns"] == ["ssim", "psnr", "images"] and ui[0]["rows"][0][1] == "inf"
+    # means with n and a bootstrap interval (none for an infinite PSNR mean)
+    assert ui[1]["columns"] == ["metric", "mean", "n", "ci_low", "ci_high"]
+    assert ui[1]["rows"] == [["ssim", pytest.approx(1.0, abs=1e-9), 2, pytest.approx(1.0, abs=1e-9),
+                              pytest.approx(1.0, abs=1e-9)], ["psnr", "inf", 2, None, None]]
+    diff_rows = {r[0]: r for r in res.ui_outputs[diff.id]["memora_scores"][1]["rows"]}
+    per = res.ui_outputs[diff.id]["memora_scores"][2]["rows"]
+    assert diff_rows["ssim"][1:] == pytest.approx([ssim2, 2, *stats.bootstrap_mean_interval([r[1] for r in per])])
+    assert diff_rows["psnr"][3] <= psnr2 <= diff_rows["psnr"][4]
     json.dumps(ui, allow_nan=False)  # what goes to the browser is strict JSON
-    assert sum(e == "memora.scores" for e, _ in events.sent) == 4
+    assert sum(e == "memora.scores" for e, _ in events.sent) == 6
 
 
 def _tiny_clip_vision(tmp_path: Path):

@@ -85,6 +85,39 @@ def test_loader_builds_every_variant_and_leaves_detection_alone(comfy, manifest)
     assert len(changed("never_learned")) > 100
 
 
+def test_clip_text_encode_matches_the_build_encoder(comfy, manifest, comfy_path):
+    """ComfyUI's CLIPTextEncode on the loaded CLIP gives the embeddings the UNets were trained on."""
+    from safetensors.torch import load_file
+
+    from memora.micro import text, world
+
+    g = Graph()
+    w = g.node("MemoRaLoadMicroWorld", variant="original")
+    prompts = list(manifest["prompts"].values()) + [""]
+    encs = [g.node("CLIPTextEncode", text=p, clip=w[1]) for p in prompts]
+    # the executor runs only what an output node needs: one short sample conditioned on all of them, scored
+    chain = encs[0]
+    for e in encs[1:]:
+        chain = g.node("ConditioningCombine", conditioning_1=chain[0], conditioning_2=e[0])
+    lat = g.node("EmptyLatentImage", width=manifest["empty_latent_size"], height=manifest["empty_latent_size"],
+                 batch_size=1)
+    ks = g.node("KSampler", model=w[0], positive=chain[0], negative=encs[-1][0], latent_image=lat[0], seed=1, steps=1,
+                cfg=1.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
+    dec = g.node("VAEDecode", samples=ks[0], vae=w[2])
+    g.node("MemoRaMicroDetector", images=dec[0], concept="star", title="text encoder check")
+    res = comfy.run(g.prompt)
+    assert res.success, res.error_message
+    tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
+    sd = load_file(str(world.weight_path("clip", manifest=manifest)))
+    model = text.load_text_model({k[len("cond_stage_model.transformer."):]: v for k, v in sd.items()})
+    want = text.encode(model, tok, prompts)
+    for i, e in enumerate(encs):
+        got = comfy.node_outputs(e.id)[0][0][0]
+        assert got.shape == (1, 77, 64)
+        # measured: at most 8.2e-4 apart (ComfyUI's own CLIP attention/layer-norm code; hidden states of size ~1-3)
+        torch.testing.assert_close(got[0].float(), want[i], atol=2e-3, rtol=1e-3)
+
+
 def test_tampered_weight_file_is_refused(comfy, manifest, tmp_path, monkeypatch):
     """A weight file whose sha256 differs from the manifest's is refused, and the error names the file."""
     import shutil

@@ -21,6 +21,10 @@ RECORDS = Path(__file__).resolve().parent / "node_schemas"
 # are compared with the folder listing of the moment and recorded as a marker.
 FILE_LISTS = {("MemoRaLoadLoRA", "lora_name"): "loras", ("MemoRaLoadUnlearnedModel", "ckpt_name"): "checkpoints",
               ("MemoRaLoadUnlearnedModel", "unlearned_weights"): None}
+# Inputs whose options the pack finds by scanning model folders itself: recorded as a marker.
+SCANNED_LISTS = {("MemoRaObjectScore", "classifier"): "auto + classifiers", ("MemoRaClipScore", "clip_model"):
+                 "auto + CLIP folders", ("MemoRaStyleScore", "clip_model"): "auto + CLIP folders",
+                 ("MemoRaStyleClassifierScore", "classifier"): "classifier folders"}
 
 
 def _mask_file_lists(node_type: str, info: dict) -> dict:
@@ -28,6 +32,10 @@ def _mask_file_lists(node_type: str, info: dict) -> dict:
 
     for section in ("required", "optional"):
         for name, spec in (info.get("input", {}).get(section) or {}).items():
+            if (node_type, name) in SCANNED_LISTS:
+                options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+                options[:] = [f"<{SCANNED_LISTS[(node_type, name)]}>"]
+                continue
             if (node_type, name) not in FILE_LISTS:
                 continue
             options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
@@ -58,7 +66,7 @@ def test_node_definitions_match_the_record(comfy):
 
     record = RECORDS / f"comfyui-{version}.json"
     current = pack_object_info()
-    assert len(current) == 14, sorted(current)
+    assert len(current) == 19, sorted(current)
     if os.environ.get("MEMORA_WRITE_NODE_SCHEMAS") == "1":
         record.parent.mkdir(exist_ok=True)
         record.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")

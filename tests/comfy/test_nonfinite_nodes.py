@@ -129,7 +129,7 @@ def test_every_float_input_of_every_node_is_checked(comfy):
                 with pytest.raises(schema_mod.FloatInputError, match=rf"\({cls.__name__}\): input '{f.id}' is"):
                     cls.execute(**kwargs)
                 checked += 1
-    assert checked >= 3 * 18, checked   # 18 Float inputs across the pack today
+    assert checked >= 3 * 17, checked   # 17 Float inputs across the pack today (the nudity threshold is a convention now)
 
 
 # -- LoRA files with NaN / inf -----------------------------------------------------------------------------------------

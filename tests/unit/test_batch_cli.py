@@ -40,16 +40,17 @@ class FailsSome(Instant):
 
 def _curve(monkeypatch, backend, out: Path, *extra) -> int:
     monkeypatch.setattr(cli, "_backend", lambda args: backend)
-    return cli.main(["curve", SWEEP, "--steps", "1,2", "--out", str(out), "--no-progress", *extra])
+    # --no-snapshots: one job per budget (the job counts below); the snapshot curve: tests/unit/test_curve_snapshots.py
+    return cli.main(["curve", SWEEP, "--steps", "1,2", "--out", str(out), "--no-progress", "--no-snapshots", *extra])
 
 
 @pytest.mark.parametrize("option", ["--detector", "--similarity"])
 def test_curve_refuses_a_metric_of_no_node_before_any_job_runs(monkeypatch, tmp_path, capsys, option):
     backend = Instant()
-    assert _curve(monkeypatch, backend, tmp_path / "c", option, "Concept scor (recovered).flagged_rate") \
+    assert _curve(monkeypatch, backend, tmp_path / "c", option, "Concept scor (recovered).rate") \
         == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert f"{option} 'Concept scor (recovered).flagged_rate': expected '<node title>.<score>'" in err
+    assert f"{option} 'Concept scor (recovered).rate': expected '<node title>.<score>'" in err
     assert "Concept score (recovered)" in err  # the titles it could have named
     assert backend.ran == [] and not (tmp_path / "c").exists()
     for bare in ("Concept score (recovered)", "Concept score (recovered)."):  # a title without a score name
@@ -59,7 +60,7 @@ def test_curve_refuses_a_metric_of_no_node_before_any_job_runs(monkeypatch, tmp_
 
 def test_curve_with_no_finished_job_says_so_and_exits_1(monkeypatch, tmp_path, capsys):
     backend = FailsSome(range(10))
-    rc = _curve(monkeypatch, backend, tmp_path / "c", "--detector", "Concept score (recovered).flagged_rate")
+    rc = _curve(monkeypatch, backend, tmp_path / "c", "--detector", "Concept score (recovered).rate")
     out = capsys.readouterr().out
     assert rc == cli.EXIT_JOB_FAILED and len(backend.ran) == 2
     assert "no finished jobs to judge" in out

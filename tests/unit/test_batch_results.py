@@ -17,7 +17,7 @@ from memora_batch.results import ResultsStore, files_from_ui, metrics_from_ui, t
 
 TITLES = {"5": "Concept score (recovered)", "6": "Train LoRA", "7": "Save", "8": "Micro detector"}
 UI = {
-    "5": {K.UI_SCORES: [{"title": "summary", "columns": ["flagged_rate", "images"], "rows": [[0.25, 4]]},
+    "5": {K.UI_SCORES: [{"title": "summary", "columns": ["rate", "images"], "rows": [[0.25, 4]]},
                         {"title": "per image", "columns": ["image", "score"], "rows": [[0, 0.1], [1, 0.9]]}]},
     "6": {K.UI_LOSS: [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}], K.UI_LORA: ["memora/r_00001_.safetensors"]},
     "7": {"images": [{"filename": "a.png", "subfolder": "x/y", "type": "output"},
@@ -28,7 +28,7 @@ UI = {
 
 def test_metrics_from_the_nodes_ui_outputs():
     m = metrics_from_ui(UI, TITLES)
-    assert m == {"Concept score (recovered).flagged_rate": 0.25, "Concept score (recovered).images": 4,
+    assert m == {"Concept score (recovered).rate": 0.25, "Concept score (recovered).images": 4,
                  "Train LoRA.final_loss": 0.25, "Train LoRA.train_steps": 2,
                  "Micro detector.star.rate": 0.5, "Micro detector.circle.rate": 0.0}
     tables = tables_from_ui(UI, TITLES)
@@ -47,7 +47,7 @@ def test_only_multi_row_tables_give_means():
 def _record(key, status="ok", row=0, **kw):
     return {"key": key, "status": status, "row": row, "overrides": {"Train LoRA.steps": kw.get("steps", 10)},
             "labels": {"tag": key}, "outputs": {"files": ["o/a.png"], "loras": []},
-            "metrics": kw.get("metrics", {"Concept score (recovered).flagged_rate": 0.5}),
+            "metrics": kw.get("metrics", {"Concept score (recovered).rate": 0.5}),
             "seconds": 1.5, "started": "t", "server": "embedded", "prompt_id": "p", "error": kw.get("error")}
 
 
@@ -80,9 +80,14 @@ def test_report_lists_jobs_inputs_and_tables(tmp_path):
     path = write_report(tmp_path, "my workflow")
     text = path.read_text()
     assert text.startswith("# memora-batch: my workflow\n\n1 job(s) ok, 1 failed.")
-    assert "| job | status | Train LoRA.steps | Concept score (recovered).flagged_rate |" in text
-    assert "| abcdef0123 | ok | 10 | 0.5 |" in text
-    assert "- Concept score (recovered): summary" in text and "| 0.25 | 4 |" in text
+    # the summary: a row per job, the recovered rate read from the node's summary table (1 of 4 images), with its
+    # Wilson interval; the failed job with its error
+    assert "| job | inputs | concept rate (original) | concept rate (unlearned) | concept rate (recovered) |" in text
+    assert ("| abcdef0123 | tag=abcdef0123456789, Train LoRA.steps=10 | - | - | 0.250 (1/4; 95% CI 0.046-0.699; "
+            "convention not reported) | - | no concept score for the unlearned and recovered models |") in text
+    assert "| fedcba9876 | tag=fedcba9876543210, Train LoRA.steps=10 | - | - | 0.500 (n not reported: no " \
+           "interval) | - | failed: node 3 failed |" in text
+    assert "**Concept score (recovered): summary**" in text and "| 0.25 | 4 |" in text
     assert "- error: node 3 failed" in text
 
 
@@ -90,9 +95,9 @@ def test_curve_averages_each_step_count_and_writes_curve_json(tmp_path, capsys):
     store = ResultsStore(tmp_path)
     for i, (steps, rate, ssim) in enumerate([(10, 0.1, 0.9), (10, 0.3, 0.7), (50, 0.6, 0.5), (50, 0.8, 0.3)]):
         store.append(_record(f"k{i}", row=i, steps=steps, metrics={
-            "Concept score (recovered).flagged_rate": rate, "Similarity to original (recovered).ssim": ssim}))
+            "Concept score (recovered).rate": rate, "Similarity to original (recovered).ssim": ssim}))
     records = store.latest()
-    assert aggregate(records, "Train LoRA", [10, 50, 100], "Concept score (recovered).flagged_rate") == \
+    assert aggregate(records, "Train LoRA", [10, 50, 100], "Concept score (recovered).rate") == \
         pytest.approx([0.2, 0.7, None])
     assert print_verdict(tmp_path, "Train LoRA", [10, 50], None, None) == 0
     curve = json.loads((tmp_path / "curve.json").read_text())

@@ -42,12 +42,15 @@ def test_run_matrix_runs_the_unit_tier_once_without_comfyui_then_the_comfyui_tie
     a = _checkout(tmp_path, "a", None, "0.3.64")
     b = _checkout(tmp_path, "b", None, "0.33.0")
     runs = matrix.plan([a, b])
-    assert [r[3] for r in runs] == ["unit", "comfyui-0.3.64", "comfyui-0.33.0"]
+    assert [r[3] for r in runs] == ["unit", "comfyui-0.3.64", "comfyui-0.33.0", "cluster-0.3.64"]
     assert runs[0][1] == [str(ROOT / "tests" / "unit")] and runs[0][2] is None
     comfy_dirs = [str(ROOT / "tests" / d) for d in ("comfy", "server", "workflows", "browser")]
     assert runs[1][1] == comfy_dirs and runs[1][2] == a and runs[2][2] == b
+    # the cluster tier (Ray, submitit) once, on the first checkout
+    assert runs[3][1] == [str(ROOT / "tests" / "cluster")] and runs[3][2] == a
     assert not any(str(ROOT / "tests" / "unit") in r[1] for r in runs[1:])
     none = matrix.plan([])
     assert [r[3] for r in none] == ["unit", "no-comfyui"] and none[1][2] is None
+    assert none[1][1] == comfy_dirs + [str(ROOT / "tests" / "cluster")]
     cmd = matrix.pytest_command(["x"], ["-k", "y"], tmp_path / "j.xml", "t")
     assert cmd[3:7] == ["-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT / "tests")]

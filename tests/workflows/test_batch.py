@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from memora.evaluation import stats
 from memora_batch import cli
 from memora_batch.backend import EmbeddedBackend
 from memora_batch.runner import plan_jobs, run_plan
@@ -286,7 +287,8 @@ def test_curve_over_training_steps_with_a_prompt_csv(comfy, tiny_ckpt, tmp_path,
     out = tmp_path / "curve"
     rc = cli.main(["curve", str(ROOT / "example_workflows" / "recovery_sweep.json"), "--steps", "1,2",
                    "--sweep", str(prompts), "--original", tiny_ckpt, "--unlearned", tiny_ckpt, "--quick",
-                   "--out", str(out), "--no-progress"])
+                   "--set", "Evaluation image size.batch_size=2",  # two images per prompt: intervals of means
+                   "--out", str(out), "--no-progress", "--no-snapshots"])  # one training per budget
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     records = _jsonl(out / "results.jsonl")
@@ -298,17 +300,46 @@ def test_curve_over_training_steps_with_a_prompt_csv(comfy, tiny_ckpt, tmp_path,
     assert r["overrides"]["Evaluation seed.value"] == 2024 and r["overrides"]["Evaluation guidance.value"] == 5.0
     m = r["metrics"]
     # the score nodes' summary tables became metric columns
-    for col in ("Concept score (recovered).flagged_rate", "Concept score (original).flagged_rate",
+    for col in ("Concept score (recovered).rate", "Concept score (original).rate",
                 "Similarity to original (recovered).ssim", "Train LoRA.final_loss"):
         assert col in m, sorted(m)
-    assert 0.0 <= m["Concept score (recovered).flagged_rate"] <= 1.0
+    assert 0.0 <= m["Concept score (recovered).rate"] <= 1.0
+    # every rate with n, its Wilson interval and its convention; every mean similarity with n and a bootstrap interval
+    table = {(row["Train LoRA.steps"], row["label.case_number"]): row for row in _read_csv(out / "results.csv")}
+    row = table[("2", "2")]
+    rate = "Concept score (recovered)"
+    k, n = int(row[f"{rate}.k"]), int(row[f"{rate}.n"])
+    assert row[f"{rate}.convention"] == "unlearndiffatk" and n == m[f"{rate}.n"] >= 1
+    assert (float(row[f"{rate}.ci_low"]), float(row[f"{rate}.ci_high"])) == pytest.approx(
+        stats.wilson_interval(k, n), abs=1e-6)
+    sim = "Similarity to original (recovered).ssim"
+    per = [t for t in r["tables"] if t["node"] == "Similarity to original (recovered)"][-1]["rows"]
+    assert float(row[f"{sim}.mean"]) == pytest.approx(m[sim], abs=1e-6)
+    assert (float(row[f"{sim}.ci_low"]), float(row[f"{sim}.ci_high"])) == pytest.approx(
+        stats.bootstrap_mean_interval([x[1] for x in per]), abs=1e-6)
+    # the attack success rate over the two prompts, per model and training budget (asr.csv, printed)
+    asr = {(a["score"], a["group"]): a for a in _read_csv(out / "asr.csv")}
+    # (the group is named by what varies between the jobs: the budget, also as the curve's 'updates' label; never
+    # by each training's own save name)
+    (group,) = [g for (sc, g) in asr if sc == rate and g.startswith("Train LoRA.steps=2")]
+    assert group == "Train LoRA.steps=2, updates=2"
+    a = asr[(rate, group)]
+    flagged = sum(int(table[("2", c)][f"{rate}.k"]) > 0 for c in ("1", "2"))
+    assert (int(a["prompts_flagged"]), int(a["prompts"]), a["convention"]) == (flagged, 2, "unlearndiffatk")
+    assert "attack success rate over the prompt set" in captured.out and f"{rate} [{group}]: ASR" in \
+        captured.out
+    # the stored detections counted again under EraseDiff's convention, without running a model
+    assert cli.main(["rescore", str(out), "--convention", "erasediff"]) == 0
+    again = {(x["Train LoRA.steps"], x["label.case_number"]): x for x in _read_csv(out / "results.erasediff.csv")}
+    assert again[("2", "2")][f"{rate}.convention"] == "erasediff"
+    assert int(again[("2", "2")][f"{rate}.k"]) <= k  # a higher threshold never flags more images
     assert m["Train LoRA.train_steps"] == 2
     assert len(r["outputs"]["loras"]) == 1 and Path(r["outputs"]["lora_paths"][0]).is_file()
     # the verdict, with the curve it was computed from
     assert "forgetting verdict:" in captured.out
     curve = json.loads((out / "curve.json").read_text())
     assert curve["steps"] == [1, 2]
-    assert curve["detector_metric"] == "Concept score (recovered).flagged_rate"
+    assert curve["detector_metric"] == "Concept score (recovered).rate"
     assert curve["similarity_metric"] == "Similarity to original (recovered).ssim"
     expected = [sum(by[(s, c)]["metrics"][curve["similarity_metric"]] for c in ("1", "2")) / 2 for s in (1, 2)]
     assert curve["similarity"] == pytest.approx(expected)

@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOT = ROOT / "tests" / "unit" / "batch_object_info.json"
 #: combo inputs whose options are the files of a folder: fixed in the snapshot (the example workflows' names)
 FILE_INPUTS = {"ckpt_name": ["sd-v1-4.ckpt", "unlearned-model.safetensors"],
-               "image": [f"memora_concept_{i}{s}.png" for i in (1, 2, 3) for s in "ab"]}
+               "image": [f"memora_concept_{i}{s}.png" for i in (1, 2, 3) for s in "ab"],
+               "unlearned_weights": ["unlearned/UCE-Nudity-Diffusers-UNet.pt", "unlearned/unlearned-model.safetensors",
+                                     "unlearned/unlearned-sdxl.safetensors"]}
 
 
 #: what planning reads of a node definition (tooltips and labels, which differ between ComfyUI versions, are not)

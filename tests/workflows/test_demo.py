@@ -45,6 +45,37 @@ def test_demo_runs_memora_recovery_on_the_micro_world(comfy, micro_manifest, tmp
     report = re.search(r"report:\s+(\S+)", text).group(1)
     assert Path(report).is_file() and concept in Path(report).read_text()
     assert f"Concept score (recovered).{concept}.rate" in text
+    _check_report(out, rec, concept)
+    # ComfyUI's own output went to the log the run names, not to the console
+    log = Path(re.search(r"ComfyUI's own output:\s+(\S+)", text).group(1))
+    assert log == out / "comfyui.log" and "Requested to load" in log.read_text()
+
+
+def _check_report(out: Path, rec: dict, concept: str) -> None:
+    """report.md opens with the one-row summary (rates of the three models, similarity, verdict), each detector's
+    table under its own node's title, nothing wider than 8 columns; report.html has the same tables, the rate bars
+    and the comparison grid drawn from the run's images."""
+    from report_tables import html_tables, markdown_tables, widest
+
+    md = (out / "report.md").read_text()
+    tables = markdown_tables(md)
+    summary = tables[0]
+    assert len(summary) == 2 and widest(tables) <= 8, [len(t[0]) for t in tables]
+    cells = dict(zip(summary[0], summary[1]))
+    for model in ("original", "unlearned", "recovered"):
+        rate = rec["metrics"][f"Concept score ({model}).{concept}.rate"]
+        assert cells[f"concept rate ({model})"].startswith(f"{rate:.3f} ("), cells
+        # each detector's table under its own title (split in parts where it is wider than 8 columns)
+        assert len(re.findall(rf"\*\*Concept score \({model}\)(?: \(part 1 of \d+\))?\*\*", md)) == 1, model
+    assert cells["similarity to original (recovered)"].startswith(
+        f"SSIM {rec['metrics']['Similarity to original (recovered).ssim']:.3f}")
+    assert cells["verdict"] and md.index("**Did it come back?**") < md.index(f"## job {rec['key']}")
+    assert "(first 20 of 32 rows; all of them in results.jsonl)" in md  # the per-image similarity tables
+    html = (out / "report.html").read_text()
+    assert widest(html_tables(html)) <= 8 and len(html_tables(html)) == len(tables)
+    assert f'alt="comparison grid {rec["key"]}"' in html and 'alt="concept rate per model"' in html
+    assert set(rec["outputs"]["files_by_node"]) >= {f"Save {m} images" for m in ("original", "unlearned",
+                                                                                   "recovered")}
 
 
 def test_demo_with_own_models_needs_both_checkpoints(comfy, tmp_path, capsys):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from memora_batch.profiles import swap_nodes
 from memora_batch.workflow import Workflow, object_info_in_process, quick_settings, title_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +42,8 @@ def _loads_as(ckpt: str, fixture: str):
 
 def test_there_are_example_workflows():
     names = {p.stem for p in EXAMPLES}
-    assert {"memora_recovery", "memora_recovery_sdxl", "memora_from_images", "recovery_sweep"} <= names, names
+    assert {"memora_recovery", "memora_recovery_sdxl", "memora_recovery_micro", "memora_from_images",
+            "recovery_sweep"} <= names, names
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +77,17 @@ def _input_images(api: dict, input_dir: Path):
 
 def tiny_version(api: dict, info: dict, tiny_ckpt: str, lora: str) -> dict:
     """The same graph on the tiny models: checkpoints -> the tiny checkpoint, LoRA files -> a random tiny LoRA,
-    the unlearned-model loader -> the tiny checkpoint (same MODEL/CLIP/VAE outputs), few steps, 64 px."""
-    swaps = {}
-    for nid, node in api.items():
-        ct = node["class_type"]
-        if ct == "MemoRaLoadUnlearnedModel":
-            used = {v[1] for n in api.values() for v in n["inputs"].values()
-                    if isinstance(v, list) and len(v) == 2 and v[0] == nid}
-            if used <= {0, 1, 2}:
-                swaps[title_of(api, nid)] = ("CheckpointLoaderSimple", {"ckpt_name": tiny_ckpt})
-    out = swap_nodes(api, swaps, info) if swaps else json.loads(json.dumps(api))
+    MemoRa Load Unlearned Model -> the tiny checkpoint as its base and as its unlearned weights (a full checkpoint
+    from models/checkpoints, which the loader reads as an ldm checkpoint), few steps, 64 px."""
+    out = json.loads(json.dumps(api))
     for node in out.values():
         inputs = node["inputs"]
         if "ckpt_name" in inputs and not isinstance(inputs["ckpt_name"], list):
             inputs["ckpt_name"] = tiny_ckpt
         if "lora_name" in inputs and not isinstance(inputs["lora_name"], list):
             inputs["lora_name"] = lora
+        if node["class_type"] == "MemoRaLoadUnlearnedModel":
+            inputs["unlearned_weights"] = f"checkpoints/{tiny_ckpt}"
     return quick_settings(out, info)
 
 
@@ -177,8 +172,9 @@ def test_the_sdxl_workflow_is_memora_recovery_on_sdxl_checkpoints_at_1024_px(inf
     sizes = {(t, side): (512, 1024) for t in (K.TITLE_SEED_IMAGE_SIZE, K.TITLE_EVALUATION_IMAGE_SIZE)
              for side in ("width", "height")}
     assert diffs == {(K.TITLE_ORIGINAL_MODEL, "ckpt_name"): ("sd-v1-4.ckpt", "sd_xl_base_1.0.safetensors"),
-                     (K.TITLE_UNLEARNED_MODEL, "ckpt_name"): ("unlearned-model.safetensors",
-                                                              "unlearned-sdxl.safetensors"),
+                     (K.TITLE_UNLEARNED_MODEL, "ckpt_name"): ("sd-v1-4.ckpt", "sd_xl_base_1.0.safetensors"),
+                     (K.TITLE_UNLEARNED_MODEL, "unlearned_weights"): ("unlearned/UCE-Nudity-Diffusers-UNet.pt",
+                                                                      "unlearned/unlearned-sdxl.safetensors"),
                      **sizes}
     titles = {title_of(xl, nid) for nid in xl}
     assert not [t for t in K.RECOVERY_WORKFLOW_TITLES if t not in titles]

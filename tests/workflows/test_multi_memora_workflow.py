@@ -25,8 +25,10 @@ def info(comfy):
 def _tiny(api: dict, info: dict, tiny_ckpt: str, lora: str | None = None) -> dict:
     for node in api.values():
         inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
+        if node["class_type"] in ("CheckpointLoaderSimple", "MemoRaLoadUnlearnedModel"):
             inputs["ckpt_name"] = tiny_ckpt
+        if node["class_type"] == "MemoRaLoadUnlearnedModel":  # the template's base + unlearned file: a full checkpoint
+            inputs["unlearned_weights"] = f"checkpoints/{tiny_ckpt}"
         if lora is not None and "lora_name" in inputs and not isinstance(inputs["lora_name"], list):
             inputs["lora_name"] = lora
     return quick_settings(api, info)
