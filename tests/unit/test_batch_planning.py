@@ -187,3 +187,4 @@ def test_front_end_primitive_node_is_addressed_by_its_title():
 def _seed(job) -> int:
     (node,) = [n for n in job.api.values() if n["class_type"] == "KSampler"]
     return node["inputs"]["seed"]
+
