@@ -82,9 +82,13 @@ class Config:
     comfyui: Optional[str] = None
 
     def signature(self) -> dict:
+        """The settings a unit's results depend on, with the micro world's manifest hash (new weights: new runs)."""
+        from memora.micro import world
+
         d = asdict(self)
         for k in ("out", "jobs", "comfyui"):
             d.pop(k)
+        d["weights"] = world.sha256_file(world.weights_dir() / "manifest.json")[:16]
         return d
 
 
@@ -325,7 +329,8 @@ def parse_args(argv=None):
                                                "--quick: .../micro-world-results-quick)")
     p.add_argument("--docs", default=None, help="write the page here (default: docs/ of the pack; --quick: <out>/docs)")
     p.add_argument("--report-only", action="store_true", help="rebuild the page from the stored results")
-    p.add_argument("--estimate", action="store_true", help="a tiny timed run, then each part's estimated time")
+    p.add_argument("--estimate", action="store_true", help="only the estimate: a tiny timed run, then each part's "
+                                                           "estimated time (a full run prints it first too)")
     p.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: $COMFYUI_PATH, ~/comfy/ComfyUI)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -362,6 +367,8 @@ def main(argv=None) -> int:
         return tables.print_estimate(estimate(cfg, parts))
     t0 = time.time()
     if not args.report_only:
+        if not cfg.quick:  # the estimate first (a tiny run, about 20 s), so the wait is known
+            tables.print_estimate(estimate(cfg, parts))
         todo = units(cfg, parts)
         print(f"micro-world results: {len(todo)} unit(s) in {cfg.out}, {cfg.jobs} at a time", flush=True)
         run_all(todo, cfg)
