@@ -170,7 +170,7 @@ def strength(analysis: dict, auto: Optional[dict], original: dict) -> dict:
             "target": ">= 70 % of the original's rate with the interval's lower bound >= 50 %, within the last budget"}
 
 
-def multi_table(multi: dict, original: Optional[dict]) -> dict:
+def multi_table(multi: dict, original: dict) -> dict:
     """Per configuration and concept the rate pooled over seeds; the interference = each single LoRA's rate minus the
     merge's, with the one-sided Fisher p of 'single > merge'."""
     conv = CONVENTION
@@ -217,7 +217,8 @@ def build(data: dict) -> dict:
         raise ValueError("no results to report: run the curves part (with the control) or the multi part first")
     return {"run": data.get("run"), "updates": data["updates"], "convention": CONVENTION, "curves": analysis,
             "kept": kept, "auto": auto, "strength": strength(analysis, auto, original) if analysis else None,
-            "multi": multi_table(multi, original) if multi else None,
+            "multi": multi_table(multi, {ERASED_CONCEPT: original, **{c: k["original"] for c, k in kept.items()}})
+            if multi else None,
             "ablations": ablation_table(data, analysis) if data.get("ablations") and analysis else None,
             "images": data.get("images") or {},
             "counts": {k: data[k] for k in ("curves", "kept", "auto", "multi", "ablations")}}
@@ -288,6 +289,9 @@ def auto_lines(auto: dict) -> list[str]:
 def multi_lines(m: dict) -> list[str]:
     lines = ["| LoRA(s) applied to esd_x_star_cross | star rate (k/n; 95 % CI) | cross rate (k/n; 95 % CI) |",
              "|---|---|---|"]
+    orig = {c: r for c, r in (m.get("original") or {}).items() if r}
+    if orig:
+        lines.append(f"| (the original model, no LoRA) | {_r(orig.get('star'))} | {_r(orig.get('cross'))} |")
     lines += [f"| {cfg} | {_r(by.get('star'))} | {_r(by.get('cross'))} |" for cfg, by in m["rates"].items()]
     lines += ["", "| merge | concept | single LoRA's rate | merge's rate | lost by merging | p (single > merge) |",
               "|---|---|---|---|---|---|"]
