@@ -356,10 +356,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the main process (default 2)")
     ap.add_argument("--images-per-concept", type=int, default=1000)
     ap.add_argument("--vae-steps", type=int, default=400)
-    ap.add_argument("--unet-steps", type=int, default=2000, help="UNet phase 1 updates (uniform batches)")
+    ap.add_argument("--unet-steps", type=int, default=3000, help="UNet phase 1 updates (uniform batches)")
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=2e-3)
-    ap.add_argument("--finetune-steps", type=int, default=1500, help="UNet phase 2 updates (class-balanced batches)")
+    ap.add_argument("--finetune-steps", type=int, default=2000, help="UNet phase 2 updates (class-balanced batches)")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--finetune-models", default="original,never_learned",
                     help="the UNets that get phase 2 (comma-separated; the others stay at phase 1)")

@@ -322,7 +322,9 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=20,
                    help="DDIM steps of every evaluation image (default 20, as the micro world's build measures)")
     p.add_argument("--jobs", type=int, default=2, help="memora-batch processes side by side (default 2)")
-    p.add_argument("--kept", default="circle,cross", help="kept concepts evaluated under every LoRA")
+    p.add_argument("--kept", default=None, help="kept concepts evaluated under every LoRA (comma-separated; default: "
+                                                "the two the original draws best, from the manifest's measurements, "
+                                                "besides the star)")
     p.add_argument("--quick", action="store_true", help="8 images, 1 seed, budgets 5,10, DDIM 10: the pipeline end to "
                                                         "end in minutes (the test's setting), not evidence")
     p.add_argument("--out", default=None, help="results folder (default ~/.cache/comfyui-memora/micro-world-results; "
@@ -344,11 +346,20 @@ def config(args) -> Config:
         raise SystemExit("--seeds, --images, --sample-steps and --jobs must be whole numbers >= 1")
     cache = Path.home() / ".cache" / "comfyui-memora"
     out = Path(args.out) if args.out else cache / ("micro-world-results-quick" if args.quick else "micro-world-results")
-    kept = [c.strip() for c in args.kept.split(",") if c.strip()]
+    kept = [c.strip() for c in args.kept.split(",") if c.strip()] if args.kept else default_kept()
     if args.quick:
         return Config(out.resolve(), [1], 8, 10, [5, 10], variants, kept[:1], args.jobs, True, args.comfyui)
     return Config(out.resolve(), list(range(1, args.seeds + 1)), args.images, args.sample_steps, list(UPDATES),
                   variants, kept, args.jobs, False, args.comfyui)
+
+
+def default_kept() -> list[str]:
+    """The two concepts the original model draws best (the build's measured rates), the erased star aside."""
+    from memora.micro import world
+
+    rates = world.load_manifest().get("measurements", {}).get("rates", {}).get("original", {})
+    best = sorted((c for c in rates if c != tables.ERASED_CONCEPT), key=lambda c: -float(rates[c]["rate"]))
+    return best[:2] or ["circle"]
 
 
 def main(argv=None) -> int:
