@@ -4,7 +4,7 @@
     python scripts/micro_recovery.py                   # one recovery of the erased concept; prints rates and files
     python scripts/micro_recovery.py --curves          # + the residual-memory experiment: recovery curves of the
                                                        #   unlearned model and the never-learned control
-                                                       #   -> docs/micro-world-results.md, docs/img/micro-recovery.png
+                                                       #   -> docs/micro-recovery.md, docs/img/micro-recovery.png
 
 Every stage is a stock ComfyUI node or a node of this pack, run by ComfyUI's executor: the original model draws the
 seed images (one KSampler per reference seed), the model under test (--variant, default esd_x, or never-learned) encodes, inverts
@@ -343,9 +343,9 @@ def main(argv=None) -> int:
                   "original_rate": rec["rate_original"],
                   "curves": {v: [_public(p) for p in pts] for v, pts in res.items()}, "verdict": text,
                   "seconds": round(time.perf_counter() - t_all, 1)}
-        (args.docs / "micro-world-results.json").write_text(json.dumps(record, indent=1))
-        write_report(args.docs / "micro-world-results.md", record)
-        print(f"\n{text}\nreport: {args.docs / 'micro-world-results.md'}  plot: {img_dir / 'micro-recovery.png'}")
+        (args.docs / "micro-recovery.json").write_text(json.dumps(record, indent=1))
+        write_report(args.docs / "micro-recovery.md", record)
+        print(f"\n{text}\nreport: {args.docs / 'micro-recovery.md'}  plot: {img_dir / 'micro-recovery.png'}")
     print(f"\ndone in {time.perf_counter() - t_all:.0f} s")
     return 0
 

@@ -422,7 +422,8 @@ def write_page(b: dict, docs: Path) -> None:
     if b.get("strength") and not b["strength"]["target_met"]:
         contact_sheet(b["images"].get("regenerated") or [], docs / "img" / "micro-world-regenerated-esd_x.png")
         contact_sheet(b["images"].get("recovered") or [], docs / "img" / "micro-world-recovered-esd_x.png")
-    atomic_write(docs / "micro-world-results.json", json.dumps(b, indent=1, default=str) + "\n", replace=True)
+    kept = {k: v for k, v in b.items() if k != "images"}  # image paths of this machine stay out
+    atomic_write(docs / "micro-world-results.json", json.dumps(kept, indent=1, default=str) + "\n", replace=True)
     atomic_write(docs / "micro-world-results.md", page(b), replace=True)
 
 
