@@ -86,7 +86,7 @@ class Config:
         from memora.micro import world
 
         d = asdict(self)
-        for k in ("out", "jobs", "comfyui"):
+        for k in ("out", "jobs", "comfyui", "seeds", "variants"):  # a unit's own seed and model are in its name
             d.pop(k)
         d["weights"] = world.sha256_file(world.weights_dir() / "manifest.json")[:16]
         return d
@@ -322,6 +322,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-steps", type=int, default=20,
                    help="DDIM steps of every evaluation image (default 20, as the micro world's build measures)")
     p.add_argument("--jobs", type=int, default=2, help="memora-batch processes side by side (default 2)")
+    p.add_argument("--variants", default=None, help="the variants whose curves are measured (comma-separated; "
+                                                    "default: every variant of the manifest; the control always)")
     p.add_argument("--kept", default=None, help="kept concepts evaluated under every LoRA (comma-separated; default: "
                                                 "the two the original draws best, from the manifest's measurements, "
                                                 "besides the star)")
@@ -342,6 +344,12 @@ def config(args) -> Config:
     from memora.micro import world
 
     variants = [v for v in world.load_manifest()["variants"] if v not in ("original", CONTROL)]
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in wanted if v not in variants]
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; the micro world's variants: {', '.join(variants)}")
+        variants = wanted
     if args.seeds < 1 or args.images < 1 or args.sample_steps < 1 or args.jobs < 1:
         raise SystemExit("--seeds, --images, --sample-steps and --jobs must be whole numbers >= 1")
     cache = Path.home() / ".cache" / "comfyui-memora"
@@ -387,7 +395,8 @@ def main(argv=None) -> int:
     from memora.fileio import atomic_write
 
     run = {"command": "python scripts/micro_world_results.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "wall_seconds": round(wall, 1), "machine": machine(), "settings": cfg.signature()}
+           "wall_seconds": round(wall, 1), "machine": machine(),
+           "settings": {**cfg.signature(), "seeds": cfg.seeds, "variants": cfg.variants}}
     if args.report_only and (cfg.out / "run.json").exists():  # the page keeps the run's own command and time
         run = {**json.loads((cfg.out / "run.json").read_text()), "report_rebuilt_by": run["command"]}
     else:
