@@ -418,8 +418,9 @@ def machine() -> str:
 
 
 def estimate(cfg: Config, parts: list[str]) -> dict:
-    """A tiny curve (ESD-x, 1 seed, budgets 4,8, 4 images, DDIM 4) timed per job, scaled to each part's jobs."""
-    tiny = Config(cfg.out / "estimate", [1], 4, 4, [4, 8], [TESTED], [], 1, True, cfg.comfyui)
+    """A tiny curve (ESD-x, 1 seed, budgets 4,8, 32 images, DDIM 4: a batch large enough that its time per image
+    is near a full run's) timed per job, scaled to each part's jobs."""
+    tiny = Config(cfg.out / "estimate", [1], 32, 4, [4, 8], [TESTED], [], 1, True, cfg.comfyui)
     unit = Unit("estimate", "tiny", "curve", TESTED, 1)
     if not is_done(unit, tiny):
         run_unit(unit, tiny)
