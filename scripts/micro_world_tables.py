@@ -332,12 +332,14 @@ def page(b: dict) -> str:
         out += curves_section(b, n_note)
     if b.get("auto"):
         out += ["## AutoMemoRa (ESD-x)", "", "eps = eps_unlearned + w (eps_LoRA - eps_unlearned) on the curves' ESD-x "
-                "LoRAs (w = 1: the plain LoRA); `memora-batch run example_workflows/automemora.json --models micro`. "
+                "LoRAs (w = 1: the plain LoRA); `memora-batch run example_workflows/automemora.json --models micro`; the "
+                "workflow has no score node, so its saved PNGs are scored by the same detector (micro-top1). "
                 + n_note + ".", "", *auto_lines(b["auto"])]
     if b.get("multi"):
         out += ["## Multi-MemoRa (esd_x_star_cross: star and cross erased)", "", "One LoRA per concept "
                 "(`memora-batch run example_workflows/multi_memora.json --models micro`), merged by MemoRa Multi-LoRA "
-                "Merge; concat is exact, so it is the same model as both LoRAs stacked. Rates pooled over seeds; "
+                "Merge; concat is exact, so it is the same model as both LoRAs stacked. The saved PNGs scored by the "
+                "detector (the workflow has no score node). Rates pooled over seeds; "
                 + n_note + ".", "", *multi_lines(b["multi"])]
     if b.get("ablations"):
         out += ["## Ablations (ESD-x)", "", "One knob changed at a time from the default (inversion start 15 of 50, "
