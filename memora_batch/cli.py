@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the never-learned control, measured the same way: a micro-world variant with "
                               "--models micro (e.g. never_learned), else a checkpoint for 'Unlearned model'; gives "
                               "the Fisher test per budget and the recovery verdict (docs/evaluation.md)")
+    p_curve.add_argument("--tested", default=None, metavar="MODEL,MODEL",
+                         help="the models under test, each measured like the control on the 'Unlearned model' "
+                              "loader (micro-world variants with --models micro, e.g. esd_x,uce; else checkpoints); "
+                              "default: the workflow's own unlearned model (with --models micro: esd_x)")
     p_curve.add_argument("--no-snapshots", action="store_true",
                          help="train once per budget, each on its own learning-rate schedule, instead of once per seed "
                               "with snapshots (the curve before snapshots existed; slower)")
@@ -337,7 +341,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from .curve import LABEL_MODEL, LABEL_UPDATES, TESTED, parse_steps, run_curve
+    from .curve import LABEL_MODEL, LABEL_UPDATES, parse_steps, parse_tested, run_curve, tested_name
 
     def execute_curve(args_, backend, plan, results_dir, after=None):
         # every execution of the curve also writes asr.csv and the reports (report.html: the curve chart)
@@ -347,7 +351,8 @@ def cmd_curve(args) -> int:
                 after(d)
         detector = args.detector or (plan.profile.detector_metric if plan.profile else None)
         curve = {"steps": parse_steps(args.steps), "train_node": args.train_node, "label_updates": LABEL_UPDATES,
-                 "label_model": LABEL_MODEL, "tested": TESTED}
+                 "label_model": LABEL_MODEL,
+                 "tested": (parse_tested(args.tested) or [tested_name(args.models == "micro")])[0]}
         return execute(args_, backend, plan, results_dir, after=after_all, detector=detector, curve=curve)
 
     return run_curve(args, prepare, execute_curve, _results_dir)

@@ -143,7 +143,7 @@ def _similarity_kind(column: Optional[str]) -> str:
 # -- the snapshot curve: one training per model and LoRA seed ----------------------------------------------------------
 #: labels the curve's jobs carry into the results (which model, which LoRA seed, how many updates)
 LABEL_MODEL, LABEL_SEED, LABEL_UPDATES = CURVE_LABELS  # memora_batch.sweep groups the ASR by them
-TESTED = "unlearned"  # the model under test: the workflow's 'Unlearned model'
+TESTED = "unlearned"  # the model under test: the workflow's 'Unlearned model' (with --models micro: its variant)
 LORA_LOADER = "LoraLoaderModelOnly"  # ComfyUI's stock loader: evaluates each snapshot file
 
 
@@ -160,23 +160,45 @@ def parse_seeds(text: Optional[str]) -> list[Optional[int]]:
     return seeds
 
 
-def model_overrides(control: Optional[str], micro: bool) -> list[tuple[str, dict]]:
-    """(curve model name, row overrides) for the model under test and, with --control, the control: the same
-    workflow with the 'Unlearned model' loader set to the control (a micro-world variant, or a checkpoint)."""
-    out = [(TESTED, {})]
+def tested_name(micro: bool) -> str:
+    """The curve's name of the workflow's own unlearned model: with --models micro the micro-world variant the
+    profile puts in 'Unlearned model' (esd_x), else 'unlearned'."""
+    if micro:
+        from .profiles import MICRO_VARIANTS
+
+        return MICRO_VARIANTS[TESTED]
+    return TESTED
+
+
+def parse_tested(text: Optional[str]) -> list[str]:
+    """--tested 'esd_x,uce' -> ['esd_x', 'uce']; empty: [] (the workflow's own unlearned model)."""
+    names = [t.strip() for t in str(text or "").split(",") if t.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--tested {text!r}: expected distinct model names separated by commas")
+    return names
+
+
+def model_overrides(control: Optional[str], micro: bool, tested: Optional[list[str]] = None) -> list[tuple[str, dict]]:
+    """(curve model name, row overrides) for the models under test and, with --control, the control: the same
+    workflow with the 'Unlearned model' loader set to each (a micro-world variant, or a checkpoint). Without
+    ``tested``: the workflow's own unlearned model (:func:`tested_name`)."""
+    address = f"{TITLE_UNLEARNED_MODEL}.variant" if micro else f"{TITLE_UNLEARNED_MODEL}.ckpt_name"
+    out = [(name, {address: name}) for name in tested] if tested else [(tested_name(micro), {})]
+    if control and control in {name for name, _ in out}:
+        raise ValueError(f"--control {control!r} is also a model under test (--tested): the control is measured "
+                         f"once, beside the tested models")
     if control:
-        address = f"{TITLE_UNLEARNED_MODEL}.variant" if micro else f"{TITLE_UNLEARNED_MODEL}.ckpt_name"
         out.append((control, {address: control}))
     return out
 
 
 def training_rows(train_node: str, steps: list[int], seeds: list[Optional[int]], control: Optional[str],
-                  micro: bool, snapshots: bool) -> list[dict]:
+                  micro: bool, snapshots: bool, tested: Optional[list[str]] = None) -> list[dict]:
     """The training jobs: per model and seed, ONE training of max(steps) updates saving snapshots at the other
     budgets (``snapshots``; each snapshot is the LoRA of a separate run on the longest run's schedule), or, as before
     snapshots existed, one training per budget, each on its own schedule (``--no-snapshots``)."""
     rows, top = [], max(steps)
-    for name, ov in model_overrides(control, micro):
+    for name, ov in model_overrides(control, micro, tested):
         for seed in seeds:
             base = {**ov, f"label.{LABEL_MODEL}": name, f"label.{LABEL_SEED}": "workflow" if seed is None else seed}
             if seed is not None:
@@ -270,7 +292,7 @@ def run_curve(args, prepare, execute, results_dir_of) -> int:
     snapshots = not args.no_snapshots
     if snapshots and len(steps) > 1:
         check_snapshots_reachable(args)
-    rows = training_rows(train, steps, seeds, args.control, micro, snapshots)
+    rows = training_rows(train, steps, seeds, args.control, micro, snapshots, parse_tested(getattr(args, "tested", None)))
     if args.sweep:  # crossed here (as prepare would) so that each training job gets its own file names
         from . import sweep as _sweep
 

@@ -28,6 +28,8 @@ TITLE = object()  # placeholder in a swap's inputs: the swapped node's own title
 TEXT_INPUTS = ("value", "text", "string", "prompt")
 #: micro-world demo: images per evaluation (the detector rate is a share of these)
 MICRO_EVAL_IMAGES = 32
+#: the micro-world variant each model role of a workflow gets (roles not listed: the variant of the same name)
+MICRO_VARIANTS = {"unlearned": "esd_x"}
 NODE_CHECKPOINT_LOADER = "CheckpointLoaderSimple"
 #: MemoRa Load Unlearned Model: inputs ckpt_name (the base), unlearned_weights ('<folder>/<file>'), lora_strength
 NODE_UNLEARNED_LOADER = "MemoRaLoadUnlearnedModel"
@@ -57,6 +59,11 @@ class ModelProfile:
     defaults: dict = field(default_factory=dict)
     texts: dict = field(default_factory=dict)
     optional_titles: frozenset = frozenset()
+    #: groups of titles that a workflow has all or none of (a workflow of parts, e.g. automemora or multi_memora,
+    #: has no MemoRa pipeline and no evaluation of its own): a group none of whose titles is in the workflow is
+    #: left out like an optional title (listed as 'not in this workflow'); a group partly there is a problem for
+    #: every missing title, as for any other title
+    optional_groups: tuple = ()
     detector_metric: Optional[str] = None
     description: str = ""
     source: str = "--models"
@@ -193,10 +200,12 @@ def micro_world_profile() -> ModelProfile:
     # Empty Latent Image divides by 8 (SD's VAE); the micro VAE is 4x, so its 8 x 8 latents come from 64 x 64
     size = int(manifest.get("empty_latent_size") or world.EMPTY_LATENT_SIZE)
     prof = ModelProfile(description=f"built-in micro world: tiny SD1.x-family models trained on procedural shapes, "
-                                    f"shipped with the pack; concept {concept!r} erased ESD-style",
+                                    f"shipped with the pack; concept {concept!r} erased by ESD-x "
+                                    f"(variant {MICRO_VARIANTS['unlearned']!r})",
                         source="--models micro")
-    for variant, title in MODEL_TITLES.items():
-        prof.swaps[title] = (NODE_MICRO_WORLD, {"variant": variant})
+    for role, title in MODEL_TITLES.items():
+        # the workflows' "unlearned model" is the micro world's ESD-x variant (its default)
+        prof.swaps[title] = (NODE_MICRO_WORLD, {"variant": MICRO_VARIANTS.get(role, role)})
     prof.swaps[TITLE_CONCEPT_SCORE + "*"] = (NODE_MICRO_DETECTOR, {"concept": concept, "title": TITLE})
     for title in (TITLE_SEED_IMAGE_SIZE, TITLE_EVALUATION_IMAGE_SIZE):
         prof.defaults[f"{title}.width"] = size
@@ -216,8 +225,23 @@ def micro_world_profile() -> ModelProfile:
     # never-learned model
     prof.optional_titles = frozenset({TITLE_ORIGINAL_MODEL, TITLE_NEVER_LEARNED_MODEL, TITLE_SEED_IMAGE_SIZE,
                                       evaluate_title("original")})
+    # the shipped workflows of parts: automemora (no training, evaluation or scores of its own: an unlearned model,
+    # a LoRA file, a guider) and multi_memora (two trainings titled per concept, one evaluation, no scores)
+    prof.optional_groups = (
+        frozenset({TITLE_CONCEPT_SCORE + "*", TITLE_TRAIN_LORA, TITLE_EVALUATION_SEED, TITLE_CONCEPT_PROMPT,
+                   *(evaluate_title(m) for m in EVALUATED_MODELS)}),
+        frozenset({TITLE_EVALUATION_IMAGE_SIZE, TITLE_EVALUATION_PROMPT}))
     prof.detector_metric = f"{concept_score_title('recovered')}.{concept}.rate"
     return prof
+
+
+def absent_groups(profile: ModelProfile, api: dict, aliases: dict) -> frozenset:
+    """The titles of ``profile.optional_groups`` that the workflow lacks altogether (each group: all or nothing)."""
+    out: set = set()
+    for group in profile.optional_groups:
+        if not any(_has_title(t, api, aliases) for t in group):
+            out |= group
+    return frozenset(out)
 
 
 # -- applying a profile ----------------------------------------------------------------------------------------------
@@ -284,8 +308,9 @@ def apply_profile(api: dict, profile: ModelProfile, object_info: dict,
     workflow lacks are listed as settings with the value ``None`` ('not in this workflow')."""
     settings, problems = [], []
     src = profile.source
+    optional = profile.optional_titles | absent_groups(profile, api, aliases)
     for title, (class_type, inputs) in profile.swaps.items():
-        if title in profile.optional_titles and not _has_title(title, api, aliases):
+        if title in optional and not _has_title(title, api, aliases):
             settings.append(Setting(title, None, src, swap=True))
             continue
         try:
@@ -298,7 +323,7 @@ def apply_profile(api: dict, profile: ModelProfile, object_info: dict,
     wanted = [(a.rsplit(".", 1)[0], a, v) for a, v in profile.defaults.items()]
     wanted += [(t, None, text) for t, text in profile.texts.items()]  # a text: the node's text input, found below
     for title, address, value in wanted:
-        if title in profile.optional_titles and not _has_title(title, api, aliases):
+        if title in optional and not _has_title(title, api, aliases):
             settings.append(Setting(address or f"{title}.<text>", None, src))
             continue
         try:

@@ -84,12 +84,16 @@ def train_eps(unet: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor
               warmup: int = 50, weight_decay: float = 0.0, ema_decay: float = 0.999, grad_clip: float = 1.0,
               min_snr_gamma: Optional[float] = None, log_every: int = 25,
               progress: Optional[Callable[[int, int, float], None]] = None,
-              snapshot: Optional[Callable[[int, "EMA"], None]] = None, snapshot_every: int = 0) -> TrainLog:
+              snapshot: Optional[Callable[[int, "EMA"], None]] = None, snapshot_every: int = 0,
+              balanced: bool = False) -> TrainLog:
     """Train ``unet`` (in place; its weights end as the EMA weights) to predict noise on ``latents``.
 
     latents: [N, 4, h, w] VAE latents (unscaled); labels: [N] indices into ``contexts`` ([K, 77, C] text embeddings
-    of the captions); uncond: [77, C] the empty prompt's embedding, used with probability ``p_uncond``."""
+    of the captions); uncond: [77, C] the empty prompt's embedding, used with probability ``p_uncond``. With
+    ``balanced`` every batch holds the classes present in ``labels`` in equal shares (up to one image), cycling
+    which classes get the remainder; otherwise images are drawn uniformly."""
     g = torch.Generator().manual_seed(seed)
+    draw = _balanced_sampler(labels, batch, g) if balanced else None
     ab = alphas_cumprod()
     x0_all = latents.float() * LATENT_SCALE
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -101,7 +105,7 @@ def train_eps(unet: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup)
-        idx = torch.randint(0, x0_all.shape[0], (batch,), generator=g)
+        idx = draw(step) if draw is not None else torch.randint(0, x0_all.shape[0], (batch,), generator=g)
         x0 = x0_all[idx]
         ctx = contexts[labels[idx]]
         drop = torch.rand(batch, generator=g) < p_uncond
@@ -132,6 +136,23 @@ def train_eps(unet: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor
     unet.eval()
     log.seconds = time.perf_counter() - start
     return log
+
+
+def _balanced_sampler(labels: torch.Tensor, batch: int, g: torch.Generator) -> Callable[[int], torch.Tensor]:
+    """Class-balanced batches: ``draw(step)`` gives ``batch`` indices into ``labels``, cycling through the classes
+    present so that each gets ``batch // K`` or one more image, each drawn uniformly (with replacement) in its class."""
+    labels = torch.as_tensor(labels).long()
+    order = torch.argsort(labels, stable=True)
+    classes = torch.unique(labels)
+    counts = torch.stack([(labels == c).sum() for c in classes])
+    starts = torch.cumsum(counts, 0) - counts
+
+    def draw(step: int) -> torch.Tensor:
+        k = (torch.arange(batch) + step * batch) % len(classes)
+        within = (torch.rand(batch, generator=g) * counts[k]).long().clamp(max=counts[k] - 1)
+        return order[starts[k] + within]
+
+    return draw
 
 
 @torch.no_grad()
@@ -191,8 +212,10 @@ def esd_train(unet: torch.nn.Module, concept_ctx: torch.Tensor, uncond: torch.Te
     ``sample_cfg``) of the model being fine-tuned, as in the paper; to amortise sampling, a pool of ``pool``
     trajectories is re-sampled from the current model every ``refresh_every`` updates, and each update draws
     ``batch`` (state, timestep) pairs from it, with the timestep jittered inside its DDIM stride like the reference
-    (t_enc_ddpm). ``preserve_ctx`` ([K, 77, C], optional) adds ``preserve_weight`` x MSE(eps(x, t, c_k),
-    eps_orig(x, t, c_k)) for other prompts on the same states (0 = plain ESD)."""
+    (t_enc_ddpm). ``concept_ctx`` is one prompt's [77, C] embedding or several ([K, 77, C]: several concepts erased
+    at once, the pool's trajectories split evenly between them, each state trained towards its own concept's
+    target). ``preserve_ctx`` ([M, 77, C], optional) adds ``preserve_weight`` x MSE(eps(x, t, c_m),
+    eps_orig(x, t, c_m)) for other prompts on the same states (0 = plain ESD)."""
     g = torch.Generator().manual_seed(seed)
     orig = copy.deepcopy(unet).eval()
     for p in orig.parameters():
@@ -205,8 +228,9 @@ def esd_train(unet: torch.nn.Module, concept_ctx: torch.Tensor, uncond: torch.Te
             params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     stride = NUM_TIMESTEPS // sample_steps
-    c = concept_ctx.reshape(1, *concept_ctx.shape[-2:])
+    c = concept_ctx.reshape(-1, *concept_ctx.shape[-2:])
     u = uncond.reshape(1, *uncond.shape[-2:])
+    pool_concept = torch.arange(pool) % c.shape[0]  # trajectory -> which erased concept it draws
     log = TrainLog()
     start = time.perf_counter()
     states_x = states_t = None
@@ -214,7 +238,7 @@ def esd_train(unet: torch.nn.Module, concept_ctx: torch.Tensor, uncond: torch.Te
         if step % refresh_every == 0:
             unet.eval()
             noise = torch.randn((pool, 4) + tuple(_latent_hw(unet)), generator=g)
-            _, states = ddim_sample(unet, noise, c, u, cfg=sample_cfg, steps=sample_steps, record=True)
+            _, states = ddim_sample(unet, noise, c[pool_concept], u, cfg=sample_cfg, steps=sample_steps, record=True)
             states_x = torch.stack([s for _, s in states])  # [S, pool, ...]
             states_t = torch.tensor([t for t, _ in states])
             unet.train()
@@ -224,11 +248,12 @@ def esd_train(unet: torch.nn.Module, concept_ctx: torch.Tensor, uncond: torch.Te
         # like the reference (t_enc_ddpm), the training timestep is drawn uniformly within the state's DDIM stride
         jitter = torch.randint(0, stride, (batch,), generator=g) - stride // 2
         t = (states_t[si] + jitter).clamp(0, NUM_TIMESTEPS - 1).float()
+        cb = c[pool_concept[pi]]
         with torch.no_grad():
-            e = orig(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u.expand(batch, -1, -1), c.expand(batch, -1, -1)]))
+            e = orig(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u.expand(batch, -1, -1), cb]))
             e0, ep = e.chunk(2)
             target = e0 - negative_guidance * (ep - e0)
-        pred = unet(x, t, c.expand(batch, -1, -1))
+        pred = unet(x, t, cb)
         loss = torch.nn.functional.mse_loss(pred, target)
         if preserve_ctx is not None and preserve_weight > 0:
             k = torch.randint(0, preserve_ctx.shape[0], (batch,), generator=g)

@@ -130,7 +130,9 @@ def load_world(variant: str, weights_dir: Optional[Path] = None):
     """(MODEL, CLIP, VAE, manifest) of one variant of the shipped micro world."""
     world.check_variant(variant)
     manifest = world.load_manifest(weights_dir)
-    unet_sd = _load(world.weight_path(variant, weights_dir, manifest))
+    # a variant of the original: the original's UNet with the variant file's tensors over it (every file's sha256
+    # checked against the manifest)
+    unet_sd = world.unet_state_dict(variant, _load, weights_dir, manifest)
     clip_sd = _load(world.weight_path("clip", weights_dir, manifest))
     vae_sd = _load(world.weight_path("vae", weights_dir, manifest))
     return build_model(manifest, unet_sd), build_clip(manifest, clip_sd), build_vae(manifest, vae_sd), manifest

@@ -1,7 +1,8 @@
-"""The micro world in ComfyUI: load its original / unlearned / never-learned models, and score images per concept.
+"""The micro world in ComfyUI: load its original, never-learned and unlearned models, and score images per concept.
 
 The micro world (memora/micro, docs/micro-world.md) is a tiny SD1.x-family text-to-image model trained on five
-procedural shape concepts, with one concept erased by ESD-x; small enough to run MemoRa end to end on a CPU."""
+procedural shape concepts, with the star erased by several published methods (ESD-x, ESD-u, UCE, a deeper ESD-u;
+star and cross by ESD-x); small enough to run MemoRa end to end on a CPU."""
 
 from __future__ import annotations
 
@@ -15,36 +16,48 @@ from memora.micro import judge as _judge
 from . import _host, _micro_host, _schema
 
 
+_VARIANT_HELP = ("original: trained on all five shapes; never_learned: trained the same way without stars; the "
+                 "rest are the original with the star erased: esd_x (ESD, cross-attention), esd_u (ESD, every other "
+                 "layer), uce (Unified Concept Editing, closed-form key/value edit), esd_u_deep (ESD-u, five times "
+                 "longer, guidance 2, kept concepts preserved), esd_x_star_cross (ESD-x, star and cross erased).")
+
+
 class MemoRaLoadMicroWorld(_schema.MemoRaNode):
     """Loads the micro world shipped with the pack: a tiny Stable Diffusion 1.x-family model (UNet, CLIP text
     encoder, VAE; about 1 M UNet parameters) trained on five procedural shapes (circle, square, triangle, star,
-    cross) at 32 x 32 pixels. 'original' knows every shape; 'unlearned' had the star erased with ESD-x;
-    'never_learned' was trained the same way without stars. Its VAE downsamples 4x (SD's downsamples 8x): an Empty
-    Latent Image of 64 x 64 gives its 8 x 8 latents, which decode to 32 x 32 images. Nothing is registered with
-    ComfyUI's checkpoint detection: real checkpoints load exactly as before."""
+    cross) at 32 x 32 pixels, in seven variants: the original, a never-learned model (no stars in its data) and five
+    unlearned ones made from the original by published erasure methods (docs/micro-world.md). Every file is checked
+    against the sha256 in the world's manifest: a changed file is refused. Its VAE downsamples 4x (SD's 8x): an
+    Empty Latent Image of 64 x 64 gives its 8 x 8 latents, which decode to 32 x 32 images. Nothing is registered
+    with ComfyUI's checkpoint detection: real checkpoints load exactly as before."""
 
     @classmethod
     def define_schema(cls):
         return _schema.node(cls, "MemoRa Load Micro World", "micro world", inputs=[
-            io.Combo.Input("variant", options=list(world.VARIANTS), default="unlearned",
-                           tooltip="original: trained on all five shapes; unlearned: the original with the "
-                                   "star erased by ESD-x; never_learned: trained without any star."),
+            io.Combo.Input("variant", options=list(world.VARIANTS), default=world.DEFAULT_VARIANT,
+                           tooltip=_VARIANT_HELP),
         ], outputs=[
             io.Model.Output(display_name="MODEL", tooltip="The micro UNet (SD1.x family, eps prediction)."),
             io.Clip.Output(display_name="CLIP", tooltip="The micro CLIP text encoder (SD1 tokenizer, width 64); "
-                                                        "shared by all three variants."),
+                                                        "shared by every variant."),
             io.Vae.Output(display_name="VAE", tooltip="The micro VAE (4x downsampling, 4 latent channels); "
-                                                      "shared by all three variants."),
+                                                      "shared by every variant."),
             io.String.Output(display_name="erased_prompt",
                              tooltip="The prompt of the erased concept ('a photo of a star'), for CLIP Text "
-                                     "Encode and MemoRa's recovery."),
+                                     "Encode and MemoRa's recovery; for esd_x_star_cross the first of its two "
+                                     "(every prompt: erased_prompts)."),
+            io.String.Output(display_name="erased_prompts",
+                             tooltip="Every erased concept's prompt, one per line ('a photo of a star' and, for "
+                                     "esd_x_star_cross, 'a photo of a cross'): one MemoRa recovery per line, as "
+                                     "Multi-MemoRa does. The original and never_learned give the star's."),
         ])
 
     @classmethod
     def execute(cls, variant) -> io.NodeOutput:
         world.check_variant(variant)
         model, clip, vae, manifest = _micro_host.load_world(variant)
-        return io.NodeOutput(model, clip, vae, world.erased_prompt(manifest))
+        return io.NodeOutput(model, clip, vae, world.erased_prompt(manifest, variant),
+                             world.erased_prompts(variant, manifest))
 
 
 class MemoRaMicroDetector(_schema.MemoRaNode):

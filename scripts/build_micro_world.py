@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import io
 import json
 import platform
@@ -33,16 +34,22 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from memora.evaluation.stats import rate_record  # noqa: E402
 from memora.fileio import atomic_write  # noqa: E402
 from memora.micro import data, detector, text, world  # noqa: E402
-from memora_build import micro_detector, micro_diffusion as diffusion, micro_text  # noqa: E402
+from memora_build import micro_detector, micro_diffusion as diffusion, micro_erasure as erasure, micro_text  # noqa: E402
 
 UNET_EMA = 0.99
+FINETUNE_EMA = 0.995
 VAE_KL = 1e-6
 VAE_LOWFREQ = 1.0
 UNET_WARMUP = 30
 UNET_MIN_SNR = 5.0
-STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "esd": 6, "eval": 7}
+STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "finetune": 8, "eval": 7}
+#: the scoring convention of every rate the build reports (memora.evaluation.stats.rate_record)
+CONVENTION = "micro-top1"
+#: the shipped detector's training length (helper 18b's run: train_detector(vae, 4, steps=900) on this VAE)
+DETECTOR_STEPS = 900
 
 
 def log(msg: str):
@@ -194,24 +201,34 @@ def generate(unet, vae, ctx, uncond, n: int, seed: int, cfg: float, steps: int) 
     return decode(vae, z / diffusion.LATENT_SCALE)
 
 
-def evaluate(unet, vae, det, contexts, uncond, *, n: int, seed: int, cfg: float, steps: int) -> dict:
-    out = {}
-    samples = {}
+def evaluate(unet, vae, det, contexts, uncond, *, n: int, seed: int, cfg: float, steps: int, judge=None) -> dict:
+    """Each concept's prompt drawn ``n`` times (noise seed ``seed`` + concept index): per concept the count of
+    images whose detector top class is the prompt's concept, the judge's labels (when a judge is given), and the
+    first 8 images (uint8) for the contact sheet."""
+    counts, samples, labels = {}, {}, {}
     for ci, concept in enumerate(data.CONCEPTS):
-        imgs = generate(unet, vae, contexts[ci], uncond, n, seed + ci, cfg, steps)
-        probs = detector.probabilities(det, imgs.clamp(-1, 1))
-        out[concept] = detector.rates(probs)[concept]
+        imgs = generate(unet, vae, contexts[ci], uncond, n, seed + ci, cfg, steps).clamp(-1, 1)
+        probs = detector.probabilities(det, imgs)
+        top = probs.argmax(-1)
+        counts[concept] = int((top == ci).sum())
         samples[concept] = to_uint8(imgs[:8])
-    return {"rates": out, "samples": samples}
+        entry = {"detector": [data.DETECTOR_CLASSES[i] for i in top.tolist()]}
+        if judge is not None:
+            entry["judge"] = list(judge(to_uint8(imgs)))
+        labels[concept] = entry
+    return {"counts": counts, "n": n, "samples": samples, "labels": labels}
 
 
 # -- saving --------------------------------------------------------------------------------------------------------
-def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None):
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> dict:
+    """Write float32 tensors (keys sorted) atomically; returns the file's record: name, sha256 and size."""
     from safetensors.torch import save
 
-    data_ = save({k: v.detach().contiguous().to(torch.float32).cpu() for k, v in sorted(tensors.items())},
-                 metadata=metadata)
-    atomic_write(path, data_, replace=True)
+    blob = save({k: v.detach().contiguous().to(torch.float32).cpu() for k, v in sorted(tensors.items())},
+                metadata=metadata)
+    atomic_write(path, blob, replace=True)
+    return {"file": path.name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
+            "tensors": len(tensors)}
 
 
 def save_png(image, path: Path):
@@ -231,52 +248,70 @@ class Built:
     unets: dict
     logs: dict = field(default_factory=dict)  # vae, clip, detector, unet
     reused: dict | None = None
+    variants: dict = field(default_factory=dict)  # name -> (stored tensors, log) for the variants of the original
 
 
-REUSABLE_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "detector_steps", "erase")
+SHARED_ARGS = ("images_per_concept", "vae_steps")
+PHASE1_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "erase")
+REUSABLE_ARGS = ("finetune_models", "images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "finetune_steps", "finetune_lr",
+                 "erase")
 
 
-def reuse_build(args, comfy_path) -> Built:
-    """Load the VAE, text encoder, detector and the two trained UNets of an earlier build (``--reuse DIR``) instead
-    of training them again: only ESD, the measurements and the files are redone. Refused unless the earlier build
-    used the same arguments for those stages (the seeds are fixed in this script)."""
+def _load_record(prev_dir: Path, prev: dict, name: str) -> dict:
     from safetensors.torch import load_file
 
+    return load_file(str(world.weight_path(name, prev_dir, prev)))  # checked against the manifest's sha256
+
+
+def reuse_build(args, comfy_path, timer) -> Built:
+    """Load the VAE, text encoder, detector and the two trained UNets of an earlier build (``--reuse DIR``, every
+    file checked against its manifest's sha256) instead of training them again: only the variants, the measurements
+    and the files are redone (and the detector with --retrain-detector). Refused unless the earlier build used the
+    same arguments for those stages (the seeds are fixed in this script)."""
     prev_dir = Path(args.reuse)
-    prev = json.loads((prev_dir / world.MANIFEST).read_text())
+    prev = world.load_manifest(prev_dir)
     for k in REUSABLE_ARGS:
         if prev["args"].get(k) != getattr(args, k):
             raise SystemExit(f"--reuse {prev_dir}: it was built with {k}={prev['args'].get(k)!r}, this run has "
                              f"{getattr(args, k)!r}; rebuild from scratch instead")
-    files = prev["files"]
     vae = make_vae(STAGE_SEEDS["vae"])
-    vae.load_state_dict(load_file(str(prev_dir / files["vae"])))
+    vae.load_state_dict(_load_record(prev_dir, prev, "vae"))
     vae.eval()
     tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
     prefix = "cond_stage_model.transformer."
-    clip = text.load_text_model({k[len(prefix):]: v for k, v in load_file(str(prev_dir / files["clip"])).items()})
+    clip = text.load_text_model({k[len(prefix):]: v for k, v in _load_record(prev_dir, prev, "clip").items()})
     ctx = text.encode(clip, tok, [data.caption(c) for c in data.CONCEPTS] + [""])
-    recipe = prev["recipe"]
-    det = detector.from_state_dict(load_file(str(prev_dir / files["detector"])))
     unets = {}
     for name in ("original", "never_learned"):
         unet = make_unet(STAGE_SEEDS["unet"])
-        unet.load_state_dict(load_file(str(prev_dir / files[name])))
+        unet.load_state_dict(_load_record(prev_dir, prev, name))
         unets[name] = unet.eval()
-    logs = {"vae": {k: v for k, v in recipe["vae"].items() if k not in ("steps", "batch", "lr", "loss")},
-            "clip": {k: v for k, v in recipe["text_encoder"].items() if k not in ("init", "pretraining")},
-            "detector": dict(recipe["detector"]),
-            "unet": {n: recipe["unet"][n] for n in ("original", "never_learned")}}
-    stages = ["vae", "clip", "detector", "unets"]
+    recipe_ = prev["recipe"]
+    logs = {"vae": {k: v for k, v in recipe_["vae"].items() if k not in ("steps", "batch", "lr", "loss")},
+            "clip": {k: v for k, v in recipe_["text_encoder"].items() if k not in ("init", "pretraining")},
+            "unet": {n: recipe_["unet"][n] for n in ("original", "never_learned")}}
+    stages = ["vae", "clip", "unets"]
+    timer.t0 = time.perf_counter()
+    if args.retrain_detector or args.detector_from:
+        det, det_log = detector_stage(args, vae)
+        timer.done("detector")
+    else:
+        det = detector.from_state_dict(_load_record(prev_dir, prev, "detector"))
+        det_log = dict(recipe_["detector"])
+        stages.insert(2, "detector")
     reused = {"from": str(prev_dir), "stages": stages,
               "stage_seconds": {k: v for k, v in prev["build"]["stage_seconds"].items() if k in stages},
               "earlier_build_seconds": prev["build"]["seconds"]}
-    log(f"reused the VAE, text encoder, detector and UNets of {prev_dir} (built in {prev['build']['seconds']} s)")
+    logs["detector"] = det_log
+    log(f"reused the {', '.join(stages)} of {prev_dir} (built in {prev['build']['seconds']} s)")
     return Built(vae, clip, ctx[:-1], ctx[-1], det, unets, logs, reused)
 
 
 def unet_worker(args) -> int:
-    """Train one UNet (``--unet-worker NAME``) from the inputs the main process saved in ``--work``."""
+    """Train one UNet (``--unet-worker NAME``) from the inputs the main process saved in ``--work``: phase 1 (the
+    first micro world's recipe: uniform batches, --unet-steps) unless its result came with the inputs (``init``:
+    --reuse-phase1), then phase 2 (class-balanced batches, --finetune-steps, a fresh cosine schedule from
+    --finetune-lr, a slower EMA) from phase 1's EMA weights."""
     torch.set_num_threads(max(1, args.threads))
     boot_comfy()
     use_fast_attention()
@@ -288,11 +323,30 @@ def unet_worker(args) -> int:
         if step % 100 == 0 or step == total - 1:
             log(f"  {name} step {step}/{total}: loss {loss:.4f}")
 
-    tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"], steps=args.unet_steps,
-                             batch=args.unet_batch, lr=args.unet_lr, seed=STAGE_SEEDS["unet"], ema_decay=UNET_EMA,
-                             warmup=UNET_WARMUP, min_snr_gamma=UNET_MIN_SNR, progress=progress)
-    torch.save({"state_dict": unet.state_dict(), "log": {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}},
-               Path(args.work) / f"{name}.out.pt")
+    def snapshot(step, ema):
+        # the EMA weights so far, for looking at a long run while it trains (--snapshots DIR; never shipped)
+        sd = dict(unet.state_dict())
+        names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        sd.update({n: s.clone() for n, s in zip(names, ema.shadow)})
+        Path(args.snapshots).mkdir(parents=True, exist_ok=True)
+        torch.save(sd, Path(args.snapshots) / f"{name}.{step}.pt")
+
+    common = dict(min_snr_gamma=UNET_MIN_SNR, progress=progress, warmup=UNET_WARMUP, batch=args.unet_batch)
+    logs = {}
+    if inp.get("init") is not None:
+        unet.load_state_dict(inp["init"])
+        logs["phase1"] = "reused (--reuse-phase1)"
+    else:
+        tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"], steps=args.unet_steps,
+                                 lr=args.unet_lr, seed=STAGE_SEEDS["unet"], ema_decay=UNET_EMA, **common)
+        logs["phase1"] = {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}
+    if args.finetune_steps > 0 and name in args.finetune_models.split(","):
+        tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"],
+                                 steps=args.finetune_steps, lr=args.finetune_lr, seed=STAGE_SEEDS["finetune"],
+                                 ema_decay=FINETUNE_EMA, balanced=True, snapshot=snapshot if args.snapshots else None,
+                                 snapshot_every=500, **common)
+        logs["phase2"] = {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}
+    torch.save({"state_dict": unet.state_dict(), "log": logs}, Path(args.work) / f"{name}.out.pt")
     return 0
 
 
@@ -302,25 +356,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the main process (default 2)")
     ap.add_argument("--images-per-concept", type=int, default=1000)
     ap.add_argument("--vae-steps", type=int, default=400)
-    ap.add_argument("--unet-steps", type=int, default=2000)
+    ap.add_argument("--unet-steps", type=int, default=3000, help="UNet phase 1 updates (uniform batches)")
     ap.add_argument("--unet-batch", type=int, default=64)
     ap.add_argument("--unet-lr", type=float, default=2e-3)
-    ap.add_argument("--esd-steps", type=int, default=60)
-    ap.add_argument("--detector-steps", type=int, default=600)
-    ap.add_argument("--eval-images", type=int, default=32, help="images per concept and model for the measurements")
-    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--finetune-steps", type=int, default=2000, help="UNet phase 2 updates (class-balanced batches)")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-models", default="original,never_learned",
+                    help="the UNets that get phase 2 (comma-separated; the others stay at phase 1)")
+    ap.add_argument("--detector-from", type=Path, default=None, metavar="FILE",
+                    help="take the detector from this safetensors file instead of training it (recorded with its "
+                         "sha256 in the manifest)")
+    ap.add_argument("--reuse-shared", type=Path, default=None, metavar="DIR",
+                    help="take the VAE, text encoder and detector from this earlier build (same data and VAE "
+                         "arguments) and train the UNets and the rest")
+    ap.add_argument("--reuse-phase1", type=Path, default=None, metavar="DIR",
+                    help="take the VAE, text encoder and phase-1 UNets from this earlier build (same arguments) and "
+                         "train the detector, phase 2 and the rest")
+    ap.add_argument("--detector-eval-images", type=int, default=500,
+                    help="held-out procedural images per class for the detector's accuracy table")
+    ap.add_argument("--eval-images", type=int, default=128, help="images per concept and model for the measurements")
+    ap.add_argument("--eval-steps", type=int, default=50)
     ap.add_argument("--eval-cfg", type=float, default=7.5)
-    ap.add_argument("--erase", default=world.ERASED_CONCEPT, choices=list(data.CONCEPTS))
-    ap.add_argument("--esd-method", default="x", choices=["x", "u"])
-    ap.add_argument("--esd-lr", type=float, default=1e-3)
-    ap.add_argument("--esd-negative-guidance", type=float, default=1.0)
-    ap.add_argument("--preserve-weight", type=float, default=0.0,
-                    help="ESD plus a preservation term on the other prompts (0 = plain ESD)")
+    ap.add_argument("--erase", default=world.ERASED_CONCEPT, choices=list(data.CONCEPTS),
+                    help="the concept the never-learned model never sees")
+    ap.add_argument("--recipe", action="append", default=[], metavar="NAME.KEY=VALUE",
+                    help="change one setting of a variant's recipe (memora_build/micro_erasure.py VARIANT_RECIPES), "
+                         "e.g. esd_u.steps=120; repeatable")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="with --reuse: take the variants' files too, and redo only the measurements and the files")
+    ap.add_argument("--retrain-detector", action="store_true",
+                    help="with --reuse: train the detector again instead of reusing the earlier build's")
     ap.add_argument("--jobs", type=int, default=2,
                     help="train the original and never-learned UNets in parallel processes (default 2; 1 = in turn)")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="take the VAE, text encoder, detector and trained UNets from this earlier build (same "
-                         "arguments required) and redo only ESD, the measurements and the files")
+                         "arguments required) and redo only the variants, the measurements and the files")
+    ap.add_argument("--snapshots", type=Path, default=None,
+                    help="also save the UNets' EMA weights every 1,000 updates here (to watch a long run)")
+    ap.add_argument("--tables", type=Path, default=None, metavar="DIR",
+                    help="print the markdown tables of docs/micro-world.md from DIR's manifest, and exit")
     ap.add_argument("--unet-worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -379,34 +453,53 @@ def text_stage(comfy_path):
 
 
 def detector_stage(args, vae):
-    """Stage 4: the concept detector (memora_build.micro_detector: drawn images, their VAE round trips and hard
-    negatives, docs/micro-detector.md), measured on held-out images of a seed it never trains on."""
+    """Stage 4: the concept detector (memora_build.micro_detector: drawn images, hard negatives and VAE round trips),
+    and its accuracy table and confusion matrix on held-out procedural images (drawn and round trips)."""
     det_log: dict = {}
-    state = micro_detector.train_detector(vae, STAGE_SEEDS["detector"], steps=args.detector_steps, log=det_log)
-    det = detector.from_state_dict(state)
-    ev = micro_detector.evaluate_detector(det, images_per_class=100, vae=vae)
-    det_log.update({"held_out": ev, "held_out_images_per_class": 100})
-    log(f"detector held-out accuracy per class: {ev['per_class']}")
+    if args.detector_from:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(args.detector_from))
+        det_log.update({"from": str(args.detector_from), "sha256": world.sha256_file(Path(args.detector_from)),
+                        "made_by": f"memora_build.micro_detector.train_detector(vae, {STAGE_SEEDS['detector']}, "
+                                   f"steps={DETECTOR_STEPS}) on this VAE (the call a full build makes), run by the "
+                                   f"detector's author; not retrained by this build"})
+    else:
+        sd = micro_detector.train_detector(
+            vae, STAGE_SEEDS["detector"], steps=DETECTOR_STEPS, log=det_log,
+            progress=lambda s, t, loss: (s % 400 == 0) and log(f"  detector step {s}/{t}: loss {loss:.4f}"))
+    det = detector.from_state_dict(sd)
+    det_log["evaluation"] = micro_detector.evaluate_detector(det, images_per_class=args.detector_eval_images,
+                                                             vae=vae)
+    per = det_log["evaluation"]["per_class"]
+    log("detector held-out accuracy per class: " + ", ".join(f"{c} {v:.3f}" for c, v in per.items()))
     return det, det_log
 
 
-def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: torch.Tensor):
+def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: torch.Tensor, meanwhile=None,
+                phase1: dict | None = None):
     """Stage 5: the original UNet (every concept) and the never-learned one (all but the erased concept), trained in
-    worker processes (``--unet-worker``), in parallel with --jobs 2 (one thread each)."""
+    worker processes (``--unet-worker``), in parallel with --jobs 2 (one thread each). ``meanwhile()`` (the detector
+    stage) runs in this process while they train; its result is returned too."""
     lab = torch.from_numpy(labels)
     jobs = {"original": torch.ones_like(lab, dtype=torch.bool), "never_learned": lab != data.CONCEPTS.index(args.erase)}
     unets, unet_logs = {}, {}
     with tempfile.TemporaryDirectory(prefix="memora-micro-build-") as work:
         procs = {}
         for name, keep in jobs.items():
-            torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond},
-                       Path(work) / f"{name}.in.pt")
+            torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond,
+                        "init": (phase1 or {}).get(name)}, Path(work) / f"{name}.in.pt")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
                    "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
-                   "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads)]
+                   "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads),
+                   "--finetune-steps", str(args.finetune_steps), "--finetune-lr", str(args.finetune_lr),
+                   "--finetune-models", args.finetune_models]
+            if args.snapshots:
+                cmd += ["--snapshots", str(args.snapshots)]
             procs[name] = subprocess.Popen(cmd)
             if args.jobs <= 1:
                 procs[name].wait()
+        side = meanwhile() if meanwhile is not None else None
         for name, proc in procs.items():
             if proc.wait() != 0:
                 raise SystemExit(f"UNet training for {name!r} failed (exit code {proc.returncode})")
@@ -416,80 +509,275 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
             unet.eval()
             unets[name] = unet
             unet_logs[name] = {"images": int(jobs[name].sum()), **out["log"]}
-    return unets, unet_logs
+    return unets, unet_logs, side
+
+
+def phase1_from(args, comfy_path, x_all):
+    """--reuse-phase1 DIR: the VAE, text encoder and phase-1 UNets of an earlier build made with the same arguments
+    (every file checked against its manifest's sha256)."""
+    shared_only = args.reuse_shared is not None
+    prev_dir = Path(args.reuse_shared if shared_only else args.reuse_phase1)
+    flag = "--reuse-shared" if shared_only else "--reuse-phase1"
+    prev = world.load_manifest(prev_dir)
+    for k in SHARED_ARGS if shared_only else PHASE1_ARGS:
+        if prev["args"].get(k) != getattr(args, k):
+            raise SystemExit(f"{flag} {prev_dir}: it was built with {k}={prev['args'].get(k)!r}, this run "
+                             f"has {getattr(args, k)!r}")
+    if not shared_only and prev["args"].get("finetune_steps", 0):
+        raise SystemExit(f"--reuse-phase1 {prev_dir}: its UNets already had phase 2; give a build without it")
+    vae = make_vae(STAGE_SEEDS["vae"])
+    vae.load_state_dict(_load_record(prev_dir, prev, "vae"))
+    vae.eval()
+    tok = text.tokenizer(Path(comfy_path) / "comfy" / "sd1_tokenizer")
+    prefix = "cond_stage_model.transformer."
+    clip = text.load_text_model({k[len(prefix):]: v for k, v in _load_record(prev_dir, prev, "clip").items()})
+    ctx = text.encode(clip, tok, [data.caption(c) for c in data.CONCEPTS] + [""])
+    phase1 = {} if shared_only else {name: _load_record(prev_dir, prev, name) for name in ("original", "never_learned")}
+    if shared_only and not args.detector_from:
+        args.detector_from = world.weight_path("detector", prev_dir, prev)  # sha256-checked like the others
+    recipe_ = prev["recipe"]
+    logs = {"vae": {k: v for k, v in recipe_["vae"].items() if k not in ("steps", "batch", "lr", "loss")},
+            "clip": {k: v for k, v in recipe_["text_encoder"].items() if k not in ("init", "pretraining")},
+            ("shared_from" if shared_only else "phase1"): {"from": str(prev_dir), "stage_seconds": prev["build"].get("stage_seconds"),
+                       "unet": {n: recipe_["unet"].get(n) for n in ("original", "never_learned")}}}
+    log(f"{'VAE, text encoder, detector' if shared_only else 'phase 1 (VAE, text encoder, UNets)'} from {prev_dir}")
+    return vae, encode_means(vae, x_all), clip, ctx, phase1, logs
 
 
 def train_stages(args, comfy_path, x_all, labels, none_imgs, timer: Timer) -> Built:
-    """Stages 2-5 from scratch: VAE, text encoder, detector, the two trained UNets."""
-    vae, z, vae_log = vae_stage(args, x_all, none_imgs)
-    timer.done("vae")
-    clip, ctx, clip_log = text_stage(comfy_path)
+    """Stages 2-5: VAE, text encoder (or, with --reuse-phase1, those and the phase-1 UNets of an earlier build),
+    then the two UNets in worker processes while this one trains the detector (its seconds are recorded separately:
+    'unets' is the wall time of the two stages together)."""
+    phase1 = None
+    if args.reuse_phase1 or args.reuse_shared:
+        vae, z, clip, ctx, phase1, p1_logs = phase1_from(args, comfy_path, x_all)
+        vae_log, clip_log = p1_logs["vae"], p1_logs["clip"]
+        timer.done("phase1 reused")
+    else:
+        vae, z, vae_log = vae_stage(args, x_all, none_imgs)
+        timer.done("vae")
+        clip, ctx, clip_log = text_stage(comfy_path)
+        timer.done("clip")
+        p1_logs = None
     contexts, uncond = ctx[:-1], ctx[-1]
-    timer.done("clip")
-    det, det_log = detector_stage(args, vae)
-    timer.done("detector")
-    unets, unet_logs = unets_stage(args, z, labels, contexts, uncond)
+    t_det = {}
+
+    def detector_meanwhile():
+        t0 = time.perf_counter()
+        out = detector_stage(args, vae)
+        t_det["seconds"] = round(time.perf_counter() - t0, 1)
+        return out
+
+    unets, unet_logs, (det, det_log) = unets_stage(args, z, labels, contexts, uncond, meanwhile=detector_meanwhile,
+                                                   phase1=phase1)
     timer.done("unets")
+    timer.seconds["detector (during unets)"] = t_det["seconds"]
+    if p1_logs and "phase1" in p1_logs:
+        unet_logs["phase1_reused"] = p1_logs["phase1"]
+    if p1_logs and "shared_from" in p1_logs:
+        unet_logs["shared_reused"] = p1_logs["shared_from"]
     return Built(vae, clip, contexts, uncond, det, unets,
                  {"vae": vae_log, "clip": clip_log, "detector": det_log, "unet": unet_logs})
 
 
-def esd_stage(args, built: Built):
-    """Stage 6: the unlearned UNet, an ESD fine-tune of a copy of the original (added to ``built.unets``)."""
-    erased_idx = data.CONCEPTS.index(args.erase)
-    unlearned = copy.deepcopy(built.unets["original"])
-    others = torch.stack([built.contexts[i] for i in range(len(data.CONCEPTS)) if i != erased_idx])
-    esd_log = diffusion.esd_train(unlearned, built.contexts[erased_idx], built.uncond, method=args.esd_method,
-                                  steps=args.esd_steps, batch=32, lr=args.esd_lr, seed=STAGE_SEEDS["esd"],
-                                  negative_guidance=args.esd_negative_guidance,
-                                  preserve_ctx=others if args.preserve_weight > 0 else None,
-                                  preserve_weight=args.preserve_weight,
-                                  progress=lambda s, t, loss: (s % 50 == 0) and log(f"  esd step {s}/{t}: loss {loss:.5f}"))
-    built.unets["unlearned"] = unlearned
-    return esd_log
+def variants_stage(args, built: Built, timer: Timer):
+    """Stage 6: each variant of the original (memora_build.micro_erasure.VARIANT_RECIPES): ESD-x, ESD-u, UCE, the
+    deep ESD-u and the two-concept ESD-x; kept in ``built.variants`` as the tensors the method changed."""
+    recipes = erasure.override(erasure.VARIANT_RECIPES, args.recipe)
+    for name, rec in recipes.items():
+        idx = [data.CONCEPTS.index(c) for c in rec["erase"]]
+        unet = copy.deepcopy(built.unets["original"])
+        if rec["method"] == "uce":
+            tokens = erasure.uce_token_sets(built.contexts, built.uncond, idx, rec["guide"])
+            stored, vlog = erasure.uce_edit(unet.state_dict(), tokens["erase"], tokens["guide"], tokens["preserve"],
+                                            lam=rec["lam"], preserve_weight=rec["preserve_weight"])
+            vlog["first_position"] = tokens["first_position"]
+            unet.load_state_dict({**unet.state_dict(), **stored})
+        else:
+            others = torch.stack([built.contexts[i] for i in range(len(data.CONCEPTS)) if i not in idx])
+            tl = diffusion.esd_train(
+                unet, built.contexts[idx], built.uncond, method=rec["train"], steps=rec["steps"], batch=32,
+                lr=rec["lr"], seed=rec["seed"], negative_guidance=rec["negative_guidance"],
+                preserve_ctx=others if rec["preserve_weight"] > 0 else None, preserve_weight=rec["preserve_weight"],
+                progress=lambda s, t, loss: (s % 100 == 0) and log(f"  {name} step {s}/{t}: loss {loss:.5f}"))
+            stored = erasure.partial_state(unet, diffusion.trainable_for_esd(unet, rec["train"]))
+            vlog = {"loss": tl.summary(2), "sample_steps": 20, "sample_cfg": 3.0, "batch": 32}
+        built.unets[name] = unet.eval()
+        built.variants[name] = (stored, {"recipe": {k: (list(v) if isinstance(v, tuple) else v)
+                                                    for k, v in rec.items()},
+                                         "paper": erasure.PAPERS[rec["method"]], **vlog})
+        timer.done(name)
+
+
+def reuse_variants(args, built: Built, timer: Timer):
+    """--measure-only: the variants' files of the --reuse build (sha256-checked) instead of making them again."""
+    from safetensors.torch import load_file
+
+    prev_dir = Path(args.reuse)
+    prev = world.load_manifest(prev_dir)
+    for name, vlog in prev["recipe"]["variants"].items():
+        stored = load_file(str(world.weight_path(name, prev_dir, prev)))
+        unet = copy.deepcopy(built.unets["original"])
+        unet.load_state_dict({**unet.state_dict(), **stored})
+        built.unets[name] = unet.eval()
+        built.variants[name] = (stored, vlog)
+    timer.seconds.update({k: v for k, v in prev["build"]["stage_seconds"].items() if k in prev["recipe"]["variants"]})
+    built.reused["stages"] += list(prev["recipe"]["variants"])
+    log(f"reused the variants of {prev_dir}: {', '.join(prev['recipe']['variants'])}")
+
+
+_MEASURE: dict = {}  # what the forked measurement workers read (set by measure() before forking)
+
+
+def _measure_one(name: str):
+    args, built, judge = _MEASURE["args"], _MEASURE["built"], _MEASURE["judge"]
+    torch.set_num_threads(1)
+    r = evaluate(built.unets[name], built.vae, built.det, built.contexts, built.uncond, n=args.eval_images,
+                 seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg, steps=args.eval_steps,
+                 judge=judge.judge_batch if judge else None)
+    log(f"  {name}: " + ", ".join(f"{c} {k / args.eval_images:.2f}" for c, k in r["counts"].items()))
+    return name, r
 
 
 def measure(args, built: Built):
-    """Stage 7: each variant's detection rate per concept, the sample sheets, and the kept-concept ratios."""
-    results, sheets = {}, []
+    """Stage 7: every model's detection counts per concept (with the judge's labels when memora.micro.judge is
+    there) and the contact sheet's samples; the models are shared out over --jobs forked worker processes of one
+    thread each (the same numbers as one process: each model's sampling is seeded on its own)."""
+    _MEASURE.update(args=args, built=built, judge=_judge_module())
+    names = list(world.VARIANTS)
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
+            done = dict(ex.map(_measure_one, names))
+    else:
+        done = dict(map(_measure_one, names))
+    return {name: done[name] for name in names}
+
+
+def _judge_module():
+    try:
+        from memora.micro import judge
+    except ImportError:
+        return None
+    return judge
+
+
+def rate_table(results: dict) -> dict:
+    """Per model and concept the rate record (Wilson interval) of the detector's calls."""
+    return {name: {c: rate_record(k, r["n"], CONVENTION) for c, k in r["counts"].items()}
+            for name, r in results.items()}
+
+
+def targets(results: dict) -> dict:
+    """Per variant: the erased concepts' rates (target <= 0.10) and each kept concept's rate over the original's
+    (target >= 0.80), and whether both hold."""
+    orig = results["original"]["counts"]
+    out = {}
     for name in world.VARIANTS:
-        ev = evaluate(built.unets[name], built.vae, built.det, built.contexts, built.uncond, n=args.eval_images,
-                      seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg, steps=args.eval_steps)
-        results[name] = ev["rates"]
-        sheets.append(np.concatenate([ev["samples"][c] for c in data.CONCEPTS]))
-        log(f"  {name}: " + ", ".join(f"{c} {r:.2f}" for c, r in ev["rates"].items()))
-    ratios = {c: (results["unlearned"][c] / results["original"][c] if results["original"][c] > 0 else None)
-              for c in data.CONCEPTS if c != args.erase}
-    return results, sheets, ratios
+        if name == "original":
+            continue
+        r = results[name]
+        erased = world.ERASED[name]
+        er = {c: r["counts"][c] / r["n"] for c in erased}
+        kept = {c: (round(r["counts"][c] / orig[c], 3) if orig[c] else None) for c in data.CONCEPTS if c not in erased}
+        out[name] = {"erased_rates": er, "kept_over_original": kept,
+                     "met": all(v <= 0.10 for v in er.values()) and all(v is not None and v >= 0.80
+                                                                        for v in kept.values())}
+    return out
 
 
-def save_networks(out: Path, built: Built, sheets):
-    """Stage 8a: the safetensors files (every tensor float32, keys sorted) and samples.png."""
+def agreement(results: dict) -> dict | None:
+    """The detector's and the judge's labels on the generated images: share of images they agree on, per model."""
+    if not all("judge" in e for r in results.values() for e in r["labels"].values()):
+        return None
+    out = {}
+    for name, r in results.items():
+        pairs = [(d, j) for e in r["labels"].values() for d, j in zip(e["detector"], e["judge"])]
+        out[name] = rate_record(sum(d == j for d, j in pairs), len(pairs), "detector and judge agree")
+    return out
+
+
+def contact_sheet(results: dict):
+    """One block per model (its name, then a row of 8 images per concept, circle to cross)."""
+    from PIL import Image, ImageDraw
+
+    scale, cell, label_h = 2, data.IMAGE_SIZE * 2, 14
+    cols, rows = 8, len(data.CONCEPTS)
+    block_h = label_h + rows * cell
+    sheet = Image.new("RGB", (cols * cell + 70, len(results) * block_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for bi, (name, r) in enumerate(results.items()):
+        y0 = bi * block_h
+        draw.text((2, y0 + 1), name, fill="black")
+        for ri, c in enumerate(data.CONCEPTS):
+            draw.text((cols * cell + 4, y0 + label_h + ri * cell + cell // 2 - 5), c, fill="black")
+            for ci, img in enumerate(r["samples"][c][:cols]):
+                tile = Image.fromarray(img).resize((cell, cell), Image.NEAREST)
+                sheet.paste(tile, (ci * cell, y0 + label_h + ri * cell))
+    del scale
+    return sheet
+
+
+def git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+uncommitted changes" if dirty else "")
+
+
+def save_networks(args, out: Path, built: Built, sheet) -> dict:
+    """Stage 8a: the safetensors files (float32, keys sorted; a variant of the original stores only what its method
+    changed) and samples.png; returns each file's record for the manifest."""
     meta = {"format": "memora micro world", "build": "scripts/build_micro_world.py"}
-    save_safetensors({"cond_stage_model.transformer." + k: v for k, v in built.clip.state_dict().items()
-                      if "position_ids" not in k}, out / world.FILES["clip"], meta)
-    save_safetensors(built.vae.state_dict(), out / world.FILES["vae"], meta)
-    save_safetensors(built.det.state_dict(), out / world.FILES["detector"], meta)
-    for name in world.VARIANTS:
-        save_safetensors(built.unets[name].state_dict(), out / world.FILES[name], meta)
-    save_png(data.grid(np.concatenate(sheets), cols=8, scale=3), out / "samples.png")
+    by = {"script": "scripts/build_micro_world.py", "commit": git_commit(),
+          "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k not in ("out", "unet_worker", "work", "snapshots")}}
+    base_seeds = {k: STAGE_SEEDS[k] for k in ("data", "vae", "clip")}
+    files = {
+        "clip": save_safetensors({"cond_stage_model.transformer." + k: v for k, v in built.clip.state_dict().items()
+                                  if "position_ids" not in k}, out / world.FILES["clip"], meta)
+        | {"seeds": {"clip": STAGE_SEEDS["clip"]}},
+        "vae": save_safetensors(built.vae.state_dict(), out / world.FILES["vae"], meta)
+        | {"seeds": {k: STAGE_SEEDS[k] for k in ("data", "vae")}},
+        "detector": save_safetensors(built.det.state_dict(), out / world.FILES["detector"], meta)
+        | {"seeds": {k: STAGE_SEEDS[k] for k in ("vae", "detector")}},
+    }
+    for name in ("original", "never_learned"):
+        files[name] = save_safetensors(built.unets[name].state_dict(), out / world.FILES[name], meta) | {
+            "seeds": {**base_seeds, "unet": STAGE_SEEDS["unet"]}}
+    for name, (stored, vlog) in built.variants.items():
+        seeds = {**base_seeds, "unet": STAGE_SEEDS["unet"]}
+        if "seed" in vlog["recipe"]:
+            seeds[name] = vlog["recipe"]["seed"]
+        files[name] = save_safetensors(stored, out / world.FILES[name], {**meta, "base": "original"}) | {
+            "seeds": seeds, "base": "original"}
+    for rec in files.values():
+        rec["built_by"] = by
+    save_png(sheet, out / "samples.png")
+    return files
 
 
-def recipe(args, built: Built, esd_log) -> dict:
+def recipe(args, built: Built) -> dict:
     erase, logs = args.erase, built.logs
     return {
         "dataset": f"{args.images_per_concept} images per concept (never_learned: the same minus '{erase}')",
         "vae": {"steps": args.vae_steps, "batch": 16, "lr": 2e-3,
                 "loss": f"L1 + MSE + {VAE_LOWFREQ} x MSE of 8x8 averages + {VAE_KL} KL", **logs["vae"]},
-        "unet": {"steps": args.unet_steps, "batch": args.unet_batch, "lr": args.unet_lr,
-                 "schedule": f"cosine, {UNET_WARMUP} warm-up", "parallel_jobs": args.jobs,
+        "unet": {"phase1": {"steps": args.unet_steps, "lr": args.unet_lr, "batches": "uniform", "ema": UNET_EMA,
+                            "seed": STAGE_SEEDS["unet"]},
+                 "phase2": {"steps": args.finetune_steps, "lr": args.finetune_lr, "batches": "class-balanced",
+                            "ema": FINETUNE_EMA, "seed": STAGE_SEEDS["finetune"], "init": "phase 1's EMA weights"},
+                 "batch": args.unet_batch, "schedule": f"cosine, {UNET_WARMUP} warm-up (each phase)",
+                 "parallel_jobs": args.jobs,
                  "objective": f"eps MSE with min-SNR-{UNET_MIN_SNR:g} weighting, t uniform 0..999, SD scaled_linear betas",
-                 "caption_dropout": 0.1,
-                 "ema": UNET_EMA, **logs["unet"]},
-        "esd": {"method": f"ESD-{args.esd_method}", "steps": args.esd_steps, "batch": 32, "lr": args.esd_lr,
-                "negative_guidance": args.esd_negative_guidance, "sample_steps": 20, "sample_cfg": 3.0,
-                "preserve_weight": args.preserve_weight, "loss": esd_log.summary(2),
-                "seconds": round(esd_log.seconds, 1)},
+                 "caption_dropout": 0.1, **logs["unet"]},
+        "variants": {name: vlog for name, (_, vlog) in built.variants.items()},
         "detector": logs["detector"],
         "text_encoder": {"init": "transformers' CLIPTextModel initialisation, seeded",
                          "pretraining": "memora_build.micro_text.pretrain: distinct per-prompt directions",
@@ -497,14 +785,13 @@ def recipe(args, built: Built, esd_log) -> dict:
     }
 
 
-def manifest(args, built: Built, esd_log, measured, build_info: dict) -> dict:
-    """Stage 8b: manifest.json's content (configurations, seeds, arguments, recipe, measurements, build facts)."""
-    results, _, ratios = measured
-    erase = args.erase
+def manifest(args, built: Built, results: dict, files: dict, build_info: dict) -> dict:
+    """Stage 8b: manifest.json's content (configurations, variants, files with their sha256, seeds, arguments,
+    recipe, measurements, build facts)."""
     return {
-        "about": "MemoRa micro world: see docs/micro-world.md",
+        "about": "MemoRa micro world v2: see docs/micro-world.md",
         "concepts": list(data.CONCEPTS),
-        "erased_concept": erase,
+        "erased_concept": args.erase,
         "prompts": {c: data.caption(c) for c in data.CONCEPTS},
         "image_size": data.IMAGE_SIZE,
         "latent_size": latent_hw(),
@@ -516,29 +803,81 @@ def manifest(args, built: Built, esd_log, measured, build_info: dict) -> dict:
         "clip_config": text.CLIP_CONFIG,
         "latent_format": "SD1.x (scale 0.18215); the VAE's latent space is re-expressed so that latents x 0.18215 "
                          "have zero mean and unit standard deviation per channel on the training images",
-        "files": dict(world.FILES),
-        "shared": "clip.safetensors and vae.safetensors are identical for all three variants; the UNets differ",
+        "variants": {name: {"base": world.BASES[name], "erased": list(world.ERASED[name]),
+                            "file": name} for name in world.VARIANTS},
+        "files": files,
+        "shared": "clip, vae and detector are shared by every model; a variant with a base is that base's UNet with "
+                  "its own file's tensors put over it",
         "seeds": STAGE_SEEDS,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("out", "reuse", "unet_worker", "work")},
-        "recipe": recipe(args, built, esd_log),
+                 if k not in ("out", "reuse", "reuse_phase1", "unet_worker", "work", "snapshots")},
+        "recipe": recipe(args, built),
         "measurements": {
             "how": (f"{args.eval_images} images per concept and model, DDIM {args.eval_steps} steps, cfg "
                     f"{args.eval_cfg}, noise seeds {1000 * STAGE_SEEDS['eval']} + concept index; rate = share of "
-                    f"images whose detector top class is the prompted concept"),
-            "rates": results,
-            "erased_rate_unlearned": results["unlearned"][erase],
-            "other_concepts_unlearned_over_original": ratios,
-            "targets": {"erased_rate_unlearned_max": 0.10, "others_ratio_min": 0.80},
+                    f"images whose detector top class is the prompted concept ({CONVENTION}); 95 % Wilson "
+                    f"intervals"),
+            "rates": rate_table(results),
+            "targets": {"erased_rate_max": 0.10, "kept_over_original_min": 0.80, "per_variant": targets(results)},
+            "detector_judge_agreement": agreement(results),
+            "labels": "labels.json: per model and prompted concept, the detector's (and the judge's) class per image",
         },
         "build": build_info,
     }
+
+
+def markdown_tables(m: dict) -> str:
+    """docs/micro-world.md's tables from a manifest: rates per model and concept (with the Wilson intervals), the
+    targets, the detector's accuracy and confusion matrix, the detector/judge agreement and the stage times."""
+    concepts, rates = m["concepts"], m["measurements"]["rates"]
+    n = next(iter(next(iter(rates.values())).values()))["n"]
+    lines = ["| model (erased) | " + " | ".join(concepts) + " | targets met |", "|---|" + "---|" * (len(concepts) + 1)]
+    per = m["measurements"]["targets"]["per_variant"]
+    for name, r in rates.items():
+        erased = m["variants"][name]["erased"]
+        cells = []
+        for c in concepts:
+            cell = f"{r[c]['rate']:.2f} ({r[c]['ci_low']:.2f}-{r[c]['ci_high']:.2f})"
+            cells.append(f"**{cell}**" if c in erased else cell)
+        met = "-" if name == "original" else ("yes" if per[name]["met"] else "no")
+        lines.append(f"| {name} ({', '.join(erased) or 'none'}) | " + " | ".join(cells) + f" | {met} |")
+    lines += ["", f"n = {n} images per model and concept; {m['measurements']['how']}.", "",
+              "| variant | kept concept / original |", "|---|---|"]
+    for name, t in per.items():
+        lines.append(f"| {name} | " + ", ".join(f"{c} {v:.2f}" if v is not None else f"{c} n/a"
+                                                   for c, v in t["kept_over_original"].items()) + " |")
+    ev = m["recipe"]["detector"].get("evaluation")
+    if ev:
+        classes = ev["classes"]
+        lines += ["", f"Detector on held-out procedural images ({ev['n_per_class']} per class: {ev['images_per_class']} "
+                      f"drawn + their VAE round trips; seed {ev['seed']}):", "",
+                  "| true \\ called | " + " | ".join(classes) + " | accuracy |", "|---|" + "---|" * (len(classes) + 1)]
+        for c, row in zip(classes, ev["confusion"]):
+            lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + f" | {ev['per_class'][c]:.3f} |")
+        if "hard_negatives" in ev:
+            h = ev["hard_negatives"]
+            lines += ["", f"Hard negatives (near-shapes, n = {h['n']}) called none: {h['none_rate']:.3f}; per kind: "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in h["per_kind"].items())]
+    agree = m["measurements"].get("detector_judge_agreement")
+    if agree:
+        lines += ["", "| model | detector and judge agree |", "|---|---|"]
+        lines += [f"| {k} | {v['rate']:.3f} ({v['ci_low']:.3f}-{v['ci_high']:.3f}, n = {v['n']}) |"
+                  for k, v in agree.items()]
+    b = m["build"]
+    lines += ["", f"Build: {b['seconds']:.0f} s wall ({b['threads']} thread(s) in the main process); stages (s): "
+                  + ", ".join(f"{k} {v}" for k, v in b["stage_seconds"].items())]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.unet_worker:
         return unet_worker(args)
+    if args.tables:
+        print(markdown_tables(world.load_manifest(args.tables)))
+        return 0
+    if (args.retrain_detector or args.measure_only) and not args.reuse:
+        raise SystemExit("--retrain-detector and --measure-only go with --reuse")
     t_all, cpu_all = time.perf_counter(), time.process_time()
     torch.set_num_threads(max(1, args.threads))
     comfy_path = boot_comfy()
@@ -548,26 +887,27 @@ def main(argv=None) -> int:
     timer.done("data")
     if args.reuse:
         # stages 2-5 from an earlier build with the same arguments and seeds (what they would compute again)
-        built = reuse_build(args, comfy_path)
+        built = reuse_build(args, comfy_path, timer)
         timer.seconds.update(built.reused["stage_seconds"])
     else:
         built = train_stages(args, comfy_path, x_all, labels, none_imgs, timer)
     timer.t0 = time.perf_counter()
-    esd_log = esd_stage(args, built)
-    timer.done("esd")
-    measured = measure(args, built)
+    if args.measure_only:
+        reuse_variants(args, built, timer)
+    else:
+        variants_stage(args, built, timer)
+    results = measure(args, built)
     timer.done("evaluation")
     out = Path(args.out)
-    save_networks(out, built, measured[1])
+    files = save_networks(args, out, built, contact_sheet(results))
+    atomic_write(out / "labels.json", json.dumps({n: r["labels"] for n, r in results.items()}), replace=True)
     build_info = {"seconds": round(time.perf_counter() - t_all, 1), "cpu_seconds": round(time.process_time() - cpu_all, 1),
                   "threads": args.threads, "stage_seconds": timer.seconds, "reused": built.reused,
                   "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
-    atomic_write(out / world.MANIFEST, json.dumps(manifest(args, built, esd_log, measured, build_info), indent=1,
+    atomic_write(out / world.MANIFEST, json.dumps(manifest(args, built, results, files, build_info), indent=1,
                                                    sort_keys=False), replace=True)
-    results, _, ratios = measured
-    log(f"erased '{args.erase}': unlearned rate {results['unlearned'][args.erase]:.3f} (original "
-        f"{results['original'][args.erase]:.3f}); others unlearned/original: "
-        + ", ".join(f"{c} {r:.2f}" if r is not None else f"{c} n/a" for c, r in ratios.items()))
+    for name, t in targets(results).items():
+        log(f"{name}: erased {t['erased_rates']}, kept / original {t['kept_over_original']}, targets met: {t['met']}")
     log(f"wrote {out} in {time.perf_counter() - t_all:.0f} s")
     return 0
 

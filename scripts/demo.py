@@ -2,8 +2,8 @@
 """The README's main job: MemoRa end to end on the micro world shipped with the pack.
 
 Runs example_workflows/memora_recovery.json through ComfyUI's own executor (in this process, CPU unless a GPU is
-there) with its model loaders swapped for the micro world (MemoRa Load Micro World: original / unlearned models of a
-tiny SD1.x-family text-to-image model trained on five procedural shapes, the star erased ESD-style) and its concept
+there) with its model loaders swapped for the micro world (MemoRa Load Micro World: the original and the ESD-x model
+(variant esd_x) of a tiny SD1.x-family text-to-image model trained on five procedural shapes) and its concept
 scores for the micro world's detector. The original model draws seed images of the erased concept; the unlearned
 model inverts, slerps and regenerates them; MemoRa LoRA Train trains a LoRA on the result; the recovered model
 draws again. Printed: the detector rate of the erased concept under the original, unlearned and recovered models,

@@ -46,7 +46,7 @@ GROWN_HEIGHT = {"progress": 330}
 MICRO_TRAIN = {"steps": 100, "learning_rate": 1e-2}
 MICRO_EVAL_IMAGES = 32
 #: the micro world's variant (MemoRa Load Micro World) behind each titled loader of memora_recovery_micro
-MICRO_VARIANTS = {"original": "original", "unlearned": "unlearned"}
+MICRO_VARIANTS = {"original": "original", "unlearned": "esd_x"}
 
 
 class Arch:
@@ -366,9 +366,9 @@ def build_recovery_sdxl(info):
 
 README_MICRO = """MemoRa on the MICRO WORLD shipped with the pack: the whole method, nothing to download, a few minutes on a CPU (docs/micro-world.md).
 
-The micro world is three tiny SD1.x-family text-to-image models trained on five procedural shapes (circle, square, triangle, star, cross): "original" learned all five; "unlearned" is the original with the STAR erased by ESD-x (its cross-attention fine-tuned with negative guidance); a concept detector trained on the same shapes scores the images.
+The micro world is a set of tiny SD1.x-family text-to-image models trained on five procedural shapes (circle, square, triangle, star, cross): "original" learned all five; "esd_x" is the original with the STAR erased by ESD-x (its cross-attention fine-tuned with negative guidance); esd_u, uce, esd_u_deep, esd_x_star_cross are other erasures and never_learned never saw a star; a concept detector trained on the same shapes scores the images.
 
-LOAD: nothing. "Original model" and "Unlearned model" are MemoRa Load Micro World (variant original / unlearned); "Concept prompt" is the micro world's caption of the star.
+LOAD: nothing. "Original model" and "Unlearned model" are MemoRa Load Micro World (variant original / esd_x: pick another variant to audit another erasure); "Concept prompt" is the micro world's caption of the star.
 
 RUN (Queue): the original model draws six seed images of the star (the reference seed pairs) -> the unlearned model inverts, slerps (33 latents) and regenerates them -> MemoRa LoRA Train (100 updates at learning rate 1e-2: the micro world's recipe) -> the original, unlearned and recovered models draw 32 evaluation images each -> "Concept score (...)": the detector's star rate with its interval; "Similarity to original": SSIM / PSNR.
 

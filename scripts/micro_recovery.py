@@ -4,10 +4,10 @@
     python scripts/micro_recovery.py                   # one recovery of the erased concept; prints rates and files
     python scripts/micro_recovery.py --curves          # + the residual-memory experiment: recovery curves of the
                                                        #   unlearned model and the never-learned control
-                                                       #   -> docs/micro-world-results.md, docs/img/micro-recovery.png
+                                                       #   -> docs/micro-recovery.md, docs/img/micro-recovery.png
 
 Every stage is a stock ComfyUI node or a node of this pack, run by ComfyUI's executor: the original model draws the
-seed images (one KSampler per reference seed), the model under test (unlearned, or never-learned) encodes, inverts
+seed images (one KSampler per reference seed), the model under test (--variant, default esd_x, or never-learned) encodes, inverts
 (MemoRa DDIM Inversion), slerps (MemoRa Slerp Latents) and regenerates them (MemoRa Regenerate), MemoRa LoRA Train
 trains the LoRA on it, the recovered model generates the evaluation images, MemoRa Micro World Detector scores them
 and MemoRa Similarity Score compares them with the original model's images for the same prompt and seed.
@@ -181,7 +181,8 @@ def _public(point: dict) -> dict:
     return {k: v for k, v in point.items() if not k.startswith("_")}
 
 
-def curves(comfy, pipe: Pipeline, steps_list, variants=("unlearned", "never_learned"), log=print) -> dict:
+def curves(comfy, pipe: Pipeline, steps_list, variants=("esd_x", "never_learned"), log=print) -> dict:
+    """The recovery curve of each model in ``variants``: the unlearned one under test first, the control last."""
     results = {v: [] for v in variants}
     for v in variants:
         for n in steps_list:
@@ -195,7 +196,7 @@ def curves(comfy, pipe: Pipeline, steps_list, variants=("unlearned", "never_lear
 def verdict(results: dict, original_rate: float, quick: int) -> str:
     """Short-term vs long-term reading of the two curves (docs/method.md's terms), in words: when each curve
     first reaches half of the original's rate, its peak, and what the control says about residual memory."""
-    u = results.get("unlearned", [])
+    u = next((pts for v, pts in results.items() if v != "never_learned"), [])
     n = results.get("never_learned", [])
     if not u or not n:
         return ""
@@ -250,10 +251,9 @@ def plot(results: dict, original_rate: float, path: Path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    styles = {"unlearned": ("tab:red", "unlearned (ESD-x)"), "never_learned": ("tab:blue", "never-learned control")}
     for v, pts in results.items():
         xs = [max(p["lora_steps"], 1) for p in pts]
-        c, label = styles.get(v, ("k", v))
+        c, label = ("tab:blue", "never-learned control") if v == "never_learned" else ("tab:red", f"unlearned ({v})")
         axes[0].plot(xs, [p["rate"] for p in pts], "o-", color=c, label=label)
         axes[1].plot(xs, [p["ssim"] for p in pts], "o-", color=c, label=label)
     axes[0].axhline(original_rate, color="gray", ls="--", lw=1, label="original model")
@@ -282,6 +282,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, default=None, help="ComfyUI base folder (default: a new temporary one)")
     ap.add_argument("--lora-steps", type=int, default=Settings.lora_steps)
+    ap.add_argument("--variant", default="esd_x",
+                    choices=["esd_x", "esd_u", "uce", "esd_u_deep", "esd_x_star_cross"],
+                    help="the unlearned micro-world model to recover the erased concept from (default esd_x)")
     ap.add_argument("--curves", action="store_true", help="also run the residual-memory experiment")
     ap.add_argument("--curve-steps", default="0,10,25,50,100,200")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the curve report goes")
@@ -307,12 +310,12 @@ def main(argv=None) -> int:
     print(f"micro world: erased concept {concept!r}, prompt {pipe.prompt!r}; ComfyUI {comfy.version}, base {base}")
 
     # -- part 4: one recovery -------------------------------------------------------------------------------------
-    un = run_point(comfy, pipe, "unlearned", 0)
-    rec = run_point(comfy, pipe, "unlearned", s.lora_steps)
+    un = run_point(comfy, pipe, args.variant, 0)
+    rec = run_point(comfy, pipe, args.variant, s.lora_steps)
     lora_path = Path(folder_paths.get_folder_paths("loras")[0]) / rec["lora_file"]
     print(f"\nMemoRa recovery of {concept!r} ({s.eval_images} evaluation images, seed {s.eval_seed}, "
           f"DDIM {s.eval_steps} steps, cfg {s.eval_cfg}):")
-    print(f"  detector rate  original {rec['rate_original']:.3f} | unlearned {un['rate']:.3f} | "
+    print(f"  detector rate  original {rec['rate_original']:.3f} | unlearned ({args.variant}) {un['rate']:.3f} | "
           f"recovered {rec['rate']:.3f}   (LoRA {s.lora_steps} steps)")
     print(f"  similarity to the original's images (SSIM / PSNR): unlearned {un['ssim']:.3f} / {un['psnr']:.1f} dB | "
           f"recovered {rec['ssim']:.3f} / {rec['psnr']:.1f} dB")
@@ -322,7 +325,7 @@ def main(argv=None) -> int:
     if args.curves:
         steps_list = [int(x) for x in args.curve_steps.split(",")]
         print(f"\nresidual-memory experiment: LoRA steps {steps_list}")
-        res = curves(comfy, pipe, steps_list)
+        res = curves(comfy, pipe, steps_list, variants=(args.variant, "never_learned"))
         img_dir = args.docs / "img"
         img_dir.mkdir(parents=True, exist_ok=True)
         plot(res, rec["rate_original"], img_dir / "micro-recovery.png")
@@ -340,9 +343,9 @@ def main(argv=None) -> int:
                   "original_rate": rec["rate_original"],
                   "curves": {v: [_public(p) for p in pts] for v, pts in res.items()}, "verdict": text,
                   "seconds": round(time.perf_counter() - t_all, 1)}
-        (args.docs / "micro-world-results.json").write_text(json.dumps(record, indent=1))
-        write_report(args.docs / "micro-world-results.md", record)
-        print(f"\n{text}\nreport: {args.docs / 'micro-world-results.md'}  plot: {img_dir / 'micro-recovery.png'}")
+        (args.docs / "micro-recovery.json").write_text(json.dumps(record, indent=1))
+        write_report(args.docs / "micro-recovery.md", record)
+        print(f"\n{text}\nreport: {args.docs / 'micro-recovery.md'}  plot: {img_dir / 'micro-recovery.png'}")
     print(f"\ndone in {time.perf_counter() - t_all:.0f} s")
     return 0
 

@@ -41,8 +41,9 @@ def test_micro_profile_sets_every_title_of_memora_recovery(micro):
     plan = plan_jobs(_workflow("memora_recovery"), StoredDefinitions(), profile=micro)
     assert _inputs(plan, K.TITLE_TRAIN_LORA)["steps"] == 100
     assert _inputs(plan, K.TITLE_TRAIN_LORA)["learning_rate"] == pytest.approx(1e-2)
-    for variant, title in ((v, t) for v, t in K.MODEL_TITLES.items() if v != "never_learned"):
-        assert _inputs(plan, title) == {"variant": variant}
+    # the workflows' unlearned model is the micro world's ESD-x variant
+    assert _inputs(plan, K.TITLE_ORIGINAL_MODEL) == {"variant": "original"}
+    assert _inputs(plan, K.TITLE_UNLEARNED_MODEL) == {"variant": "esd_x"}
     for model in K.EVALUATED_MODELS:
         det = _inputs(plan, K.concept_score_title(model))
         assert det["title"] == K.concept_score_title(model) and det["concept"] == "star"
@@ -186,3 +187,4 @@ def test_front_end_primitive_node_is_addressed_by_its_title():
 def _seed(job) -> int:
     (node,) = [n for n in job.api.values() if n["class_type"] == "KSampler"]
     return node["inputs"]["seed"]
+

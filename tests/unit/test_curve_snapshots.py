@@ -36,14 +36,28 @@ def test_one_training_job_per_model_and_seed_with_the_other_budgets_as_snapshots
 
 def test_training_rows_and_no_snapshot_rows():
     rows = C.training_rows("Train LoRA", [25, 50], [7], "never_learned", True, True)
-    assert rows == [
-        {"label.curve_model": "unlearned", "label.lora_seed": 7, "Train LoRA.seed": 7, "Train LoRA.steps": 50,
+    assert rows == [  # with the micro world the workflow's unlearned model is its ESD-x variant, named so
+        {"label.curve_model": "esd_x", "label.lora_seed": 7, "Train LoRA.seed": 7, "Train LoRA.steps": 50,
          "label.updates": 50, "Train LoRA.snapshot_steps": "25"},
         {"Unlearned model.variant": "never_learned", "label.curve_model": "never_learned", "label.lora_seed": 7,
          "Train LoRA.seed": 7, "Train LoRA.steps": 50, "label.updates": 50, "Train LoRA.snapshot_steps": "25"}]
     old = C.training_rows("Train LoRA", [25, 50], [None], None, False, False)
     assert [(r["Train LoRA.steps"], r["label.updates"]) for r in old] == [(25, 25), (50, 50)]
     assert all("Train LoRA.snapshot_steps" not in r and "Train LoRA.seed" not in r for r in old)
+    assert [r["label.curve_model"] for r in old] == ["unlearned", "unlearned"]
+
+
+def test_tested_models_each_set_on_the_unlearned_loader_and_the_control_once():
+    rows = C.training_rows("Train LoRA", [25, 50], [1, 2], "never_learned", True, True, C.parse_tested("uce,esd_u"))
+    got = [(r["label.curve_model"], r["Unlearned model.variant"], r["label.lora_seed"]) for r in rows]
+    assert got == [("uce", "uce", 1), ("uce", "uce", 2), ("esd_u", "esd_u", 1), ("esd_u", "esd_u", 2),
+                   ("never_learned", "never_learned", 1), ("never_learned", "never_learned", 2)]
+    ck = C.training_rows("Train LoRA", [25], [None], None, False, True, ["a.ckpt"])
+    assert ck[0]["Unlearned model.ckpt_name"] == "a.ckpt" and ck[0]["label.curve_model"] == "a.ckpt"
+    with pytest.raises(ValueError, match="--control 'uce' is also a model under test"):
+        C.training_rows("Train LoRA", [25], [1], "uce", True, True, ["uce"])
+    with pytest.raises(ValueError, match="expected distinct model names"):
+        C.parse_tested("uce,uce")
 
 
 def test_snapshot_rows_load_each_snapshot_file_of_a_finished_training():

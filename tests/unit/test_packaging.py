@@ -38,7 +38,8 @@ def test_comfyignore_ships_the_runtime_and_leaves_out_tests_benchmarks_ci_and_bu
     for f in files:
         if f.startswith(runtime) and not f.endswith("weights/samples.png"):
             assert f in shipped, f
-    for weights in ("memora/micro/weights/manifest.json", "memora/micro/weights/unet_unlearned.safetensors"):
+    for weights in ("memora/micro/weights/manifest.json", "memora/micro/weights/unet_original.safetensors",
+                    "memora/micro/weights/unet_esd_x.safetensors"):
         assert weights in shipped
     for prefix in ("tests/", "benchmarks/", ".ci/", "memora_build/", "docs/img/"):
         assert any(f.startswith(prefix) for f in left_out), prefix
