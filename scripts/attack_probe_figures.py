@@ -4,7 +4,7 @@ detector's star rate with k/n and its Wilson 95 % interval (memora/evaluation/st
 and seconds from each node's cost table.
 
     python scripts/attack_probe_figures.py [--images 32] [--inpaint-images 16] [--steps 20]
-        [--variants original,unlearned,never_learned]
+        [--variants original,esd_x,never_learned]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=32, help="images per row (concept vector, noise probe)")
     ap.add_argument("--inpaint-images", type=int, default=16, help="concept images the inpainting probe gets")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--variants", default="original,unlearned,never_learned")
+    ap.add_argument("--variants", default="original,esd_x,never_learned")
     args = ap.parse_args(argv)
     from memora.micro import world
 

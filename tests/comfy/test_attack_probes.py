@@ -11,7 +11,7 @@ import torch
 
 from graphs import Graph
 
-UNLEARNED = "unlearned"  # becomes "esd_x" with micro world v2
+UNLEARNED = "esd_x"  # the micro world's ESD-x model
 STAR = "a photo of a star"
 OTHERS = ("circle", "square", "triangle", "cross")
 STEPS = 20
