@@ -99,6 +99,8 @@ def test_textual_inversion_on_the_unlearned_model(comfy):
                 steps=TI_STEPS, learning_rate=TI_LR, batch_size=4, seed=0, save_name="memora_test/ti")
     stock = g.node("CLIPTextEncode", text=ti[1], clip=unlearned[1])
     plain = g.node("CLIPTextEncode", text=CONCEPT_PROMPT, clip=unlearned[1])
+    for sink in (stock, plain):  # the executor runs only what an output node needs
+        g.node("PreviewAny", source=sink[0])
     # the control: the same attack on the model that never saw a star
     never = g.node("MemoRaLoadMicroWorld", variant="never_learned")
     ti_never = g.node("MemoRaTextualInversion", model=never[0], clip=never[1], latents=concept[0],
@@ -158,6 +160,7 @@ def test_adversarial_prompt_lowers_the_denoising_loss(comfy):
                           prompt=CONCEPT_PROMPT, num_tokens=5, steps=AP_STEPS, mode=mode, learning_rate=1e-2,
                           seed=0) for mode in ("discrete", "continuous")}
     stock = g.node("CLIPTextEncode", text=nodes["discrete"][1], clip=unlearned[1])
+    g.node("PreviewAny", source=stock[0])
     g.node("PreviewAny", source=nodes["continuous"][1])
     res = comfy.run(g.prompt)
     assert res.success, res.error_message
@@ -167,7 +170,7 @@ def test_adversarial_prompt_lowers_the_denoising_loss(comfy):
         print(f"adversarial prompt ({mode}): loss {loss_plain:.4f} -> {loss_adv:.4f}; "
               f"{comfy.node_outputs(node.id)[1]!r}")
         assert got_mode == mode
-        # measured (discrete, 40 steps): 0.165 -> 0.147
+        # measured (30 steps): discrete 0.165 -> 0.146, continuous 0.165 -> 0.123
         assert loss_adv < 0.97 * loss_plain, (mode, loss_plain, loss_adv)
         cost = _cost(res, node, "MemoRa Adversarial Prompt")
         assert cost["attack"] == f"adversarial prompt ({mode})" and cost["knowledge"] == "weights+gradients"
