@@ -52,7 +52,9 @@ def _untouched(model, clip, variant: str) -> None:
         rest = k[len("cond_stage_model.transformer."):]
         for key in (f"clip_l.transformer.text_model.{rest}", f"clip_l.transformer.{rest}"):
             if key in csd:
-                assert torch.equal(csd[key].cpu().float(), v.float()), f"CLIP weight {key} changed"
+                # ComfyUI may keep the text encoder in another dtype than the file's (fp16 on 0.33's CPU path):
+                # the weight must be the file's, cast exactly as loading casts it
+                assert torch.equal(csd[key].cpu(), v.to(csd[key].dtype)), f"CLIP weight {key} changed"
                 compared += 1
     assert compared == len(text), (compared, len(text))
     for root in (model.model.diffusion_model, clip.cond_stage_model):
@@ -130,7 +132,7 @@ def test_textual_inversion_on_the_unlearned_model(comfy):
     print(f"textual inversion: loss plain prompt {loss_plain:.4f}, init word {loss_init:.4f}, learnt token "
           f"{loss_ti:.4f}")
     assert loss_learnt == pytest.approx(loss_ti, rel=1e-4) and steps == TI_STEPS
-    # measured (4 fixed draws per image): plain 0.175, init word 0.190, learnt 0.146
+    # measured (4 fixed draws per image): plain 0.165, init word 0.190, learnt 0.146
     assert loss_ti < 0.95 * loss_plain
     assert loss_ti < 0.95 * loss_init
 
