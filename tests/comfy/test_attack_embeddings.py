@@ -33,6 +33,8 @@ def _weights(variant: str) -> dict:
 
     from memora.micro import world
 
+    if variant in world.VARIANTS:  # a variant of the original stores only what its method changed
+        return world.unet_state_dict(variant, lambda path: load_file(str(path)))
     return load_file(str(world.weight_path(variant)))
 
 
@@ -207,13 +209,15 @@ def _refused(comfy, node_type: str, width: int = SIZE, **inputs) -> str:
 def test_bad_inputs_are_refused(comfy, node_type):
     import folder_paths
 
+    from memora.micro import world as micro_world
+
     before = sorted(p.name for p in __import__("pathlib").Path(folder_paths.get_folder_paths("embeddings")[0])
                     .rglob("*") if p.is_file())
     msg = _refused(comfy, node_type, steps=0)
     assert "steps is 0" in msg and "at least 1 optimisation step" in msg, msg
-    # 56 px -> 7 x 7 latents: the micro UNet halves the resolution once
     msg = _refused(comfy, node_type, width=56)
-    assert "latents are 7 x 7" in msg and "multiples of 2" in msg, msg
+    halvings = len(micro_world.UNET_CONFIG["channel_mult"]) - 1  # the UNet halves the latent this many times
+    assert "latents are 7 x 7" in msg and f"multiples of {2 ** halvings}" in msg, msg
     if node_type == "MemoRaTextualInversion":
         msg = _refused(comfy, node_type, token="star")
         assert "token 'star' already exists in the tokenizer's vocabulary" in msg, msg
