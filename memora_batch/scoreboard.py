@@ -350,3 +350,60 @@ def print_scoreboard(results_dir) -> None:
         print(f"  scoreboard: {path} (and scoreboard.csv, scoreboard.json; chart in report.html)")
     else:
         print("memora-batch scoreboard: no attack finished; see results.csv", file=sys.stderr)
+
+
+# -- the chart (report.html) -----------------------------------------------------------------------------------------
+def chart(rows: list[dict]):
+    """A matplotlib figure: one horizontal bar per (attack, model) with its rate and Wilson 95 % whiskers, the
+    no-attack rate as a dashed line, the knowledge tier and cost in each label; None without rates."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("n")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8.0, 0.42 * len(rows) + 1.4))
+    y = list(range(len(rows)))[::-1]
+    rates = [r["rate"] for r in rows]
+    err = [[r["rate"] - r["ci_low"] for r in rows], [r["ci_high"] - r["rate"] for r in rows]]
+    colors = ["#999999" if r["attack"] == A.BASELINE else "#c44e52" if r["model"] != TESTED else "#4c72b0"
+              for r in rows]
+    ax.barh(y, rates, xerr=err, capsize=3, color=colors)
+    labels = [f"{r['attack']}" + (f" [{r['model']}]" if r["model"] != TESTED else "")
+              + f"\n{r['knowledge']}; {r['forward_calls']} fwd, {r['seconds']:.0f} s" for r in rows]
+    ax.set_yticks(y, labels, fontsize=7)
+    base = next((r for r in rows if r["attack"] == A.BASELINE and r["model"] == TESTED), None)
+    if base is not None:
+        ax.axvline(base["rate"], color="#555555", linestyle="--", linewidth=1, label="no attack")
+        ax.legend(fontsize=7, loc="lower right")
+    for yi, r in zip(y, rows):
+        if r.get("fisher_p") is not None and r["fisher_p"] < 0.05:
+            ax.text(min(r["ci_high"] + 0.02, 0.98), yi, "*", va="center", fontsize=10)
+    ax.set_xlim(0, 1.05)
+    convs = sorted({str(r.get("convention")) for r in rows})
+    ax.set_xlabel(f"recovered rate ({', '.join(convs)}); whiskers: Wilson 95% interval; *: Fisher p < 0.05 vs no "
+                  f"attack", fontsize=8)
+    ax.set_title("Recovery attacks", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def html_section(results_dir) -> Optional[str]:
+    """report.html's scoreboard section (the chart and the table), when the folder holds scoreboard.json."""
+    import html as _html
+
+    path = Path(results_dir) / "scoreboard.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    from .report_html import _img, _png
+
+    rows = data.get("rows") or []
+    fig = chart(rows)
+    parts = ["<h2>Recovery attacks (scoreboard)</h2>"]
+    if fig is not None:
+        parts.append(_img(_png(fig), "scoreboard chart", "Recovered rate per attack with its Wilson 95% interval; "
+                                                          "dashed: the no-attack baseline (scoreboard.csv)."))
+    text = markdown(rows, [(s["attack"], s["why"]) for s in data.get("skipped") or []])
+    parts.append("<pre>" + _html.escape(text) + "</pre>")
+    return "\n".join(parts)
