@@ -84,6 +84,10 @@ def attack_rows(attack: A.Attack, args) -> tuple[list[dict], Optional[str]]:
             kept = caption(micro_concepts(args.variant)[1][0])
         if kept is not None:
             base[f"{A.TITLE_KEPT_PROMPT}.value"] = kept
+    if attack.name == "concept vector" and micro:  # the prompts without the concept: the kept concepts'
+        from memora.micro.data import caption
+
+        base[f"{A.TITLE_NEUTRAL_PROMPT}.value"] = caption(micro_concepts(args.variant)[1][0])
     if attack.multi:
         other = args.other_concept
         if other is None and micro:
