@@ -262,6 +262,8 @@ def _row(rec: dict, job, attack: A.Attack, detector: Optional[str]) -> dict:
     from .report import rate_of, similarity_of
 
     rate = rate_of(rec, "recovered", detector) or {}
+    if rate.get("n"):  # the interval from k and n (the node's table rounds its own)
+        rate = stats.rate_record(rate["k"], rate["n"], rate["convention"])
     sim = similarity_of(rec, "recovered") or {}
     row = {"attack": attack.name, "model": (rec.get("labels") or {}).get(LABEL_MODEL, TESTED), "job": rec["key"],
            "k": rate.get("k"), "n": rate.get("n"), "rate": rate.get("rate"), "ci_low": rate.get("ci_low"),
