@@ -10,9 +10,11 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import attack_probes, automemora, evaluation, grid, inversion, lora, merge, micro, scores, train, unlearned
+from . import attack_embeddings  # issue 21: textual inversion, adversarial prompt
 
 # the order ComfyUI registers them in (and lists them in its node menu)
 NODE_MODULES = (attack_probes, automemora, evaluation, grid, inversion, lora, merge, micro, scores, train, unlearned)
+NODE_MODULES += (attack_embeddings,)
 
 
 def node_classes() -> list[type[io.ComfyNode]]:

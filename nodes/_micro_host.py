@@ -24,6 +24,7 @@ import comfy.sd1_clip
 import comfy.supported_models
 import comfy.supported_models_base
 import comfy.utils
+import folder_paths
 
 from memora.micro import world
 
@@ -100,7 +101,8 @@ def build_clip(manifest: dict, clip_sd: dict):
     cfg = model_config(manifest)
     target = cfg.clip_target()
     sd = cfg.process_clip_state_dict(dict(clip_sd))
-    clip = comfy.sd.CLIP(target, embedding_directory=None, tokenizer_data=sd,
+    # ComfyUI's embeddings folder, as CheckpointLoaderSimple gives it: `embedding:<name>` works in prompts
+    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"), tokenizer_data=sd,
                          parameters=comfy.utils.calculate_parameters(sd))
     missing, unexpected = clip.load_sd(sd, full_model=True)
     missing = [k for k in missing if ".logit_scale" not in k and "text_projection" not in k]
