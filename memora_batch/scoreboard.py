@@ -84,6 +84,8 @@ def attack_rows(attack: A.Attack, args) -> tuple[list[dict], Optional[str]]:
             kept = caption(micro_concepts(args.variant)[1][0])
         if kept is not None:
             base[f"{A.TITLE_KEPT_PROMPT}.value"] = kept
+    if attack.name == "textual inversion" and micro:  # the token starts from a word the micro CLIP knows
+        base["Textual inversion.init_word"] = "shape"
     if attack.name == "concept vector" and micro:  # the prompts without the concept: the kept concepts'
         from memora.micro.data import caption
 
