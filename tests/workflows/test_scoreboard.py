@@ -95,6 +95,8 @@ def test_cost_columns_where_the_attack_ran_the_unet(board):
             assert r["forward_calls"] > 0 and r["backward_calls"] > 0 and r["seconds"] > 0, r
             assert r["concept_images"] == LORA_ATTACKS[r["attack"]]
             assert r["seconds_of"].startswith("attack nodes")
+        elif r["attack"] in ("textual inversion", "adversarial prompt"):  # optimised through the frozen UNet
+            assert r["forward_calls"] > 0 and r["backward_calls"] > 0 and r["concept_images"] == 6, r
         elif r["attack"] in ("noise-injection probe", "inpainting probe"):
             assert r["forward_calls"] > 0 and r["backward_calls"] == 0, r
         elif r["attack"] == A.BASELINE:
