@@ -95,7 +95,7 @@ def attack_rows(attack: A.Attack, args) -> tuple[list[dict], Optional[str]]:
         if other is None and micro:
             from memora.micro.data import caption
 
-            erased = micro_concepts(args.variant or "unlearned")[0]
+            erased = micro_concepts(args.variant)[0]
             other = caption(erased[1]) if len(erased) > 1 else None
         if other is None:
             return [], ("the model has one erased concept (Multi-MemoRa needs several: give --other-concept with "
