@@ -38,6 +38,19 @@ def _saved_values(ui: dict) -> dict:
             "links": [tuple(link) for link in ui["links"]]}
 
 
+def _newer_widgets_trimmed(built: dict, committed: dict) -> dict:
+    """``built`` with widgets a newer ComfyUI appended to a stock node (0.33's LoraModelLoader gained one) cut back
+    to the committed file's count when everything before them agrees (the generator sets no widget a stock node
+    gained later: they hold their defaults, which the editor also fills in for a missing trailing widget, so the
+    committed file means the same graph there)."""
+    out = json.loads(json.dumps(built))
+    for b, c in zip(out["nodes"], committed["nodes"]):
+        wb, wc = b.get("widgets_values") or [], c.get("widgets_values") or []
+        if not b["type"].startswith("MemoRa") and len(wb) > len(wc) and wb[:len(wc)] == wc:
+            b["widgets_values"] = wc
+    return out
+
+
 def test_committed_attack_workflows_match_their_generator(info, gen):
     built, missing = gen.installed(info)
     assert {"attack_baseline", "attack_direct_relearning", "attack_resurgence"} <= set(built)
@@ -46,7 +59,7 @@ def test_committed_attack_workflows_match_their_generator(info, gen):
         path = ROOT / "example_workflows" / f"{name}.json"
         assert path.is_file(), f"{path.name} missing: run python scripts/make_attack_workflows.py"
         committed = json.loads(path.read_text())
-        assert _saved_values(ui) == _saved_values(committed), \
+        assert _saved_values(_newer_widgets_trimmed(ui, committed)) == _saved_values(committed), \
             f"example_workflows/{name}.json is out of date: run python scripts/make_attack_workflows.py"
         assert not gen.mw.check_layout(committed), f"{name}: overlapping nodes"
     for line in missing:
