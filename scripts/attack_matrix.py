@@ -47,6 +47,15 @@ def run_variant(variant: str, out: Path, extra: list[str]) -> tuple[dict, float]
     return json.loads((out / "scoreboard.json").read_text(encoding="utf-8")), seconds
 
 
+def recorded(out: Path) -> tuple[dict, float]:
+    """(the scoreboard a run left in ``out``, the seconds its recorded jobs took)."""
+    path = out / "scoreboard.json"
+    if not path.is_file():
+        raise SystemExit(f"--render-only: no {path} (run the matrix first)")
+    jobs = [json.loads(x) for x in (out / "results.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    return json.loads(path.read_text(encoding="utf-8")), sum(float(j.get("seconds") or 0) for j in jobs)
+
+
 def _cell(row: dict) -> str:
     if not row.get("n"):
         return "-"
@@ -54,7 +63,7 @@ def _cell(row: dict) -> str:
     return f"{row['rate']:.2f}{star} ({row['k']}/{row['n']})"
 
 
-def matrix_markdown(boards: dict, seconds: dict) -> str:
+def matrix_markdown(boards: dict, seconds: dict, note: str = "") -> str:
     """The variants x attacks table (rate, * = Fisher p < 0.05 vs no attack, k/n), then the cost per attack."""
     cols = [(a.name, "unlearned") for a in A.ATTACKS] + [("direct relearning", CONTROL)]
     present = [c for c in cols if any((r["attack"], r["model"]) == c for b in boards.values() for r in b["rows"])]
@@ -78,6 +87,8 @@ def matrix_markdown(boards: dict, seconds: dict) -> str:
               f"CPU. Settings: {SETTINGS['eval_images']} evaluation images per model, {SETTINGS['eval_steps']} DDIM "
               "steps, the micro world's MemoRa recipe; rate: micro-top1 with k/n; *: one-sided Fisher p < 0.05 "
               "against the no-attack rate of the same variant."]
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -122,16 +133,25 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None, help="comma-separated micro-world variants (default: every erased one)")
     ap.add_argument("--out", default="memora-output/attack-matrix", help="results folders go under this folder")
     ap.add_argument("--attacks", default=None, help="passed to the scoreboard (default: all)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="run nothing: rewrite the docs from the scoreboards already in --out (wall time: the sum of "
+                         "the recorded jobs' seconds)")
     args = ap.parse_args(argv)
     variants = args.variants.split(",") if args.variants else erased_variants()
     extra = ["--attacks", args.attacks] if args.attacks else []
     boards, seconds = {}, {}
     for v in variants:
-        boards[v], seconds[v] = run_variant(v, Path(args.out) / v, extra)
+        out = Path(args.out) / v
+        if args.render_only:
+            boards[v], seconds[v] = recorded(out)
+        else:
+            boards[v], seconds[v] = run_variant(v, out, extra)
     atomic_write(DATA, json.dumps({"settings": SETTINGS, "control": CONTROL, "seconds": seconds,
                                    "variants": boards}, indent=2, default=str) + "\n", replace=True)
     write_chart(boards)
-    update_doc(matrix_markdown(boards, seconds))
+    note = ("Rendered with --render-only from the scoreboards in the results folders as they were: an attack missing "
+            "from the table had not finished (or was not installed) there." if args.render_only else "")
+    update_doc(matrix_markdown(boards, seconds, note))
     print(f"wrote {DATA}, {CHART} and the matrix of {DOC} ({sum(seconds.values()) / 60:.1f} min)")
     return 0
 
