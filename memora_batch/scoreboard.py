@@ -294,14 +294,6 @@ def scoreboard_rows(records: list[dict], jobs: dict, detector: Optional[str]) ->
     return rows
 
 
-def _fmt(v, digits=3) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
-    return str(v)
-
-
 def markdown(rows: list[dict], skipped: list, title: str = "Recovery attacks") -> str:
     """The scoreboard as a Markdown table (what docs/attacks.md's matrix and scoreboard.md show)."""
     head = ("| attack | model | knowledge | recovered rate (k/n, 95% CI) | convention | Fisher p vs no attack | "
