@@ -124,8 +124,11 @@ class MemoRaTextualInversion(_schema.MemoRaNode):
         prompt = _ti.fill_template(template, f"embedding:{name}")
         table_cost = _common.cost_table(TI_NAME, "textual inversion", _common.WEIGHTS_AND_GRADIENTS, counter,
                                         samples.shape[0], seconds)
-        table_loss = {"title": f"{TI_NAME}: loss", "columns": ["first_loss", "final_loss", "steps"],
-                      "rows": [[result.losses[0], result.losses[-1], len(result.losses)]]}
+        # the model's denoising loss on the images with the same fixed draws (not counted as attack cost)
+        loss_init = _th.recipe_loss(model, first, samples, seed=int(seed) % (2 ** 31))
+        loss_learnt = _th.recipe_loss(model, positive, samples, seed=int(seed) % (2 ** 31))
+        table_loss = {"title": f"{TI_NAME}: loss", "columns": ["loss_init_word", "loss_learnt", "steps"],
+                      "rows": [[loss_init, loss_learnt, len(result.losses)]]}
         return io.NodeOutput(positive, prompt, filename, ui=_host.publish_scores([table_cost, table_loss]))
 
 
