@@ -6,6 +6,7 @@
     memora-batch demo --original sd-v1-4.ckpt --unlearned esd-nudity.safetensors --concept "a photo of the nude person"
     memora-batch convert WORKFLOW.json [-o api.json]                   (UI -> API format)
     memora-batch rescore RESULTS_DIR --convention erasediff            (rates again under another convention)
+    memora-batch scoreboard --models micro --control never_learned     (every recovery attack: one table)
 
 See docs/batch.md."""
 
@@ -122,6 +123,31 @@ def _add_cluster(p: argparse.ArgumentParser):
                    help="local: run the shards as local processes (submitit's local executor), to try it out")
 
 
+def _add_scoreboard(p: argparse.ArgumentParser):
+    """memora-batch scoreboard's own options (docs/attacks.md)."""
+    p.add_argument("--attacks", default="all", metavar="A,B",
+                   help="which attacks (default all): no-attack, memora, automemora, multi-memora, direct-relearning, "
+                        "concept-resurgence, textual-inversion, adversarial-prompt, concept-vector, "
+                        "noise-injection-probe, inpainting-probe; the no-attack baseline always runs")
+    p.add_argument("--control", default=None, metavar="MODEL",
+                   help="the never-learned control for direct relearning: a micro-world variant with --models micro "
+                        "(e.g. never_learned), else a checkpoint for 'Unlearned model'")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="--models micro: the micro-world variant under test (default: the workflows' 'Unlearned "
+                        "model', the world's ESD-x model)")
+    p.add_argument("--kept-concept", default=None, metavar="TEXT",
+                   help="concept resurgence: the prompt of an unrelated concept the model kept (micro world: the "
+                        "first concept the variant did not erase)")
+    p.add_argument("--other-concept", default=None, metavar="TEXT",
+                   help="Multi-MemoRa: the prompt of another concept the model erased (micro world: from the "
+                        "variant; without one Multi-MemoRa is skipped, saying so)")
+    for name, what in (("eval-steps", "sampling steps of every evaluation (and of the probes)"),
+                       ("eval-images", "images per evaluated model (the n of each rate)"),
+                       ("train-steps", "LoRA updates of every MemoRa LoRA Train"),
+                       ("attack-steps", "optimisation steps of textual inversion and the adversarial prompt")):
+        p.add_argument(f"--{name}", type=_positive_int, default=None, metavar="N", help=what)
+
+
 def _number(text: str, kind, test, expected: str):
     try:
         value = kind(text)
@@ -176,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="MemoRa recovery end to end: the built-in micro world, or your models")
     _add_common(p_demo, workflow=False)
     p_demo.add_argument("--workflow", default=None, help="default: example_workflows/memora_recovery.json")
+    p_score = sub.add_parser("scoreboard", help="every recovery attack on one unlearned model and one concept: one "
+                                                "table (rate, interval, similarity, cost, knowledge; docs/attacks.md)")
+    _add_common(p_score, workflow=False)
+    _add_scoreboard(p_score)
     p_res = sub.add_parser("rescore", help="count every rate of a results folder again under another scoring "
                                            "convention, from the stored detections (no model runs)")
     p_res.add_argument("results", help="results folder of a memora-batch run (its --out)")
@@ -395,6 +425,25 @@ def cmd_demo(args) -> int:
     return 0 if summary.failed == 0 else EXIT_JOB_FAILED
 
 
+def cmd_scoreboard(args) -> int:
+    """Every attack of memora_batch/attacks.py on one unlearned model and one concept: scoreboard.csv / .json /
+    .md in the results folder and a chart in report.html (docs/attacks.md)."""
+    from .scoreboard import ScoreboardError, run_scoreboard
+
+    if args.variant and args.models != "micro":
+        raise ScoreboardError(f"--variant {args.variant!r} chooses a micro-world model: it needs --models micro")
+    if args.variant:
+        from memora.micro import world
+
+        world.check_variant(args.variant)
+    if args.models != "micro" and not args.original:
+        raise ScoreboardError("the attacks that need images of the concept (MemoRa, AutoMemoRa, direct relearning, "
+                              "textual inversion, adversarial prompt, inpainting probe) take them from the original "
+                              "model's seed images, and every attacked image is compared with the original's: give "
+                              "--original CKPT (the model before unlearning) with --unlearned, or --models micro")
+    return run_scoreboard(args, prepare, execute, _results_dir, pack_root())
+
+
 def _check_convert_output(args) -> None:
     """convert never writes over its input, nor over an existing file without --force (checked before converting)."""
     if not args.output:
@@ -444,7 +493,7 @@ def cmd_rescore(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "curve": cmd_curve, "demo": cmd_demo, "convert": cmd_convert,
-               "rescore": cmd_rescore}[args.command]
+               "rescore": cmd_rescore, "scoreboard": cmd_scoreboard}[args.command]
     from .backend import BackendFailed
     from .results import ResultsError
     from .server_client import AllServersFailed, ServerUnreachable

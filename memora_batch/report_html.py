@@ -260,6 +260,11 @@ def write_html_report(results_dir: "str | Path", title: str, detector: Optional[
         b64 = recovery_curve([j.record for j in jobs], detector, curve)
         if b64:
             parts.append("<h2>Recovery curve</h2>" + _img(b64, "recovery curve", verdict or "recovery curve"))
+    from .scoreboard import html_section
+
+    board = html_section(results_dir)  # memora-batch scoreboard's chart and table
+    if board:
+        parts.append(board)
     bars = rate_bars(jobs)
     if bars:
         counted = all("n" in r for j in jobs for r in j.rates.values() if r)

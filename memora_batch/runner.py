@@ -339,6 +339,41 @@ class _Progress:
             self.bar = None
 
 
+class NodeClock:
+    """Seconds each node of the running job took, from the executor's 'executing' events (a node runs from its event
+    to the next one; a cached node sends none and costs nothing here). Read and reset by :meth:`take` when the job
+    ends: a record's ``node_seconds`` ({node title: seconds}) and ``cached_nodes`` (titles of the nodes an earlier
+    job computed), where the backend sends node events (embedded runs)."""
+
+    def __init__(self):
+        self.current: Optional[str] = None
+        self.since = 0.0
+        self.seconds: dict[str, float] = {}
+        self.cached: set[str] = set()
+
+    def _stop(self, now: float) -> None:
+        if self.current is not None:
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+        self.current = None
+
+    def event(self, event: str, data: Any) -> None:
+        now = time.monotonic()
+        if event == "executing":
+            self._stop(now)
+            node = data.get("node") if isinstance(data, dict) else None
+            self.current, self.since = (str(node) if node is not None else None), now
+        elif event == "execution_cached" and isinstance(data, dict):
+            self.cached.update(str(n) for n in data.get("nodes") or [])
+        elif event in ("execution_success", "execution_error", "execution_interrupted"):
+            self._stop(now)
+
+    def take(self) -> tuple[dict[str, float], set[str]]:
+        """({node id: seconds}, the ids of the nodes whose outputs came from the cache) of the job that ended."""
+        self._stop(time.monotonic())
+        out, cached, self.seconds, self.cached = self.seconds, self.cached, {}, set()
+        return out, cached
+
+
 @contextlib.contextmanager
 def comfyui_log(backend: Backend, results_dir: "str | Path"):
     """Embedded runs: while the block runs, ComfyUI's own output (its logging, prints and per-sampling progress
@@ -386,12 +421,21 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
     summary = Summary(total=len(plan.jobs), skipped=len(plan.jobs) - len(todo))
 
     bar = _Progress(len(plan.jobs), summary.skipped, progress, nodes=backend.node_events)
+    clock = NodeClock()
 
     def prompt_of(job: Job) -> dict:
         return prefix_outputs(job.api, f"{prefix}/{job.key}") if prefix else job.api
 
     def done(job: Job, result: RunResult, seconds: float, started: str):
         rec = _record(plan, job, result, backend, seconds, started)
+        if backend.node_events:
+            by_title: dict[str, float] = {}
+            seconds, cached = clock.take()
+            for nid, t in seconds.items():  # nodes sharing a title: their sum
+                title = job.titles.get(nid, nid)
+                by_title[title] = by_title.get(title, 0.0) + t
+            rec["node_seconds"] = {t: round(v, 3) for t, v in by_title.items()}
+            rec["cached_nodes"] = sorted({job.titles.get(nid, nid) for nid in cached})
         store.append(rec)
         summary.count(rec)
         bar.update(rec)
@@ -399,7 +443,10 @@ def _run_locked(plan: Plan, backend: Backend, results_dir: "str | Path", retry_f
             on_record(rec)
 
     if backend.node_events:
-        backend.listen(bar.event)
+        def listener(event: str, data: Any):
+            clock.event(event, data)
+            bar.event(event, data)
+        backend.listen(listener)
     try:
         summary.not_run = len(backend.run_all(todo, prompt_of, done, job_timeout=job_timeout, on_start=bar.start))
     finally:
