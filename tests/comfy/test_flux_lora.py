@@ -71,7 +71,7 @@ def _velocity(model, x, sigma: float, cond) -> torch.Tensor:
 def flux(comfy, comfy_base):
     import tiny_flux
 
-    files = {v: tiny_flux.install_tiny_flux(comfy_base, v) for v in tiny_flux.VARIANTS}
+    files = {"dev": tiny_flux.install_tiny_flux(comfy_base, "dev")}
     model = tiny_flux.load_tiny_flux("dev")
     cond = tiny_flux.tiny_flux_conditioning(guidance=3.5)
     latents = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -220,3 +220,164 @@ def test_saved_file_loads_every_key_in_diffusers(flux, trained):
         delta = transformer.get_submodule(m).base_layer.weight.detach() - before[m] if hasattr(
             transformer.get_submodule(m), "base_layer") else transformer.get_submodule(m).weight.detach() - before[m]
         assert torch.allclose(delta, layer.delta(), atol=1e-6), m
+
+
+# -- random Flux LoRAs (EraseAnything ships diffusers-format Flux LoRAs like these) ---------------------------------
+def _random_flux_lora(seed: int, rank: int = 2, magnitude: float = 0.3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for module, (out, inn) in sorted(FX.block_module_shapes(128, 2, 2).items()):
+        if FX.is_target(module, "attention"):
+            layers[module] = formats.LoraLayer(down=torch.randn(rank, inn, generator=g) / inn ** 0.5,
+                                               up=torch.randn(out, rank, generator=g) * magnitude, alpha=float(rank))
+    return FX.to_diffusers(layers)
+
+
+def _sd_lora(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A kohya SD1.x LoRA (attention of the first down block; cross-attention width 768)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for proj, inn in (("attn2_to_k", 768), ("attn2_to_v", 768), ("attn1_to_q", 320)):
+        name = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_{proj}"
+        sd[f"{name}.lora_down.weight"] = torch.randn(4, inn, generator=g)
+        sd[f"{name}.lora_up.weight"] = torch.randn(320, 4, generator=g)
+        sd[f"{name}.alpha"] = torch.tensor(4.0)
+    return sd
+
+
+def _unlearned(comfy_base, flux, name: str, sd: dict, strength: float = 1.0):
+    import folder_paths
+
+    folder = Path(comfy_base) / "models" / "unlearned"
+    folder.mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path("unlearned", str(folder), is_default=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / name))
+    with torch.inference_mode():
+        out = _node("MemoRaLoadUnlearnedModel").execute(flux["files"]["dev"]["checkpoint"], f"unlearned/{name}",
+                                                       strength)
+    return out.result if hasattr(out, "result") else out
+
+
+def test_unlearned_loader_applies_an_erase_anything_style_flux_lora(comfy, comfy_base, flux):
+    lh = _pack("_lora_host")
+    lora = _random_flux_lora(11)
+    model, clip, vae, report = _unlearned(comfy_base, flux, "ea_flux_lora.safetensors", lora)
+    assert "format detected: lora" in report
+    assert f"CHANGED by LoRA: {TINY_ATTENTION_LAYERS} of {TINY_ATTENTION_LAYERS} layers matched, " \
+           f"{TINY_ATTENTION_WEIGHTS} weights patched" in report, report
+    expected, _rep = lh.apply_lora(flux["model"], lora)
+    a, b = _velocity(model, flux["x"], 0.6, flux["cond"]), _velocity(expected, flux["x"], 0.6, flux["cond"])
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, _velocity(flux["model"], flux["x"], 0.6,
+                                                                              flux["cond"]), atol=1e-3)
+
+
+def test_unlearned_loader_merges_uce_flux_style_projection_weights(comfy, comfy_base, flux):
+    """A partial diffusers-keyed Flux file holding edited text-stream key / value projections (what UCE-Flux edits)
+    replaces exactly those rows of ComfyUI's fused txt_attn.qkv weights and nothing else."""
+    base = {k: v.clone() for k, v in flux["model"].model.diffusion_model.state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    edited = {f"transformer.transformer_blocks.{i}.attn.{p}.weight": torch.randn(128, 128, generator=g) * 0.05
+              for i in range(2) for p in ("add_k_proj", "add_v_proj")}
+    model, _clip, _vae, report = _unlearned(comfy_base, flux, "uce_flux.safetensors", edited)
+    assert "format detected: flux_transformer" in report and "unet (partial: merged onto the base): 4 tensors " \
+           "matched, 0 unexpected" in report, report
+    assert "unet CHANGED: 4 of 4 set tensors differ" in report
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])
+    patched = model.model.diffusion_model.state_dict()
+    for k, v in base.items():
+        if k.endswith("txt_attn.qkv.weight"):
+            i = int(k.split(".")[1])
+            want = v.clone()
+            want[128:256] = edited[f"transformer.transformer_blocks.{i}.attn.add_k_proj.weight"]
+            want[256:384] = edited[f"transformer.transformer_blocks.{i}.attn.add_v_proj.weight"]
+            assert torch.equal(patched[k], want), k
+        else:
+            assert torch.equal(patched[k], v), k
+    comfy.model_management.unload_all_models()
+
+
+def test_unlearned_loader_refuses_an_sd_lora_on_flux(comfy, comfy_base, flux):
+    import memora.zoo  # noqa: F401  (the pack's own copy raises; compare by message)
+
+    with pytest.raises(ValueError) as e:
+        _unlearned(comfy_base, flux, "sd_lora.safetensors", _sd_lora())
+    msg = str(e.value)
+    assert "match no weight" in msg and "SD1.x (cross-attention width 768)" in msg and "Flux dev" in msg, msg
+
+
+# -- AutoMemoRa and Multi-LoRA Merge -------------------------------------------------------------------------------
+def _guided_velocity(guider_node_out, x, sigma: float) -> torch.Tensor:
+    guider = guider_node_out[0]
+    out = {}
+    import comfy.samplers
+
+    class _Probe(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                   disable_pbar=False):
+            out["v"] = (x - model_wrap(x, torch.full((x.shape[0],), sigma), **extra_args)) / sigma
+            return torch.zeros_like(x)
+
+    with torch.inference_mode():
+        guider.sample(torch.zeros_like(x), x, _Probe(), torch.tensor([sigma, 0.0]), seed=0, disable_pbar=True)
+    return out["v"]
+
+
+def _auto(flux, lora, w: float):
+    with torch.inference_mode():
+        out = _node("MemoRaAutoGuider").execute(flux["model"], lora, flux["cond"], flux["cond"], 1.0, w, "lora")
+    return out.result if hasattr(out, "result") else out
+
+
+def test_automemora_identities_on_flux(flux):
+    lh = _pack("_lora_host")
+    lora = _random_flux_lora(21)
+    x = flux["x"]
+    plain, _ = lh.apply_lora(flux["model"], lora)
+    v_lora, v_base = _velocity(plain, x, 0.6, flux["cond"]), _velocity(flux["model"], x, 0.6, flux["cond"])
+    assert torch.allclose(_guided_velocity(_auto(flux, lora, 1.0), x, 0.6), v_lora, atol=1e-5)
+    assert torch.allclose(_guided_velocity(_auto(flux, lora, 0.0), x, 0.6), v_base, atol=1e-5)
+    v2 = _guided_velocity(_auto(flux, lora, 2.0), x, 0.6)
+    assert torch.allclose(v2, v_base + 2.0 * (v_lora - v_base), atol=1e-4)
+    with pytest.raises(ValueError, match="SD1.x"):
+        _auto(flux, _sd_lora(), 1.0)
+
+
+def _merge(*loras, method="concat", weights=None):
+    weights = weights or [1.0] * len(loras)
+    kw = {}
+    for i, (sd, w) in enumerate(zip(loras, weights), 1):
+        kw[f"lora_{i}"], kw[f"weight_{i}"] = sd, w
+    lora_1, weight_1 = kw.pop("lora_1"), kw.pop("weight_1")
+    out = _node("MemoRaMultiLoRAMerge").execute(lora_1, weight_1, method, 0, 0.5, 0, "", **kw)
+    return out.result if hasattr(out, "result") else out
+
+
+def test_concat_merge_of_flux_loras_equals_stacking_both(flux):
+    lh = _pack("_lora_host")
+    a, b = _random_flux_lora(31), _random_flux_lora(32, rank=3)
+    merged = _merge(a, b, weights=[1.0, 0.5])[0]
+    assert FX.is_flux_lora(merged) and all(k.startswith("transformer.") for k in merged)
+    stacked, _ = lh.apply_lora(lh.apply_lora(flux["model"], a)[0], b, 0.5)
+    one, rep = lh.apply_lora(flux["model"], merged)
+    assert len(rep.patched) == TINY_ATTENTION_WEIGHTS
+    x = flux["x"]
+    assert torch.allclose(_velocity(one, x, 0.6, flux["cond"]), _velocity(stacked, x, 0.6, flux["cond"]), atol=1e-5)
+    # weight 1 of one LoRA is that LoRA
+    alone = _merge(a)[0]
+    assert torch.allclose(_velocity(lh.apply_lora(flux["model"], alone)[0], x, 0.6, flux["cond"]),
+                          _velocity(lh.apply_lora(flux["model"], a)[0], x, 0.6, flux["cond"]), atol=1e-5)
+
+
+def test_merging_flux_and_sd_loras_is_refused():
+    with pytest.raises(ValueError, match=r"cannot merge Flux LoRAs \(lora_1\) with LoRAs for another architecture "
+                                         r"\(lora_2"):
+        _merge(_random_flux_lora(1), _sd_lora())
+
+
+def test_a_flux_lora_on_an_sd_model_is_refused_naming_both(loaded_tiny):
+    lh = _pack("_lora_host")
+    with pytest.raises(ValueError) as e:
+        lh.apply_lora(loaded_tiny[0], _random_flux_lora(2))
+    assert "Flux (hidden size 128)" in str(e.value) and "SD1.x" in str(e.value), str(e.value)
