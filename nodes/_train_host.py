@@ -21,6 +21,7 @@ model patches and wrappers all come from ComfyUI, and EPS / v-prediction handlin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -138,6 +139,24 @@ def remove_training_wrappers(diffusion_model) -> int:
     return removed
 
 
+@contextlib.contextmanager
+def comfy_training_mode():
+    """ComfyUI's own training flag (``comfy.model_management.in_training``, 0.33+; what its TrainLoraNode sets) for
+    the duration of the block: models then use their differentiable code paths (Flux's rotary embedding in torch
+    instead of comfy_kitchen's kernel, which has no backward). Restored in a ``finally``; no-op where ComfyUI has no
+    such flag."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    previous = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = previous
+
+
 def flux_blocks(patcher) -> list:
     """The blocks of a Flux MODEL (double and single), which add to their input in place after saving it for the
     backward pass: training runs them with ``memora.lora.checkpointing.out_of_place_forward``. [] for other
@@ -173,7 +192,7 @@ def train_on_model(model, positive, samples: torch.Tensor, recipe: _recipe.LoRAR
     patcher = None
     state: dict = {}
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
             latents = model.model.process_latent_in(samples.detach().clone().to(torch.float32))
             cond = _conditioning.clone_tree(positive)
             generator = torch.Generator().manual_seed(int(recipe.seed))
