@@ -118,14 +118,14 @@ def is_flux_module(module: str) -> bool:
     return bool(m) and m.group(3) in _LEAVES
 
 
-def flux_layers(sd: Mapping[str, torch.Tensor]) -> dict[str, LoraLayer]:
+def flux_layers(sd: Mapping[str, torch.Tensor], alpha=None) -> dict[str, LoraLayer]:
     """{diffusers module path: LoraLayer} of a Flux LoRA in diffusers/PEFT keys (``transformer.<module>.lora_A`` /
     ``lora_B``, with or without the ``transformer.`` prefix, optional ``.alpha``) or kohya keys naming diffusers
     modules (``lora_unet_`` / ``lora_transformer_`` / ``lycoris_`` + underscored path). LoraFormatError naming the
-    keys that are neither."""
+    keys that are neither. ``alpha``: for PEFT files, which carry none (see ``formats.to_kohya``)."""
     from .formats import to_kohya
 
-    kohya = to_kohya(dict(sd))
+    kohya = to_kohya(dict(sd), alpha=alpha)
     out: dict[str, LoraLayer] = {}
     unknown = []
     for name, layer in kohya_layers(kohya).items():

@@ -381,3 +381,31 @@ def test_a_flux_lora_on_an_sd_model_is_refused_naming_both(loaded_tiny):
     with pytest.raises(ValueError) as e:
         lh.apply_lora(loaded_tiny[0], _random_flux_lora(2))
     assert "Flux (hidden size 128)" in str(e.value) and "SD1.x" in str(e.value), str(e.value)
+
+
+def test_saved_file_metadata_names_the_flux_format_and_objective(trained):
+    from safetensors import safe_open
+
+    with safe_open(str(_pack("_lora_host").loras_root() / _lora_name(trained)), "pt") as f:
+        meta = f.metadata()
+    assert meta["memora.format"] == "diffusers-flux" and meta["memora.prediction_type"] == "flow"
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["memora.layers"] == str(TINY_ATTENTION_LAYERS)
+    assert meta["memora.trainable_parameters"] == str(TINY_ATTENTION_LAYERS * 4 * (128 + 128))
+    assert "ss_network_module" not in meta
+
+
+def test_load_and_save_lora_nodes_keep_flux_keys(comfy, flux, trained):
+    """MemoRa Load LoRA on the trained file (model connected) gives the Flux LORA_MODEL back; MemoRa Save LoRA writes
+    it in Flux keys that load with every key."""
+    lh = _pack("_lora_host")
+    out = _node("MemoRaLoadLoRA").execute(_lora_name(trained), flux["model"])
+    out = out.result if hasattr(out, "result") else out
+    lora = out[0]
+    assert set(lora) == set(trained["out"][1])
+    assert all(torch.allclose(lora[k], trained["out"][1][k]) for k in lora)
+    saved = _node("MemoRaSaveLoRA").execute(lora, "memora_test/flux_resaved")
+    saved = saved.result if hasattr(saved, "result") else saved
+    file_sd = load_file(str(lh.loras_root() / saved[0]))
+    assert set(file_sd) == set(lora)
+    _model, rep = lh.apply_lora(flux["model"], file_sd)
+    assert len(rep.patched) == TINY_ATTENTION_WEIGHTS and not rep.unmatched
