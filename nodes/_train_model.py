@@ -30,14 +30,17 @@ def prediction_type(model) -> str:
     "v_prediction" for discrete-timestep models (SD1.x, SD2.x, SDXL ...); the pack's one model-kind check
     (``_host.check_model_kind``) refuses every other sampling type, naming it. Flow models other than Flux (SD3,
     ...) are refused: their layers are not the ones this pack knows how to name in a file."""
-    if is_flow(model):
-        if not _lora_host.is_flux(model):
-            raise _host.UnsupportedModelError(
-                f"MemoRa LoRA training supports flow-matching models of the Flux family only (comfy.model_base.Flux: "
-                f"Flux dev, schnell); this model is {type(model.model).__name__} "
-                f"({_host.describe_sampling(model)}), whose LoRA layers the pack cannot name in a Flux file")
+    if is_flow(model) and _lora_host.is_flux(model):
         return _flow.FLOW
-    kind = _host.check_model_kind(model, "MemoRa LoRA training")
+    try:
+        kind = _host.check_model_kind(model, "MemoRa LoRA training")
+    except _host.UnsupportedModelError as e:
+        if not is_flow(model):
+            raise
+        raise _host.UnsupportedModelError(
+            f"{e} Flow-matching training is implemented for Flux-family models only (comfy.model_base.Flux: Flux "
+            f"dev, schnell); this model is {type(model.model).__name__}, whose layers the pack cannot name in a Flux "
+            f"LoRA file.") from e
     return {_host.EPSILON: _train.EPSILON, _host.V_PREDICTION: _train.V_PREDICTION}[kind]
 
 

@@ -202,7 +202,8 @@ def test_saved_file_loads_every_key_in_diffusers(flux, trained):
     """diffusers' Flux LoRA reader (FluxPipeline.lora_state_dict) and loader (load_lora_into_transformer) on a tiny
     FluxTransformer2DModel: every LoRA layer lands on its module, and fusing adds exactly the LoRA's delta."""
     import tiny_flux
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin as FluxPipeline  # FluxPipeline's LoRA loader
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
     path = _pack("_lora_host").loras_root() / _lora_name(trained)
     layers = FX.flux_layers(trained["out"][1])
@@ -409,3 +410,36 @@ def test_load_and_save_lora_nodes_keep_flux_keys(comfy, flux, trained):
     assert set(file_sd) == set(lora)
     _model, rep = lh.apply_lora(flux["model"], file_sd)
     assert len(rep.patched) == TINY_ATTENTION_WEIGHTS and not rep.unmatched
+
+
+def test_gradient_checkpointing_gives_the_same_lora(flux):
+    """Flux blocks recomputed in the backward pass (and run with out-of-place adds) give the LoRA of a plain run."""
+    runs = []
+    for ckpt in (False, True):
+        with torch.inference_mode():
+            out = _node("MemoRaLoRATrain").execute(flux["model"], {"samples": flux["latents"]}, flux["cond"],
+                                                   **_train_inputs(steps=2, gradient_checkpointing=ckpt, save_name=""))
+        runs.append((out.result if hasattr(out, "result") else out)[1])
+    assert set(runs[0]) == set(runs[1])
+    assert any(float(v.abs().max()) > 0 for k, v in runs[0].items() if "lora_B" in k)
+    for k in runs[0]:
+        assert torch.allclose(runs[0][k], runs[1][k], atol=1e-5), k
+
+
+def test_a_non_flux_flow_model_is_refused_by_training(loaded_tiny):
+    """An SD UNet sampled as a discrete flow (ModelSamplingSD3-style): a flow model, but not one whose layers the
+    pack can write as a Flux LoRA."""
+    import comfy.model_sampling as ms
+
+    class _Flow(ms.ModelSamplingDiscreteFlow, ms.CONST):
+        pass
+
+    model = loaded_tiny[0].clone()
+    model.add_object_patch("model_sampling", _Flow(model.model.model_config))
+    latents = {"samples": torch.randn(1, 4, 8, 8)}
+    import tiny_models  # noqa: F401
+
+    clip = loaded_tiny[1]
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo"))
+    with pytest.raises(ValueError, match=r"does not support this model.*implemented for Flux-family models only"):
+        _node("MemoRaLoRATrain").execute(model, latents, cond, **_train_inputs(save_name=""))
