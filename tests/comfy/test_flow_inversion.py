@@ -5,7 +5,8 @@ ComfyUI's own loaders, text encoders, FluxGuidance, model sampling (with its shi
 - the stock SamplerCustomAdvanced (euler, DisableNoise, BasicScheduler 'simple' split at start_at_step by
   SplitSigmas) and KSamplerAdvanced (euler / simple, add_noise disable) continue the inverted latent exactly as MemoRa
   Flow Regenerate does: Flux dev with its distilled guidance (FluxGuidance, one call per step), Flux dev with true
-  CFG under the stock ModelSamplingFlux node (another shift), Flux schnell (discrete flow, shift 1);
+  CFG under the stock ModelSamplingFlux node (another shift), Flux schnell (discrete flow, shift 1), and discrete
+  flow with SD3's shift 3 (the stock ModelSamplingSD3 node);
 - ComfyUI's sigma ladder is memora.flow's shifted ladder (so the maths in docs/flux.md is what runs);
 - bad input gets specific errors, before anything runs."""
 
@@ -45,10 +46,15 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-CASES = {  # name: (variant, cfg, true_cfg, FluxGuidance value or None, ModelSamplingFlux node, all checks)
-    "dev_distilled": ("dev", 1.0, False, 3.5, False, True),
-    "dev_true_cfg_shift_node": ("dev", 2.5, True, 1.0, True, False),
-    "schnell": ("schnell", 1.0, False, None, False, True),
+#: the stock nodes that re-shift a model's schedule: ModelSamplingFlux (Flux's shift from the image size) and
+#: ModelSamplingSD3 (discrete flow, SD3's time shift 3 and timestep multiplier 1000, on the dev transformer here)
+SHIFT_NODES = {"flux": ("ModelSamplingFlux", dict(max_shift=2.0, base_shift=0.5, width=64, height=64)),
+               "sd3": ("ModelSamplingSD3", dict(shift=3.0))}
+CASES = {  # name: (variant, cfg, true_cfg, FluxGuidance value or None, shift node or None, all checks)
+    "dev_distilled": ("dev", 1.0, False, 3.5, None, True),
+    "dev_true_cfg_shift_node": ("dev", 2.5, True, 1.0, "flux", False),
+    "schnell": ("schnell", 1.0, False, None, None, True),
+    "dev_discrete_flow_shift3": ("dev", 1.0, False, 3.5, "sd3", False),
 }
 
 
@@ -58,7 +64,8 @@ def _graph(flux, comfy_base, case):
     ck = g.node("CheckpointLoaderSimple", ckpt_name=flux["files"][variant]["checkpoint"])
     model = ck[0]
     if shift_node:
-        model = g.node("ModelSamplingFlux", model=ck[0], max_shift=2.0, base_shift=0.5, width=64, height=64)[0]
+        node_type, settings = SHIFT_NODES[shift_node]
+        model = g.node(node_type, model=ck[0], **settings)[0]
     pos = g.node("CLIPTextEncode", clip=ck[1], text=PROMPT)[0]
     if guidance is not None:
         pos = g.node("FluxGuidance", conditioning=pos, guidance=guidance)[0]
@@ -101,7 +108,8 @@ def test_refined_inversion_reconstructs_and_stock_euler_continues_it(comfy, flux
     err0 = _rel(got["regenerated_unrefined"], x0) if "regenerated_unrefined" in got else float("nan")
     stock_keys = [k for k in ("stock", "ksampler_advanced") if k in got]
     diffs = {k: float((got[k] - got["regenerated"]).abs().max() / x0.abs().max()) for k in stock_keys}
-    print(f"{case}: reconstruction rel. error refine 0 {err0:.2e}, refine {REFINE} {err:.2e}; stock vs Regenerate "
+    plain = f"refine 0 {err0:.2e}, " if "regenerated_unrefined" in got else ""
+    print(f"{case}: reconstruction rel. error {plain}refine {REFINE} {err:.2e}; stock vs Regenerate "
           + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     assert err <= 1e-5
     if "regenerated_unrefined" in got:
