@@ -91,7 +91,7 @@ def check_flux_conditioning(model, kind: str, conditioning: Any, what: str, name
 def check_cfg(kind: str, cfg: float, true_cfg: bool, negative: Any, what: str) -> None:
     """Flux was distilled to run without a CFG pair (dev: the guidance embedder carries the guidance; schnell: 1-4
     steps at cfg 1): cfg != 1 on Flux is true CFG, which must be asked for explicitly; true CFG needs a negative,
-    and at cfg 1 it would do nothing (ComfyUI skips the negative there)."""
+    and at cfg 1 true_cfg, or a connected negative, would do nothing (ComfyUI skips the negative there)."""
     flux = kind in (FLUX_DEV, FLUX_SCHNELL)
     if flux and abs(cfg - 1.0) > 1e-9 and not true_cfg:
         guidance = ("set the guidance with FluxGuidance on the positive conditioning instead (Flux dev's distilled "
@@ -103,6 +103,9 @@ def check_cfg(kind: str, cfg: float, true_cfg: bool, negative: Any, what: str) -
     if true_cfg and abs(cfg - 1.0) <= 1e-9:
         raise ValueError(f"{what}: true_cfg is on but cfg is 1, where ComfyUI never evaluates the negative: set cfg "
                          f"above 1 for true CFG, or turn true_cfg off.")
+    if abs(cfg - 1.0) <= 1e-9 and negative is not None:
+        raise ValueError(f"{what}: a negative conditioning is connected but cfg is 1, where ComfyUI never evaluates "
+                         f"it (it would be silently ignored): disconnect it, or use true CFG (true_cfg on, cfg > 1).")
     if abs(cfg - 1.0) > 1e-9 and negative is None:
         raise ValueError(f"{what}: cfg {cfg:g} needs the negative conditioning (classifier-free guidance is "
                          f"uncond + cfg (cond - uncond)); connect it, or use cfg 1.")

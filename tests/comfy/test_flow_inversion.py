@@ -185,6 +185,8 @@ def test_bad_input_is_refused_with_specific_errors(comfy, flux, loaded_tiny):
             _call(node, dev, guided, latent, neg=pos, cfg=3.0)
         with pytest.raises(ValueError, match="true_cfg is on but cfg is 1"):
             _call(node, dev, guided, latent, neg=pos, true_cfg=True)
+        with pytest.raises(ValueError, match="a negative conditioning is connected but cfg is 1"):
+            _call(node, dev, guided, latent, neg=pos)
         with pytest.raises(ValueError, match="cfg 2.5 needs the negative conditioning"):
             _call(node, dev, guided, latent, cfg=2.5, true_cfg=True)
         # a dev-only option on schnell: FluxGuidance's distilled guidance
