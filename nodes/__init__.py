@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import automemora, evaluation, grid, inversion, lora, merge, micro, scores, train, unlearned
+from . import automemora, evaluation, flow, grid, inversion, lora, merge, micro, scores, train, unlearned
 
 # the order ComfyUI registers them in (and lists them in its node menu)
-NODE_MODULES = (automemora, evaluation, grid, inversion, lora, merge, micro, scores, train, unlearned)
+NODE_MODULES = (automemora, evaluation, flow, grid, inversion, lora, merge, micro, scores, train, unlearned)
 
 
 def node_classes() -> list[type[io.ComfyNode]]:

@@ -57,3 +57,19 @@ def test_stock_loaders_give_flux(comfy, flux_files, variant):
     image = vae.decode(torch.randn(1, 16, 8, 8))
     assert image.shape[-1] == 3 and image.shape[1] == 64
     assert vae.encode(image).shape == (1, 16, 8, 8)
+
+
+def test_load_tiny_flux_gives_the_same_flux_models(comfy, tmp_path):
+    """load_tiny_flux (what other tests use without the executor) is ComfyUI's load_diffusion_model of the file."""
+    import comfy.model_base
+    import tiny_flux
+
+    dev, schnell = (tiny_flux.load_tiny_flux(v, tmp_path) for v in ("dev", "schnell"))
+    assert dev.model.model_type == comfy.model_base.ModelType.FLUX
+    assert schnell.model.model_type == comfy.model_base.ModelType.FLOW
+    assert next(dev.model.diffusion_model.parameters()).dtype == torch.float32
+    a, b = dev.model.diffusion_model.state_dict(), schnell.model.diffusion_model.state_dict()
+    assert set(a) - set(b) == {k for k in a if k.startswith("guidance_in.")} != set()
+    assert all(torch.equal(a[k], b[k]) for k in b)  # one seed: dev and schnell differ only by the guidance embedder
+    assert tiny_flux.diffusers_config("dev")["guidance_embeds"] and not tiny_flux.diffusers_config("schnell")[
+        "guidance_embeds"]

@@ -34,6 +34,13 @@ DIFFUSERS_CONFIG = dict(  # the same transformer in diffusers' FluxTransformer2D
 )
 
 
+def diffusers_config(variant: str = "dev") -> dict:
+    """FluxTransformer2DModel's config for the tiny model (every diffusers key maps, by comfy.utils.flux_to_diffusers,
+    onto a ComfyUI key of the same shape: checked on both ComfyUI versions when this was written)."""
+    _check_variant(variant)
+    return dict(DIFFUSERS_CONFIG, guidance_embeds=variant == "dev")
+
+
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny Flux variant {variant!r}; expected one of {VARIANTS}")
