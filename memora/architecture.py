@@ -34,12 +34,33 @@ def context_width(shapes: Mapping[str, tuple]) -> Optional[int]:
     return max(seen, key=lambda w: (seen[w], w)) if seen else None
 
 
+# Flux transformers, in diffusers' names (transformer_blocks.N.attn.add_q_proj, single_transformer_blocks.N...) or
+# BFL's / ComfyUI's (double_blocks.N.img_attn.qkv, single_blocks.N.linear1), any LoRA spelling.
+_FLUX = re.compile(r"(^|[._])(single_transformer_blocks[._]\d+[._]|double_blocks[._]\d+[._]|single_blocks[._]\d+[._]"
+                   r"|transformer_blocks[._]\d+[._]attn[._](add_[qkv]_proj|to_add_out))")
+_FLUX_HIDDEN = re.compile(r"(to_[qkv]|add_[qkv]_proj|img_attn[._]proj|txt_attn[._]proj)")
+
+
+def flux_architecture(shapes: Mapping[str, tuple]) -> Optional[str]:
+    """'Flux (hidden size 3072)' when a file's tensors name Flux transformer blocks (hidden size: the in-features of
+    an attention projection, or its LoRA down factor, when the file tells); None otherwise."""
+    keys = [k for k in shapes if _FLUX.search(k)]
+    if not keys:
+        return None
+    widths = sorted({int(s[1]) for k, s in shapes.items() if _FLUX_HIDDEN.search(k) and len(s) == 2
+                     and not _UP_FACTOR.search(k) and not k.endswith(".bias")})
+    return f"Flux (hidden size {widths[0]})" if len(widths) == 1 else "Flux"
+
+
 def guess_architecture(shapes: Mapping[str, tuple]) -> Optional[str]:
     """Which Stable Diffusion architecture a file's UNet tensors (any key style: diffusers, ldm, kohya, PEFT,
     ComfyUI-native; {key: shape}) were made for, e.g. 'SD1.x (cross-attention width 768)'; None when nothing in
     them tells. The width names the public architectures (CONTEXT_WIDTHS); otherwise the layout does: more than one
     transformer block per attention, or SDXL's size embedding -> SDXL; attention at the first level -> SD1.x / SD2.x
     (a conv proj_in: SD1.x, a linear one: SD2.x); attention only at deeper levels -> SDXL."""
+    flux = flux_architecture(shapes)
+    if flux is not None:
+        return flux
     width = context_width(shapes)
     keys = list(shapes)
     name = CONTEXT_WIDTHS.get(width) if width is not None else None

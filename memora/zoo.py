@@ -50,6 +50,7 @@ AC_DELTA = "ac_delta"
 KOHYA_LORA = "kohya_lora"
 OTHER_LORA = "lora"
 DIFFUSERS_PIPELINE = "diffusers_pipeline"
+FLUX_TRANSFORMER = "flux_transformer"
 
 FORMATS: dict[str, str] = {
     DIFFUSERS_UNET: "diffusers-keyed UNet (down_blocks.*, mid_block.*, up_blocks.*), full or partial (ESD/UCE 2025: "
@@ -62,6 +63,9 @@ FORMATS: dict[str, str] = {
     OTHER_LORA: "diffusers/PEFT/ComfyUI-native LoRA (unet.*.lora.down.weight, *.lora_A.weight, diffusion_model.*"
                 ".lora_up.weight): converted to kohya and applied as a LoRA",
     DIFFUSERS_PIPELINE: "diffusers pipeline folder with unet/ and/or text_encoder/ subfolders (MACE, FMN)",
+    FLUX_TRANSFORMER: "diffusers-keyed Flux transformer (transformer_blocks.*, single_transformer_blocks.*, optional "
+                      "'transformer.' prefix), full or partial (UCE-Flux: only the edited projections, merged onto "
+                      "the Flux base); Flux files in BFL/ComfyUI names (double_blocks.*) load as ldm_unet",
 }
 
 # Refusal rule (see check_matches): a component is refused when fewer than this share of its tensors land on a
@@ -71,7 +75,12 @@ MIN_MATCHED_SHARE = 0.5
 
 _DIFFUSERS_UNET_ROOTS = ("conv_in.", "conv_out.", "conv_norm_out.", "time_embedding.", "down_blocks.", "up_blocks.",
                          "mid_block.", "add_embedding.", "class_embedding.", "encoder_hid_proj.")
-_LDM_UNET_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.", "label_emb.")
+_LDM_UNET_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.", "label_emb.",
+                   # Flux in BFL's / ComfyUI's names (its diffusion_model.* keys)
+                   "double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
+                   "final_layer.")
+_FLUX_DIFFUSERS_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
+                         "time_text_embed.", "norm_out.", "proj_out.")
 # Non-weight entries of ldm/CompVis checkpoints: the noise schedule and EMA copies (never part of the network).
 _LDM_IGNORED_ROOTS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                       "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -306,6 +315,9 @@ def _classify(key: str) -> tuple[str, str]:
         return "te_prefixed", key[len("text_encoder."):]
     if key.startswith("text_model."):
         return "te", key
+    f = key[len("transformer."):] if key.startswith("transformer.") else key
+    if f.startswith(_FLUX_DIFFUSERS_ROOTS):
+        return "flux_diffusers", f
     k = key[len("unet."):] if key.startswith("unet.") else key
     if k.startswith(_DIFFUSERS_UNET_ROOTS):
         return "unet_diffusers", k
@@ -420,6 +432,12 @@ def _detect_flat(obj: dict, source: str, notes: Optional[list[str]] = None) -> U
             list(groups.pop("vae"))
     if "schedule" in groups:
         ignored["noise-schedule buffers and EMA copies of an ldm checkpoint"] = list(groups.pop("schedule"))
+    flux_d = groups.pop("flux_diffusers", {})
+    if flux_d:
+        for d in groups.values():  # a Flux transformer file holds nothing else; anything else is reported
+            unknown.extend(d)
+        return UnlearnedWeights(format=FLUX_TRANSFORMER, source=source, unet=flux_d, unet_keys="flux_diffusers",
+                                text_encoder=te or None, ignored=ignored, unknown=unknown, notes=notes)
     unet_d = groups.pop("unet_diffusers", {})
     unet_l = groups.pop("unet_ldm", {})
     had_ldm_prefix = any(str(k).startswith("model.diffusion_model.") for k in obj)
@@ -588,6 +606,7 @@ def summarize_keys(keys: list[str]) -> str:
     """'attn2.to_k.weight x16, attn2.to_v.weight x16' / text encoder 'layers 0, 1': a compact view of many keys."""
     if not keys:
         return "none"
+    keys = [k if isinstance(k, str) else k[0] for k in keys]  # a row block of a fused weight: the weight's name
     layers = sorted({int(m.group(1)) for k in keys if (m := re.search(r"encoder\.layers\.(\d+)\.", k))})
     counts: dict[str, int] = {}
     for k in keys:
@@ -611,7 +630,7 @@ def format_report(weights: UnlearnedWeights, matches: list[ComponentMatch], chan
     for m in matches:
         kind = ""
         if m.component == "unet" and weights.format in (DIFFUSERS_UNET, AC_DELTA, LDM_UNET, LDM_CHECKPOINT,
-                                                        DIFFUSERS_PIPELINE):
+                                                        DIFFUSERS_PIPELINE, FLUX_TRANSFORMER):
             kind = " (full: replaces the base UNet)" if not m.missing else " (partial: merged onto the base)"
         if m.component == "text_encoder":
             kind = " (full)" if not m.missing else " (partial: merged onto the base)"

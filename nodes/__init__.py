@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (attack_embeddings, attack_probes, automemora, evaluation, grid, inversion, lora, merge, micro, scores,
-               train, unlearned)
+from . import (attack_embeddings, attack_probes, automemora, evaluation, flow, grid, inversion, lora, merge, micro,
+               scores, train, unlearned)
 
 # the order ComfyUI registers them in (and lists them in its node menu)
-NODE_MODULES = (attack_embeddings, attack_probes, automemora, evaluation, grid, inversion, lora, merge, micro, scores,
-                train, unlearned)
+NODE_MODULES = (attack_embeddings, attack_probes, automemora, evaluation, flow, grid, inversion, lora, merge, micro,
+                scores, train, unlearned)
 
 
 def node_classes() -> list[type[io.ComfyNode]]:

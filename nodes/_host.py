@@ -89,7 +89,8 @@ def check_model_kind(model, what: str) -> str:
     raise UnsupportedModelError(
         f"{what} does not support this model: its sampling type is {describe_sampling(model)}. Supported: "
         f"{SUPPORTED_SAMPLING}. Flow-matching (Flux, SD3), EDM, x0-prediction and LCM models would silently give "
-        f"wrong results, so they are refused.")
+        f"wrong results, so they are refused (flow-matching models: use MemoRa Flow Inversion and MemoRa Flow "
+        f"Regenerate).")
 
 
 def model_family(model) -> str:

@@ -109,7 +109,8 @@ def sdxl_ldm_to_diffusers_map() -> dict[str, str]:
 _ARCHITECTURE_NAMES = {"SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": "SD2.x unCLIP", "SD21UnclipH": "SD2.x unCLIP",
                        "SDXL": "SDXL", "SDXLRefiner": "SDXL refiner", "SSD1B": "SDXL-family (SSD-1B)",
                        "Segmind_Vega": "SDXL-family (Segmind Vega)", "KOALA_700M": "SDXL-family (KOALA-700M)",
-                       "KOALA_1B": "SDXL-family (KOALA-1B)"}
+                       "KOALA_1B": "SDXL-family (KOALA-1B)", "Flux": "Flux dev", "FluxSchnell": "Flux schnell",
+                       "FluxInpaint": "Flux fill"}
 
 
 def base_architecture(model) -> str:
@@ -423,7 +424,12 @@ def install_lora_wrappers(patcher, layers: Mapping[str, object], switch: Optiona
 def layers_to_kohya(model, layers: Mapping[str, object]) -> dict[str, torch.Tensor]:
     """{'diffusion_model.<ldm path>': layer with ``to_layer()``} -> a kohya SD state dict (the pack's LORA_MODEL):
     diffusers module names where the model has a diffusers equivalent (SD UNets), the ldm name otherwise (ComfyUI
-    reads both)."""
+    reads both). Flux: {diffusers module path: layer} -> the Flux LORA_MODEL (diffusers/PEFT keys,
+    ``memora.lora.flux.to_diffusers``)."""
+    if is_flux(model):
+        from memora.lora import flux
+
+        return flux.to_diffusers({name: layers[name].to_layer() for name in sorted(layers)})
     ldm_map = ldm_to_diffusers_map(model)
     named = {}
     for name in sorted(layers):
@@ -477,3 +483,67 @@ def save_lora_file(sd: Mapping[str, torch.Tensor], save_name: str, metadata: Map
 def saved_ui(filename: str) -> Optional[dict]:
     """The UI output that lists a saved LoRA in the front end (None when nothing was saved)."""
     return {contracts.UI_LORA: [filename]} if filename else None
+
+
+# -- Flux ----------------------------------------------------------------------------------------------------------
+def is_flux(model) -> bool:
+    """Whether the MODEL is ComfyUI's Flux family (``comfy.model_base.Flux``: dev, schnell and their variants)."""
+    import comfy.model_base
+
+    return isinstance(getattr(model, "model", model), comfy.model_base.Flux)
+
+
+@dataclass(frozen=True)
+class FluxSlot:
+    """Where a diffusers Flux module's weight lives in ComfyUI's model: rows [start, start + rows) of ``key``."""
+
+    key: str
+    start: int
+    rows: int
+    shape: tuple
+
+
+def flux_slots(model) -> dict[str, FluxSlot]:
+    """{diffusers Flux module path: FluxSlot} for every block Linear of the MODEL that ComfyUI's Flux LoRA key map
+    knows (``comfy.utils.flux_to_diffusers``, the map LoraLoader uses), for ``memora.lora.flux``'s modules."""
+    import comfy.utils
+
+    from memora.lora import flux
+
+    cfg = _unet_config(model)
+    mapping = comfy.utils.flux_to_diffusers(cfg, output_prefix="diffusion_model.")
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    out = {}
+    for diff_key, target in mapping.items():
+        if not diff_key.endswith(".weight"):
+            continue
+        module = diff_key[: -len(".weight")]
+        if not flux.is_flux_module(module):
+            continue
+        key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
+        if key not in shapes:
+            continue
+        shape = shapes[key]
+        if offset is None:
+            out[module] = FluxSlot(key, 0, shape[0], shape)
+        else:
+            dim, start, length = offset
+            if dim != 0:
+                continue
+            out[module] = FluxSlot(key, int(start), int(length), (int(length), *shape[1:]))
+    return out
+
+
+def install_flux_wrappers(patcher, layers: Mapping[str, object], slots: Mapping[str, FluxSlot],
+                          switch: Optional[_apply.LoraSwitch] = None) -> _apply.CallCounter:
+    """One weight wrapper per ComfyUI weight that {diffusers Flux module: layer} touches (a ``SlicedLoraWrapper``
+    with the row blocks of every module it holds) on the ModelPatcher (a clone the caller owns); returns their call
+    counter."""
+    by_key: dict[str, list] = {}
+    for module in sorted(layers):
+        slot = slots[module]
+        by_key.setdefault(slot.key, []).append((slot.start, slot.rows, layers[module]))
+    counter = _apply.CallCounter()
+    for key in sorted(by_key):
+        patcher.add_weight_wrapper(key, _apply.SlicedLoraWrapper(key, by_key[key], counter, switch))
+    return counter

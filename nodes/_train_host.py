@@ -21,6 +21,7 @@ model patches and wrappers all come from ComfyUI, and EPS / v-prediction handlin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -33,6 +34,7 @@ from memora.lora import apply as _apply
 from memora.lora import checkpointing as _ckpt
 from memora.lora import conditioning as _conditioning
 from memora.lora import denoiser as _denoiser
+from memora.lora import flow as _flow
 from memora.lora import recipe as _recipe
 from memora.lora import train as _train
 from . import _host, _lora_host
@@ -50,16 +52,28 @@ class FreshCopyWrapper:
 
 def install_wrappers(patcher, layers: Mapping[str, _train.LoRALayerParams]) -> _apply.CallCounter:
     """LoRA wrappers on the target weights (their call counter is returned), identity wrappers on every other weight
-    and bias of the UNet."""
+    and bias of the UNet. Flux: ``layers`` are keyed by diffusers module path; each ComfyUI weight holding some of
+    them gets one row-block wrapper (``_lora_host.install_flux_wrappers``)."""
     castable = {f"diffusion_model.{n}": m for n, m in patcher.model.diffusion_model.named_modules()
                 if hasattr(m, "weight_function") and hasattr(m, "bias_function")}
-    missing = sorted(set(layers) - set(castable))
+    if _lora_host.is_flux(patcher):
+        slots = _lora_host.flux_slots(patcher)
+        unknown = sorted(set(layers) - set(slots))
+        if unknown:
+            raise ValueError(f"{len(unknown)} target layers are not Flux layers of this model: {unknown[:3]}")
+        counter = _lora_host.install_flux_wrappers(patcher, layers, slots)
+        wrapped = {slots[n].key[: -len(".weight")] for n in layers}
+    else:
+        counter = None
+        wrapped = set(layers)
+    missing = sorted(wrapped - set(castable))
     if missing:
         raise ValueError(f"{len(missing)} target layers are not ComfyUI layers that accept weight wrappers: "
                          f"{missing[:3]}")
-    counter = _lora_host.install_lora_wrappers(patcher, {f"{n}.weight": layers[n] for n in layers})
+    if counter is None:
+        counter = _lora_host.install_lora_wrappers(patcher, {f"{n}.weight": layers[n] for n in layers})
     for name, m in castable.items():
-        if name not in layers and isinstance(getattr(m, "weight", None), torch.Tensor):
+        if name not in wrapped and isinstance(getattr(m, "weight", None), torch.Tensor):
             patcher.add_weight_wrapper(f"{name}.weight", FreshCopyWrapper())
         if isinstance(getattr(m, "bias", None), torch.Tensor):
             patcher.add_weight_wrapper(f"{name}.bias", FreshCopyWrapper())
@@ -125,6 +139,43 @@ def remove_training_wrappers(diffusion_model) -> int:
     return removed
 
 
+@contextlib.contextmanager
+def comfy_training_mode():
+    """ComfyUI's own training flag (``comfy.model_management.in_training``, 0.33+; what its TrainLoraNode sets) for
+    the duration of the block: models then use their differentiable code paths (Flux's rotary embedding in torch
+    instead of comfy_kitchen's kernel, which has no backward). Restored in a ``finally``; no-op where ComfyUI has no
+    such flag."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    previous = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = previous
+
+
+def flux_blocks(patcher) -> list:
+    """The blocks of a Flux MODEL (double and single), which add to their input in place after saving it for the
+    backward pass: training runs them with ``memora.lora.checkpointing.out_of_place_forward``. [] for other
+    models."""
+    if not _lora_host.is_flux(patcher):
+        return []
+    dm = patcher.model.diffusion_model
+    return [*getattr(dm, "double_blocks", []), *getattr(dm, "single_blocks", [])]
+
+
+def make_predict(model_wrap, extra_args: dict, schedule, sigmas: torch.Tensor,
+                 on_call: Optional[Callable[[], None]] = None):
+    """The training loop's ``predict`` for the model's objective: velocity from a flow model's denoiser
+    (``memora.lora.flow``), epsilon / v from a discrete-timestep one (``memora.lora.denoiser``)."""
+    if isinstance(schedule, _flow.FlowSchedule):
+        return _flow.make_flow_predict(model_wrap, extra_args, on_call)
+    return _denoiser.make_predict(model_wrap, extra_args, schedule, sigmas, on_call)
+
+
 def train_on_model(model, positive, samples: torch.Tensor, recipe: _recipe.LoRARecipe, precision: str = "auto",
                    gradient_checkpointing: bool = False,
                    on_update: Optional[Callable[[_train.UpdateInfo], None]] = None,
@@ -141,7 +192,7 @@ def train_on_model(model, positive, samples: torch.Tensor, recipe: _recipe.LoRAR
     patcher = None
     state: dict = {}
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
             latents = model.model.process_latent_in(samples.detach().clone().to(torch.float32))
             cond = _conditioning.clone_tree(positive)
             generator = torch.Generator().manual_seed(int(recipe.seed))
@@ -151,6 +202,7 @@ def train_on_model(model, positive, samples: torch.Tensor, recipe: _recipe.LoRAR
             if dtype != _tm.compute_dtype(model):
                 patcher.add_object_patch("manual_cast_dtype", dtype)
             units = _ckpt.checkpoint_units(patcher.model.diffusion_model) if gradient_checkpointing else []
+            in_place_units = flux_blocks(patcher)
             shape = list(latents.shape[1:])
             mb = int(recipe.batch_size)
             # training keeps activations for the backward pass: ask ComfyUI for room for a few inference passes
@@ -164,10 +216,11 @@ def train_on_model(model, positive, samples: torch.Tensor, recipe: _recipe.LoRAR
                     counter.check(None, "MemoRa LoRA Train (nothing was saved and the input model is unchanged)")
 
             def run(model_wrap, extra_args):
-                predict_inner = _denoiser.make_predict(model_wrap, extra_args, schedule, sigmas, after_call)
+                predict_inner = make_predict(model_wrap, extra_args, schedule, sigmas, after_call)
 
                 def predict(x, t, c):
-                    with _ckpt.checkpointed_forward(units, gradient_checkpointing):
+                    with _ckpt.checkpointed_forward(units, gradient_checkpointing), \
+                            _ckpt.out_of_place_forward(in_place_units):
                         return predict_inner(x, t, c)
 
                 return _train.train_lora(predict, latents, layers, recipe, schedule, generator, device=device,
@@ -203,7 +256,7 @@ def recipe_loss(model, positive, samples: torch.Tensor, seed: int = 0, repeats: 
     latents = model.model.process_latent_in(samples.detach().clone().to(torch.float32))
 
     def run(model_wrap, extra_args):
-        predict = _denoiser.make_predict(model_wrap, extra_args, schedule, sigmas)
+        predict = make_predict(model_wrap, extra_args, schedule, sigmas)
         return _train.evaluate_loss(predict, latents, schedule, seed=seed, repeats=repeats, batch_size=batch_size,
                                     device=model.load_device)
 

@@ -9,19 +9,58 @@ import comfy.model_management
 
 from memora.lora import denoiser as _denoiser
 from memora.lora import fingerprint as _fingerprint
+from memora.lora import flow as _flow
+from memora.lora import flux as _flux
 from memora.lora import train as _train
 from . import _host, _lora_host
 
 
+def is_flow(model) -> bool:
+    """Whether the MODEL samples as a rectified flow ComfyUI's way: CONST prediction (velocity; ``x_t = (1 - t) x0
+    + t eps``) with a ModelSamplingFlux or ModelSamplingDiscreteFlow schedule (Flux dev, schnell, SD3 ...)."""
+    import comfy.model_sampling as ms_mod
+
+    ms = _host.model_sampling(model)
+    flows = tuple(getattr(ms_mod, n) for n in ("ModelSamplingFlux", "ModelSamplingDiscreteFlow") if hasattr(ms_mod, n))
+    return isinstance(ms, ms_mod.CONST) and isinstance(ms, flows)
+
+
 def prediction_type(model) -> str:
-    """"epsilon" or "v_prediction" for discrete-timestep models (SD1.x, SD2.x, SDXL ...); the pack's one model-kind
-    check (``_host.check_model_kind``) refuses every other sampling type, naming it."""
-    kind = _host.check_model_kind(model, "MemoRa LoRA training")
+    """"flow" for ComfyUI's Flux-family flow models (velocity, :mod:`memora.lora.flow`); "epsilon" or
+    "v_prediction" for discrete-timestep models (SD1.x, SD2.x, SDXL ...); the pack's one model-kind check
+    (``_host.check_model_kind``) refuses every other sampling type, naming it. Flow models other than Flux (SD3,
+    ...) are refused: their layers are not the ones this pack knows how to name in a file."""
+    if is_flow(model) and _lora_host.is_flux(model):
+        return _flow.FLOW
+    try:
+        kind = _host.check_model_kind(model, "MemoRa LoRA training")
+    except _host.UnsupportedModelError as e:
+        if not is_flow(model):
+            raise
+        raise _host.UnsupportedModelError(
+            f"{e} Flow-matching training is implemented for Flux-family models only (comfy.model_base.Flux: Flux "
+            f"dev, schnell); this model is {type(model.model).__name__}, whose layers the pack cannot name in a Flux "
+            f"LoRA file.") from e
     return {_host.EPSILON: _train.EPSILON, _host.V_PREDICTION: _train.V_PREDICTION}[kind]
 
 
-def diffusion_schedule(model) -> _train.DiffusionSchedule:
-    """alpha_bar per training timestep from the model's own sigma table, and its prediction type."""
+def flow_shift(model):
+    """The MODEL's own time shift u -> sigma (its sampler's ``sigma(timestep)`` at timestep u x its multiplier: Flux
+    dev's ``flux_time_shift(1.15, u)``, schnell's discrete-flow shift), as a torch function."""
+    ms = _host.model_sampling(model)
+    multiplier = float(ms.timestep(torch.tensor(1.0)))
+
+    def shift(u: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(ms.sigma(u * multiplier), dtype=torch.float64)
+
+    return shift
+
+
+def diffusion_schedule(model):
+    """Flow models: the flow-matching objective with the model's own time shift (``memora.lora.flow``); otherwise
+    alpha_bar per training timestep from the model's own sigma table, and its prediction type."""
+    if prediction_type(model) == _flow.FLOW:
+        return _flow.FlowSchedule(shift=flow_shift(model))
     sigmas = _host.model_sampling(model).sigmas.detach().to("cpu", torch.float64)
     return _train.DiffusionSchedule(1.0 / (1.0 + sigmas * sigmas), prediction_type(model))
 
@@ -43,7 +82,16 @@ def training_dtype(model, precision: str) -> torch.dtype:
 
 
 def target_layers(model, targets: str) -> dict[str, tuple[int, ...]]:
-    """{'diffusion_model.<ldm path>': weight shape} of the UNet layers that get a LoRA; ValueError when none do."""
+    """{'diffusion_model.<ldm path>': weight shape} of the UNet layers that get a LoRA; ValueError when none do.
+    Flux: {diffusers module path: weight shape} (``memora.lora.flux``; fused ComfyUI weights give one entry per
+    part, e.g. to_q / to_k / to_v of one qkv)."""
+    if _lora_host.is_flux(model):
+        slots = _lora_host.flux_slots(model)
+        found = {m: s.shape for m, s in sorted(slots.items()) if _flux.is_target(m, targets)}
+        if not found:
+            raise ValueError(f"this Flux model ({_lora_host.base_architecture(model)}) has no layers matching targets "
+                             f"{targets!r}")
+        return found
     found = _train.find_target_layers(model.model.diffusion_model, targets, prefix="diffusion_model.")
     if not found:
         raise ValueError(f"this model ({_lora_host.base_architecture(model)}) has no layers matching targets "

@@ -30,6 +30,8 @@ def build_switchable_lora(model, lora_sd: dict):
     ignored text-encoder layers). Validates everything first: nothing is installed when a layer does not fit."""
     if not isinstance(lora_sd, dict) or not lora_sd:
         raise ValueError("lora is empty or not a LORA_MODEL (expected a dict of tensors)")
+    if _lora_host.is_flux(model):
+        return build_switchable_flux_lora(model, lora_sd)
     try:
         kohya = _lora_host.to_kohya_for_model(lora_sd, model)
     except formats.LoraFormatError as e:
@@ -62,6 +64,33 @@ def build_switchable_lora(model, lora_sd: dict):
     switch = lora_apply.LoraSwitch()
     counter = _lora_host.install_lora_wrappers(clone, planned, switch)
     return clone, switch, counter, te
+
+
+def build_switchable_flux_lora(model, lora_sd: dict):
+    """:func:`build_switchable_lora` for a Flux MODEL: the LoRA's layers (diffusers Flux modules, any spelling
+    ``memora.lora.flux.flux_layers`` reads) as switchable row-block wrappers on ComfyUI's fused weights. A LoRA for
+    another architecture is refused naming it and the base."""
+    from memora.lora import flux
+
+    try:
+        layers = flux.flux_layers(lora_sd)
+    except formats.LoraFormatError as e:
+        note = _lora_host.architecture_note(model, lora_sd) or f"the base checkpoint is {_lora_host.base_architecture(model)}."
+        raise _lora_host.LoraKeyError(f"lora: not a Flux LoRA this guider can apply ({e}). {note}") from e
+    slots = _lora_host.flux_slots(model)
+    unknown = sorted(set(layers) - set(slots))
+    if unknown:
+        raise _lora_host.LoraKeyError(f"lora: {len(unknown)} layers name Flux modules this model does not have: "
+                                      f"{unknown[:5]} (the base has {len(slots)} block layers)")
+    bad = [f"{m}: LoRA delta {[layer.up.shape[0], layer.down.shape[1]]}, weight rows {list(slots[m].shape)}"
+           for m, layer in sorted(layers.items()) if (layer.up.shape[0], layer.down[0].numel()) != slots[m].shape]
+    if bad:
+        raise _lora_host.LoraShapeError(f"lora: {len(bad)} layers do not fit this Flux model's weights (made for "
+                                        f"another size?): {bad[:3]}")
+    clone = model.clone()
+    switch = lora_apply.LoraSwitch()
+    counter = _lora_host.install_flux_wrappers(clone, layers, slots, switch)
+    return clone, switch, counter, []
 
 
 class AutoMemoRaGuider(comfy.samplers.CFGGuider):

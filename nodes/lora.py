@@ -10,7 +10,7 @@ from comfy_api.latest import io
 
 import memora
 from memora import zoo
-from memora.lora import formats
+from memora.lora import flux, formats
 from memora.lora import metadata as _metadata
 from . import _lora_host, _schema
 
@@ -63,6 +63,13 @@ def load_lora_as_kohya(path: str | Path, model=None) -> tuple[dict[str, torch.Te
     formats.check_finite(sd, Path(path).name)  # NaN / inf weights refused, naming the file and the first bad key
     fmt = formats.detect_format(sd)
     alpha = peft_alpha_from_metadata(meta) if fmt == formats.PEFT else None
+    if flux.is_flux_lora(sd):  # Flux: the Flux LORA_MODEL (diffusers/PEFT keys), which ComfyUI's Flux key map reads
+        lora = flux.to_diffusers(flux.flux_layers(sd, alpha))
+        summary = formats.summarize(formats.to_kohya(lora))
+        if model is not None:
+            _, to_load, _, _ = _lora_host.match_layers(model, lora)
+            summary["model_layers"] = len(to_load)
+        return lora, fmt, summary
     try:
         kohya = _lora_host.to_kohya_for_model(sd, model, fmt=fmt, alpha=alpha)
     except formats.LoraFormatError as e:
@@ -141,6 +148,10 @@ class MemoRaSaveLoRA(_schema.MemoRaNode):
         kohya = formats.to_kohya(lora)
         metadata = _metadata.lora_metadata(kohya, formats.summarize(kohya), version=memora.__version__,
                                            title=str(save_name).strip())
+        if flux.is_flux_lora(lora):  # a Flux LORA_MODEL is saved in its own keys (kohya names would not load)
+            kohya = flux.to_diffusers(flux.flux_layers(lora))
+            metadata["memora.format"] = "diffusers-flux"
+            metadata.pop("ss_network_module", None)
         filename = _lora_host.save_lora_file(kohya, save_name, metadata)
         return io.NodeOutput(filename, ui=_lora_host.saved_ui(filename))
 

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 import memora
 from memora.lora import apply as lora_apply
-from memora.lora import formats, merge
+from memora.lora import flux, formats, merge
 from memora.lora import metadata as _metadata
 from . import _host, _lora_host, _schema
 
@@ -77,6 +77,19 @@ def native_layout_map(sd: dict, what: str) -> dict:
         f"that output.")
 
 
+def check_families(loras: list) -> bool:
+    """``loras``: (slot, LORA_MODEL) pairs. True when every input is a Flux LoRA (``memora.lora.flux.is_flux_lora``), False when none is; ValueError
+    naming the slots when Flux and UNet LoRAs are mixed (their layers never overlap: the "merge" would be two
+    LoRAs for two architectures in one file, half of which no model can load)."""
+    kinds = [(slot, flux.is_flux_lora(sd)) for slot, sd in loras]
+    if any(k for _, k in kinds) and not all(k for _, k in kinds):
+        fl = [f"lora_{i}" for i, k in kinds if k]
+        other = [f"lora_{i}" for i, k in kinds if not k]
+        raise ValueError(f"cannot merge Flux LoRAs ({', '.join(fl)}) with LoRAs for another architecture "
+                         f"({', '.join(other)}: not Flux transformer layers); merge LoRAs made for one base model")
+    return bool(kinds) and all(k for _, k in kinds)
+
+
 def merge_metadata(result: merge.MergeResult, sources: list[dict], title: str) -> dict[str, str]:
     extra = {
         "memora.merge_method": result.method,
@@ -140,9 +153,12 @@ class MemoRaMultiLoRAMerge(_schema.MemoRaNode):
                             "sha256": merge.fingerprint(layers)[:16]})
         import comfy.model_management
 
+        flux_inputs = check_families([(slot, sd) for slot, sd, _w in given])
         progress = _host.StageProgress("merge", max(1, len(set().union(*[set(x) for x in inputs]))))
         result = merge.merge_layers(inputs, [s["weight"] for s in sources], method, rank, density, seed,
                                     device=comfy.model_management.get_torch_device(), progress=progress)
+        if flux_inputs:  # back to the Flux LORA_MODEL (diffusers keys), which ComfyUI and diffusers read
+            result.state_dict = flux.kohya_to_flux_diffusers(result.state_dict)
         lines = [f"LoRA {s['slot']}: weight {s['weight']:g}, {s['format']} format, {s['layers']} layers, "
                  f"rank {', '.join(map(str, s['ranks']))}" for s in sources]
         report = "\n".join(lines + [result.report()])

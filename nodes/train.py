@@ -12,6 +12,7 @@ from memora import contracts
 from memora.lora import conditioning as _conditioning
 from memora.lora import denoiser as _precision
 from memora.lora import fingerprint, formats
+from memora.lora import flow as _flow
 from memora.lora import metadata as _metadata
 from memora.lora import recipe as _recipe
 from memora.lora import train as _train
@@ -97,6 +98,23 @@ def kohya_base_model_tags(model, prediction_type: str) -> dict[str, str]:
     return {"ss_base_model_version": version, "ss_v2": str(family == "SD20")}
 
 
+FLUX_FORMAT = "diffusers-flux"
+
+
+def flux_modelspec(model, metadata: dict, *, title: str, samples) -> dict[str, str]:
+    """ModelSpec keys of a Flux LoRA (architecture ``flux-1-dev/lora`` or ``flux-1-schnell/lora``, BFL's
+    implementation), which LoRA managers read to sort LoRAs by base model; none for other models."""
+    if not _lora_host.is_flux(model):
+        return {}
+    variant = "schnell" if _host.model_family(model) == "FluxSchnell" else "dev"
+    height, width = (int(s) * 8 for s in samples.shape[-2:])
+    return {"modelspec.sai_model_spec": _metadata.MODELSPEC_VERSION,
+            "modelspec.architecture": f"flux-1-{variant}/lora",
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux", "modelspec.title": title,
+            "modelspec.date": _metadata.creation_date(), "modelspec.resolution": f"{width}x{height}",
+            **({"modelspec.trigger_phrase": metadata["memora.concept"]} if metadata.get("memora.concept") else {})}
+
+
 def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str, samples, lora_sd,
                   title: str, sgm_names: bool = False) -> dict:
     """safetensors metadata (str -> str, ``memora.lora.metadata``'s dialect): no paths, and no time finer than the
@@ -117,9 +135,14 @@ def lora_metadata(recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concept: str
         "memora.micro_steps": str(res.micro_steps),
     }
     height, width = (int(s) * 8 for s in samples.shape[-2:])
-    meta = _metadata.lora_metadata(lora_sd, formats.summarize(lora_sd), version=memora.__version__, title=title,
+    flow = run.prediction_type == _flow.FLOW
+    summary = formats.summarize(formats.to_kohya(lora_sd) if flow else lora_sd)
+    meta = _metadata.lora_metadata(lora_sd, summary, version=memora.__version__, title=title,
                                    concept=concept, prediction_type=run.prediction_type,
                                    resolution=f"{width}x{height}", extra=extra)
+    if flow:  # a diffusers/PEFT Flux file (no alpha keys: the scale is folded into lora_B), not an sd-scripts one
+        meta["memora.format"] = FLUX_FORMAT
+        meta.pop("ss_network_module", None)
     if sgm_names and "modelspec.implementation" in meta:
         meta["modelspec.implementation"] = SGM_IMPLEMENTATION
     return meta
@@ -205,6 +228,7 @@ def save_trained(model, recipe: _recipe.LoRARecipe, run: _th.TrainingRun, concep
     metadata = lora_metadata(recipe, run, concept, samples, lora_sd, title=save_name.strip(),
                              sgm_names=_lora_host.is_sdxl(model))
     metadata.update(kohya_base_model_tags(model, run.prediction_type))
+    metadata.update(flux_modelspec(model, metadata, title=save_name.strip(), samples=samples))
     return _lora_host.save_lora_file(_lora_host.sd_scripts_names(model, lora_sd), save_name, metadata, node_id)
 
 

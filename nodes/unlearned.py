@@ -111,8 +111,31 @@ def resolve_choice(choice: str) -> Path:
 
 
 # -- mapping keys onto the base model ----------------------------------------------------------------------------
+def flux_key_map(model) -> dict:
+    """diffusers Flux transformer key -> the MODEL's key: 'diffusion_model.<BFL name>', or (that key, (0, first row,
+    rows)) for a part of a fused weight (to_q of img_attn.qkv ...): ComfyUI's own map (comfy.utils.flux_to_diffusers),
+    the one its LoRA loader uses. ValueError when the base is not a Flux model."""
+    import comfy.utils
+
+    if not _lora_host.is_flux(model):
+        raise ValueError(f"diffusers-named Flux transformer weights need a Flux base checkpoint; the base is "
+                         f"{_lora_host.base_architecture(model) or type(model.model).__name__}")
+    return dict(comfy.utils.flux_to_diffusers(dict(model.model.model_config.unet_config),
+                                              output_prefix="diffusion_model."))
+
+
+def _part(base_sd: dict, key):
+    """The base tensor a (possibly row-sliced) model key names."""
+    if isinstance(key, str):
+        return base_sd[key]
+    name, (dim, start, length) = key
+    return base_sd[name].narrow(dim, start, length)
+
+
 def unet_key_map(model, unet_keys: str):
-    """file UNet key -> ComfyUI model key ('diffusion_model.<ldm name>')."""
+    """file UNet key -> ComfyUI model key ('diffusion_model.<ldm name>'; Flux: see :func:`flux_key_map`)."""
+    if unet_keys == "flux_diffusers":
+        return flux_key_map(model)
     if unet_keys == "ldm":
         return lambda k: "diffusion_model." + k
     return _lora_host.diffusers_weight_keys(model)
@@ -144,8 +167,8 @@ def _storage_dtype(file_tensor: torch.Tensor, base: torch.Tensor) -> torch.Tenso
     return file_tensor.detach()
 
 
-def _set_patches(matched: dict[str, torch.Tensor], base_sd: dict[str, torch.Tensor]) -> dict:
-    return {k: ("set", (_storage_dtype(v, base_sd[k]),)) for k, v in matched.items()}
+def _set_patches(matched: dict, base_sd: dict[str, torch.Tensor]) -> dict:
+    return {k: ("set", (_storage_dtype(v, _part(base_sd, k)),)) for k, v in matched.items()}
 
 
 # -- LoRA files ---------------------------------------------------------------------------------------------------
@@ -177,7 +200,9 @@ def _apply_part(owner, part: dict, strength: float, source: str, text_encoder: b
 def apply_lora_file(model, clip, weights: zoo.UnlearnedWeights, strength: float):
     """(model, clip, report lines) with the file's LoRA applied: UNet layers on MODEL, lora_te layers on CLIP."""
     lora = weights.lora
-    if weights.format == zoo.OTHER_LORA:
+    # Flux: ComfyUI's loader reads every Flux LoRA spelling itself (diffusers/PEFT as EraseAnything ships them,
+    # sd-scripts, OneTrainer); the kohya conversion is for UNet names
+    if weights.format == zoo.OTHER_LORA and not _lora_host.is_flux(model):
         try:
             lora = _lora_host.to_kohya_for_model(lora, model)
         except ValueError as e:
@@ -219,8 +244,14 @@ def apply_unlearned(model, clip, weights: zoo.UnlearnedWeights, lora_strength: f
     base_clip: dict[str, torch.Tensor] = {}
     if weights.unet:
         base_unet = {k: v for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
+        key_map = unet_key_map(model, weights.unet_keys)
         shapes = {k: tuple(v.shape) for k, v in base_unet.items()}
-        matches.append(zoo.match_component("unet", weights.unet, unet_key_map(model, weights.unet_keys), shapes))
+        if weights.unet_keys == "flux_diffusers":  # row blocks of fused weights are targets of their own
+            # (targets that need a conversion function, like final_layer's swapped scale/shift, are not loaded)
+            shapes = {t: tuple(_part(base_unet, t).shape) for t in key_map.values()
+                      if (isinstance(t, str) or (len(t) == 2 and t[1] is not None))
+                      and (t if isinstance(t, str) else t[0]) in base_unet}
+        matches.append(zoo.match_component("unet", weights.unet, key_map, shapes))
     if weights.text_encoder:
         if clip is None:
             raise ValueError(f"{weights.source}: holds text-encoder weights but the base checkpoint has no text "
@@ -234,7 +265,7 @@ def apply_unlearned(model, clip, weights: zoo.UnlearnedWeights, lora_strength: f
     changes: list[zoo.Change] = []
     for m in matches:
         base_sd = base_unet if m.component == "unet" else base_clip
-        change = zoo.compare_to_base(m.component, m.matched, base_sd.__getitem__)
+        change = zoo.compare_to_base(m.component, m.matched, lambda k, sd=base_sd: _part(sd, k))
         changes.append(change)
         # Only tensors that differ from the base (compared in the base's dtype) need a patch: a full zoo UNet where
         # ESD trained 32 tensors costs 32 patches, not 686, and the result is the same.

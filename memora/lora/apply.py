@@ -23,7 +23,8 @@ import torch
 # Every per-layer key suffix a LoRA file may carry (kohya, lycoris, ComfyUI-native, DoRA, full diffs): the layer's
 # name is the key without it.
 LAYER_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale", ".diff",
-                  ".diff_b", ".set_weight", ".reshape_weight", ".w_norm", ".b_norm")
+                  ".diff_b", ".set_weight", ".reshape_weight", ".w_norm", ".b_norm", ".lora_A.weight",
+                  ".lora_B.weight")
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")
 # the diffusers spelling kept when ComfyUI names one ldm module twice (see module_map)
 PREFERRED_DIFFUSERS_PREFIXES = ("add_embedding.",)
@@ -151,3 +152,44 @@ class LoraWeightWrapper:
             return weight
         self.counter.calls[self.key] = self.counter.calls.get(self.key, 0) + 1
         return (weight.to(torch.float32) + self.delta(weight.shape, weight.device)).to(weight.dtype)
+
+
+class SlicedLoraWrapper:
+    """LoRA deltas on row blocks of ONE weight (a ComfyUI weight function), for fused weights whose parts carry their
+    own LoRAs: Flux's ``img_attn.qkv`` holds diffusers' to_q / to_k / to_v as rows [0, h), [h, 2h), [2h, 3h).
+    ``parts``: (first row, row count, layer) each; rows no part covers are unchanged. The sum is formed as
+    :class:`LoraWeightWrapper` forms it (fp32, cast back to the weight's dtype), so it equals ComfyUI's own patching
+    of the same LoRA (which narrows the weight to each part's rows), counted in ``counter`` under ``key``."""
+
+    def __init__(self, key: str, parts, counter: CallCounter, switch: Optional[LoraSwitch] = None):
+        self.key = key
+        self.parts = sorted(((int(s), int(n), layer) for s, n, layer in parts), key=lambda p: p[0])
+        end = 0
+        for start, n, layer in self.parts:
+            if start < end:
+                raise ValueError(f"{key}: LoRA row blocks overlap at row {start}")
+            if layer.down.shape[0] != layer.up.shape[1]:
+                raise ValueError(f"{key}: down has rank {layer.down.shape[0]} but up has rank {layer.up.shape[1]}")
+            end = start + n
+        self.switch = switch
+        self.counter = counter
+        self._wrappers = [LoraWeightWrapper(f"{key}[{s}:{s + n}]", layer, CallCounter()) for s, n, layer in self.parts]
+        counter.calls.setdefault(key, 0)
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.switch is not None and not self.switch.on:
+            return weight
+        self.counter.calls[self.key] = self.counter.calls.get(self.key, 0) + 1
+        if self.parts[-1][0] + self.parts[-1][1] > weight.shape[0]:
+            raise ValueError(f"{self.key}: LoRA rows up to {self.parts[-1][0] + self.parts[-1][1]} exceed the "
+                             f"weight's {weight.shape[0]} rows")
+        pieces, row = [], 0
+        w = weight.to(torch.float32)
+        for (start, n, _layer), wrapper in zip(self.parts, self._wrappers):
+            if start > row:
+                pieces.append(w[row:start])
+            pieces.append(w[start:start + n] + wrapper.delta((n, *weight.shape[1:]), weight.device))
+            row = start + n
+        if row < weight.shape[0]:
+            pieces.append(w[row:])
+        return torch.cat(pieces, dim=0).to(weight.dtype)

@@ -48,3 +48,57 @@ def checkpointed_forward(units: list[torch.nn.Module], enabled: bool):
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
+
+
+class _OutOfPlace(torch.Tensor):
+    """A tensor whose in-place arithmetic runs out of place (``x += y`` rebinds x to ``x + y``): blocks that update
+    their input in place after saving it for the backward pass (ComfyUI's Flux blocks: ``x += gate * out`` after
+    ``pre_norm(x)``) then train without autograd's "modified by an inplace operation" error. The values are the
+    same; only a copy is made where the block would have written into its input."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        func = _OUT_OF_PLACE.get(func, func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+_OUT_OF_PLACE = {torch.Tensor.__iadd__: torch.Tensor.__add__, torch.Tensor.__isub__: torch.Tensor.__sub__,
+                 torch.Tensor.__imul__: torch.Tensor.__mul__, torch.Tensor.__itruediv__: torch.Tensor.__truediv__,
+                 torch.Tensor.add_: torch.Tensor.add, torch.Tensor.sub_: torch.Tensor.sub,
+                 torch.Tensor.mul_: torch.Tensor.mul, torch.Tensor.addcmul_: torch.Tensor.addcmul}
+
+
+def _wrap(value, cls):
+    if isinstance(value, torch.Tensor):
+        return value.as_subclass(cls)
+    if isinstance(value, tuple):
+        return tuple(_wrap(v, cls) for v in value)
+    if isinstance(value, list):
+        return [_wrap(v, cls) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def out_of_place_forward(units: list[torch.Tensor]):
+    """During the block, each unit's tensor inputs become :class:`_OutOfPlace` and its outputs plain tensors again
+    (an instance ``forward`` set and removed in a ``finally``; composes with :func:`checkpointed_forward` entered
+    first)."""
+    patched = []
+    try:
+        for m in units:
+            previous = m.__dict__.get("forward")
+            inner = m.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                out = _inner(*_wrap(args, _OutOfPlace), **{k: _wrap(v, _OutOfPlace) for k, v in kwargs.items()})
+                return _wrap(out, torch.Tensor)
+
+            m.forward = forward
+            patched.append((m, previous))
+        yield
+    finally:
+        for m, previous in reversed(patched):
+            if previous is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = previous

@@ -158,6 +158,17 @@ class DiffusionSchedule:
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.numel())
 
+    def draw_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n integer training timesteps, uniform over the schedule."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+
+    def stratified_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n timesteps, one per equal slice of [0, T), shuffled (a low-variance fixed evaluation)."""
+        T = self.num_train_timesteps
+        edges = torch.linspace(0, T, n + 1)
+        t_all = (edges[:-1] + torch.rand(n, generator=generator) * (edges[1:] - edges[:-1])).long().clamp(0, T - 1)
+        return t_all[torch.randperm(n, generator=generator)]
+
     def _coefs(self, t: torch.Tensor, like: torch.Tensor):
         ab = self.alphas_cumprod.to(torch.float64)[t.cpu()]
         shape = (-1,) + (1,) * (like.dim() - 1)
@@ -222,13 +233,18 @@ class UpdateDraws:
 
 
 def draw_update(order: SampleOrder, generator: torch.Generator, n: int, latent_shape: tuple, recipe: LoRARecipe,
-                num_train_timesteps: int) -> UpdateDraws:
+                num_train_timesteps) -> UpdateDraws:
+    """The draws of one update. ``num_train_timesteps``: an int (uniform integer timesteps) or a schedule with
+    ``draw_timesteps(n, generator)`` (a :class:`DiffusionSchedule` draws the same; a flow schedule its times)."""
     indices = order.take(n)
     if recipe.random_flip:
         flips = torch.rand(n, generator=generator) < recipe.flip_probability
     else:
         flips = torch.zeros(n, dtype=torch.bool)
-    timesteps = torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    if isinstance(num_train_timesteps, int):
+        timesteps = torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    else:
+        timesteps = num_train_timesteps.draw_timesteps(n, generator)
     noise = torch.randn((n, *latent_shape), generator=generator, dtype=torch.float32)
     return UpdateDraws(indices, flips, timesteps, noise)
 
@@ -301,7 +317,7 @@ class LossScalingUnavailableError(RuntimeError):
 
 
 def train_lora(predict: Predict, latents: torch.Tensor, layers: Mapping[str, LoRALayerParams], recipe: LoRARecipe,
-               schedule: DiffusionSchedule, generator: torch.Generator, *, cond: object = None,
+               schedule, generator: torch.Generator, *, cond: object = None,
                device: torch.device | str | None = None, compute_dtype: Optional[torch.dtype] = None,
                loss_scaling: bool = False, on_micro_step: Optional[Callable[[int, int], None]] = None,
                on_update: Optional[Callable[[UpdateInfo], None]] = None,
@@ -337,7 +353,7 @@ def train_lora(predict: Predict, latents: torch.Tensor, layers: Mapping[str, LoR
     start = time.perf_counter()
     for k in range(recipe.steps):
         draws = draw_update(order, generator, recipe.batch_size * recipe.gradient_accumulation,
-                            tuple(latents.shape[1:]), recipe, schedule.num_train_timesteps)
+                            tuple(latents.shape[1:]), recipe, schedule)
         lr = recipe.lr_at(k)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -446,11 +462,7 @@ def evaluate_loss(predict: Predict, latents: torch.Tensor, schedule: DiffusionSc
     g = torch.Generator().manual_seed(int(seed))
     x = latents.detach().to(torch.float32)
     n = x.shape[0] * repeats
-    T = schedule.num_train_timesteps
-    # stratified timesteps: one per equal slice of [0, T), shuffled
-    edges = torch.linspace(0, T, n + 1)
-    t_all = (edges[:-1] + torch.rand(n, generator=g) * (edges[1:] - edges[:-1])).long().clamp(0, T - 1)
-    t_all = t_all[torch.randperm(n, generator=g)]
+    t_all = schedule.stratified_timesteps(n, g)
     noise_all = torch.randn((n, *x.shape[1:]), generator=g)
     x_all = x.repeat(repeats, *([1] * (x.dim() - 1)))
     total, count = 0.0, 0

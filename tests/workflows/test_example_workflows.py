@@ -16,13 +16,22 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "example_workflows").glob("*.json"))
 TEST_LORA = "memora_example_test_lora.safetensors"
 #: the tiny checkpoint fixture each workflow runs on (the default: tiny_ckpt, SD1.x)
-TINY_MODEL = {"memora_recovery_sdxl": "tiny_sdxl_ckpt"}
+TINY_MODEL = {"memora_recovery_sdxl": "tiny_sdxl_ckpt", "memora_recovery_flux": "tiny_flux_ckpt"}
 #: (workflow, tiny checkpoint fixture): every example on its model, and memora_recovery also on SD2.x-v, as
 #: docs/workflows.md tells SD2.x users to run it
 RUNS = [(p, TINY_MODEL.get(p.stem, "tiny_ckpt")) for p in EXAMPLES] + \
     [(p, "tiny_sd2v_ckpt") for p in EXAMPLES if p.stem == "memora_recovery"]
 #: fixture -> (ComfyUI model class, model type) that its checkpoint must load as (checked before the run)
-ARCHITECTURE = {"tiny_sdxl_ckpt": ("SDXL", "EPS"), "tiny_sd2v_ckpt": ("SD20", "V_PREDICTION")}
+ARCHITECTURE = {"tiny_sdxl_ckpt": ("SDXL", "EPS"), "tiny_sd2v_ckpt": ("SD20", "V_PREDICTION"),
+                "tiny_flux_ckpt": ("Flux", "FLUX")}
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_ckpt(comfy, comfy_base) -> str:
+    """File name (in models/checkpoints) of the tiny Flux dev all-in-one checkpoint (tests/support/tiny_flux.py)."""
+    import tiny_flux
+
+    return tiny_flux.install_tiny_flux(comfy_base, "dev")["checkpoint"]
 
 
 def _loads_as(ckpt: str, fixture: str):

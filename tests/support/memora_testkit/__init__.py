@@ -142,7 +142,9 @@ class TinySDXL(comfy.supported_models.SDXL):
         return comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClip)
 
 
-for _tiny in (TinySDXL, TinySD20, TinySD15):
+from .flux import MODELS as _FLUX_MODELS  # noqa: E402  (tiny Flux dev / schnell: tests/support/tiny_flux.py)
+
+for _tiny in (*_FLUX_MODELS, TinySDXL, TinySD20, TinySD15):
     if not any(m is _tiny or getattr(m, "__name__", "") == _tiny.__name__ for m in comfy.supported_models.models):
         comfy.supported_models.models.insert(0, _tiny)
 
