@@ -77,7 +77,25 @@ def install_wrappers(patcher, layers: Mapping[str, _train.LoRALayerParams]) -> _
             patcher.add_weight_wrapper(f"{name}.weight", FreshCopyWrapper())
         if isinstance(getattr(m, "bias", None), torch.Tensor):
             patcher.add_weight_wrapper(f"{name}.bias", FreshCopyWrapper())
+    patch_other_inference_parameters(patcher, castable)
     return counter
+
+
+def patch_other_inference_parameters(patcher, castable: Mapping[str, Any]) -> int:
+    """Parameters outside ComfyUI's castable layers (e.g. the ``scale`` of Flux's RMSNorm, which its blocks use
+    directly) that are inference tensors get a normal copy as an object patch of the training clone (ComfyUI
+    restores the original when the clone is unloaded), so autograd may save them; returns how many."""
+    n = 0
+    with torch.inference_mode(False):
+        for name, p in patcher.model.diffusion_model.named_parameters():
+            owner = f"diffusion_model.{name.rsplit('.', 1)[0]}" if "." in name else "diffusion_model"
+            if owner in castable and name.rsplit(".", 1)[-1] in ("weight", "bias"):
+                continue
+            if p.is_inference():
+                patcher.add_object_patch(f"diffusion_model.{name}",
+                                         torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+                n += 1
+    return n
 
 
 # -- the training run --------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ sit where the editor expects them; Pillow diagram thumbnails drawn from the work
 
 The graph: the original Flux dev draws the seed images (the reference seed pairs, euler / simple, cfg 1 with
 FluxGuidance 3.5, as ComfyUI's Flux examples sample) -> the unlearned model encodes, inverts (MemoRa Flow Inversion),
-slerps within pairs and regenerates (MemoRa Flow Regenerate). ``WITH_TRAINING``: MemoRa LoRA Train on the
-regenerated latents and the evaluation of the three models, once LoRA training on Flux is in the pack (issue 23's
-training part); until then the graph stops at the regenerated images and a note marks the place. Titles are
+slerps within pairs and regenerates (MemoRa Flow Regenerate). ``WITH_TRAINING`` (on): MemoRa LoRA Train on the
+regenerated latents with the flow-matching objective (docs/flux-training.md); off, the graph stops at the regenerated
+images and a note marks the place. No evaluation stage yet. Titles are
 addresses (memora-batch, docs/flux.md, the tests): keep them stable.
 """
 
@@ -39,7 +39,7 @@ K = mw.K
 
 #: MemoRa LoRA Train on Flux (and the evaluation after it) lands with issue 23's training part: set True then,
 #: regenerate, and the workflow test runs the whole pipeline.
-WITH_TRAINING = False
+WITH_TRAINING = True
 
 FLUX_DEV = ("flux1-dev-fp8.safetensors", "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/"
             "flux1-dev-fp8.safetensors", "checkpoints")  # all-in-one (transformer, CLIP-L + T5, VAE), ComfyUI's
