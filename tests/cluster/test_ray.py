@@ -31,6 +31,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (what binding port 0 hands out), 32768 where unreadable."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 class LocalCluster:
     """Ray nodes started with `ray start` in their own process groups (killed by group at the end); a short temp
     dir of their own (Ray's socket paths must stay under 108 characters)."""
@@ -44,7 +52,10 @@ class LocalCluster:
 
     def start(self, head: bool, **env) -> None:
         ports = sorted(_free_port() for _ in range(2))
-        lo = 20000 + (len(self.groups) * 500) + (os.getpid() % 50) * 1000
+        # worker ports below the kernel's ephemeral range, where _free_port's picks (GCS, node manager, object
+        # manager) cannot land: a range overlapping one of them makes `ray start` refuse
+        lo = 20000 + (len(self.groups) * 500) + (os.getpid() % 10) * 1000
+        assert lo + 400 < _ephemeral_low(), (lo, _ephemeral_low())
         cmd = [RAY, "start", "--num-cpus", "1", "--disable-usage-stats", "--node-manager-port", str(ports[0]),
                "--object-manager-port", str(ports[1]), "--min-worker-port", str(lo),
                "--max-worker-port", str(lo + 400)]
