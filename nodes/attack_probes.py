@@ -16,33 +16,26 @@ from comfy_api.latest import io
 import comfy.sample
 import comfy.samplers
 
+from memora.attacks import common as _common
 from memora.attacks import concept_vector as cv
 from memora.attacks import probes
 from . import _host, _schema
 
-COST_COLUMNS = ["attack", "knowledge", "forward_calls", "backward_calls", "concept_images", "seconds"]
 SECTION = "attacks"
 
 
-def cost_table(display_name: str, attack: str, knowledge: str, forward_calls: int, concept_images: int,
-               seconds: float, backward_calls: int = 0) -> dict:
-    """The one-row cost table of an attack node (contract of issue 21)."""
-    return {"title": f"{display_name}: cost", "columns": list(COST_COLUMNS),
-            "rows": [[attack, knowledge, int(forward_calls), int(backward_calls), int(concept_images),
-                      round(float(seconds), 3)]]}
-
-
 def counted_model(model):
-    """A clone of ``model`` whose UNet calls are counted (the original is left as it is); returns (clone, counter).
+    """A clone of ``model`` whose UNet calls are counted in a ``CallCounter`` (the original is left as it is);
+    returns (clone, counter).
 
     The count wraps ComfyUI's model function wrapper (every batched call of the diffusion model during sampling),
     chaining any wrapper the model already has."""
-    counter = [0]
+    counter = _common.CallCounter()
     clone = model.clone()
     previous = clone.model_options.get("model_function_wrapper")
 
     def wrapper(apply_model, args):
-        counter[0] += 1
+        counter.forward_calls += 1
         if previous is not None:
             return previous(apply_model, args)
         return apply_model(args["input"], args["timestep"], **args["c"])
@@ -161,7 +154,8 @@ class MemoRaConceptVector(_schema.MemoRaNode):
                 encode_ids, target, cv.SearchSettings(tokens=search_tokens, generations=search_generations,
                                                       seed=seed), vocab, lambda g, n, _loss: progress(g, n))
             found = _decode_prompt(clip, ids)
-        table = cost_table(cls.DISPLAY, "concept vector", "text encoder only", 0, 0, time.perf_counter() - start)
+        table = _common.cost_table(cls.DISPLAY, "concept vector", _common.TEXT_ENCODER_ONLY, _common.CallCounter(), 0,
+                                   time.perf_counter() - start)
         return io.NodeOutput(positive, found, ui=_host.publish_scores([table]))
 
 
@@ -242,11 +236,12 @@ class MemoRaNoiseInjectionProbe(_schema.MemoRaNode):
         _host.check_latent(model, x, "latent_image")
         noise = comfy.sample.prepare_noise(x, seed, latent_image.get("batch_index"))
         sigmas = _host.sampling_sigmas(model, steps)
-        counted, calls = counted_model(model)
+        counted, counter = counted_model(model)
         sampler = _probe_sampler(eta, inject, inject_scale, seed, _host.StageProgress("noise probe", steps))
         out = comfy.sample.sample_custom(counted, noise, cfg, sampler, sigmas, positive, negative, x,
                                          noise_mask=latent_image.get("noise_mask"), disable_pbar=True, seed=seed)
-        table = cost_table(cls.DISPLAY, "noise injection", "prompts only", calls[0], 0, time.perf_counter() - start)
+        table = _common.cost_table(cls.DISPLAY, "noise injection", _common.PROMPTS_ONLY, counter, 0,
+                                   time.perf_counter() - start)
         return io.NodeOutput({**latent_image, "samples": out}, ui=_host.publish_scores([table]))
 
 
@@ -322,7 +317,7 @@ class MemoRaInpaintingProbe(_schema.MemoRaNode):
         x = comfy.sample.fix_empty_latent_channels(model, vae.encode(rgb))
         _host.check_latent(model, x, "the encoded pixels")
         noise = comfy.sample.prepare_noise(x, seed)
-        counted, calls = counted_model(model)
+        counted, counter = counted_model(model)
         progress = _host.StageProgress("inpainting probe", steps)
         out = comfy.sample.sample(counted, noise, steps, cfg, "ddim", "ddim_uniform", positive, negative, x,
                                   denoise=denoise, noise_mask=mask.reshape(b, 1, h, w), disable_pbar=True, seed=seed,
@@ -331,7 +326,8 @@ class MemoRaInpaintingProbe(_schema.MemoRaNode):
         if filled.dim() == 5:  # video VAEs decode a frame axis; image VAEs do not
             filled = filled.reshape(-1, *filled.shape[-3:])
         image = probes.composite(rgb.cpu().float(), filled.cpu().float(), mask)
-        table = cost_table(cls.DISPLAY, "inpainting", "concept images", calls[0], b, time.perf_counter() - start)
+        table = _common.cost_table(cls.DISPLAY, "inpainting", _common.CONCEPT_IMAGES, counter, b,
+                                   time.perf_counter() - start)
         return io.NodeOutput(image, mask, ui=_host.publish_scores([table]))
 
 
