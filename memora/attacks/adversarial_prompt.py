@@ -18,7 +18,6 @@ Torch only: the host gives ``encode(prefix_vectors) -> cond`` and ``predict(x_t,
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional
@@ -27,7 +26,7 @@ import torch
 
 from memora.lora.train import DiffusionSchedule
 from .common import (CallCounter, DrawSource, Predict, check_batch_size, check_learning_rate, check_steps,
-                     denoising_loss)
+                     denoising_loss, optimise)
 
 WHAT = "MemoRa Adversarial Prompt"
 DISCRETE = "discrete"
@@ -101,23 +100,15 @@ def optimise_prefix(predict: Predict, encode: Callable[[torch.Tensor], object], 
     start = torch.randint(0, table.shape[0], (recipe.num_tokens,), generator=draws.generator)
     prefix = torch.nn.Parameter(table[start.to(table.device)].clone())
     opt = torch.optim.Adam([prefix], lr=recipe.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    losses = []
-    for k in range(recipe.steps):
-        d = draws.draw(recipe.batch_size)
+
+    def step_loss(d):
         if recipe.mode == DISCRETE:  # straight-through: the loss at the projected tokens, its gradient on `prefix`
             used = prefix + (table[nearest(prefix, table)] - prefix).detach()
         else:
             used = prefix
-        opt.zero_grad(set_to_none=True)
-        loss = denoising_loss(model, schedule, latents, d, encode(used))
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{WHAT}: the loss became {value} at step {k + 1}; lower the learning_rate")
-        losses.append(value)
-        if on_step is not None:
-            on_step(k + 1, value)
+        return denoising_loss(model, schedule, latents, d, encode(used))
+
+    losses = optimise(opt, draws, recipe.steps, recipe.batch_size, step_loss, WHAT, on_step)
     idx = nearest(prefix, table)
     final = table[idx] if recipe.mode == DISCRETE else prefix.detach()
     return APResult(vectors=final.detach().to("cpu", torch.float32).clone(), candidates=idx.tolist(), losses=losses)

@@ -8,6 +8,7 @@ draws compute the same loss."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -114,6 +115,29 @@ def denoising_loss(predict: Predict, schedule: DiffusionSchedule, latents: torch
     noise, t = draws.noise.to(device), draws.timesteps.to(device)
     out = predict(schedule.add_noise(x0, noise, t), t, cond)
     return torch.nn.functional.mse_loss(out.float(), schedule.target(x0, noise, t).float())
+
+
+def optimise(opt: torch.optim.Optimizer, draws: DrawSource, steps: int, batch_size: int,
+             step_loss: Callable[[Draws], torch.Tensor], what: str,
+             on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
+    """The attacks' optimisation loop: per step the next draws of ``batch_size`` images, the loss
+    ``step_loss(draws)``, its backward pass and one step of ``opt``. Returns the loss of every step (the loss the
+    update used); a FloatingPointError naming the attack (``what``) and the step when a loss is not finite.
+    ``on_step(step, loss)`` is called after each step (steps counted from 1)."""
+    losses = []
+    for k in range(steps):
+        d = draws.draw(batch_size)
+        opt.zero_grad(set_to_none=True)
+        loss = step_loss(d)
+        loss.backward()
+        opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{what}: the loss became {value} at step {k + 1}; lower the learning_rate")
+        losses.append(value)
+        if on_step is not None:
+            on_step(k + 1, value)
+    return losses
 
 
 def check_batch_size(batch_size, what: str) -> int:

@@ -18,7 +18,7 @@ import torch
 
 from memora.lora.train import DiffusionSchedule
 from .common import (CallCounter, DrawSource, Predict, check_batch_size, check_learning_rate, check_steps,
-                     denoising_loss)
+                     denoising_loss, optimise)
 
 WHAT = "MemoRa Textual Inversion"
 DEFAULT_TOKEN = "<memora-concept>"
@@ -115,19 +115,8 @@ def train_embedding(predict: Predict, encode: Encode, init: torch.Tensor, latent
     vectors = torch.nn.Parameter(init.detach().to(device=latents.device, dtype=torch.float32).clone())
     opt = torch.optim.Adam([vectors], lr=recipe.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     draws = DrawSource(latents.shape[0], tuple(latents.shape[1:]), schedule.num_train_timesteps, recipe.seed)
-    losses = []
-    for k in range(recipe.steps):
-        d = draws.draw(recipe.batch_size)
-        opt.zero_grad(set_to_none=True)
-        loss = denoising_loss(model, schedule, latents, d, encode(vectors))
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{WHAT}: the loss became {value} at step {k + 1}; lower the learning_rate")
-        losses.append(value)
-        if on_step is not None:
-            on_step(k + 1, value)
+    losses = optimise(opt, draws, recipe.steps, recipe.batch_size,
+                      lambda d: denoising_loss(model, schedule, latents, d, encode(vectors)), WHAT, on_step)
     return TIResult(vectors=vectors.detach().to("cpu", torch.float32).clone(), losses=losses)
 
 
