@@ -16,26 +16,12 @@ addresses (memora-batch, docs/flux.md, the tests): keep them stable.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _shared():
-    """scripts/make_workflows.py (layout helpers, thumbnails, node definitions), imported by path."""
-    spec = importlib.util.spec_from_file_location("memora_make_workflows", ROOT / "scripts" / "make_workflows.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mw = _shared()
-Stack, c, COL = mw.Stack, mw.c, mw.COL
-BLUE, PURPLE, YELLOW = mw.BLUE, mw.PURPLE, mw.YELLOW
-K = mw.K
+sys.path.append(str(Path(__file__).resolve().parent))
+import make_workflows as mw  # noqa: E402  (layout helpers, thumbnails, node definitions, the shared stages)
+from make_workflows import COL, K, PURPLE, Stack, c  # noqa: E402
 
 #: MemoRa LoRA Train on Flux (and the evaluation after it) lands with issue 23's training part: set True then,
 #: regenerate, and the workflow test runs the whole pipeline.
@@ -69,48 +55,14 @@ NOTE_TRAINING = """Training: MemoRa LoRA Train ("Train LoRA", latents = "Regener
 
 
 def loaders_and_prompts(g, x):
-    col = Stack(g, x)
-    models = mw.model_loaders(g, col, True, FLUX)
-    concept = col.add("PrimitiveStringMultiline", K.TITLE_CONCEPT_PROMPT, size=(400, 140), **c(YELLOW), value=CONCEPT)
-    enc, nodes = {}, list(models.values()) + [concept]
-    for name, loader in models.items():
-        pos = g.wire(col.add("CLIPTextEncode", f"Concept prompt ({name} model)", size=(400, 130)),
-                     clip=loader[1], text=concept[0])
-        guided = g.wire(col.add("FluxGuidance", f"Flux guidance ({name} model)", guidance=FLUX_GUIDANCE),
-                        conditioning=pos[0])
-        neg = g.wire(col.add("CLIPTextEncode", f"Empty prompt ({name} model)", size=(400, 130), text=""),
-                     clip=loader[1])
-        enc[name] = (guided, neg)
-        nodes += [pos, guided, neg]
-    return models, enc, nodes
+    """The Flux loaders and the concept prompt, FluxGuidance after each model's concept prompt."""
+    return mw.models_and_prompts(g, True, x, FLUX, CONCEPT, flux_guidance=FLUX_GUIDANCE)
 
 
 def seed_images(g, models, enc, x):
     """One KSampler per reference seed with the ORIGINAL model (Flux: euler / simple, cfg 1, FluxGuidance)."""
-    orig, (pos, neg) = models["original"], enc["original"]
-    col_a, col_b = Stack(g, x), Stack(g, x + COL)
-    size = col_a.add("EmptySD3LatentImage", K.TITLE_SEED_IMAGE_SIZE, width=FLUX.size, height=FLUX.size,
-                     batch_size=1)
-    col_b.y = col_a.y
-    samplers = {"a": [], "b": []}
-    for i, pair in enumerate(mw.SEED_PAIRS, start=1):
-        for side, seed, col in zip("ab", pair, (col_a, col_b)):
-            ks = col.add("KSampler", f"Seed image {i}{side}", seed=seed, steps=FLUX_STEPS, denoise=1.0, **SAMPLER)
-            g.wire(ks, model=orig[0], positive=pos[0], negative=neg[0], latent_image=size[0])
-            samplers[side].append(ks)
-    col = Stack(g, x + 2 * COL)
-    batches, extra = {}, []
-    for side in "ab":
-        s = samplers[side]
-        b1 = g.wire(col.add("LatentBatch"), samples1=s[0][0], samples2=s[1][0])
-        b2 = g.wire(col.add("LatentBatch", f"Seed latents {side.upper()}"), samples1=b1[0], samples2=s[2][0])
-        dec = g.wire(col.add("VAEDecode", f"Seed images {side.upper()}"), samples=b2[0], vae=orig[2])
-        batches[side.upper()] = dec
-        extra += [b1, b2, dec]
-    both = g.wire(col.add("ImageBatch"), image1=batches["A"][0], image2=batches["B"][0])
-    save = g.wire(col.add("SaveImage", "Save seed images", size=(320, 320), filename_prefix="memora/flux_seed"),
-                  images=both[0])
-    return batches, [size] + samplers["a"] + samplers["b"] + extra + [both, save], max(col.y, col_a.y, col_b.y)
+    return mw.seed_images(g, models, enc, x, steps=FLUX_STEPS, size_px=FLUX.size, latent_node="EmptySD3LatentImage",
+                          sampler=SAMPLER, prefix="memora/flux_seed", note=False)
 
 
 def invert_slerp_regenerate(g, models, enc, batches, x):
@@ -162,12 +114,7 @@ WORKFLOWS = {
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
-    ap.add_argument("--comfyui", default=None)
-    args = ap.parse_args(argv)
-    info = mw.node_definitions(args.comfyui)
-    return mw.write_workflows(WORKFLOWS, info, check=args.check, script="scripts/make_flux_workflows.py")
+    return mw.generator_main(WORKFLOWS, "scripts/make_flux_workflows.py", __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

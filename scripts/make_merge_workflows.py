@@ -11,26 +11,12 @@ Titles are addresses (memora-batch, docs/merge-and-automemora.md, the tests): ke
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _shared():
-    """scripts/make_workflows.py (layout helpers, thumbnails, node definitions), imported by path."""
-    spec = importlib.util.spec_from_file_location("memora_make_workflows", ROOT / "scripts" / "make_workflows.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mw = _shared()
-Stack, c, COL = mw.Stack, mw.c, mw.COL
-BLUE, PURPLE, GREEN, YELLOW = mw.BLUE, mw.PURPLE, mw.GREEN, mw.YELLOW
-K = mw.K  # memora/contracts.py: the titles memora-batch addresses
+sys.path.append(str(Path(__file__).resolve().parent))
+import make_workflows as mw  # noqa: E402  (layout helpers, thumbnails, node definitions, the shared stages)
+from make_workflows import BLUE, COL, K, PURPLE, YELLOW, Stack, c  # noqa: E402
 
 CONCEPTS = {"A": "a photo of the parachute", "B": "a photo of the church"}
 # The reference's first seed of a pair for the first halves, second seed for the second halves (docs/method.md).
@@ -216,12 +202,8 @@ WORKFLOWS = {
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
-    ap.add_argument("--comfyui", default=None)
-    args = ap.parse_args(argv)
-    info = mw.node_definitions(args.comfyui)
-    return mw.write_workflows(WORKFLOWS, info, check=args.check, script="scripts/make_merge_workflows.py")
+    return mw.generator_main(WORKFLOWS, "scripts/make_merge_workflows.py", __doc__.split("\n\n")[0], argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

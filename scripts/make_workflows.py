@@ -148,35 +148,49 @@ def model_loaders(g, col, with_original: bool, arch: Arch) -> dict:
     return models
 
 
-def models_and_prompts(g, with_original: bool, x, arch: Arch = SD1, concept: str = CONCEPT):
-    """Loaders, the concept prompt (one string node feeding every text encoder), per-model encodings."""
+def models_and_prompts(g, with_original: bool, x, arch: Arch = SD1, concept: str = CONCEPT,
+                       flux_guidance: Optional[float] = None):
+    """Loaders, the concept prompt (one string node feeding every text encoder), per-model encodings.
+    ``flux_guidance``: Flux dev's distilled guidance, a FluxGuidance node after each concept prompt (its output is
+    the model's positive conditioning)."""
     col = Stack(g, x)
     models = model_loaders(g, col, with_original, arch)
     concept = col.add("PrimitiveStringMultiline", K.TITLE_CONCEPT_PROMPT, size=(400, 140), **c(YELLOW), value=concept)
-    enc = {}
+    enc, nodes = {}, list(models.values()) + [concept]
     for name, loader in models.items():
-        pos = col.add("CLIPTextEncode", f"Concept prompt ({name} model)", size=(400, 130))
-        g.connect(loader[1], pos, "clip")
-        g.connect(concept[0], pos, "text")
-        neg = col.add("CLIPTextEncode", f"Empty prompt ({name} model)", size=(400, 130), text="")
-        g.connect(loader[1], neg, "clip")
+        pos = g.wire(col.add("CLIPTextEncode", f"Concept prompt ({name} model)", size=(400, 130)),
+                     clip=loader[1], text=concept[0])
+        nodes.append(pos)
+        if flux_guidance is not None:
+            pos = g.wire(col.add("FluxGuidance", f"Flux guidance ({name} model)", guidance=flux_guidance),
+                         conditioning=pos[0])
+            nodes.append(pos)
+        neg = g.wire(col.add("CLIPTextEncode", f"Empty prompt ({name} model)", size=(400, 130), text=""),
+                     clip=loader[1])
         enc[name] = (pos, neg)
-    nodes = list(models.values()) + [concept] + [n for pair in enc.values() for n in pair]
+        nodes.append(neg)
     return models, enc, nodes
 
 
-def seed_images(g, models, enc, x, steps=50, size_px=512):
-    """Six KSampler runs of the ORIGINAL model, one per reference seed; A = first of each pair, B = second."""
+#: the seed images' sampler settings: the reference's DDIM at cfg 7.5
+SEED_SAMPLER = {"cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform"}
+
+
+def seed_images(g, models, enc, x, steps=50, size_px=512, latent_node="EmptyLatentImage", sampler=None,
+                prefix="memora/seed", note=True):
+    """Six KSampler runs of the ORIGINAL model, one per reference seed; A = first of each pair, B = second.
+    ``sampler``: the KSamplers' cfg, sampler_name and scheduler (default SEED_SAMPLER); ``prefix``: the SaveImage
+    file name prefix; ``note``: the seed pairs' note under the column."""
     orig = models["original"]
     pos, neg = enc["original"]
     col_a, col_b = Stack(g, x), Stack(g, x + COL)
-    size = col_a.add("EmptyLatentImage", K.TITLE_SEED_IMAGE_SIZE, width=size_px, height=size_px, batch_size=1)
+    size = col_a.add(latent_node, K.TITLE_SEED_IMAGE_SIZE, width=size_px, height=size_px, batch_size=1)
     col_b.y = col_a.y
     samplers = {"a": [], "b": []}
     for i, pair in enumerate(SEED_PAIRS, start=1):
         for side, seed, col in zip("ab", pair, (col_a, col_b)):
-            ks = col.add("KSampler", f"Seed image {i}{side}", seed=seed, steps=steps, cfg=7.5, sampler_name="ddim",
-                         scheduler="ddim_uniform", denoise=1.0)
+            ks = col.add("KSampler", f"Seed image {i}{side}", seed=seed, steps=steps, denoise=1.0,
+                         **(sampler or SEED_SAMPLER))
             g.wire(ks, model=orig[0], positive=pos[0], negative=neg[0], latent_image=size[0])
             samplers[side].append(ks)
     col = Stack(g, x + 2 * COL)
@@ -189,9 +203,10 @@ def seed_images(g, models, enc, x, steps=50, size_px=512):
         batches[side.upper()] = dec
         extra += [b1, b2, dec]
     both = g.wire(col.add("ImageBatch"), image1=batches["A"][0], image2=batches["B"][0])
-    save = g.wire(col.add("SaveImage", "Save seed images", size=(320, 320), filename_prefix="memora/seed"),
+    save = g.wire(col.add("SaveImage", "Save seed images", size=(320, 320), filename_prefix=prefix),
                   images=both[0])
-    col.note(README_SEEDS, "Seed pairs", size=(420, 330))
+    if note:
+        col.note(README_SEEDS, "Seed pairs", size=(420, 330))
     nodes = [size] + samplers["a"] + samplers["b"] + extra + [both, save]
     return batches, nodes, max(col.y, col_a.y, col_b.y)
 
@@ -585,14 +600,20 @@ def workflow_uuid(name: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/comfyui-memora/comfyui-memora/{name}"))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def generator_main(workflows: dict, script: str, description: str, argv=None) -> int:
+    """The command line of every workflow generator (this script, make_merge_workflows.py, make_flux_workflows.py):
+    write ``workflows`` into example_workflows/, or with --check compare with the committed files (1 if stale)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
     ap.add_argument("--comfyui", default=None)
     ap.add_argument("--only", action="append", default=[], help="build only these workflows")
     args = ap.parse_args(argv)
     info = node_definitions(args.comfyui)
-    return write_workflows(WORKFLOWS, info, check=args.check, only=args.only, script="scripts/make_workflows.py")
+    return write_workflows(workflows, info, check=args.check, only=args.only, script=script)
+
+
+def main(argv=None) -> int:
+    return generator_main(WORKFLOWS, "scripts/make_workflows.py", __doc__.split("\n\n")[0], argv)
 
 
 def with_workflow_models(ui: dict) -> dict:
