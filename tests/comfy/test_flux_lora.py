@@ -6,18 +6,17 @@ Merge identities, and the refusals (an SD LoRA on Flux, a Flux LoRA on SD, mixed
 
 from __future__ import annotations
 
-import importlib
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from graphs import Graph
+from graphs import Graph, run_logged, sampled_preview
 from memora.lora import flow as F
 from memora.lora import flux as FX
 from memora.lora import formats
+from random_loras import pack_module
 
 # 2 double blocks x 8 attention projections + 2 single blocks x 3 (q, k, v)
 TINY_ATTENTION_LAYERS = 22
@@ -26,10 +25,7 @@ TINY_ATTENTION_WEIGHTS = 10
 
 
 def _pack(name: str, package: str = "nodes"):
-    import nodes
-
-    root = nodes.NODE_CLASS_MAPPINGS["MemoRaLoRATrain"].__module__.rsplit(".", 2)[0]
-    return importlib.import_module(f"{root}.{package}.{name}")
+    return pack_module(f"{package}.{name}")
 
 
 def _node(name: str):
@@ -135,15 +131,6 @@ def _lora_name(trained) -> str:
     return trained["out"][3]
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def _load_in_lora_loader(comfy, flux, lora_name: str):
     """UNETLoader (the tiny Flux dev file) -> stock LoraLoaderModelOnly through the executor; (model, log lines)."""
     g = Graph()
@@ -152,17 +139,11 @@ def _load_in_lora_loader(comfy, flux, lora_name: str):
     ck = g.node("CheckpointLoaderSimple", ckpt_name=flux["files"]["dev"]["checkpoint"])
     pos = g.node("FluxGuidance", conditioning=g.node("CLIPTextEncode", text="a photo", clip=ck[1])[0], guidance=3.5)
     lat = g.node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
-    ks = g.node("KSampler", model=lo[0], positive=pos[0], negative=pos[0], latent_image=lat[0], seed=1, steps=2,
-                cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
-    g.node("PreviewImage", images=g.node("VAEDecode", samples=ks[0], vae=ck[2])[0])
-    handler = _Records()
-    logging.getLogger().addHandler(handler)
-    try:
-        res = comfy.run(g.prompt)
-    finally:
-        logging.getLogger().removeHandler(handler)
+    sampled_preview(g, lo[0], pos[0], lat[0], ck[2], seed=1, steps=2, cfg=1.0, sampler_name="euler",
+                    scheduler="simple")
+    res, messages = run_logged(comfy, g.prompt)
     assert res.success, res.error_message
-    return comfy.node_outputs(lo.id)[0], handler.messages
+    return comfy.node_outputs(lo.id)[0], messages
 
 
 def _patch_count(model) -> int:

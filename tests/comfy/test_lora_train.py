@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import importlib
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -20,10 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from graphs import Graph
+from graphs import Graph, run_logged, sampled_preview
 from memora.lora import apply as A
 from memora.lora import recipe as R
 from memora.lora import train as T
+from random_loras import pack_module
 
 PROMPT = "a photo of the parachute"
 TINY_ATTENTION_LAYERS = 56
@@ -31,11 +31,7 @@ TINY_ATTENTION_LAYERS = 56
 
 def _pack(name: str, package: str = "nodes"):
     """A module of the pack as ComfyUI loaded it (its own module names, distinct from the installed ``memora``)."""
-    import nodes
-
-    cls = nodes.NODE_CLASS_MAPPINGS["MemoRaLoRATrain"]
-    root = cls.__module__.rsplit(".", 2)[0]
-    return importlib.import_module(f"{root}.{package}.{name}")
+    return pack_module(f"{package}.{name}")
 
 
 def _train_node():
@@ -72,9 +68,8 @@ def _sampled_batch_graph(tiny_ckpt, batch_size: int, steps: int):
     ck = g.node("CheckpointLoaderSimple", ckpt_name=tiny_ckpt)
     pos = g.node("CLIPTextEncode", text=PROMPT, clip=ck[1])
     lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=batch_size)
-    ks = g.node("KSampler", model=ck[0], positive=pos[0], negative=pos[0], latent_image=lat[0], seed=3, steps=steps,
-                cfg=2.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    g.node("PreviewImage", images=g.node("VAEDecode", samples=ks[0], vae=ck[2])[0])
+    ks = sampled_preview(g, ck[0], pos[0], lat[0], ck[2], seed=3, steps=steps, cfg=2.0, sampler_name="ddim",
+                         scheduler="ddim_uniform")
     return g, ck, pos, lat, ks
 
 
@@ -210,15 +205,6 @@ def test_input_model_is_bit_identical_after_training(recipe_runs):
     assert not torch.equal(probes.sample_model(trained, recipe_runs["cond"]), recipe_runs["before_sample"])
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_saved_file_loads_in_stock_lora_loader_without_warnings(comfy, recipe_runs):
     name = recipe_runs["runs"][0]["outputs"][3]
     g = Graph()
@@ -226,17 +212,11 @@ def test_saved_file_loads_in_stock_lora_loader_without_warnings(comfy, recipe_ru
     lo = g.node("LoraLoaderModelOnly", model=ck[0], lora_name=name, strength_model=1.0)
     pos = g.node("CLIPTextEncode", text=PROMPT, clip=ck[1])
     lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=1)
-    ks = g.node("KSampler", model=lo[0], positive=pos[0], negative=pos[0], latent_image=lat[0], seed=7, steps=3,
-                cfg=2.0, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0)
-    g.node("PreviewImage", images=g.node("VAEDecode", samples=ks[0], vae=ck[2])[0])
-    handler = _Records()
-    logging.getLogger().addHandler(handler)
-    try:
-        res = comfy.run(g.prompt)
-    finally:
-        logging.getLogger().removeHandler(handler)
+    ks = sampled_preview(g, lo[0], pos[0], lat[0], ck[2], seed=7, steps=3, cfg=2.0, sampler_name="ddim",
+                         scheduler="ddim_uniform")
+    res, messages = run_logged(comfy, g.prompt)
     assert res.success, res.error_message
-    assert not [m for m in handler.messages if "lora key not loaded" in m], handler.messages
+    assert not [m for m in messages if "lora key not loaded" in m], messages
     loaded = comfy.node_outputs(lo.id)[0]
     assert len(loaded.patches) == TINY_ATTENTION_LAYERS
     # the stock LoraLoader graph samples as the node's own model output does
