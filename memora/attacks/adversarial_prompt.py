@@ -25,8 +25,8 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from memora.lora.train import DiffusionSchedule
-from .common import (CallCounter, DrawSource, Predict, check_batch_size, check_learning_rate, check_steps,
-                     denoising_loss, optimise)
+from .common import (CallCounter, DrawSource, Predict, check_optimisation, check_whole_number, denoising_loss,
+                     optimise)
 
 WHAT = "MemoRa Adversarial Prompt"
 DISCRETE = "discrete"
@@ -48,13 +48,10 @@ class APRecipe:
     seed: int = 0
 
     def validate(self) -> "APRecipe":
-        check_steps(self.steps, WHAT)
-        check_learning_rate(self.learning_rate, WHAT)
-        check_batch_size(self.batch_size, WHAT)
+        check_optimisation(self.steps, self.learning_rate, self.batch_size, WHAT)
         if self.mode not in MODES:
             raise ValueError(f"{WHAT}: mode must be one of {list(MODES)}, got {self.mode!r}")
-        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or not 1 <= self.num_tokens <= 32:
-            raise ValueError(f"{WHAT}: num_tokens must be a whole number in 1..32, got {self.num_tokens!r}")
+        check_whole_number(self.num_tokens, "num_tokens", 1, 32, WHAT)
         return self
 
     def to_dict(self) -> dict:

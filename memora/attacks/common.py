@@ -151,3 +151,17 @@ def check_learning_rate(lr, what: str) -> float:
     if not (lr > 0 and lr < float("inf")):
         raise ValueError(f"{what}: learning_rate must be a finite number > 0, got {lr!r}")
     return lr
+
+
+def check_optimisation(steps, learning_rate, batch_size, what: str) -> None:
+    """The optimisation settings every attack recipe has: steps, learning rate, batch size (errors name ``what``)."""
+    check_steps(steps, what)
+    check_learning_rate(learning_rate, what)
+    check_batch_size(batch_size, what)
+
+
+def check_whole_number(value, name: str, low: int, high: int, what: str) -> int:
+    """``value`` as a whole number in ``low..high``; a ValueError naming the attack and the setting otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what}: {name} must be a whole number in {low}..{high}, got {value!r}")
+    return value

@@ -17,8 +17,8 @@ from typing import Callable, Container, Optional
 import torch
 
 from memora.lora.train import DiffusionSchedule
-from .common import (CallCounter, DrawSource, Predict, check_batch_size, check_learning_rate, check_steps,
-                     denoising_loss, optimise)
+from .common import (CallCounter, DrawSource, Predict, check_optimisation, check_whole_number, denoising_loss,
+                     optimise)
 
 WHAT = "MemoRa Textual Inversion"
 DEFAULT_TOKEN = "<memora-concept>"
@@ -39,11 +39,8 @@ class TIRecipe:
     seed: int = 0
 
     def validate(self) -> "TIRecipe":
-        check_steps(self.steps, WHAT)
-        check_learning_rate(self.learning_rate, WHAT)
-        check_batch_size(self.batch_size, WHAT)
-        if isinstance(self.num_vectors, bool) or not isinstance(self.num_vectors, int) or not 1 <= self.num_vectors <= 16:
-            raise ValueError(f"{WHAT}: num_vectors must be a whole number in 1..16, got {self.num_vectors!r}")
+        check_optimisation(self.steps, self.learning_rate, self.batch_size, WHAT)
+        check_whole_number(self.num_vectors, "num_vectors", 1, 16, WHAT)
         return self
 
     def to_dict(self) -> dict:
