@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import io
 import json
 import platform
@@ -38,6 +37,7 @@ from memora.evaluation.stats import rate_record  # noqa: E402
 from memora.fileio import atomic_write  # noqa: E402
 from memora.micro import data, detector, text, world  # noqa: E402
 from memora_build import micro_detector, micro_diffusion as diffusion, micro_erasure as erasure, micro_text  # noqa: E402
+from memora_build.micro_files import save_safetensors  # noqa: E402
 
 UNET_EMA = 0.99
 FINETUNE_EMA = 0.995
@@ -220,17 +220,6 @@ def evaluate(unet, vae, det, contexts, uncond, *, n: int, seed: int, cfg: float,
 
 
 # -- saving --------------------------------------------------------------------------------------------------------
-def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> dict:
-    """Write float32 tensors (keys sorted) atomically; returns the file's record: name, sha256 and size."""
-    from safetensors.torch import save
-
-    blob = save({k: v.detach().contiguous().to(torch.float32).cpu() for k, v in sorted(tensors.items())},
-                metadata=metadata)
-    atomic_write(path, blob, replace=True)
-    return {"file": path.name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
-            "tensors": len(tensors)}
-
-
 def save_png(image, path: Path):
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -384,6 +373,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "e.g. esd_u.steps=120; repeatable")
     ap.add_argument("--measure-only", action="store_true",
                     help="with --reuse: take the variants' files too, and redo only the measurements and the files")
+    ap.add_argument("--variants", default=None, metavar="NAME,...",
+                    help="with --reuse: make only these variants again (e.g. esd_x,esd_x_long); the others' files come "
+                         "from the --reuse build (sha256-checked); every model is measured again")
     ap.add_argument("--retrain-detector", action="store_true",
                     help="with --reuse: train the detector again instead of reusing the earlier build's")
     ap.add_argument("--jobs", type=int, default=2,
@@ -580,11 +572,26 @@ def train_stages(args, comfy_path, x_all, labels, none_imgs, timer: Timer) -> Bu
                  {"vae": vae_log, "clip": clip_log, "detector": det_log, "unet": unet_logs})
 
 
-def variants_stage(args, built: Built, timer: Timer):
-    """Stage 6: each variant of the original (memora_build.micro_erasure.VARIANT_RECIPES): ESD-x, ESD-u, UCE, the
-    deep ESD-u and the two-concept ESD-x; kept in ``built.variants`` as the tensors the method changed."""
+def check_variant_names(text) -> tuple[str, ...]:
+    """--variants NAME,...: names of variants of the original (memora_build.micro_erasure.VARIANT_RECIPES)."""
+    if not text:
+        return ()
+    names = tuple(n.strip() for n in str(text).split(",") if n.strip())
+    unknown = [n for n in names if n not in erasure.VARIANT_RECIPES]
+    if unknown or not names:
+        raise SystemExit(f"--variants {text!r}: {', '.join(unknown) or 'no name'} is not a variant of the original; "
+                         f"expected names from {', '.join(erasure.VARIANT_RECIPES)}")
+    return names
+
+
+def variants_stage(args, built: Built, timer: Timer, only: tuple = ()):
+    """Stage 6: each variant of the original (memora_build.micro_erasure.VARIANT_RECIPES): ESD-x (two lengths),
+    ESD-u, UCE, the deep ESD-u and the two-concept ESD-x, or only the ``only`` ones; kept in ``built.variants`` as
+    the tensors the method changed."""
     recipes = erasure.override(erasure.VARIANT_RECIPES, args.recipe)
     for name, rec in recipes.items():
+        if only and name not in only:
+            continue
         idx = [data.CONCEPTS.index(c) for c in rec["erase"]]
         unet = copy.deepcopy(built.unets["original"])
         if rec["method"] == "uce":
@@ -609,21 +616,26 @@ def variants_stage(args, built: Built, timer: Timer):
         timer.done(name)
 
 
-def reuse_variants(args, built: Built, timer: Timer):
-    """--measure-only: the variants' files of the --reuse build (sha256-checked) instead of making them again."""
+def reuse_variants(args, built: Built, timer: Timer, skip: tuple = ()):
+    """--measure-only (and --variants, for the variants not named): the variants' files of the --reuse build
+    (sha256-checked) instead of making them again."""
     from safetensors.torch import load_file
 
     prev_dir = Path(args.reuse)
     prev = world.load_manifest(prev_dir)
-    for name, vlog in prev["recipe"]["variants"].items():
+    reused = {n: v for n, v in prev["recipe"]["variants"].items() if n not in skip}
+    missing = [n for n in erasure.VARIANT_RECIPES if n not in reused and n not in skip]
+    if missing:
+        raise SystemExit(f"--reuse {prev_dir}: it has no variant {', '.join(missing)}; name it in --variants")
+    for name, vlog in reused.items():
         stored = load_file(str(world.weight_path(name, prev_dir, prev)))
         unet = copy.deepcopy(built.unets["original"])
         unet.load_state_dict({**unet.state_dict(), **stored})
         built.unets[name] = unet.eval()
         built.variants[name] = (stored, vlog)
-    timer.seconds.update({k: v for k, v in prev["build"]["stage_seconds"].items() if k in prev["recipe"]["variants"]})
-    built.reused["stages"] += list(prev["recipe"]["variants"])
-    log(f"reused the variants of {prev_dir}: {', '.join(prev['recipe']['variants'])}")
+    timer.seconds.update({k: v for k, v in prev["build"]["stage_seconds"].items() if k in reused})
+    built.reused["stages"] += list(reused)
+    log(f"reused the variants of {prev_dir}: {', '.join(reused)}")
 
 
 _MEASURE: dict = {}  # what the forked measurement workers read (set by measure() before forking)
@@ -739,24 +751,26 @@ def save_networks(args, out: Path, built: Built, sheet) -> dict:
           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                    if k not in ("out", "unet_worker", "work", "snapshots")}}
     base_seeds = {k: STAGE_SEEDS[k] for k in ("data", "vae", "clip")}
+
+    def save(name: str, tensors: dict, metadata: dict) -> dict:
+        prev = Path(args.reuse) / world.FILES[name] if args.reuse else None
+        return save_safetensors(tensors, out / world.FILES[name], metadata, previous=prev)
+
     files = {
-        "clip": save_safetensors({"cond_stage_model.transformer." + k: v for k, v in built.clip.state_dict().items()
-                                  if "position_ids" not in k}, out / world.FILES["clip"], meta)
-        | {"seeds": {"clip": STAGE_SEEDS["clip"]}},
-        "vae": save_safetensors(built.vae.state_dict(), out / world.FILES["vae"], meta)
-        | {"seeds": {k: STAGE_SEEDS[k] for k in ("data", "vae")}},
-        "detector": save_safetensors(built.det.state_dict(), out / world.FILES["detector"], meta)
+        "clip": save("clip", {"cond_stage_model.transformer." + k: v for k, v in built.clip.state_dict().items()
+                              if "position_ids" not in k}, meta) | {"seeds": {"clip": STAGE_SEEDS["clip"]}},
+        "vae": save("vae", built.vae.state_dict(), meta) | {"seeds": {k: STAGE_SEEDS[k] for k in ("data", "vae")}},
+        "detector": save("detector", built.det.state_dict(), meta)
         | {"seeds": {k: STAGE_SEEDS[k] for k in ("vae", "detector")}},
     }
     for name in ("original", "never_learned"):
-        files[name] = save_safetensors(built.unets[name].state_dict(), out / world.FILES[name], meta) | {
+        files[name] = save(name, built.unets[name].state_dict(), meta) | {
             "seeds": {**base_seeds, "unet": STAGE_SEEDS["unet"]}}
     for name, (stored, vlog) in built.variants.items():
         seeds = {**base_seeds, "unet": STAGE_SEEDS["unet"]}
         if "seed" in vlog["recipe"]:
             seeds[name] = vlog["recipe"]["seed"]
-        files[name] = save_safetensors(stored, out / world.FILES[name], {**meta, "base": "original"}) | {
-            "seeds": seeds, "base": "original"}
+        files[name] = save(name, stored, {**meta, "base": "original"}) | {"seeds": seeds, "base": "original"}
     for rec in files.values():
         rec["built_by"] = by
     save_png(sheet, out / "samples.png")
@@ -876,8 +890,9 @@ def main(argv=None) -> int:
     if args.tables:
         print(markdown_tables(world.load_manifest(args.tables)))
         return 0
-    if (args.retrain_detector or args.measure_only) and not args.reuse:
-        raise SystemExit("--retrain-detector and --measure-only go with --reuse")
+    if (args.retrain_detector or args.measure_only or args.variants) and not args.reuse:
+        raise SystemExit("--retrain-detector, --measure-only and --variants go with --reuse")
+    only = check_variant_names(args.variants)
     t_all, cpu_all = time.perf_counter(), time.process_time()
     torch.set_num_threads(max(1, args.threads))
     comfy_path = boot_comfy()
@@ -894,6 +909,9 @@ def main(argv=None) -> int:
     timer.t0 = time.perf_counter()
     if args.measure_only:
         reuse_variants(args, built, timer)
+    elif only:
+        reuse_variants(args, built, timer, skip=only)
+        variants_stage(args, built, timer, only=only)
     else:
         variants_stage(args, built, timer)
     results = measure(args, built)

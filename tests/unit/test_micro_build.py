@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from memora_build import micro_diffusion, micro_erasure
 #: docs/micro-world.md: the UCE file is rebuilt from the shipped original and text encoder within this (absolute,
 #: per weight): the solve is float64, the only float32 step is the text encoder's forward pass
 UCE_REBUILD_ATOL = 1e-5
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +133,54 @@ def test_recipe_overrides_are_checked():
     assert micro_erasure.VARIANT_RECIPES["esd_u"]["steps"] != 7  # the defaults are not changed
     with pytest.raises(ValueError, match="NAME.KEY=VALUE"):
         micro_erasure.override(micro_erasure.VARIANT_RECIPES, ["esd_u.nope=1"])
+
+
+def test_safetensors_files_are_written_canonically_and_an_unchanged_network_keeps_its_file(tmp_path):
+    """safetensors writes metadata in a hash map's order (it changed between builds, and with it every sha256): the
+    build sorts it, and a --reuse build keeps an unchanged network's earlier file byte for byte."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from memora_build.micro_files import canonical_safetensors, save_safetensors
+
+    tensors = {"b.weight": torch.randn(3, 2), "a.bias": torch.randn(4)}
+    meta = {"format": "memora micro world", "build": "scripts/build_micro_world.py", "base": "original"}
+    blobs = {canonical_safetensors(save(tensors, metadata=dict(order))) for order in
+             (sorted(meta.items()), sorted(meta.items(), reverse=True), list(meta.items()))}
+    assert len(blobs) == 1
+    (blob,) = blobs
+    header = blob[8:8 + int.from_bytes(blob[:8], "little")].decode()
+    md = json.loads(header)["__metadata__"]
+    assert list(md) == sorted(meta) and md == meta
+    # an older build's file with the same tensors and metadata in another order is kept as it was
+    older = tmp_path / "older.safetensors"
+    save_file(tensors, str(older), metadata=dict(reversed(list(meta.items()))))
+    rec = save_safetensors(tensors, tmp_path / "new.safetensors", meta, previous=older)
+    assert (tmp_path / "new.safetensors").read_bytes() == older.read_bytes()
+    assert rec["sha256"] == world.sha256_file(older) and rec["tensors"] == 2
+    # a changed tensor (or changed metadata) writes the new, canonical file
+    changed = {**tensors, "a.bias": tensors["a.bias"] + 1e-6}
+    save_safetensors(changed, tmp_path / "new.safetensors", meta, previous=older)
+    got = (tmp_path / "new.safetensors").read_bytes()
+    assert got != older.read_bytes() and got == canonical_safetensors(got)
+    assert torch.equal(load_file(str(tmp_path / "new.safetensors"))["a.bias"], changed["a.bias"])
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        assert f.metadata() == meta
+
+
+def test_the_variants_a_rebuild_may_name_are_checked():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_micro_world", ROOT / "scripts" / "build_micro_world.py")
+    build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(build)
+    finally:
+        del sys.modules[spec.name]
+    assert build.check_variant_names("esd_x, esd_x_long") == ("esd_x", "esd_x_long")
+    assert build.check_variant_names(None) == ()
+    with pytest.raises(SystemExit, match="'esd_y' is not|esd_y is not a variant of the original"):
+        build.check_variant_names("esd_x,esd_y")
+    with pytest.raises(SystemExit, match="never_learned is not a variant of the original"):
+        build.check_variant_names("never_learned")
