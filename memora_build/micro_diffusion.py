@@ -265,7 +265,7 @@ def esd_train(unet: torch.nn.Module, concept_ctx: torch.Tensor, uncond: torch.Te
         loss.backward()
         opt.step()
         if step % log_every == 0 or step == steps - 1:
-            log.add(step, float(loss))
+            log.add(step, float(loss.detach()))
             if progress is not None:
                 progress(step, steps, float(loss))
     for p in unet.parameters():

@@ -17,15 +17,15 @@ from . import _host, _micro_host, _schema
 
 
 _VARIANT_HELP = ("original: trained on all five shapes; never_learned: trained the same way without stars; the "
-                 "rest are the original with the star erased: esd_x (ESD, cross-attention), esd_u (ESD, every other "
-                 "layer), uce (Unified Concept Editing, closed-form key/value edit), esd_u_deep (ESD-u, five times "
+                 "rest are the original with the star erased: esd_x (ESD, cross-attention, 30 updates), esd_x_long "
+                 "(the same, 60 updates), esd_u (ESD, every other layer), uce (Unified Concept Editing, closed-form key/value edit), esd_u_deep (ESD-u, five times "
                  "longer, guidance 2, kept concepts preserved), esd_x_star_cross (ESD-x, star and cross erased).")
 
 
 class MemoRaLoadMicroWorld(_schema.MemoRaNode):
     """Loads the micro world shipped with the pack: a tiny Stable Diffusion 1.x-family model (UNet, CLIP text
-    encoder, VAE; about 1 M UNet parameters) trained on five procedural shapes (circle, square, triangle, star,
-    cross) at 32 x 32 pixels, in seven variants: the original, a never-learned model (no stars in its data) and five
+    encoder, VAE; about 1.8 M UNet parameters) trained on five procedural shapes (circle, square, triangle, star,
+    cross) at 32 x 32 pixels, in eight variants: the original, a never-learned model (no stars in its data) and six
     unlearned ones made from the original by published erasure methods (docs/micro-world.md). Every file is checked
     against the sha256 in the world's manifest: a changed file is refused. Its VAE downsamples 4x (SD's 8x): an
     Empty Latent Image of 64 x 64 gives its 8 x 8 latents, which decode to 32 x 32 images. Nothing is registered

@@ -5,8 +5,8 @@ everything it measured, and per file its sha256, what built it and the seeds; lo
 from the manifest (so weights and configuration always travel together) and refuse a file whose hash differs.
 
 The models: ``original`` (all five concepts), ``never_learned`` (trained without stars), and variants of the
-original that each store only the tensors their erasure method changed: ``esd_x``, ``esd_u``, ``uce``,
-``esd_u_deep`` (star erased) and ``esd_x_star_cross`` (star and cross erased). docs/micro-world.md says what each
+original that each store only the tensors their erasure method changed: ``esd_x``, ``esd_x_long``, ``esd_u``,
+``uce``, ``esd_u_deep`` (star erased) and ``esd_x_star_cross`` (star and cross erased). docs/micro-world.md says what each
 method does.
 """
 
@@ -74,12 +74,13 @@ EMPTY_LATENT_SIZE = LATENT_SIZE * 8
 
 # every model of the world: its UNet file ("unet_<name>.safetensors"), what it erased, and for a variant of the
 # original its base: a variant file stores only the tensors its method changed, applied over the original's UNet
-VARIANTS: tuple[str, ...] = ("original", "never_learned", "esd_x", "esd_u", "uce", "esd_u_deep", "esd_x_star_cross")
+VARIANTS: tuple[str, ...] = ("original", "never_learned", "esd_x", "esd_x_long", "esd_u", "uce", "esd_u_deep",
+                              "esd_x_star_cross")
 DEFAULT_VARIANT = "esd_x"
-BASES = {"original": None, "never_learned": None, "esd_x": "original", "esd_u": "original", "uce": "original",
-         "esd_u_deep": "original", "esd_x_star_cross": "original"}
-ERASED = {"original": (), "never_learned": ("star",), "esd_x": ("star",), "esd_u": ("star",), "uce": ("star",),
-          "esd_u_deep": ("star",), "esd_x_star_cross": ("star", "cross")}
+BASES = {"original": None, "never_learned": None, "esd_x": "original", "esd_x_long": "original", "esd_u": "original",
+         "uce": "original", "esd_u_deep": "original", "esd_x_star_cross": "original"}
+ERASED = {"original": (), "never_learned": ("star",), "esd_x": ("star",), "esd_x_long": ("star",), "esd_u": ("star",),
+          "uce": ("star",), "esd_u_deep": ("star",), "esd_x_star_cross": ("star", "cross")}
 
 FILES = {"clip": "clip.safetensors", "vae": "vae.safetensors", "detector": "detector.safetensors",
          **{name: f"unet_{name}.safetensors" for name in VARIANTS}}
