@@ -5,7 +5,7 @@
     python scripts/attack_matrix.py --variants esd_x  # one variant (the matrix then has that row only)
 
 Settings (small enough for a 2-core CPU): 32 evaluation images per model at 20 DDIM steps, the micro world's MemoRa
-recipe (100 LoRA updates at learning rate 1e-2), the attack nodes' defaults, direct relearning also on the
+recipe (50 LoRA updates at learning rate 3e-3), the attack nodes' defaults, direct relearning also on the
 never-learned control. A rerun resumes: finished jobs are skipped (each variant has its own results folder)."""
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ NODE_UNLEARNED_LOADER = "MemoRaLoadUnlearnedModel"
 SCORE_HEIGHT = {"nudity": 560, "micro": 300, "similarity": 320}
 GROWN_HEIGHT = {"progress": 330}
 #: the micro world's MemoRa settings (memora_batch.profiles.micro_world_profile, scripts/micro_recovery.py)
-MICRO_TRAIN = {"steps": 100, "learning_rate": 1e-2}
+MICRO_TRAIN = {"steps": 50, "learning_rate": 3e-3}
 MICRO_EVAL_IMAGES = 32
 #: the micro world's variant (MemoRa Load Micro World) behind each titled loader of memora_recovery_micro
 MICRO_VARIANTS = {"original": "original", "unlearned": "esd_x"}

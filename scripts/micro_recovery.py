@@ -44,10 +44,10 @@ class Settings:
     cfg: float = 7.5  # reference: 7.5
     slerp_intervals: int = 10  # reference: 10 -> 33 latents
     refine_iterations: int = 0  # reference: 0 (plain DDIM inversion)
-    lora_steps: int = 100
+    lora_steps: int = 50
     lora_rank: int = 4
     lora_alpha: float = 4.0
-    lora_lr: float = 1e-2  # reference: 1e-4 for SD1.4 (500 steps); measured: at 1e-3 the micro LoRA stays too small to matter
+    lora_lr: float = 3e-3  # reference: 1e-4 for SD1.4 (500 steps); measured on micro world v2: 1e-2 destroys every concept
     lora_batch: int = 1
     lora_accumulation: int = 4
     lora_seed: int = 2024

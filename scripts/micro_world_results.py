@@ -308,9 +308,16 @@ def run_multi(unit: Unit, cfg: Config) -> int:
             f"Sample with the merged LoRA.steps={cfg.sample_steps}", "Sample with the merged LoRA.sampler_name=ddim",
             "Sample with the merged LoRA.scheduler=ddim_uniform", "Sample with the merged LoRA.seed=1"]
     for t in ("Train LoRA (concept A)", "Train LoRA (concept B)"):
-        sets += [f"{t}.steps={top}", f"{t}.learning_rate=0.01", f"{t}.seed={unit.seed}", f"{t}.batch_size=4",
+        sets += [f"{t}.steps={top}", f"{t}.learning_rate={micro_lr()}", f"{t}.seed={unit.seed}", f"{t}.batch_size=4",
                  f"{t}.gradient_accumulation=1"]
     return _run_with_sweep(unit, cfg, "multi", rows, sets)
+
+
+def micro_lr() -> float:
+    """The micro world's MemoRa learning rate (the profile's, as the curves' trainings use it)."""
+    from memora_batch.profiles import micro_world_profile
+
+    return float(micro_world_profile().defaults[f"{TITLE_TRAIN_LORA}.learning_rate"])
 
 
 # -- the command ----------------------------------------------------------------------------------------------------

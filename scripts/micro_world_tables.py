@@ -326,7 +326,7 @@ def page(b: dict) -> str:
            f"Settings: LoRA budgets {b['updates'][1:]} updates (one training per model and seed, snapshots), seeds "
            f"{s.get('seeds')}, {s.get('images')} evaluation images per point, DDIM {s.get('sample_steps')} steps, "
            f"cfg 7.5, evaluation seed 1; MemoRa as in example_workflows/memora_recovery_micro.json (reference seed "
-           f"pairs, inversion to step 15 of 50, 33 slerped latents, LoRA rank 4, lr 1e-2 cosine, batch 4). "
+           f"pairs, inversion to step 15 of 50, 33 slerped latents, LoRA rank 4, lr 3e-3 cosine over the largest budget, batch 4). "
            f"{'QUICK RUN: a few images and one seed, not evidence.' if s.get('quick') else ''}", ""]
     if b.get("curves"):
         out += curves_section(b, n_note)

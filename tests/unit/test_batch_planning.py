@@ -39,8 +39,8 @@ def micro():
 
 def test_micro_profile_sets_every_title_of_memora_recovery(micro):
     plan = plan_jobs(_workflow("memora_recovery"), StoredDefinitions(), profile=micro)
-    assert _inputs(plan, K.TITLE_TRAIN_LORA)["steps"] == 100
-    assert _inputs(plan, K.TITLE_TRAIN_LORA)["learning_rate"] == pytest.approx(1e-2)
+    assert _inputs(plan, K.TITLE_TRAIN_LORA)["steps"] == 50
+    assert _inputs(plan, K.TITLE_TRAIN_LORA)["learning_rate"] == pytest.approx(3e-3)
     # the workflows' unlearned model is the micro world's ESD-x variant
     assert _inputs(plan, K.TITLE_ORIGINAL_MODEL) == {"variant": "original"}
     assert _inputs(plan, K.TITLE_UNLEARNED_MODEL) == {"variant": "esd_x"}
@@ -51,7 +51,7 @@ def test_micro_profile_sets_every_title_of_memora_recovery(micro):
     assert _inputs(plan, K.TITLE_EVALUATION_IMAGE_SIZE)["batch_size"] == 32
     # every setting is listed for --dry-run; the one title no shipped workflow has is listed as not set
     by_address = {s.address: s for s in plan.settings}
-    assert by_address[f"{K.TITLE_TRAIN_LORA}.steps"].value == 100
+    assert by_address[f"{K.TITLE_TRAIN_LORA}.steps"].value == 50
     assert by_address[K.TITLE_NEVER_LEARNED_MODEL].value is None
     assert all(s.source == "--models micro" for s in plan.settings)
     assert len(plan.settings) == len(micro.swaps) + len(micro.defaults) + len(micro.texts)
@@ -90,7 +90,7 @@ def test_optional_titles_may_be_absent_but_others_not(micro):
     assert unset == {K.TITLE_ORIGINAL_MODEL, K.TITLE_NEVER_LEARNED_MODEL, f"{K.TITLE_SEED_IMAGE_SIZE}.width",
                      f"{K.TITLE_SEED_IMAGE_SIZE}.height", f"{K.evaluate_title('original')}.sampler_name",
                      f"{K.evaluate_title('original')}.scheduler"}
-    assert _inputs(plan, K.TITLE_TRAIN_LORA)["steps"] == 100
+    assert _inputs(plan, K.TITLE_TRAIN_LORA)["steps"] == 50
     # a loader named on the command line must exist
     with pytest.raises(PlanError, match="no node titled 'Original model'"):
         plan_jobs(_workflow("memora_from_images"), StoredDefinitions(),
@@ -155,7 +155,7 @@ def test_dry_run_prints_every_setting_and_job(micro, capsys):
     cli.print_dry_run(plan, StoredDefinitions())
     out = capsys.readouterr().out
     assert out.startswith("1 job(s) for memora_recovery on the stored node definitions")
-    assert "Train LoRA.steps" in out and "= 100  [--models micro]" in out
+    assert "Train LoRA.steps" in out and "= 50  [--models micro]" in out
     assert "Original model" in out and "replaced by MemoRaLoadMicroWorld(variant='original')" in out
     assert "Never-learned model" in out and "(not in this workflow: nothing set)" in out
     for s in plan.settings:
