@@ -421,7 +421,7 @@ def cmd_demo(args) -> int:
                 or (metric.startswith(TITLE_SIMILARITY) and metric.endswith((".ssim", ".psnr")))
                 or metric.endswith(".final_loss"))
 
-    print_where(results_dir, backend, headline)
+    print_where(results_dir, backend, headline, keys=[job.key for job in plan.jobs])
     return 0 if summary.failed == 0 else EXIT_JOB_FAILED
 
 

@@ -334,10 +334,13 @@ def write_reports(results_dir: "str | Path", title: str, detector: Optional[str]
 
 
 # -- the demo's closing lines ----------------------------------------------------------------------------------------
-def print_where(results_dir: "str | Path", backend, headline=None) -> None:
+def print_where(results_dir: "str | Path", backend, headline=None, keys=None) -> None:
     """The demo's closing lines: the headline numbers (``headline(metric)`` chooses them; default all) and where the
-    LoRA, the images and the report are."""
+    LoRA, the images and the report are. ``keys``: only the jobs with these keys (this run's; the results folder
+    also holds earlier runs' jobs, e.g. a demo run before with other settings)."""
     rows = ResultsStore(results_dir).latest()
+    if keys is not None:
+        rows = [r for r in rows if r.get("key") in set(keys)]
     print("")
     for r in rows:
         shown = {k: v for k, v in r.get("metrics", {}).items() if headline is None or headline(k)}

@@ -242,3 +242,18 @@ def test_a_foreign_report_html_needs_force_and_ours_is_rewritten(tmp_path):
         finally:
             os.umask(old)
     assert path.read_text().startswith(report_html.SIGNATURE) and path.stat().st_mode & 0o777 == 0o664
+
+
+def test_the_demo_prints_only_this_runs_jobs(tmp_path, capsys):
+    """A results folder keeps earlier runs' jobs (a demo run before, with other settings or weights): the closing
+    lines print the rows of the jobs given, not every row of the folder."""
+    store = ResultsStore(tmp_path)
+    for key, rate in (("earlier", 0.0), ("this-run", 0.781)):
+        store.append({"key": key, "status": "ok", "row": 0, "overrides": {},
+                      "metrics": {"Concept score (recovered).star.rate": rate}, "outputs": {}})
+    report.print_where(tmp_path, None, keys=["this-run"])
+    out = capsys.readouterr().out
+    assert "0.781" in out and "0.0" not in out.replace("0.781", "")
+    report.print_where(tmp_path, None)  # without keys: every job, as before
+    out = capsys.readouterr().out
+    assert "0.781" in out and out.count("Concept score (recovered).star.rate") == 2
