@@ -79,8 +79,11 @@ def matrix_markdown(boards: dict, seconds: dict, note: str = "") -> str:
     for r in first["rows"]:
         lines.append(f"| {r['attack']} | {r['model']} | {r['knowledge']} | {r['seconds']:.1f} | {r['forward_calls']}"
                      f" / {r['backward_calls']} | {r['concept_images']} |")
-    skipped = sorted({(s["attack"], s["why"]) for b in boards.values() for s in b.get("skipped") or []})
-    lines += [""] + [f"- not run: {a}: {w}" for a, w in skipped]
+    skipped: dict = {}
+    for variant, b in boards.items():
+        for s in b.get("skipped") or []:
+            skipped.setdefault((s["attack"], s["why"]), []).append(variant)
+    lines += [""] + [f"- not run on {', '.join(vs)}: {a}: {w}" for (a, w), vs in sorted(skipped.items())]
     total = sum(seconds.values())
     lines += ["", f"Wall time: {total / 60:.1f} min for {len(boards)} variant(s) (" +
               ", ".join(f"{v} {s / 60:.1f} min" for v, s in seconds.items()) + "), this project's shared 2-core "
