@@ -87,8 +87,31 @@ def test_strength_multi_and_ablations_are_consistent_with_their_counts(data, bui
                                           m["rates"][i["merge"]][i["concept"]]["rate"])
     abl = built["ablations"]["models"]
     assert f"default ({T.TESTED})" in abl and set(data["ablations"]["models"]) <= set(abl)
-    for name, c in abl.items():
-        assert 0.0 <= c["p_vs_default_last"] <= 1.0
+    for name in data["ablations"]["models"]:
+        assert 0.0 <= abl[name]["p_vs_default_last"] <= 1.0 and 0.0 <= abl[name]["p_vs_default_best"] <= 1.0
+
+
+def test_an_ablation_with_fewer_seeds_is_compared_on_its_own_seeds(data):
+    """The curves measured with LoRA seeds 1 and 2, an ablation with seed 1 only: the ablation is analysed against
+    the control and the default restricted to seed 1 (like with like), the default's own row keeps both seeds."""
+    import copy
+
+    d = copy.deepcopy(data)
+    for name in (T.TESTED, T.CONTROL):
+        m = d["curves"]["models"][name]
+        (s1,) = list(m["seeds"])
+        m["seeds"]["2"] = [[0, n] if i else [k, n] for i, (k, n) in enumerate(m["seeds"][s1])]
+        m["similarity"]["2"] = m["similarity"][s1]
+    built = T.build(d)
+    abl = built["ablations"]["models"]
+    assert abl[f"default ({T.TESTED})"]["seeds_used"] == sorted([next(iter(data["curves"]["models"][T.TESTED]
+                                                                           ["seeds"])), "2"])
+    name = next(iter(data["ablations"]["models"]))
+    assert abl[name]["seeds_used"] == sorted(data["ablations"]["models"][name]["seeds"])
+    # the same numbers as the one-seed data gives (seed 2 left out of the comparison)
+    one = T.build(data)["ablations"]["models"][name]
+    assert abl[name]["p_vs_default_last"] == pytest.approx(one["p_vs_default_last"])
+    assert [p["fisher_p"] for p in abl[name]["points"]] == [p["fisher_p"] for p in one["points"]]
 
 
 def test_page_and_json_are_written_with_every_table(built, tmp_path):
