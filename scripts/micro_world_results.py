@@ -150,10 +150,34 @@ def is_done(unit: Unit, cfg: Config) -> bool:
         return False
 
 
+def set_aside_stale(folder: Path, settings: dict) -> None:
+    """A unit folder started with other settings (other weights: the signature holds the manifest's hash) is moved
+    to ``<name>.stale-<time>`` before the unit runs: its memora-batch jobs have other keys, so their records would
+    sit beside the new ones and be counted with them. A folder started with these settings is kept (memora-batch
+    resumes its finished jobs). ``started.json`` records the settings a unit started with."""
+    marker = folder / "started.json"
+    if folder.is_dir() and any(folder.iterdir()):
+        same = False
+        for f in (marker, folder / "done.json"):  # done.json: a unit finished before started.json existed
+            try:
+                same = same or json.loads(f.read_text()).get("settings") == settings
+            except (OSError, ValueError):
+                pass
+        if not same:
+            aside = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            print(f"  {folder.name}: results of other settings moved to {aside.name}", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        from memora.fileio import atomic_write
+
+        atomic_write(marker, json.dumps({"settings": settings}) + "\n", replace=True)
+
+
 def run_unit(unit: Unit, cfg: Config) -> float:
     """One unit in a child process (one torch thread), its output in <folder>/log.txt; seconds."""
     folder = unit.folder(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
+    set_aside_stale(folder, {**cfg.signature(), "sets": unit.sets})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     spec = json.dumps({"unit": asdict(unit), "config": {**asdict(cfg), "out": str(cfg.out)}})
     t0 = time.time()

@@ -108,18 +108,23 @@ def collect_multi(out: Path, seeds: list[int]) -> dict:
     return res
 
 
+def unit_folders(part: Path) -> list[Path]:
+    """The units' folders of one part (``<name>-seed<n>``), not those set aside as stale (``.stale-<time>``)."""
+    return sorted(f for f in part.glob("*-seed*") if f.is_dir() and ".stale-" not in f.name)
+
+
 def collect(cfg, parts: list[str]) -> dict:
     """Every count the page shows, from the results folders under ``cfg.out``."""
     out, updates = Path(cfg.out), list(cfg.updates)
     data: dict = {"updates": [0] + updates, "control": CONTROL, "convention": CONVENTION, "curves": {},
                   "kept": {}, "ablations": {}, "auto": {}, "multi": {}, "images": {}}
-    for folder in sorted((out / "curves").glob("*-seed*")):
+    for folder in unit_folders(out / "curves"):
         _merge(data["curves"], _curve_counts(folder / "curve", updates, ERASED_CONCEPT))
         for kept in sorted(folder.glob("kept-*")):
             concept = kept.name[len("kept-"):]
             _merge(data["kept"].setdefault(concept, {}), _curve_counts(kept, updates, concept))
     if "ablations" in parts:
-        for folder in sorted((out / "ablations").glob("*-seed*")):
+        for folder in unit_folders(out / "ablations"):
             slug, value = folder.name.rsplit("-seed", 1)[0].rsplit("-", 1)
             knob_value = f"{slug.replace('_', ' ')} = {value}"
             _merge(data["ablations"], _curve_counts(folder / "curve", updates, ERASED_CONCEPT), rename=knob_value)

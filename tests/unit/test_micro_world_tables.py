@@ -124,3 +124,25 @@ def test_page_and_json_are_written_with_every_table(built, tmp_path):
     assert stats.format_rate(built["curves"]["original"]) in md and f"({k}/{n};" in md
     assert json.loads((tmp_path / "micro-world-results.json").read_text())["curves"]["control"] == T.CONTROL
     assert (tmp_path / "img" / "micro-world-curves.png").stat().st_size > 10_000
+
+
+def test_a_unit_folder_started_with_other_settings_is_set_aside(tmp_path):
+    """A unit rerun for other settings (other weights) starts in a fresh folder: the old one, whose memora-batch
+    records have other keys and would be counted beside the new ones, is moved to '<name>.stale-<time>' and left out
+    of the page; a folder started with the same settings is kept (memora-batch resumes its finished jobs)."""
+    import micro_world_results as R
+
+    unit = tmp_path / "curves" / "esd_x-seed1"
+    (unit / "curve").mkdir(parents=True)
+    (unit / "curve" / "results.jsonl").write_text('{"key": "old"}\n')
+    (unit / "done.json").write_text(json.dumps({"settings": {"weights": "old"}}))
+    R.set_aside_stale(unit, {"weights": "new"})
+    assert not (unit / "curve").exists()
+    assert json.loads((unit / "started.json").read_text())["settings"] == {"weights": "new"}
+    (aside,) = [p for p in unit.parent.iterdir() if ".stale-" in p.name]
+    assert (aside / "curve" / "results.jsonl").read_text() == '{"key": "old"}\n'
+    (unit / "curve").mkdir()
+    (unit / "curve" / "results.jsonl").write_text('{"key": "new"}\n')
+    R.set_aside_stale(unit, {"weights": "new"})  # the same settings: resumed in place
+    assert (unit / "curve" / "results.jsonl").read_text() == '{"key": "new"}\n'
+    assert T.unit_folders(tmp_path / "curves") == [unit]
