@@ -207,7 +207,11 @@ def micro_world_profile() -> ModelProfile:
         # the workflows' "unlearned model" is the micro world's ESD-x variant (its default)
         prof.swaps[title] = (NODE_MICRO_WORLD, {"variant": MICRO_VARIANTS.get(role, role)})
     prof.swaps[TITLE_CONCEPT_SCORE + "*"] = (NODE_MICRO_DETECTOR, {"concept": concept, "title": TITLE})
-    for title in (TITLE_SEED_IMAGE_SIZE, TITLE_EVALUATION_IMAGE_SIZE):
+    # every image the micro models draw is at the world's size (the attack workflows' kept-concept images too: at
+    # SD's 512 px a DDIM step of the micro UNet took ~17 s on a CPU and the LoRA trained on 8x-size latents)
+    from .attacks import TITLE_KEPT_SIZE
+
+    for title in (TITLE_SEED_IMAGE_SIZE, TITLE_EVALUATION_IMAGE_SIZE, TITLE_KEPT_SIZE):
         prof.defaults[f"{title}.width"] = size
         prof.defaults[f"{title}.height"] = size
     prof.defaults[f"{TITLE_EVALUATION_IMAGE_SIZE}.batch_size"] = MICRO_EVAL_IMAGES
@@ -224,7 +228,7 @@ def micro_world_profile() -> ModelProfile:
     # memora_from_images has no original model (nor its seed images and evaluation); no shipped workflow has a
     # never-learned model
     prof.optional_titles = frozenset({TITLE_ORIGINAL_MODEL, TITLE_NEVER_LEARNED_MODEL, TITLE_SEED_IMAGE_SIZE,
-                                      evaluate_title("original")})
+                                      evaluate_title("original"), TITLE_KEPT_SIZE})
     # the shipped workflows of parts: automemora (no training, evaluation or scores of its own: an unlearned model,
     # a LoRA file, a guider) and multi_memora (two trainings titled per concept, one evaluation, no scores)
     prof.optional_groups = (

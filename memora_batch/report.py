@@ -340,7 +340,8 @@ def print_where(results_dir: "str | Path", backend, headline=None, keys=None) ->
     also holds earlier runs' jobs, e.g. a demo run before with other settings)."""
     rows = ResultsStore(results_dir).latest()
     if keys is not None:
-        rows = [r for r in rows if r.get("key") in set(keys)]
+        wanted = set(keys)
+        rows = [r for r in rows if r.get("key") in wanted]
     print("")
     for r in rows:
         shown = {k: v for k, v in r.get("metrics", {}).items() if headline is None or headline(k)}

@@ -84,12 +84,6 @@ def attack_rows(attack: A.Attack, args) -> tuple[list[dict], Optional[str]]:
             kept = caption(micro_concepts(args.variant)[1][0])
         if kept is not None:
             base[f"{A.TITLE_KEPT_PROMPT}.value"] = kept
-        if micro:  # the kept images at the micro world's size, as its seed images (the workflow's 512 px would
-            # cost ~17 s a DDIM step on a CPU and train the LoRA on latents 8x the world's)
-            from memora.micro import world
-
-            size = int(world.load_manifest().get("empty_latent_size") or world.EMPTY_LATENT_SIZE)
-            base[f"{A.TITLE_KEPT_SIZE}.width"] = base[f"{A.TITLE_KEPT_SIZE}.height"] = size
     if attack.name == "textual inversion" and micro:  # the token starts from a word the micro CLIP knows
         base["Textual inversion.init_word"] = "shape"
     if attack.name == "concept vector" and micro:  # the prompts without the concept: the kept concepts'

@@ -140,14 +140,16 @@ def units(cfg: Config, parts: list[str]) -> list[Unit]:
     return out
 
 
-def is_done(unit: Unit, cfg: Config) -> bool:
-    marker = unit.folder(cfg) / "done.json"
-    if not marker.exists():
-        return False
+def _settings_in(marker: Path):
+    """The settings a unit's marker file (done.json, started.json) records; None when absent or unreadable."""
     try:
-        return json.loads(marker.read_text()).get("settings") == {**cfg.signature(), "sets": unit.sets}
+        return json.loads(marker.read_text()).get("settings")
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def is_done(unit: Unit, cfg: Config) -> bool:
+    return _settings_in(unit.folder(cfg) / "done.json") == {**cfg.signature(), "sets": unit.sets}
 
 
 def set_aside_stale(folder: Path, settings: dict) -> None:
@@ -157,13 +159,8 @@ def set_aside_stale(folder: Path, settings: dict) -> None:
     resumes its finished jobs). ``started.json`` records the settings a unit started with."""
     marker = folder / "started.json"
     if folder.is_dir() and any(folder.iterdir()):
-        same = False
-        for f in (marker, folder / "done.json"):  # done.json: a unit finished before started.json existed
-            try:
-                same = same or json.loads(f.read_text()).get("settings") == settings
-            except (OSError, ValueError):
-                pass
-        if not same:
+        # done.json: a unit finished before started.json existed
+        if settings not in (_settings_in(marker), _settings_in(folder / "done.json")):
             aside = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
             folder.rename(aside)
             print(f"  {folder.name}: results of other settings moved to {aside.name}", flush=True)
@@ -427,7 +424,8 @@ def main(argv=None) -> int:
 
     run = {"command": "python scripts/micro_world_results.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "wall_seconds": round(wall, 1), "machine": machine(),
-           "settings": {**cfg.signature(), "seeds": cfg.seeds, "variants": cfg.variants}}
+           "settings": {**cfg.signature(), "seeds": cfg.seeds, "variants": cfg.variants,
+                        "lora_learning_rate": micro_lr()}}
     if args.report_only and (cfg.out / "run.json").exists():  # the page keeps the run's own command and time
         run = {**json.loads((cfg.out / "run.json").read_text()), "report_rebuilt_by": run["command"]}
     else:

@@ -84,12 +84,16 @@ def test_renamed_node_in_the_workflow_stops_the_micro_demo(micro, tmp_path):
 
 
 def test_optional_titles_may_be_absent_but_others_not(micro):
-    # memora_from_images has no original model: its loader, seed images and evaluation are not set
+    # memora_from_images has no original model: its loader, seed images and evaluation are not set (nor the attack
+    # workflows' kept-concept images)
+    from memora_batch.attacks import TITLE_KEPT_SIZE
+
     plan = plan_jobs(_workflow("memora_from_images"), StoredDefinitions(), profile=micro)
     unset = {s.address for s in plan.settings if s.value is None}
     assert unset == {K.TITLE_ORIGINAL_MODEL, K.TITLE_NEVER_LEARNED_MODEL, f"{K.TITLE_SEED_IMAGE_SIZE}.width",
                      f"{K.TITLE_SEED_IMAGE_SIZE}.height", f"{K.evaluate_title('original')}.sampler_name",
-                     f"{K.evaluate_title('original')}.scheduler"}
+                     f"{K.evaluate_title('original')}.scheduler", f"{TITLE_KEPT_SIZE}.width",
+                     f"{TITLE_KEPT_SIZE}.height"}
     assert _inputs(plan, K.TITLE_TRAIN_LORA)["steps"] == 50
     # a loader named on the command line must exist
     with pytest.raises(PlanError, match="no node titled 'Original model'"):
@@ -188,3 +192,17 @@ def _seed(job) -> int:
     (node,) = [n for n in job.api.values() if n["class_type"] == "KSampler"]
     return node["inputs"]["seed"]
 
+
+
+def test_micro_profile_draws_the_resurgence_kept_images_at_the_worlds_size(micro):
+    """The attack workflow draws its kept-concept images at SD's 512 px; on the micro world they are at the world's
+    size like every other image it draws (at 512 px a DDIM step took ~17 s on a CPU and the LoRA trained on
+    8x-size latents). Workflows without that node are planned as before."""
+    from memora.micro import world
+    from memora_batch import attacks as A
+
+    plan = plan_jobs(_workflow("attack_resurgence"), StoredDefinitions(), profile=micro)
+    size = int(world.load_manifest()["empty_latent_size"])
+    assert _inputs(plan, A.TITLE_KEPT_SIZE)["width"] == _inputs(plan, A.TITLE_KEPT_SIZE)["height"] == size == 64
+    by_address = {s.address: s for s in plan.settings}
+    assert by_address[f"{A.TITLE_KEPT_SIZE}.width"].source == "--models micro"

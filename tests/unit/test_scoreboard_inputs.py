@@ -47,20 +47,3 @@ def test_attack_names_resolve_and_the_baseline_always_runs():
     with pytest.raises(ValueError, match="none given"):
         A.resolve(" , ")
 
-
-def test_micro_resurgence_draws_its_kept_images_at_the_worlds_size():
-    """The workflow draws the kept concept's images at 512 px (SD1.x); on the micro world they must be at its own
-    size, as its seed images (at 512 px a DDIM step took ~17 s on a CPU and the LoRA trained on 8x-size latents)."""
-    import argparse
-
-    from memora.micro import world
-    from memora_batch import scoreboard
-
-    args = argparse.Namespace(models="micro", variant="esd_x", kept_concept=None, other_concept=None,
-                              control=None)
-    rows, why = scoreboard.attack_rows(A.BY_NAME["concept resurgence"], args)
-    assert why is None and len(rows) == 1
-    size = int(world.load_manifest()["empty_latent_size"])
-    assert rows[0][f"{A.TITLE_KEPT_SIZE}.width"] == rows[0][f"{A.TITLE_KEPT_SIZE}.height"] == size == 64
-    assert rows[0][f"{A.TITLE_KEPT_PROMPT}.value"] == "a photo of a circle"
-    assert rows[0]["Unlearned model.variant"] == "esd_x"
