@@ -379,7 +379,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--retrain-detector", action="store_true",
                     help="with --reuse: train the detector again instead of reusing the earlier build's")
     ap.add_argument("--jobs", type=int, default=2,
-                    help="train the original and never-learned UNets in parallel processes (default 2; 1 = in turn)")
+                    help="worker processes: the original and never-learned UNets in parallel, the variants and the "
+                         "measurements shared out over this many (default 2; 1 = in turn, in this process)")
     ap.add_argument("--reuse", type=Path, default=None,
                     help="take the VAE, text encoder, detector and trained UNets from this earlier build (same "
                          "arguments required) and redo only the variants, the measurements and the files")
@@ -584,36 +585,64 @@ def check_variant_names(text) -> tuple[str, ...]:
     return names
 
 
+_VARIANTS: dict = {}  # what the forked variant workers read (set by variants_stage() before forking)
+
+
+def _make_variant(name: str):
+    """One variant of the original (in a forked worker with --jobs > 1): (name, the tensors its method changed, its
+    log, its seconds)."""
+    built, rec = _VARIANTS["built"], _VARIANTS["recipes"][name]
+    if _VARIANTS["threads"]:
+        torch.set_num_threads(_VARIANTS["threads"])
+    t0 = time.perf_counter()
+    idx = [data.CONCEPTS.index(c) for c in rec["erase"]]
+    unet = copy.deepcopy(built.unets["original"])
+    if rec["method"] == "uce":
+        tokens = erasure.uce_token_sets(built.contexts, built.uncond, idx, rec["guide"])
+        stored, vlog = erasure.uce_edit(unet.state_dict(), tokens["erase"], tokens["guide"], tokens["preserve"],
+                                        lam=rec["lam"], preserve_weight=rec["preserve_weight"])
+        vlog["first_position"] = tokens["first_position"]
+    else:
+        others = torch.stack([built.contexts[i] for i in range(len(data.CONCEPTS)) if i not in idx])
+        tl = diffusion.esd_train(
+            unet, built.contexts[idx], built.uncond, method=rec["train"], steps=rec["steps"], batch=32,
+            lr=rec["lr"], seed=rec["seed"], negative_guidance=rec["negative_guidance"],
+            preserve_ctx=others if rec["preserve_weight"] > 0 else None, preserve_weight=rec["preserve_weight"],
+            progress=lambda s, t, loss: (s % 100 == 0) and log(f"  {name} step {s}/{t}: loss {loss:.5f}"))
+        stored = erasure.partial_state(unet, diffusion.trainable_for_esd(unet, rec["train"]))
+        vlog = {"loss": tl.summary(2), "sample_steps": 20, "sample_cfg": 3.0, "batch": 32}
+    stored = {k: v.detach().clone().contiguous() for k, v in stored.items()}
+    return name, stored, vlog, round(time.perf_counter() - t0, 1)
+
+
 def variants_stage(args, built: Built, timer: Timer, only: tuple = ()):
     """Stage 6: each variant of the original (memora_build.micro_erasure.VARIANT_RECIPES): ESD-x (two lengths),
     ESD-u, UCE, the deep ESD-u and the two-concept ESD-x, or only the ``only`` ones; kept in ``built.variants`` as
-    the tensors the method changed."""
+    the tensors the method changed. With --jobs > 1 they are shared out over forked worker processes of one thread
+    each, the longest first (the deep ESD-u takes most of the stage); each variant's own seconds are recorded."""
     recipes = erasure.override(erasure.VARIANT_RECIPES, args.recipe)
-    for name, rec in recipes.items():
-        if only and name not in only:
-            continue
-        idx = [data.CONCEPTS.index(c) for c in rec["erase"]]
+    names = [n for n in recipes if not only or n in only]
+    _VARIANTS.update(built=built, recipes=recipes, threads=1 if args.jobs > 1 else 0)
+    if args.jobs > 1 and len(names) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        order = sorted(names, key=lambda n: -recipes[n].get("steps", 0) * (6 if recipes[n].get("train") == "u" else 1))
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
+            made = {r[0]: r for r in ex.map(_make_variant, order)}
+    else:
+        made = {n: _make_variant(n) for n in names}
+    for name in names:
+        _, stored, vlog, seconds = made[name]
+        rec = recipes[name]
         unet = copy.deepcopy(built.unets["original"])
-        if rec["method"] == "uce":
-            tokens = erasure.uce_token_sets(built.contexts, built.uncond, idx, rec["guide"])
-            stored, vlog = erasure.uce_edit(unet.state_dict(), tokens["erase"], tokens["guide"], tokens["preserve"],
-                                            lam=rec["lam"], preserve_weight=rec["preserve_weight"])
-            vlog["first_position"] = tokens["first_position"]
-            unet.load_state_dict({**unet.state_dict(), **stored})
-        else:
-            others = torch.stack([built.contexts[i] for i in range(len(data.CONCEPTS)) if i not in idx])
-            tl = diffusion.esd_train(
-                unet, built.contexts[idx], built.uncond, method=rec["train"], steps=rec["steps"], batch=32,
-                lr=rec["lr"], seed=rec["seed"], negative_guidance=rec["negative_guidance"],
-                preserve_ctx=others if rec["preserve_weight"] > 0 else None, preserve_weight=rec["preserve_weight"],
-                progress=lambda s, t, loss: (s % 100 == 0) and log(f"  {name} step {s}/{t}: loss {loss:.5f}"))
-            stored = erasure.partial_state(unet, diffusion.trainable_for_esd(unet, rec["train"]))
-            vlog = {"loss": tl.summary(2), "sample_steps": 20, "sample_cfg": 3.0, "batch": 32}
+        unet.load_state_dict({**unet.state_dict(), **stored})
         built.unets[name] = unet.eval()
         built.variants[name] = (stored, {"recipe": {k: (list(v) if isinstance(v, tuple) else v)
                                                     for k, v in rec.items()},
                                          "paper": erasure.PAPERS[rec["method"]], **vlog})
-        timer.done(name)
+        timer.seconds[name] = seconds
+    timer.done("variants (wall)")
 
 
 def reuse_variants(args, built: Built, timer: Timer, skip: tuple = ()):
