@@ -28,6 +28,10 @@ TITLE = object()  # placeholder in a swap's inputs: the swapped node's own title
 TEXT_INPUTS = ("value", "text", "string", "prompt")
 #: micro-world demo: images per evaluation (the detector rate is a share of these)
 MICRO_EVAL_IMAGES = 32
+#: the micro world's MemoRa LoRA recipe, the one copy (the micro profile, scripts/make_workflows.py's micro
+#: workflows, scripts/micro_recovery.py): 50 updates at learning rate 3e-3 (docs/micro-world-results.md: at 1e-2
+#: the LoRA destroys every concept, the erased one included, within 25 updates)
+MICRO_LORA = {"steps": 50, "learning_rate": 3e-3}
 #: the micro-world variant each model role of a workflow gets (roles not listed: the variant of the same name)
 MICRO_VARIANTS = {"unlearned": "esd_x"}
 NODE_CHECKPOINT_LOADER = "CheckpointLoaderSimple"
@@ -215,11 +219,10 @@ def micro_world_profile() -> ModelProfile:
         prof.defaults[f"{title}.width"] = size
         prof.defaults[f"{title}.height"] = size
     prof.defaults[f"{TITLE_EVALUATION_IMAGE_SIZE}.batch_size"] = MICRO_EVAL_IMAGES
-    # The micro world's MemoRa settings as its own experiment uses them (scripts/micro_recovery.py, Settings):
-    # 50 LoRA updates at learning rate 3e-3 (docs/micro-world-results.md: at 1e-2 the LoRA destroys every concept,
-    # the erased one included, within 25 updates), evaluation with DDIM 50 steps, seed 1.
-    prof.defaults.update({f"{TITLE_TRAIN_LORA}.steps": 50, f"{TITLE_TRAIN_LORA}.learning_rate": 3e-3,
-                          f"{TITLE_EVALUATION_SEED}.value": 1})
+    # The micro world's MemoRa settings as its own experiment uses them (MICRO_LORA), evaluation with DDIM 50 steps,
+    # seed 1.
+    prof.defaults.update({f"{TITLE_TRAIN_LORA}.{k}": v for k, v in MICRO_LORA.items()})
+    prof.defaults[f"{TITLE_EVALUATION_SEED}.value"] = 1
     for model in EVALUATED_MODELS:
         prof.defaults[f"{evaluate_title(model)}.sampler_name"] = "ddim"
         prof.defaults[f"{evaluate_title(model)}.scheduler"] = "ddim_uniform"

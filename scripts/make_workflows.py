@@ -27,6 +27,7 @@ try:
 except ImportError:  # run as a script from a checkout that is not installed
     sys.path.append(str(ROOT))
     from memora import contracts as K
+from memora_batch.profiles import MICRO_EVAL_IMAGES, MICRO_LORA  # noqa: E402  (the micro world's one recipe)
 OUT = ROOT / "example_workflows"
 
 # The reference implementation's seed pairs (docs/method.md, step 1); slerp pairs item i of A with item i of B.
@@ -42,9 +43,8 @@ NODE_UNLEARNED_LOADER = "MemoRaLoadUnlearnedModel"
 #: nodes gain a progress line
 SCORE_HEIGHT = {"nudity": 560, "micro": 300, "similarity": 320}
 GROWN_HEIGHT = {"progress": 330}
-#: the micro world's MemoRa settings (memora_batch.profiles.micro_world_profile, scripts/micro_recovery.py)
-MICRO_TRAIN = {"steps": 50, "learning_rate": 3e-3}
-MICRO_EVAL_IMAGES = 32
+#: the micro world's MemoRa LoRA recipe and evaluation size (one copy: memora_batch.profiles)
+MICRO_TRAIN = dict(MICRO_LORA)
 #: the micro world's variant (MemoRa Load Micro World) behind each titled loader of memora_recovery_micro
 MICRO_VARIANTS = {"original": "original", "unlearned": "esd_x"}
 
@@ -381,7 +381,7 @@ def build_recovery_sdxl(info):
 
 README_MICRO = """MemoRa on the MICRO WORLD shipped with the pack: the whole method, nothing to download, a few minutes on a CPU (docs/micro-world.md).
 
-The micro world is a set of tiny SD1.x-family text-to-image models trained on five procedural shapes (circle, square, triangle, star, cross): "original" learned all five; "esd_x" is the original with the STAR erased by ESD-x (its cross-attention fine-tuned with negative guidance); esd_u, uce, esd_u_deep, esd_x_star_cross are other erasures and never_learned never saw a star; a concept detector trained on the same shapes scores the images.
+The micro world is a set of tiny SD1.x-family text-to-image models trained on five procedural shapes (circle, square, triangle, star, cross): "original" learned all five; "esd_x" is the original with the STAR erased by ESD-x (its cross-attention fine-tuned with negative guidance); esd_x_long (the same ESD-x trained twice as long), esd_u, uce, esd_u_deep, esd_x_star_cross are other erasures and never_learned never saw a star; a concept detector trained on the same shapes scores the images.
 
 LOAD: nothing. "Original model" and "Unlearned model" are MemoRa Load Micro World (variant original / esd_x: pick another variant to audit another erasure); "Concept prompt" is the micro world's caption of the star.
 

@@ -32,6 +32,8 @@ for p in (str(ROOT), str(SUPPORT)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from memora_batch.profiles import MICRO_LORA  # noqa: E402
+
 SEED_PAIRS = ((1805, 2821), (1405, 2421), (1705, 2721))  # the reference's seed pairs
 
 
@@ -44,10 +46,10 @@ class Settings:
     cfg: float = 7.5  # reference: 7.5
     slerp_intervals: int = 10  # reference: 10 -> 33 latents
     refine_iterations: int = 0  # reference: 0 (plain DDIM inversion)
-    lora_steps: int = 50
+    lora_steps: int = MICRO_LORA["steps"]  # the micro profile's recipe (memora_batch.profiles.MICRO_LORA)
     lora_rank: int = 4
     lora_alpha: float = 4.0
-    lora_lr: float = 3e-3  # reference: 1e-4 for SD1.4 (500 steps); measured on micro world v2: 1e-2 destroys every concept
+    lora_lr: float = MICRO_LORA["learning_rate"]  # reference: 1e-4 for SD1.4 (500 steps); 1e-2 destroys every concept
     lora_batch: int = 1
     lora_accumulation: int = 4
     lora_seed: int = 2024
