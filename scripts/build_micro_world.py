@@ -622,8 +622,10 @@ def variants_stage(args, built: Built, timer: Timer, only: tuple = ()):
     each, the longest first (the deep ESD-u takes most of the stage); each variant's own seconds are recorded."""
     recipes = erasure.override(erasure.VARIANT_RECIPES, args.recipe)
     names = [n for n in recipes if not only or n in only]
-    _VARIANTS.update(built=built, recipes=recipes, threads=1 if args.jobs > 1 else 0)
-    if args.jobs > 1 and len(names) > 1:
+    forked = args.jobs > 1 and len(names) > 1
+    # one thread per forked worker; in this process the thread count stays as it is (it measures afterwards)
+    _VARIANTS.update(built=built, recipes=recipes, threads=1 if forked else 0)
+    if forked:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 

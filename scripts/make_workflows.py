@@ -43,8 +43,6 @@ NODE_UNLEARNED_LOADER = "MemoRaLoadUnlearnedModel"
 #: nodes gain a progress line
 SCORE_HEIGHT = {"nudity": 560, "micro": 300, "similarity": 320}
 GROWN_HEIGHT = {"progress": 330}
-#: the micro world's MemoRa LoRA recipe and evaluation size (one copy: memora_batch.profiles)
-MICRO_TRAIN = dict(MICRO_LORA)
 #: the micro world's variant (MemoRa Load Micro World) behind each titled loader of memora_recovery_micro
 MICRO_VARIANTS = {"original": "original", "unlearned": "esd_x"}
 
@@ -234,7 +232,7 @@ def inversion_to_training(g, models, enc, images_a, images_b, x, save_images=Tru
         dec = g.wire(col2.add("VAEDecode", "Regenerated images"), samples=rg[0], vae=unl[2])
         nodes += [dec, g.wire(col2.add("SaveImage", "Save regenerated images", size=(320, 320),
                                        filename_prefix="memora/regenerated"), images=dec[0])]
-    train = MICRO_TRAIN if micro else {"steps": 500}
+    train = MICRO_LORA if micro else {"steps": 500}
     tr = col3.add(K.NODE_LORA_TRAIN, K.TITLE_TRAIN_LORA, **c(PURPLE), seed=2024, save_name="memora/recovered",
                   **train)
     g.wire(tr, model=unl[0], latents=rg[0], positive=pos[0])
