@@ -118,6 +118,46 @@ def _partial_mask(concept: str, rng: np.random.Generator, size: int) -> np.ndarr
     return mask * np.clip(0.5 - dist, 0.0, 1.0)
 
 
+#: the near-shapes the UNets also learn, captioned with the empty prompt (``unconditional_extras``): none of them is
+#: a star with five points, so the never-learned model still never sees one
+UNCONDITIONAL_EXTRA_KINDS: tuple[str, ...] = ("ellipse", "capsule", "bean", "partial_circle", "three_point_star")
+
+
+def _three_point_star_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A triangle whose sides are pulled in (a three-pointed star, inner radius 20-40 % of the outer): what cfg 7.5
+    made of the v2 original's triangles."""
+    cx, cy = rng.uniform(0.4, 0.6, 2) * size
+    rot = rng.uniform(0, 2 * math.pi)
+    r = rng.uniform(0.30, 0.45) * size
+    inner = rng.uniform(0.2, 0.4)
+    pts = [((r if k % 2 == 0 else r * inner) * math.cos(math.pi * k / 3),
+            (r if k % 2 == 0 else r * inner) * math.sin(math.pi * k / 3)) for k in range(6)]
+    pts = _rotated(pts, cx, cy, rot)
+    return _supersampled(lambda dr, ss: dr.polygon([(x * ss, y * ss) for x, y in pts], fill=255), size)
+
+
+def unconditional_extras(n: int, seed: int, size: int = data.IMAGE_SIZE) -> np.ndarray:
+    """``n`` images (uint8 [n, size, size, 3]) of near-shapes, the kinds of UNCONDITIONAL_EXTRA_KINDS in turn, that
+    a build's UNets learn with the empty prompt only (``--unconditional-extras N``; the shipped world has none).
+    Classifier-free guidance pushes a sample away from what the unconditional model knows and the prompted concept
+    does not have: with these in the unconditional model's data, cfg 7.5 pushes a triangle away from three-pointed
+    stars and a circle away from ovals and capsules instead of towards them (docs/micro-world.md, "A world whose
+    original draws every concept at cfg 7.5")."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        kind = UNCONDITIONAL_EXTRA_KINDS[i % len(UNCONDITIONAL_EXTRA_KINDS)]
+        if kind == "three_point_star":
+            bg, fg = data._colours(rng)
+            img = data._background(rng, bg, size)
+            mask = _three_point_star_mask(rng, size)
+            out.append(np.clip(np.round(img * (1 - mask[..., None]) + fg[None, None, :] * mask[..., None]), 0, 255)
+                       .astype(np.uint8))
+        else:
+            out.append(hard_negative(kind, rng, size))
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
 def hard_negative(kind: str, rng: np.random.Generator, size: int = data.IMAGE_SIZE) -> np.ndarray:
     """One image (uint8 [size, size, 3]) of a near-shape that is none of the concepts, drawn like data.draw."""
     if kind not in HARD_NEGATIVE_KINDS:

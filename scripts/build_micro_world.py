@@ -45,7 +45,7 @@ VAE_KL = 1e-6
 VAE_LOWFREQ = 1.0
 UNET_WARMUP = 30
 UNET_MIN_SNR = 5.0
-STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "finetune": 8, "eval": 7}
+STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "finetune": 8, "eval": 7, "extras": 9}
 #: the scoring convention of every rate the build reports (memora.evaluation.stats.rate_record)
 CONVENTION = "micro-top1"
 #: the shipped detector's training length (helper 18b's run: train_detector(vae, 4, steps=900) on this VAE)
@@ -240,10 +240,17 @@ class Built:
     variants: dict = field(default_factory=dict)  # name -> (stored tensors, log) for the variants of the original
 
 
-SHARED_ARGS = ("images_per_concept", "vae_steps")
-PHASE1_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "erase")
+SHARED_ARGS = ("images_per_concept", "vae_steps", "size_scale")  # the VAE and the detector learn the drawn shapes
+PHASE1_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "erase",
+               "size_scale", "unconditional_extras")
 REUSABLE_ARGS = ("finetune_models", "images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "finetune_steps", "finetune_lr",
-                 "erase")
+                 "erase", "size_scale", "unconditional_extras")
+#: what an earlier build's manifest means when it does not record an argument (it was built before the option existed)
+ARG_DEFAULTS_BEFORE = {"size_scale": "", "unconditional_extras": 0}
+
+
+def _earlier_arg(prev: dict, k: str):
+    return prev["args"].get(k, ARG_DEFAULTS_BEFORE.get(k))
 
 
 def _load_record(prev_dir: Path, prev: dict, name: str) -> dict:
@@ -260,8 +267,8 @@ def reuse_build(args, comfy_path, timer) -> Built:
     prev_dir = Path(args.reuse)
     prev = world.load_manifest(prev_dir)
     for k in REUSABLE_ARGS:
-        if prev["args"].get(k) != getattr(args, k):
-            raise SystemExit(f"--reuse {prev_dir}: it was built with {k}={prev['args'].get(k)!r}, this run has "
+        if _earlier_arg(prev, k) != getattr(args, k):
+            raise SystemExit(f"--reuse {prev_dir}: it was built with {k}={_earlier_arg(prev, k)!r}, this run has "
                              f"{getattr(args, k)!r}; rebuild from scratch instead")
     vae = make_vae(STAGE_SEEDS["vae"])
     vae.load_state_dict(_load_record(prev_dir, prev, "vae"))
@@ -350,6 +357,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unet-lr", type=float, default=2e-3)
     ap.add_argument("--finetune-steps", type=int, default=2000, help="UNet phase 2 updates (class-balanced batches)")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--size-scale", default="", metavar="C=F,...",
+                    help="per-concept factors on the drawn radius, e.g. triangle=1.25,circle=0.85 (the v3 candidate "
+                         "of docs/micro-world.md); default: none (the shipped world)")
+    ap.add_argument("--unconditional-extras", type=int, default=0, metavar="N",
+                    help="near-shapes (ellipses, capsules, beans, cut circles, three-pointed stars) the UNets also "
+                         "learn with the empty prompt (memora_build.micro_detector.unconditional_extras; the v3 "
+                         "candidate used 1000); default 0 (the shipped world)")
     ap.add_argument("--finetune-models", default="original,never_learned",
                     help="the UNets that get phase 2 (comma-separated; the others stay at phase 1)")
     ap.add_argument("--detector-from", type=Path, default=None, metavar="FILE",
@@ -390,7 +404,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="print the markdown tables of docs/micro-world.md from DIR's manifest, and exit")
     ap.add_argument("--unet-worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        scale = data.parse_size_scale(args.size_scale)
+    except ValueError as exc:
+        ap.error(f"--size-scale: {exc}")
+    # one spelling per setting (concept order, shortest float): what --reuse compares with the earlier manifest
+    args.size_scale = ",".join(f"{c}={scale[c]!r}" for c in data.CONCEPTS if c in scale)
+    if args.unconditional_extras < 0:
+        ap.error(f"--unconditional-extras: expected 0 or more images, got {args.unconditional_extras}")
+    return args
 
 
 class Timer:
@@ -407,10 +430,12 @@ class Timer:
 
 
 def make_data(args):
-    """Stage 1: the training images of the five concepts (labels index data.CONCEPTS) and the ``none`` images."""
+    """Stage 1: the training images of the five concepts (labels index data.CONCEPTS), the ``none`` images (for the
+    VAE) and the near-shapes the UNets learn with the empty prompt (``--unconditional-extras``, in -1..1)."""
     imgs, labels = data.make_dataset(args.images_per_concept, STAGE_SEEDS["data"], data.CONCEPTS)
     none_imgs, _ = data.make_dataset(args.images_per_concept // 4, STAGE_SEEDS["data"], (data.NONE,))
-    return data.to_tensor_range(imgs), labels, none_imgs
+    extras = micro_detector.unconditional_extras(args.unconditional_extras, STAGE_SEEDS["extras"])
+    return data.to_tensor_range(imgs), labels, none_imgs, data.to_tensor_range(extras)
 
 
 def vae_stage(args, x_all: torch.Tensor, none_imgs):
@@ -470,17 +495,25 @@ def detector_stage(args, vae):
 
 
 def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: torch.Tensor, meanwhile=None,
-                phase1: dict | None = None):
+                phase1: dict | None = None, z_extra: torch.Tensor | None = None):
     """Stage 5: the original UNet (every concept) and the never-learned one (all but the erased concept), trained in
-    worker processes (``--unet-worker``), in parallel with --jobs 2 (one thread each). ``meanwhile()`` (the detector
-    stage) runs in this process while they train; its result is returned too."""
+    worker processes (``--unet-worker``), in parallel with --jobs 2 (one thread each). With --unconditional-extras both also learn ``z_extra``
+    (the near-shapes' latents) with the empty prompt: they get the label after the concepts', whose context is the
+    empty prompt's (in class-balanced batches they are one more class). ``meanwhile()`` (the detector stage) runs in
+    this process while they train; its result is returned too."""
     lab = torch.from_numpy(labels)
     jobs = {"original": torch.ones_like(lab, dtype=torch.bool), "never_learned": lab != data.CONCEPTS.index(args.erase)}
+    n_extra = 0 if z_extra is None else int(z_extra.shape[0])
+    train_contexts = torch.cat([contexts, uncond[None]]) if n_extra else contexts
+    extra_labels = torch.full((n_extra,), len(data.CONCEPTS), dtype=lab.dtype)
     unets, unet_logs = {}, {}
     with tempfile.TemporaryDirectory(prefix="memora-micro-build-") as work:
         procs = {}
         for name, keep in jobs.items():
-            torch.save({"z": z[keep].clone(), "labels": lab[keep].clone(), "contexts": contexts, "uncond": uncond,
+            zs, ls = z[keep], lab[keep]
+            if n_extra:
+                zs, ls = torch.cat([zs, z_extra]), torch.cat([ls, extra_labels])
+            torch.save({"z": zs.clone(), "labels": ls.clone(), "contexts": train_contexts, "uncond": uncond,
                         "init": (phase1 or {}).get(name)}, Path(work) / f"{name}.in.pt")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
                    "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
@@ -501,7 +534,8 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
             unet.load_state_dict(out["state_dict"])
             unet.eval()
             unets[name] = unet
-            unet_logs[name] = {"images": int(jobs[name].sum()), **out["log"]}
+            unet_logs[name] = {"images": int(jobs[name].sum()), **({"unconditional_extras": n_extra} if n_extra else {}),
+                               **out["log"]}
     return unets, unet_logs, side
 
 
@@ -513,8 +547,8 @@ def phase1_from(args, comfy_path, x_all):
     flag = "--reuse-shared" if shared_only else "--reuse-phase1"
     prev = world.load_manifest(prev_dir)
     for k in SHARED_ARGS if shared_only else PHASE1_ARGS:
-        if prev["args"].get(k) != getattr(args, k):
-            raise SystemExit(f"{flag} {prev_dir}: it was built with {k}={prev['args'].get(k)!r}, this run "
+        if _earlier_arg(prev, k) != getattr(args, k):
+            raise SystemExit(f"{flag} {prev_dir}: it was built with {k}={_earlier_arg(prev, k)!r}, this run "
                              f"has {getattr(args, k)!r}")
     if not shared_only and prev["args"].get("finetune_steps", 0):
         raise SystemExit(f"--reuse-phase1 {prev_dir}: its UNets already had phase 2; give a build without it")
@@ -537,7 +571,7 @@ def phase1_from(args, comfy_path, x_all):
     return vae, encode_means(vae, x_all), clip, ctx, phase1, logs
 
 
-def train_stages(args, comfy_path, x_all, labels, none_imgs, timer: Timer) -> Built:
+def train_stages(args, comfy_path, x_all, labels, none_imgs, extras, timer: Timer) -> Built:
     """Stages 2-5: VAE, text encoder (or, with --reuse-phase1, those and the phase-1 UNets of an earlier build),
     then the two UNets in worker processes while this one trains the detector (its seconds are recorded separately:
     'unets' is the wall time of the two stages together)."""
@@ -561,8 +595,9 @@ def train_stages(args, comfy_path, x_all, labels, none_imgs, timer: Timer) -> Bu
         t_det["seconds"] = round(time.perf_counter() - t0, 1)
         return out
 
+    z_extra = encode_means(vae, extras) if len(extras) else None
     unets, unet_logs, (det, det_log) = unets_stage(args, z, labels, contexts, uncond, meanwhile=detector_meanwhile,
-                                                   phase1=phase1)
+                                                   phase1=phase1, z_extra=z_extra)
     timer.done("unets")
     timer.seconds["detector (during unets)"] = t_det["seconds"]
     if p1_logs and "phase1" in p1_logs:
@@ -629,22 +664,68 @@ def variants_stage(args, built: Built, timer: Timer, only: tuple = ()):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        order = sorted(names, key=lambda n: -recipes[n].get("steps", 0) * (6 if recipes[n].get("train") == "u" else 1))
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
-            made = {r[0]: r for r in ex.map(_make_variant, order)}
+            made = {r[0]: r for r in ex.map(_make_variant, _longest_first(names, recipes))}
     else:
         made = {n: _make_variant(n) for n in names}
     for name in names:
-        _, stored, vlog, seconds = made[name]
-        rec = recipes[name]
-        unet = copy.deepcopy(built.unets["original"])
-        unet.load_state_dict({**unet.state_dict(), **stored})
-        built.unets[name] = unet.eval()
-        built.variants[name] = (stored, {"recipe": {k: (list(v) if isinstance(v, tuple) else v)
-                                                    for k, v in rec.items()},
-                                         "paper": erasure.PAPERS[rec["method"]], **vlog})
-        timer.seconds[name] = seconds
+        _install_variant(built, timer, recipes[name], made[name])
     timer.done("variants (wall)")
+
+
+def _longest_first(names, recipes) -> list:
+    """The variants in the order to start them: the most work first (an ESD-u update costs about 6 ESD-x ones)."""
+    return sorted(names, key=lambda n: -recipes[n].get("steps", 0) * (6 if recipes[n].get("train") == "u" else 1))
+
+
+def _install_variant(built: Built, timer: Timer, rec: dict, made: tuple):
+    """Put one made variant (``_make_variant``'s result) into ``built``: its UNet and its record."""
+    name, stored, vlog, seconds = made
+    unet = copy.deepcopy(built.unets["original"])
+    unet.load_state_dict({**unet.state_dict(), **stored})
+    built.unets[name] = unet.eval()
+    built.variants[name] = (stored, {"recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in rec.items()},
+                                     "paper": erasure.PAPERS[rec["method"]], **vlog})
+    timer.seconds[name] = seconds
+
+
+def variants_and_measure(args, built: Built, timer: Timer, only: tuple = ()) -> dict:
+    """Stages 6 and 7 together (with --jobs > 1): the variants and every model's measurement share one pool of forked
+    one-thread workers, so the models that are ready (the original, the never-learned model, reused variants, each
+    variant as soon as it is made) are measured while the longest variant (the deep ESD-u) still trains. The same
+    numbers as the two stages one after the other: each variant's training and each model's sampling is seeded on
+    its own and runs on one thread either way. Returns ``measure``'s result."""
+    recipes = erasure.override(erasure.VARIANT_RECIPES, args.recipe)
+    names = [n for n in recipes if not only or n in only]
+    if args.jobs <= 1 or not names:
+        variants_stage(args, built, timer, only=only)
+        results = measure(args, built)
+        timer.done("evaluation")
+        return results
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    _VARIANTS.update(built=built, recipes=recipes, threads=1)
+    _MEASURE.update(args=args, built=built, judge=_judge_module())
+    done: dict = {}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
+        pending = {ex.submit(_make_variant, n): ("variant", n) for n in _longest_first(names, recipes)}
+        pending.update({ex.submit(_measure_one, n): ("measure", n) for n in world.VARIANTS if n in built.unets})
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                kind, name = pending.pop(fut)
+                if kind == "variant":
+                    made = fut.result()
+                    _install_variant(built, timer, recipes[name], made)
+                    pending[ex.submit(_measure_one, name, made[1])] = ("measure", name)
+                    if not any(k == "variant" for k, _ in pending.values()):
+                        timer.done("variants (wall)")
+                else:
+                    done.update([fut.result()])
+    # what is left after the last variant is made: the measurements that could not overlap with it
+    timer.done("evaluation")
+    return {name: done[name] for name in world.VARIANTS}
 
 
 def reuse_variants(args, built: Built, timer: Timer, skip: tuple = ()):
@@ -672,10 +753,18 @@ def reuse_variants(args, built: Built, timer: Timer, skip: tuple = ()):
 _MEASURE: dict = {}  # what the forked measurement workers read (set by measure() before forking)
 
 
-def _measure_one(name: str):
+def _measure_one(name: str, stored: dict | None = None):
+    """One model's measurement (in a forked worker): ``name``'s UNet, or with ``stored`` the original's with those
+    tensors put over it (a variant made after the worker was forked)."""
     args, built, judge = _MEASURE["args"], _MEASURE["built"], _MEASURE["judge"]
     torch.set_num_threads(1)
-    r = evaluate(built.unets[name], built.vae, built.det, built.contexts, built.uncond, n=args.eval_images,
+    if stored is None:
+        unet = built.unets[name]
+    else:
+        unet = copy.deepcopy(built.unets["original"])
+        unet.load_state_dict({**unet.state_dict(), **stored})
+        unet.eval()
+    r = evaluate(unet, built.vae, built.det, built.contexts, built.uncond, n=args.eval_images,
                  seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg, steps=args.eval_steps,
                  judge=judge.judge_batch if judge else None)
     log(f"  {name}: " + ", ".join(f"{c} {k / args.eval_images:.2f}" for c, k in r["counts"].items()))
@@ -811,7 +900,13 @@ def save_networks(args, out: Path, built: Built, sheet) -> dict:
 def recipe(args, built: Built) -> dict:
     erase, logs = args.erase, built.logs
     return {
-        "dataset": f"{args.images_per_concept} images per concept (never_learned: the same minus '{erase}')",
+        "dataset": f"{args.images_per_concept} images per concept (never_learned: the same minus '{erase}')"
+                   + (f", radius scaled per concept {dict(data.SIZE_SCALE)}" if data.SIZE_SCALE else ""),
+        **({"unconditional_extras": {"images": args.unconditional_extras, "seed": STAGE_SEEDS["extras"],
+                                     "kinds": list(micro_detector.UNCONDITIONAL_EXTRA_KINDS),
+                                     "caption": "the empty prompt only (both UNets)",
+                                     "made_by": "memora_build.micro_detector.unconditional_extras"}}
+           if args.unconditional_extras else {}),
         "vae": {"steps": args.vae_steps, "batch": 16, "lr": 2e-3,
                 "loss": f"L1 + MSE + {VAE_LOWFREQ} x MSE of 8x8 averages + {VAE_KL} KL", **logs["vae"]},
         "unet": {"phase1": {"steps": args.unet_steps, "lr": args.unet_lr, "batches": "uniform", "ema": UNET_EMA,
@@ -835,6 +930,7 @@ def manifest(args, built: Built, results: dict, files: dict, build_info: dict) -
     recipe, measurements, build facts)."""
     return {
         "about": "MemoRa micro world v2: see docs/micro-world.md",
+        "size_scale": dict(data.SIZE_SCALE),
         "concepts": list(data.CONCEPTS),
         "erased_concept": args.erase,
         "prompts": {c: data.caption(c) for c in data.CONCEPTS},
@@ -853,7 +949,7 @@ def manifest(args, built: Built, results: dict, files: dict, build_info: dict) -
         "files": files,
         "shared": "clip, vae and detector are shared by every model; a variant with a base is that base's UNet with "
                   "its own file's tensors put over it",
-        "seeds": STAGE_SEEDS,
+        "seeds": {k: v for k, v in STAGE_SEEDS.items() if k != "extras" or args.unconditional_extras},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                  if k not in ("out", "reuse", "reuse_phase1", "unet_worker", "work", "snapshots")},
         "recipe": recipe(args, built),
@@ -929,24 +1025,24 @@ def main(argv=None) -> int:
     comfy_path = boot_comfy()
     use_fast_attention()
     timer = Timer()
-    x_all, labels, none_imgs = make_data(args)
+    data.set_size_scale(data.parse_size_scale(args.size_scale))  # every drawing of this build (forked workers too)
+    x_all, labels, none_imgs, extras = make_data(args)
     timer.done("data")
     if args.reuse:
         # stages 2-5 from an earlier build with the same arguments and seeds (what they would compute again)
         built = reuse_build(args, comfy_path, timer)
         timer.seconds.update(built.reused["stage_seconds"])
     else:
-        built = train_stages(args, comfy_path, x_all, labels, none_imgs, timer)
+        built = train_stages(args, comfy_path, x_all, labels, none_imgs, extras, timer)
     timer.t0 = time.perf_counter()
     if args.measure_only:
         reuse_variants(args, built, timer)
-    elif only:
-        reuse_variants(args, built, timer, skip=only)
-        variants_stage(args, built, timer, only=only)
+        results = measure(args, built)
+        timer.done("evaluation")
     else:
-        variants_stage(args, built, timer)
-    results = measure(args, built)
-    timer.done("evaluation")
+        if only:
+            reuse_variants(args, built, timer, skip=only)
+        results = variants_and_measure(args, built, timer, only=only)
     out = Path(args.out)
     files = save_networks(args, out, built, contact_sheet(results))
     atomic_write(out / "labels.json", json.dumps({n: r["labels"] for n, r in results.items()}), replace=True)

@@ -4,6 +4,7 @@ Every image is a 32 x 32 RGB picture of ONE filled shape on a plain background w
 the shape's colour, the background colour (with a minimum contrast between the two), the position, the size, the
 rotation and a shape-specific proportion (a star's inner radius, a cross's arm width, a triangle's and a circle's
 slight squash) are drawn at random; shapes are rendered at 4x resolution and box-filtered down (anti-aliased).
+A build may scale some concepts' sizes (``set_size_scale``; the shipped world does not).
 
 The detector (``detector.py``) also learns a ``none`` class: plain backgrounds, strokes, dots and irregular
 blobs, so an image with no recognisable concept is not forced into one of the five.
@@ -26,6 +27,41 @@ IMAGE_SIZE = 32
 _SS = 4  # supersampling factor for anti-aliased rendering
 RADIUS = (0.26, 0.38)  # circumradius range, as a fraction of the image size
 POSITION_JITTER = 0.12  # largest offset of the shape centre from the image centre, as a fraction of the size
+#: per concept, a factor on the drawn radius; empty in the shipped world. The build's ``--size-scale`` sets it (the
+#: v3 candidate of docs/micro-world.md drew triangles 1.25x and circles 0.85x); the random draws stay the same, so
+#: the other concepts' images do not change.
+SIZE_SCALE: dict[str, float] = {}
+
+
+def parse_size_scale(text: str) -> dict[str, float]:
+    """``"triangle=1.25,circle=0.85"`` -> {"triangle": 1.25, "circle": 0.85}; "" -> {}. Every name must be a
+    concept and every factor a number in (0, 1.3] (a larger circumradius no longer fits the image)."""
+    out: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ValueError(f"size scale {item!r}: expected concept=factor (e.g. triangle=1.25)")
+        check_concept(name)
+        if name in out:
+            raise ValueError(f"size scale: {name!r} is given twice")
+        try:
+            factor = float(value)
+        except ValueError:
+            raise ValueError(f"size scale {item!r}: the factor {value.strip()!r} is not a number") from None
+        if not 0.0 < factor <= 1.3:
+            raise ValueError(f"size scale {item!r}: the factor must be in (0, 1.3], got {factor}")
+        out[name] = factor
+    return out
+
+
+def set_size_scale(scale: dict[str, float]) -> None:
+    """Make every later drawing scale these concepts' radius (an empty mapping: the shipped world's sizes)."""
+    parse_size_scale(",".join(f"{k}={v}" for k, v in scale.items()))  # the same checks
+    SIZE_SCALE.clear()
+    SIZE_SCALE.update({k: float(v) for k, v in scale.items()})
 
 
 def caption(concept: str) -> str:
@@ -71,7 +107,7 @@ def _polygon(cx, cy, radii, angles, rot) -> list[tuple[float, float]]:
 
 def shape_outline(concept: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> tuple[str, list]:
     """("ellipse", bbox) or ("polygon", points) in image pixels for one random instance of ``concept``."""
-    r = rng.uniform(*RADIUS) * size  # circumradius
+    r = rng.uniform(*RADIUS) * size * SIZE_SCALE.get(concept, 1.0)  # circumradius
     margin = r + 1.0
     # the centre: anywhere the shape fits, at most POSITION_JITTER x size from the image centre
     lo = max(margin, size * (0.5 - POSITION_JITTER))

@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -168,7 +169,7 @@ def test_safetensors_files_are_written_canonically_and_an_unchanged_network_keep
         assert f.metadata() == meta
 
 
-def test_the_variants_a_rebuild_may_name_are_checked():
+def _build_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("build_micro_world", ROOT / "scripts" / "build_micro_world.py")
@@ -178,9 +179,72 @@ def test_the_variants_a_rebuild_may_name_are_checked():
         spec.loader.exec_module(build)
     finally:
         del sys.modules[spec.name]
+    return build
+
+
+def test_the_variants_a_rebuild_may_name_are_checked():
+    build = _build_script()
     assert build.check_variant_names("esd_x, esd_x_long") == ("esd_x", "esd_x_long")
     assert build.check_variant_names(None) == ()
     with pytest.raises(SystemExit, match="'esd_y' is not|esd_y is not a variant of the original"):
         build.check_variant_names("esd_x,esd_y")
     with pytest.raises(SystemExit, match="never_learned is not a variant of the original"):
         build.check_variant_names("never_learned")
+
+
+def test_size_scale_and_unconditional_extras_options(manifest, tmp_path, capsys):
+    """The options that build the v3 candidate (docs/micro-world.md) are off by default, spelled one way (what
+    --reuse compares), checked with a message naming the mistake, and a --reuse of a build made without them (its
+    manifest predates them: they count as off) is refused when they differ."""
+    build = _build_script()
+    plain = build.parse_args([])
+    assert plain.size_scale == "" and plain.unconditional_extras == 0
+    v3 = build.parse_args(["--size-scale", " triangle=1.250, circle=0.85", "--unconditional-extras", "1000"])
+    assert v3.size_scale == "circle=0.85,triangle=1.25" and v3.unconditional_extras == 1000
+    for bad, why in [("hexagon=1.2", "unknown micro-world concept 'hexagon'"), ("triangle", "expected concept=factor"),
+                     ("circle=big", "is not a number"), ("circle=2", r"must be in \(0, 1.3\]"),
+                     ("circle=0.9,circle=0.8", "given twice")]:
+        with pytest.raises(SystemExit):
+            build.parse_args(["--size-scale", bad])
+        assert "--size-scale" in (err := capsys.readouterr().err) and __import__("re").search(why, err), (bad, err)
+    with pytest.raises(SystemExit):
+        build.parse_args(["--unconditional-extras", "-1"])
+    assert "expected 0 or more images" in capsys.readouterr().err
+    # the shipped manifest has neither argument: both count as off, so a plain --reuse still matches it
+    assert "size_scale" not in manifest["args"] and build._earlier_arg(manifest, "size_scale") == ""
+    assert build._earlier_arg(manifest, "unconditional_extras") == 0
+    prev = tmp_path / "earlier"
+    prev.mkdir()
+    (prev / world.MANIFEST).write_text(json.dumps(manifest))
+    for argv, name in [(["--size-scale", "triangle=1.25"], "size_scale"), (["--unconditional-extras", "10"],
+                                                                          "unconditional_extras")]:
+        args = build.parse_args(["--reuse", str(prev), *argv])
+        with pytest.raises(SystemExit, match=f"built with {name}=(''|0), this run has"):
+            build.reuse_build(args, None, None)
+
+
+def test_size_scale_scales_only_the_named_concepts():
+    """data.set_size_scale: the same random draws, the named concepts' radius scaled (area by the factor squared, up
+    to a corner clipped at the image border), every other concept's images identical; the default (empty) scale
+    draws the shipped world's images."""
+    def masks(concept):
+        return np.stack([data._render_mask(*data.shape_outline(concept, np.random.default_rng([21, i])),
+                                           data.IMAGE_SIZE) for i in range(60)])
+
+    assert data.SIZE_SCALE == {}
+    plain = {c: masks(c) for c in data.CONCEPTS}
+    try:
+        data.set_size_scale({"triangle": 1.25, "circle": 0.85})
+        scaled = {c: masks(c) for c in data.CONCEPTS}
+        with pytest.raises(ValueError, match="unknown micro-world concept 'oval'"):
+            data.set_size_scale({"oval": 1.1})
+        assert data.SIZE_SCALE == {"triangle": 1.25, "circle": 0.85}  # a refused setting changes nothing
+    finally:
+        data.set_size_scale({})
+    assert np.array_equal(masks("triangle"), plain["triangle"])
+    for concept in data.CONCEPTS:
+        factor = {"triangle": 1.25, "circle": 0.85}.get(concept)
+        if factor is None:
+            assert np.array_equal(scaled[concept], plain[concept]), concept
+        else:
+            assert scaled[concept].sum() / plain[concept].sum() == pytest.approx(factor ** 2, rel=0.06), concept

@@ -61,3 +61,24 @@ def test_vae_round_trip_and_state_dict_checks():
         detector.from_state_dict(sd)
     with pytest.raises(ValueError, match="unknown hard-negative kind"):
         md.hard_negative("blob", np.random.default_rng(0))
+
+
+def test_unconditional_extras_are_seeded_near_shapes_in_turn():
+    """The near-shapes both micro-world UNets learn with the empty prompt (v3): deterministic per seed, the kinds
+    in turn, pictures like the dataset's (a pale background, one darker shape) and no five-pointed star among them
+    (the never-learned model must still never see one)."""
+    a = md.unconditional_extras(10, seed=9)
+    b = md.unconditional_extras(10, seed=9)
+    c = md.unconditional_extras(10, seed=10)
+    assert a.shape == (10, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert md.UNCONDITIONAL_EXTRA_KINDS == ("ellipse", "capsule", "bean", "partial_circle", "three_point_star")
+    assert not any(k in md.UNCONDITIONAL_EXTRA_KINDS for k in ("partial_star", "star_3_6_7"))
+    # each image: a shape that covers part of it (not empty, not all)
+    grey = a.astype(np.float64).mean(-1)
+    for img in grey:
+        dark = img < (img.max() + img.min()) / 2
+        assert 0.05 < dark.mean() < 0.6
+    # the i-th image is of kind i mod 5: the same image as that kind's generator gives with the same seed
+    np.testing.assert_array_equal(a[1], md.hard_negative("capsule", np.random.default_rng([9, 1])))
+    assert md.unconditional_extras(0, seed=9).shape == (0, 32, 32, 3)
