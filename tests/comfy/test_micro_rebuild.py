@@ -13,7 +13,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,3 +64,46 @@ def test_trained_variant_is_rebuilt_within_its_tolerance(build, built, variant):
     # the original, so a rebuild that did not train (or trained the wrong layers) fails above
     original = load_file(str(world.weight_path("original")))
     assert max(float((shipped[k] - original[k]).abs().max()) for k in shipped) > 10 * ESD_REBUILD_ATOL[variant]
+
+
+def test_overlapped_variants_and_measurements_match_the_stages_one_after_the_other(build, built):
+    """--jobs 2 makes the variants and measures the models in one pool of forked workers (each model measured as soon
+    as it exists); that must give the same variants and the same measurements as the two stages one after the
+    other in this process (a short ESD-x, the UCE edit, the other variants' shipped files, 2 images per concept)."""
+    import dataclasses
+
+    from memora.micro import world
+
+    argv = ["--reuse", str(world.weights_dir()), "--eval-images", "2", "--eval-steps", "3",
+            "--recipe", "esd_x.steps=5", "--variants", "esd_x,uce"]
+    only = ("esd_x", "uce")
+    out = {}
+    threads = torch.get_num_threads()
+    try:
+        for jobs in (2, 1):
+            args = build.parse_args([*argv, "--jobs", str(jobs)])
+            b = dataclasses.replace(built, unets=dict(built.unets), variants={})
+            timer = build.Timer()
+            build.reuse_variants(args, b, timer, skip=only)
+            out[jobs] = (build.variants_and_measure(args, b, timer, only=only), b, timer)
+    finally:
+        torch.set_num_threads(threads)  # measuring in this process sets one thread, as a worker would
+    (r2, b2, t2), (r1, b1, t1) = out[2], out[1]
+    assert list(r2) == list(r1) == list(world.VARIANTS)
+    def gap(a, b):  # the largest difference between two models' sample images (uint8), over every concept
+        return max(int(np.abs(a["samples"][c].astype(int) - b["samples"][c].astype(int)).max()) for c in a["samples"])
+
+    for name in world.VARIANTS:
+        assert r2[name]["counts"] == r1[name]["counts"], name
+        assert r2[name]["labels"] == r1[name]["labels"], name
+        assert gap(r2[name], r1[name]) <= 1, name
+    # the images tell the models apart: measuring the original in place of the short ESD-x would fail above
+    assert gap(r1["esd_x"], r1["original"]) > 4
+    for name in only:
+        s2, s1 = b2.variants[name][0], b1.variants[name][0]
+        assert s2.keys() == s1.keys()
+        assert max(float((s2[k] - s1[k]).abs().max()) for k in s2) <= ESD_REBUILD_ATOL["esd_x"], name
+    # the short ESD-x really changed the original (else the comparison above would be of two copies of it)
+    original = built.unets["original"].state_dict()
+    assert max(float((b2.variants["esd_x"][0][k] - original[k]).abs().max()) for k in b2.variants["esd_x"][0]) > 1e-4
+    assert {"variants (wall)", "evaluation", "esd_x", "uce"} <= t2.seconds.keys() and t1.seconds.keys() >= {"evaluation"}
