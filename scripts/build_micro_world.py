@@ -201,12 +201,14 @@ def generate(unet, vae, ctx, uncond, n: int, seed: int, cfg: float, steps: int) 
     return decode(vae, z / diffusion.LATENT_SCALE)
 
 
-def evaluate(unet, vae, det, contexts, uncond, *, n: int, seed: int, cfg: float, steps: int, judge=None) -> dict:
+def evaluate(unet, vae, det, contexts, uncond, *, n: int, seed: int, cfg: float, steps: int, judge=None,
+             concepts: tuple = data.CONCEPTS) -> dict:
     """Each concept's prompt drawn ``n`` times (noise seed ``seed`` + concept index): per concept the count of
     images whose detector top class is the prompt's concept, the judge's labels (when a judge is given), and the
-    first 8 images (uint8) for the contact sheet."""
+    first 8 images (uint8) for the contact sheet. ``concepts``: a subset (the same numbers per concept as all)."""
     counts, samples, labels = {}, {}, {}
-    for ci, concept in enumerate(data.CONCEPTS):
+    for concept in concepts:
+        ci = data.CONCEPTS.index(concept)
         imgs = generate(unet, vae, contexts[ci], uncond, n, seed + ci, cfg, steps).clamp(-1, 1)
         probs = detector.probabilities(det, imgs)
         top = probs.argmax(-1)
@@ -249,7 +251,16 @@ REUSABLE_ARGS = ("finetune_models", "images_per_concept", "vae_steps", "unet_ste
 ARG_DEFAULTS_BEFORE = {"size_scale": "", "unconditional_extras": 0}
 
 
+def canonical_size_scale(scale: dict) -> str:
+    """One spelling per size scale (concept order, shortest float, factors of 1 left out): what --reuse compares."""
+    return ",".join(f"{c}={float(scale[c])!r}" for c in data.CONCEPTS if c in scale and float(scale[c]) != 1.0)
+
+
 def _earlier_arg(prev: dict, k: str):
+    """An argument of an earlier build from its manifest; one it does not record counts as off, except the size
+    scale of a build made before the option existed, which world.size_scale reads (the micro-v3 branch's)."""
+    if k == "size_scale" and k not in prev["args"]:
+        return canonical_size_scale(world.size_scale(prev))
     return prev["args"].get(k, ARG_DEFAULTS_BEFORE.get(k))
 
 
@@ -409,8 +420,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         scale = data.parse_size_scale(args.size_scale)
     except ValueError as exc:
         ap.error(f"--size-scale: {exc}")
-    # one spelling per setting (concept order, shortest float): what --reuse compares with the earlier manifest
-    args.size_scale = ",".join(f"{c}={scale[c]!r}" for c in data.CONCEPTS if c in scale)
+    args.size_scale = canonical_size_scale(scale)
     if args.unconditional_extras < 0:
         ap.error(f"--unconditional-extras: expected 0 or more images, got {args.unconditional_extras}")
     return args
@@ -690,11 +700,12 @@ def _install_variant(built: Built, timer: Timer, rec: dict, made: tuple):
 
 
 def variants_and_measure(args, built: Built, timer: Timer, only: tuple = ()) -> dict:
-    """Stages 6 and 7 together (with --jobs > 1): the variants and every model's measurement share one pool of forked
-    one-thread workers, so the models that are ready (the original, the never-learned model, reused variants, each
-    variant as soon as it is made) are measured while the longest variant (the deep ESD-u) still trains. The same
-    numbers as the two stages one after the other: each variant's training and each model's sampling is seeded on
-    its own and runs on one thread either way. Returns ``measure``'s result."""
+    """Stages 6 and 7 together (with --jobs > 1): the variants and the measurements share one pool of forked
+    one-thread workers, the measurements cut into one job per model and concept, so the models that are ready (the
+    original, the never-learned model, reused variants, each variant as soon as it is made) are measured while the
+    longest variant (the deep ESD-u) still trains, and the last jobs are short. The same numbers as the two stages
+    one after the other with --jobs > 1: every variant is trained and every model sampled on one thread, each seeded
+    on its own. Returns ``measure``'s result."""
     recipes = erasure.override(erasure.VARIANT_RECIPES, args.recipe)
     names = [n for n in recipes if not only or n in only]
     if args.jobs <= 1 or not names:
@@ -707,25 +718,39 @@ def variants_and_measure(args, built: Built, timer: Timer, only: tuple = ()) -> 
 
     _VARIANTS.update(built=built, recipes=recipes, threads=1)
     _MEASURE.update(args=args, built=built, judge=_judge_module())
-    done: dict = {}
+    made, parts = {}, {}
+    kind, name, concept = "job", "?", None
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
-        pending = {ex.submit(_make_variant, n): ("variant", n) for n in _longest_first(names, recipes)}
-        pending.update({ex.submit(_measure_one, n): ("measure", n) for n in world.VARIANTS if n in built.unets})
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                kind, name = pending.pop(fut)
-                if kind == "variant":
-                    made = fut.result()
-                    _install_variant(built, timer, recipes[name], made)
-                    pending[ex.submit(_measure_one, name, made[1])] = ("measure", name)
-                    if not any(k == "variant" for k, _ in pending.values()):
-                        timer.done("variants (wall)")
-                else:
-                    done.update([fut.result()])
+        pending = {ex.submit(_make_variant, n): ("variant", n, None) for n in _longest_first(names, recipes)}
+        for n in world.VARIANTS:
+            if n in built.unets and n not in names:
+                pending.update({ex.submit(_measure_part, n, c): ("measure", n, c) for c in data.CONCEPTS})
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    kind, name, concept = pending.pop(fut)
+                    if kind == "variant":
+                        made[name] = fut.result()
+                        pending.update({ex.submit(_measure_part, name, c, made[name][1]): ("measure", name, c)
+                                        for c in data.CONCEPTS})
+                        if len(made) == len(names):
+                            for n in names:  # in the recipes' order, whatever order they were made in
+                                _install_variant(built, timer, recipes[n], made[n])
+                            timer.done("variants (wall)")
+                    else:
+                        parts[(name, concept)] = fut.result()
+                        if all((name, c) in parts for c in data.CONCEPTS):
+                            _log_rates(name, _merge_parts(name, parts), args.eval_images)
+        except BaseException as exc:
+            what = f"{kind} {name}" + (f" ({concept})" if concept else "")
+            log(f"{what} failed ({type(exc).__name__}: {exc}); cancelling the queued jobs and waiting for the "
+                f"running ones to stop")
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
     # what is left after the last variant is made: the measurements that could not overlap with it
     timer.done("evaluation")
-    return {name: done[name] for name in world.VARIANTS}
+    return {name: _merge_parts(name, parts) for name in world.VARIANTS}
 
 
 def reuse_variants(args, built: Built, timer: Timer, skip: tuple = ()):
@@ -750,12 +775,13 @@ def reuse_variants(args, built: Built, timer: Timer, skip: tuple = ()):
     log(f"reused the variants of {prev_dir}: {', '.join(reused)}")
 
 
-_MEASURE: dict = {}  # what the forked measurement workers read (set by measure() before forking)
+_MEASURE: dict = {}  # what the forked measurement workers read (set before forking)
 
 
-def _measure_one(name: str, stored: dict | None = None):
-    """One model's measurement (in a forked worker): ``name``'s UNet, or with ``stored`` the original's with those
-    tensors put over it (a variant made after the worker was forked)."""
+def _measure_part(name: str, concept: str, stored: dict | None = None):
+    """One model's measurement of one concept (in a forked worker, or in this process with --jobs 1): ``name``'s
+    UNet, or with ``stored`` the original's with those tensors put over it (a variant made after the worker was
+    forked)."""
     args, built, judge = _MEASURE["args"], _MEASURE["built"], _MEASURE["judge"]
     torch.set_num_threads(1)
     if stored is None:
@@ -764,28 +790,47 @@ def _measure_one(name: str, stored: dict | None = None):
         unet = copy.deepcopy(built.unets["original"])
         unet.load_state_dict({**unet.state_dict(), **stored})
         unet.eval()
-    r = evaluate(unet, built.vae, built.det, built.contexts, built.uncond, n=args.eval_images,
-                 seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg, steps=args.eval_steps,
-                 judge=judge.judge_batch if judge else None)
-    log(f"  {name}: " + ", ".join(f"{c} {k / args.eval_images:.2f}" for c, k in r["counts"].items()))
-    return name, r
+    return evaluate(unet, built.vae, built.det, built.contexts, built.uncond, n=args.eval_images,
+                    seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg, steps=args.eval_steps,
+                    judge=judge.judge_batch if judge else None, concepts=(concept,))
+
+
+def _merge_parts(name: str, parts: dict) -> dict:
+    """``evaluate``'s result for model ``name`` from its per-concept parts (keys (name, concept))."""
+    per = [parts[(name, c)] for c in data.CONCEPTS]
+    return {"counts": {c: p["counts"][c] for c, p in zip(data.CONCEPTS, per)}, "n": per[0]["n"],
+            "samples": {c: p["samples"][c] for c, p in zip(data.CONCEPTS, per)},
+            "labels": {c: p["labels"][c] for c, p in zip(data.CONCEPTS, per)}}
+
+
+def _log_rates(name: str, result: dict, n: int):
+    log(f"  {name}: " + ", ".join(f"{c} {k / n:.2f}" for c, k in result["counts"].items()))
+
+
+def _measure_star(job):
+    return job, _measure_part(*job)
 
 
 def measure(args, built: Built):
     """Stage 7: every model's detection counts per concept (with the judge's labels when memora.micro.judge is
-    there) and the contact sheet's samples; the models are shared out over --jobs forked worker processes of one
-    thread each (the same numbers as one process: each model's sampling is seeded on its own)."""
+    there) and the contact sheet's samples, one job per model and concept; with --jobs > 1 the jobs are shared out
+    over forked worker processes of one thread each (the same numbers as one process: each concept's sampling is
+    seeded on its own)."""
     _MEASURE.update(args=args, built=built, judge=_judge_module())
     names = list(world.VARIANTS)
+    jobs = [(n, c) for n in names for c in data.CONCEPTS]
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
-            done = dict(ex.map(_measure_one, names))
+            parts = dict(ex.map(_measure_star, jobs))
     else:
-        done = dict(map(_measure_one, names))
-    return {name: done[name] for name in names}
+        parts = dict(map(_measure_star, jobs))
+    results = {name: _merge_parts(name, parts) for name in names}
+    for name in names:
+        _log_rates(name, results[name], args.eval_images)
+    return results
 
 
 def _judge_module():
@@ -949,7 +994,7 @@ def manifest(args, built: Built, results: dict, files: dict, build_info: dict) -
         "files": files,
         "shared": "clip, vae and detector are shared by every model; a variant with a base is that base's UNet with "
                   "its own file's tensors put over it",
-        "seeds": {k: v for k, v in STAGE_SEEDS.items() if k != "extras" or args.unconditional_extras},
+        "seeds": STAGE_SEEDS,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                  if k not in ("out", "reuse", "reuse_phase1", "unet_worker", "work", "snapshots")},
         "recipe": recipe(args, built),

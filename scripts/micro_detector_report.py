@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     if args.images < 0 or args.eval_images < 1:
         ap.error("--images must be >= 0 and --eval-images >= 1")
     # held-out images drawn the way the world's build drew its data (a build with --size-scale records it)
-    data.set_size_scale(world.load_manifest().get("size_scale") or {})
+    data.set_size_scale(world.size_scale(world.load_manifest()))
     torch.set_num_threads(args.threads)
     from micro_recovery import boot
     from memora_build import micro_detector as md

@@ -28,14 +28,14 @@ _SS = 4  # supersampling factor for anti-aliased rendering
 RADIUS = (0.26, 0.38)  # circumradius range, as a fraction of the image size
 POSITION_JITTER = 0.12  # largest offset of the shape centre from the image centre, as a fraction of the size
 #: per concept, a factor on the drawn radius; empty in the shipped world. The build's ``--size-scale`` sets it (the
-#: v3 candidate of docs/micro-world.md drew triangles 1.25x and circles 0.85x); the random draws stay the same, so
-#: the other concepts' images do not change.
+#: v3 candidate of docs/micro-world.md drew triangles 1.25x and circles 0.85x); the other concepts' images do not
+#: change (a scaled shape too large to be placed off-centre is centred, which shifts that image's later draws).
 SIZE_SCALE: dict[str, float] = {}
 
 
 def parse_size_scale(text: str) -> dict[str, float]:
     """``"triangle=1.25,circle=0.85"`` -> {"triangle": 1.25, "circle": 0.85}; "" -> {}. Every name must be a
-    concept and every factor a number in (0, 1.3] (a larger circumradius no longer fits the image)."""
+    concept and every factor a number in (0, 1.3] (beyond 1.3 the largest shapes, centred, leave the image)."""
     out: dict[str, float] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -58,10 +58,17 @@ def parse_size_scale(text: str) -> dict[str, float]:
 
 
 def set_size_scale(scale: dict[str, float]) -> None:
-    """Make every later drawing scale these concepts' radius (an empty mapping: the shipped world's sizes)."""
-    parse_size_scale(",".join(f"{k}={v}" for k, v in scale.items()))  # the same checks
+    """Make every later drawing scale these concepts' radius (an empty mapping: the shipped world's sizes). Checked
+    like ``parse_size_scale``; a refused mapping changes nothing."""
+    checked = {}
+    for name, value in dict(scale).items():
+        check_concept(name)
+        factor = float(value)
+        if not 0.0 < factor <= 1.3:
+            raise ValueError(f"size scale {name}={value}: the factor must be in (0, 1.3], got {factor}")
+        checked[name] = factor
     SIZE_SCALE.clear()
-    SIZE_SCALE.update({k: float(v) for k, v in scale.items()})
+    SIZE_SCALE.update(checked)
 
 
 def caption(concept: str) -> str:

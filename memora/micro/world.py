@@ -144,6 +144,23 @@ def load_manifest(weights_dir_: Optional[Path] = None) -> dict:
     return manifest
 
 
+#: the size scale a build of the micro-v3 branch (December 2026) drew with: its manifest records the near-shapes
+#: (``args.unconditional_extras``) but not the scale, which that branch hard-coded (docs/micro-world.md, "A world
+#: whose original draws every concept at cfg 7.5")
+V3_BRANCH_SIZE_SCALE = {"circle": 0.85, "triangle": 1.25}
+
+
+def size_scale(manifest: dict) -> dict:
+    """The per-concept radius factors a world's data was drawn with (memora.micro.data.SIZE_SCALE): the manifest's
+    ``size_scale``; for a manifest that predates it, {} (the shipped world) or, for a build of the micro-v3 branch,
+    V3_BRANCH_SIZE_SCALE."""
+    if "size_scale" in manifest:
+        return dict(manifest["size_scale"])
+    if "unconditional_extras" in manifest.get("args", {}):
+        return dict(V3_BRANCH_SIZE_SCALE)
+    return {}
+
+
 _VERIFIED: dict = {}
 
 

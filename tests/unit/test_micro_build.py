@@ -210,17 +210,29 @@ def test_size_scale_and_unconditional_extras_options(manifest, tmp_path, capsys)
     with pytest.raises(SystemExit):
         build.parse_args(["--unconditional-extras", "-1"])
     assert "expected 0 or more images" in capsys.readouterr().err
-    # the shipped manifest has neither argument: both count as off, so a plain --reuse still matches it
-    assert "size_scale" not in manifest["args"] and build._earlier_arg(manifest, "size_scale") == ""
-    assert build._earlier_arg(manifest, "unconditional_extras") == 0
+    assert build.parse_args(["--size-scale", "circle=1,triangle=1.25"]).size_scale == "triangle=1.25"
+    # a manifest that predates the options (as the shipped one may): both count as off, so a plain --reuse matches
+    older = json.loads(json.dumps(manifest))
+    for key in ("size_scale", "unconditional_extras"):
+        older["args"].pop(key, None)
+    older.pop("size_scale", None)
+    assert build._earlier_arg(older, "size_scale") == "" and build._earlier_arg(older, "unconditional_extras") == 0
+    # a build of the micro-v3 branch records the near-shapes but not the scale it hard-coded
+    branch = json.loads(json.dumps(older))
+    branch["args"]["unconditional_extras"] = 1000
+    assert world.size_scale(branch) == {"circle": 0.85, "triangle": 1.25} and world.size_scale(older) == {}
+    assert build._earlier_arg(branch, "size_scale") == "circle=0.85,triangle=1.25"
     prev = tmp_path / "earlier"
     prev.mkdir()
-    (prev / world.MANIFEST).write_text(json.dumps(manifest))
+    (prev / world.MANIFEST).write_text(json.dumps(older))
     for argv, name in [(["--size-scale", "triangle=1.25"], "size_scale"), (["--unconditional-extras", "10"],
                                                                           "unconditional_extras")]:
         args = build.parse_args(["--reuse", str(prev), *argv])
         with pytest.raises(SystemExit, match=f"built with {name}=(''|0), this run has"):
             build.reuse_build(args, None, None)
+    (prev / world.MANIFEST).write_text(json.dumps(branch))
+    with pytest.raises(SystemExit, match="built with size_scale='circle=0.85,triangle=1.25', this run has ''"):
+        build.reuse_build(build.parse_args(["--reuse", str(prev), "--unconditional-extras", "1000"]), None, None)
 
 
 def test_size_scale_scales_only_the_named_concepts():
@@ -237,7 +249,9 @@ def test_size_scale_scales_only_the_named_concepts():
         data.set_size_scale({"triangle": 1.25, "circle": 0.85})
         scaled = {c: masks(c) for c in data.CONCEPTS}
         with pytest.raises(ValueError, match="unknown micro-world concept 'oval'"):
-            data.set_size_scale({"oval": 1.1})
+            data.set_size_scale({"triangle": 1.1, "oval": 1.1})
+        with pytest.raises(ValueError, match=r"must be in \(0, 1.3\]"):
+            data.set_size_scale({"circle": 2})
         assert data.SIZE_SCALE == {"triangle": 1.25, "circle": 0.85}  # a refused setting changes nothing
     finally:
         data.set_size_scale({})
