@@ -81,6 +81,14 @@ def _elongated_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarra
     return _supersampled(lambda dr, ss: dr.polygon([(x * ss, y * ss) for x, y in pts], fill=255), size)
 
 
+def _star_mask(cx, cy, rot, r, inner, n: int, size: int) -> np.ndarray:
+    """A star with ``n`` points of radius ``r`` and inner radius ``inner * r``, centred at (cx, cy), rotated."""
+    pts = [((r if k % 2 == 0 else r * inner) * math.cos(math.pi * k / n),
+            (r if k % 2 == 0 else r * inner) * math.sin(math.pi * k / n)) for k in range(2 * n)]
+    pts = _rotated(pts, cx, cy, rot)
+    return _supersampled(lambda dr, ss: dr.polygon([(x * ss, y * ss) for x, y in pts], fill=255), size)
+
+
 def _wrong_count_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """A star with 3, 6 or 7 points, or a cross-like shape with 3, 5 or 6 arms: the count makes it no concept."""
     cx, cy = rng.uniform(0.4, 0.6, 2) * size
@@ -90,10 +98,7 @@ def _wrong_count_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndar
     if kind == "star_3_6_7":
         # a three-pointed star with a fat centre is a triangle (whose edge midpoints lie at half the radius)
         inner = rng.uniform(0.2, 0.32) if n == 3 else rng.uniform(0.3, 0.45)
-        pts = [((r if k % 2 == 0 else r * inner) * math.cos(math.pi * k / n),
-                (r if k % 2 == 0 else r * inner) * math.sin(math.pi * k / n)) for k in range(2 * n)]
-        pts = _rotated(pts, cx, cy, rot)
-        return _supersampled(lambda dr, ss: dr.polygon([(x * ss, y * ss) for x, y in pts], fill=255), size)
+        return _star_mask(cx, cy, rot, r, inner, n, size)
     w = rng.uniform(0.28, 0.45 if n == 3 else 0.34) * r  # wider arms of 5 or 6 would merge into a disc
     arms = [_rotated([(0, -w), (r, -w), (r, w), (0, w)], cx, cy, rot + 2 * math.pi * k / n) for k in range(n)]
 
@@ -129,11 +134,7 @@ def _three_point_star_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     cx, cy = rng.uniform(0.4, 0.6, 2) * size
     rot = rng.uniform(0, 2 * math.pi)
     r = rng.uniform(0.30, 0.45) * size
-    inner = rng.uniform(0.2, 0.4)
-    pts = [((r if k % 2 == 0 else r * inner) * math.cos(math.pi * k / 3),
-            (r if k % 2 == 0 else r * inner) * math.sin(math.pi * k / 3)) for k in range(6)]
-    pts = _rotated(pts, cx, cy, rot)
-    return _supersampled(lambda dr, ss: dr.polygon([(x * ss, y * ss) for x, y in pts], fill=255), size)
+    return _star_mask(cx, cy, rot, r, rng.uniform(0.2, 0.4), 3, size)
 
 
 def unconditional_extras(n: int, seed: int, size: int = data.IMAGE_SIZE) -> np.ndarray:
@@ -146,15 +147,7 @@ def unconditional_extras(n: int, seed: int, size: int = data.IMAGE_SIZE) -> np.n
     out = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        kind = UNCONDITIONAL_EXTRA_KINDS[i % len(UNCONDITIONAL_EXTRA_KINDS)]
-        if kind == "three_point_star":
-            bg, fg = data._colours(rng)
-            img = data._background(rng, bg, size)
-            mask = _three_point_star_mask(rng, size)
-            out.append(np.clip(np.round(img * (1 - mask[..., None]) + fg[None, None, :] * mask[..., None]), 0, 255)
-                       .astype(np.uint8))
-        else:
-            out.append(hard_negative(kind, rng, size))
+        out.append(_near_shape(UNCONDITIONAL_EXTRA_KINDS[i % len(UNCONDITIONAL_EXTRA_KINDS)], rng, size))
     return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
@@ -162,9 +155,16 @@ def hard_negative(kind: str, rng: np.random.Generator, size: int = data.IMAGE_SI
     """One image (uint8 [size, size, 3]) of a near-shape that is none of the concepts, drawn like data.draw."""
     if kind not in HARD_NEGATIVE_KINDS:
         raise ValueError(f"unknown hard-negative kind {kind!r}; expected one of {list(HARD_NEGATIVE_KINDS)}")
+    return _near_shape(kind, rng, size)
+
+
+def _near_shape(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One image of a near-shape of ``kind`` (a hard negative's kind or "three_point_star"), drawn like data.draw."""
     bg, fg = data._colours(rng)
     img = data._background(rng, bg, size)
-    if kind.startswith("partial_"):
+    if kind == "three_point_star":
+        mask = _three_point_star_mask(rng, size)
+    elif kind.startswith("partial_"):
         mask = _partial_mask(kind.split("_", 1)[1], rng, size)
     elif kind in ("star_3_6_7", "arms_3_5_6"):
         mask = _wrong_count_mask(kind, rng, size)

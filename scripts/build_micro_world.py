@@ -630,11 +630,11 @@ def check_variant_names(text) -> tuple[str, ...]:
     return names
 
 
-_VARIANTS: dict = {}  # what the forked variant workers read (set by variants_stage() before forking)
+_VARIANTS: dict = {}  # what _make_variant reads (set before the workers are forked)
 
 
 def _make_variant(name: str):
-    """One variant of the original (in a forked worker with --jobs > 1): (name, the tensors its method changed, its
+    """One variant of the original (in a forked worker with --jobs > 1, else in this process): (name, the tensors its method changed, its
     log, its seconds)."""
     built, rec = _VARIANTS["built"], _VARIANTS["recipes"][name]
     if _VARIANTS["threads"]:
@@ -660,27 +660,29 @@ def _make_variant(name: str):
     return name, stored, vlog, round(time.perf_counter() - t0, 1)
 
 
-def variants_stage(args, built: Built, timer: Timer, only: tuple = ()):
-    """Stage 6: each variant of the original (memora_build.micro_erasure.VARIANT_RECIPES): ESD-x (two lengths),
-    ESD-u, UCE, the deep ESD-u and the two-concept ESD-x, or only the ``only`` ones; kept in ``built.variants`` as
-    the tensors the method changed. With --jobs > 1 they are shared out over forked worker processes of one thread
-    each, the longest first (the deep ESD-u takes most of the stage); each variant's own seconds are recorded."""
+def _variant_recipes(args, only: tuple = ()) -> tuple[dict, list]:
+    """(every variant's recipe with --recipe's overrides, the names to make: all, or the ``only`` ones)."""
     recipes = erasure.override(erasure.VARIANT_RECIPES, args.recipe)
-    names = [n for n in recipes if not only or n in only]
-    forked = args.jobs > 1 and len(names) > 1
-    # one thread per forked worker; in this process the thread count stays as it is (it measures afterwards)
-    _VARIANTS.update(built=built, recipes=recipes, threads=1 if forked else 0)
-    if forked:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    return recipes, [n for n in recipes if not only or n in only]
 
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("fork")) as ex:
-            made = {r[0]: r for r in ex.map(_make_variant, _longest_first(names, recipes))}
-    else:
-        made = {n: _make_variant(n) for n in names}
+
+def variants_stage(args, built: Built, timer: Timer, only: tuple = ()):
+    """Stage 6 in this process, one variant after the other (--jobs 1; with more, ``variants_and_measure`` makes
+    them in worker processes): each variant of the original (memora_build.micro_erasure.VARIANT_RECIPES): ESD-x (two
+    lengths), ESD-u, UCE, the deep ESD-u and the two-concept ESD-x, or only the ``only`` ones; kept in
+    ``built.variants`` as the tensors the method changed, each variant's own seconds recorded."""
+    recipes, names = _variant_recipes(args, only)
+    _VARIANTS.update(built=built, recipes=recipes, threads=0)  # this process's thread count
     for name in names:
-        _install_variant(built, timer, recipes[name], made[name])
+        _install_variant(built, timer, recipes[name], _make_variant(name))
     timer.done("variants (wall)")
+
+
+def _original_with(built: Built, stored: dict) -> torch.nn.Module:
+    """A copy of the original UNet with ``stored`` (a variant's changed tensors) put over it, in eval mode."""
+    unet = copy.deepcopy(built.unets["original"])
+    unet.load_state_dict({**unet.state_dict(), **stored})
+    return unet.eval()
 
 
 def _longest_first(names, recipes) -> list:
@@ -691,9 +693,7 @@ def _longest_first(names, recipes) -> list:
 def _install_variant(built: Built, timer: Timer, rec: dict, made: tuple):
     """Put one made variant (``_make_variant``'s result) into ``built``: its UNet and its record."""
     name, stored, vlog, seconds = made
-    unet = copy.deepcopy(built.unets["original"])
-    unet.load_state_dict({**unet.state_dict(), **stored})
-    built.unets[name] = unet.eval()
+    built.unets[name] = _original_with(built, stored)
     built.variants[name] = (stored, {"recipe": {k: (list(v) if isinstance(v, tuple) else v) for k, v in rec.items()},
                                      "paper": erasure.PAPERS[rec["method"]], **vlog})
     timer.seconds[name] = seconds
@@ -706,8 +706,7 @@ def variants_and_measure(args, built: Built, timer: Timer, only: tuple = ()) -> 
     longest variant (the deep ESD-u) still trains, and the last jobs are short. The same numbers as the two stages
     one after the other with --jobs > 1: every variant is trained and every model sampled on one thread, each seeded
     on its own. Returns ``measure``'s result."""
-    recipes = erasure.override(erasure.VARIANT_RECIPES, args.recipe)
-    names = [n for n in recipes if not only or n in only]
+    recipes, names = _variant_recipes(args, only)
     if args.jobs <= 1 or not names:
         variants_stage(args, built, timer, only=only)
         results = measure(args, built)
@@ -766,9 +765,7 @@ def reuse_variants(args, built: Built, timer: Timer, skip: tuple = ()):
         raise SystemExit(f"--reuse {prev_dir}: it has no variant {', '.join(missing)}; name it in --variants")
     for name, vlog in reused.items():
         stored = load_file(str(world.weight_path(name, prev_dir, prev)))
-        unet = copy.deepcopy(built.unets["original"])
-        unet.load_state_dict({**unet.state_dict(), **stored})
-        built.unets[name] = unet.eval()
+        built.unets[name] = _original_with(built, stored)
         built.variants[name] = (stored, vlog)
     timer.seconds.update({k: v for k, v in prev["build"]["stage_seconds"].items() if k in reused})
     built.reused["stages"] += list(reused)
@@ -784,12 +781,7 @@ def _measure_part(name: str, concept: str, stored: dict | None = None):
     forked)."""
     args, built, judge = _MEASURE["args"], _MEASURE["built"], _MEASURE["judge"]
     torch.set_num_threads(1)
-    if stored is None:
-        unet = built.unets[name]
-    else:
-        unet = copy.deepcopy(built.unets["original"])
-        unet.load_state_dict({**unet.state_dict(), **stored})
-        unet.eval()
+    unet = built.unets[name] if stored is None else _original_with(built, stored)
     return evaluate(unet, built.vae, built.det, built.contexts, built.uncond, n=args.eval_images,
                     seed=1000 * STAGE_SEEDS["eval"], cfg=args.eval_cfg, steps=args.eval_steps,
                     judge=judge.judge_batch if judge else None, concepts=(concept,))

@@ -51,22 +51,20 @@ def parse_size_scale(text: str) -> dict[str, float]:
             factor = float(value)
         except ValueError:
             raise ValueError(f"size scale {item!r}: the factor {value.strip()!r} is not a number") from None
-        if not 0.0 < factor <= 1.3:
-            raise ValueError(f"size scale {item!r}: the factor must be in (0, 1.3], got {factor}")
-        out[name] = factor
+        out[name] = _size_factor(name, factor)
     return out
+
+
+def _size_factor(name: str, factor: float) -> float:
+    if not 0.0 < factor <= 1.3:
+        raise ValueError(f"size scale {name}={factor:g}: the factor must be in (0, 1.3], got {factor}")
+    return factor
 
 
 def set_size_scale(scale: dict[str, float]) -> None:
     """Make every later drawing scale these concepts' radius (an empty mapping: the shipped world's sizes). Checked
     like ``parse_size_scale``; a refused mapping changes nothing."""
-    checked = {}
-    for name, value in dict(scale).items():
-        check_concept(name)
-        factor = float(value)
-        if not 0.0 < factor <= 1.3:
-            raise ValueError(f"size scale {name}={value}: the factor must be in (0, 1.3], got {factor}")
-        checked[name] = factor
+    checked = {check_concept(name): _size_factor(name, float(value)) for name, value in dict(scale).items()}
     SIZE_SCALE.clear()
     SIZE_SCALE.update(checked)
 

@@ -6,6 +6,7 @@ class-balanced batches and UCE solve do what they say."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -206,7 +207,7 @@ def test_size_scale_and_unconditional_extras_options(manifest, tmp_path, capsys)
                      ("circle=0.9,circle=0.8", "given twice")]:
         with pytest.raises(SystemExit):
             build.parse_args(["--size-scale", bad])
-        assert "--size-scale" in (err := capsys.readouterr().err) and __import__("re").search(why, err), (bad, err)
+        assert "--size-scale" in (err := capsys.readouterr().err) and re.search(why, err), (bad, err)
     with pytest.raises(SystemExit):
         build.parse_args(["--unconditional-extras", "-1"])
     assert "expected 0 or more images" in capsys.readouterr().err
