@@ -383,7 +383,7 @@ The micro world is a set of tiny SD1.x-family text-to-image models trained on fi
 
 LOAD: nothing. "Original model" and "Unlearned model" are MemoRa Load Micro World (variant original / esd_x: pick another variant to audit another erasure); "Concept prompt" is the micro world's caption of the star.
 
-RUN (Queue): the original model draws six seed images of the star (the reference seed pairs) -> the unlearned model inverts, slerps (33 latents) and regenerates them -> MemoRa LoRA Train (100 updates at learning rate 1e-2: the micro world's recipe) -> the original, unlearned and recovered models draw 32 evaluation images each -> "Concept score (...)": the detector's star rate with its interval; "Similarity to original": SSIM / PSNR.
+RUN (Queue): the original model draws six seed images of the star (the reference seed pairs) -> the unlearned model inverts, slerps (33 latents) and regenerates them -> MemoRa LoRA Train (@LORA_RECIPE@: the micro world's recipe) -> the original, unlearned and recovered models draw 32 evaluation images each -> "Concept score (...)": the detector's star rate with its interval; "Similarity to original": SSIM / PSNR.
 
 EXPECT: the original model draws the star most of the time, the unlearned model almost never, the recovered model again in a good part of the images: the erased star comes back (measured figures: docs/micro-world-results.md). Same graph, titles and stages as memora_recovery: swap the loaders for your checkpoints (MemoRa Load Unlearned Model for the unlearned one) to audit a real model.
 
@@ -395,7 +395,9 @@ README_EVAL_MICRO = """Evaluation on the micro world: 32 images per model from "
 
 
 def build_recovery_micro(info):
-    return _build_recovery(info, micro_arch(), README_MICRO, "1. The micro world's models and the concept prompt")
+    recipe = f"{MICRO_LORA['steps']} updates at learning rate {MICRO_LORA['learning_rate']:g}"
+    return _build_recovery(info, micro_arch(), README_MICRO.replace("@LORA_RECIPE@", recipe),
+                           "1. The micro world's models and the concept prompt")
 
 
 README_IMAGES = """MemoRa from your own images of the concept (no original model needed).
