@@ -85,13 +85,20 @@ def train_eps(unet: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor
               min_snr_gamma: Optional[float] = None, log_every: int = 25,
               progress: Optional[Callable[[int, int, float], None]] = None,
               snapshot: Optional[Callable[[int, "EMA"], None]] = None, snapshot_every: int = 0,
-              balanced: bool = False) -> TrainLog:
+              balanced: bool = False, guidance_fold: Optional[torch.Tensor] = None) -> TrainLog:
     """Train ``unet`` (in place; its weights end as the EMA weights) to predict noise on ``latents``.
 
     latents: [N, 4, h, w] VAE latents (unscaled); labels: [N] indices into ``contexts`` ([K, 77, C] text embeddings
     of the captions); uncond: [77, C] the empty prompt's embedding, used with probability ``p_uncond``. With
     ``balanced`` every batch holds the classes present in ``labels`` in equal shares (up to one image), cycling
-    which classes get the remainder; otherwise images are drawn uniformly."""
+    which classes get the remainder; otherwise images are drawn uniformly.
+
+    ``guidance_fold`` ([K] weights, one per context; 1 = plain): for an image of a class with weight w != 1 whose
+    caption was kept, the *guided* prediction ``eps(x,t,"") + w (eps(x,t,c) - eps(x,t,""))`` is what is fitted to the
+    noise, the unconditional prediction taken without a gradient. The conditional branch then learns 1/w of the
+    conditional-unconditional difference, so that sampling at cfg s draws that class as a plain model does at s / w
+    (the guidance scale folded into the weights, as guidance distillation does the other way round: Meng et al., "On
+    Distillation of Guided Diffusion Models", CVPR 2023). The unconditional branch learns as before."""
     g = torch.Generator().manual_seed(seed)
     draw = _balanced_sampler(labels, batch, g) if balanced else None
     ab = alphas_cumprod()
@@ -114,7 +121,16 @@ def train_eps(unet: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor
         noise = torch.randn(x0.shape, generator=g)
         a = ab[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        err = (unet(xt, t.float(), ctx) - noise).pow(2).mean(dim=(1, 2, 3))
+        pred = unet(xt, t.float(), ctx)
+        if guidance_fold is not None:
+            w = guidance_fold[labels[idx]]
+            fold = (w != 1) & ~drop
+            if fold.any():
+                with torch.no_grad():
+                    eps_u = unet(xt[fold], t[fold].float(), uncond[None].expand(int(fold.sum()), *uncond.shape))
+                pred = pred.clone()
+                pred[fold] = eps_u + w[fold].view(-1, 1, 1, 1) * (pred[fold] - eps_u)
+        err = (pred - noise).pow(2).mean(dim=(1, 2, 3))
         if min_snr_gamma:
             # Min-SNR-gamma weighting (Hang et al. 2023) for an eps model: min(SNR, gamma) / SNR
             snr = (a / (1 - a)).view(-1)
@@ -127,9 +143,9 @@ def train_eps(unet: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor
         opt.step()
         ema.update(step)
         if step % log_every == 0 or step == steps - 1:
-            log.add(step, float(loss))
+            log.add(step, float(loss.detach()))
             if progress is not None:
-                progress(step, steps, float(loss))
+                progress(step, steps, float(loss.detach()))
         if snapshot is not None and snapshot_every and (step + 1) % snapshot_every == 0:
             snapshot(step + 1, ema)
     ema.copy_to(params)
@@ -267,7 +283,7 @@ def esd_train(unet: torch.nn.Module, concept_ctx: torch.Tensor, uncond: torch.Te
         if step % log_every == 0 or step == steps - 1:
             log.add(step, float(loss.detach()))
             if progress is not None:
-                progress(step, steps, float(loss))
+                progress(step, steps, float(loss.detach()))
     for p in unet.parameters():
         p.requires_grad_(True)
     unet.eval()

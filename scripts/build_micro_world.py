@@ -19,6 +19,7 @@ import argparse
 import copy
 import io
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -45,7 +46,8 @@ VAE_KL = 1e-6
 VAE_LOWFREQ = 1.0
 UNET_WARMUP = 30
 UNET_MIN_SNR = 5.0
-STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "finetune": 8, "eval": 7, "extras": 9}
+STAGE_SEEDS = {"data": 1, "vae": 2, "clip": 3, "detector": 4, "unet": 5, "finetune": 8, "eval": 7, "extras": 9,
+               "calibrate": 8}
 #: the scoring convention of every rate the build reports (memora.evaluation.stats.rate_record)
 CONVENTION = "micro-top1"
 #: the shipped detector's training length (helper 18b's run: train_detector(vae, 4, steps=900) on this VAE)
@@ -245,15 +247,51 @@ class Built:
 SHARED_ARGS = ("images_per_concept", "vae_steps", "size_scale")  # the VAE and the detector learn the drawn shapes
 PHASE1_ARGS = ("images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "erase",
                "size_scale", "unconditional_extras")
-REUSABLE_ARGS = ("finetune_models", "images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "finetune_steps", "finetune_lr",
-                 "erase", "size_scale", "unconditional_extras")
+PHASE2_ARGS = ("finetune_models", "images_per_concept", "vae_steps", "unet_steps", "unet_batch", "unet_lr",
+               "finetune_steps", "finetune_lr", "erase", "size_scale", "unconditional_extras")
+CALIBRATE_ARGS = ("calibrate_steps", "calibrate_lr", "calibrate_guidance", "calibrate_size_scale")
+REUSABLE_ARGS = PHASE2_ARGS + CALIBRATE_ARGS
 #: what an earlier build's manifest means when it does not record an argument (it was built before the option existed)
-ARG_DEFAULTS_BEFORE = {"size_scale": "", "unconditional_extras": 0}
+ARG_DEFAULTS_BEFORE = {"size_scale": "", "unconditional_extras": 0, "calibrate_steps": 0, "calibrate_lr": 3e-4,
+                       "calibrate_guidance": "", "calibrate_size_scale": ""}
+#: phase 3's optimiser: AdamW with this weight decay (phases 1 and 2: none)
+CALIBRATE_WEIGHT_DECAY = 0.01
 
 
 def canonical_size_scale(scale: dict) -> str:
     """One spelling per size scale (concept order, shortest float, factors of 1 left out): what --reuse compares."""
     return ",".join(f"{c}={float(scale[c])!r}" for c in data.CONCEPTS if c in scale and float(scale[c]) != 1.0)
+
+
+def parse_guidance_fold(text: str) -> dict[str, float]:
+    """--calibrate-guidance 'triangle=3,circle=3' -> {concept: w}: the concepts whose guided prediction at weight w
+    phase 3 fits (micro_diffusion.train_eps's guidance_fold). Each name a concept, each w a number >= 1."""
+    out: dict[str, float] = {}
+    for part in [p.strip() for p in str(text or "").split(",") if p.strip()]:
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in data.CONCEPTS:
+            raise ValueError(f"{part!r}: expected CONCEPT=W with CONCEPT one of {', '.join(data.CONCEPTS)}")
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"{part!r}: W must be a number, got {value.strip()!r}") from None
+        if not math.isfinite(w) or w < 1.0:
+            raise ValueError(f"{part!r}: W must be a finite number >= 1 (1 = no folding), got {w}")
+        if name in out:
+            raise ValueError(f"{part!r}: {name} given twice")
+        out[name] = w
+    return out
+
+
+def canonical_guidance_fold(fold: dict) -> str:
+    """One spelling per --calibrate-guidance (concept order, weights of 1 left out)."""
+    return ",".join(f"{c}={float(fold[c])!r}" for c in data.CONCEPTS if c in fold and float(fold[c]) != 1.0)
+
+
+def world_size_scale(args) -> str:
+    """The size scale of the world's own drawings (the detector's, the measurements'): phase 3's when there is one."""
+    return args.calibrate_size_scale if args.calibrate_steps > 0 else args.size_scale
 
 
 def _earlier_arg(prev: dict, k: str):
@@ -318,7 +356,9 @@ def unet_worker(args) -> int:
     """Train one UNet (``--unet-worker NAME``) from the inputs the main process saved in ``--work``: phase 1 (the
     first micro world's recipe: uniform batches, --unet-steps) unless its result came with the inputs (``init``:
     --reuse-phase1), then phase 2 (class-balanced batches, --finetune-steps, a fresh cosine schedule from
-    --finetune-lr, a slower EMA) from phase 1's EMA weights."""
+    --finetune-lr, a slower EMA) from phase 1's EMA weights unless that came with the inputs too (--reuse-phase2),
+    then, with --calibrate-steps, phase 3 (the calibration: class-balanced batches of the world's own drawings, the
+    guidance folded into --calibrate-guidance's concepts) from phase 2's EMA weights."""
     torch.set_num_threads(max(1, args.threads))
     boot_comfy()
     use_fast_attention()
@@ -340,19 +380,31 @@ def unet_worker(args) -> int:
 
     common = dict(min_snr_gamma=UNET_MIN_SNR, progress=progress, warmup=UNET_WARMUP, batch=args.unet_batch)
     logs = {}
+    after = inp.get("after") or "phase1"  # the phase that produced ``init``
     if inp.get("init") is not None:
         unet.load_state_dict(inp["init"])
-        logs["phase1"] = "reused (--reuse-phase1)"
+        logs["phase1"] = f"reused (--reuse-{after})"
+        if after == "phase2":
+            logs["phase2"] = "reused (--reuse-phase2)"
     else:
         tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"], steps=args.unet_steps,
                                  lr=args.unet_lr, seed=STAGE_SEEDS["unet"], ema_decay=UNET_EMA, **common)
         logs["phase1"] = {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}
-    if args.finetune_steps > 0 and name in args.finetune_models.split(","):
+    if after != "phase2" and args.finetune_steps > 0 and name in args.finetune_models.split(","):
         tl = diffusion.train_eps(unet, inp["z"], inp["labels"], inp["contexts"], inp["uncond"],
                                  steps=args.finetune_steps, lr=args.finetune_lr, seed=STAGE_SEEDS["finetune"],
                                  ema_decay=FINETUNE_EMA, balanced=True, snapshot=snapshot if args.snapshots else None,
                                  snapshot_every=500, **common)
         logs["phase2"] = {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}
+    if args.calibrate_steps > 0:
+        fold = parse_guidance_fold(args.calibrate_guidance)
+        weights = torch.tensor([fold.get(c, 1.0) for c in data.CONCEPTS]
+                               + [1.0] * (inp["contexts"].shape[0] - len(data.CONCEPTS)))
+        tl = diffusion.train_eps(unet, inp["z3"], inp["labels3"], inp["contexts"], inp["uncond"],
+                                 steps=args.calibrate_steps, lr=args.calibrate_lr, seed=STAGE_SEEDS["calibrate"],
+                                 ema_decay=FINETUNE_EMA, balanced=True, weight_decay=CALIBRATE_WEIGHT_DECAY,
+                                 guidance_fold=weights, **common)
+        logs["phase3"] = {"loss": tl.summary(4), "seconds": round(tl.seconds, 1)}
     torch.save({"state_dict": unet.state_dict(), "log": logs}, Path(args.work) / f"{name}.out.pt")
     return 0
 
@@ -375,6 +427,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="near-shapes (ellipses, capsules, beans, cut circles, three-pointed stars) the UNets also "
                          "learn with the empty prompt (memora_build.micro_detector.unconditional_extras; the v3 "
                          "candidate used 1000); default 0 (the shipped world)")
+    ap.add_argument("--calibrate-steps", type=int, default=0, metavar="N",
+                    help="UNet phase 3 updates (the calibration: class-balanced batches of the world's own drawings, "
+                         "--calibrate-size-scale, with the guidance of --calibrate-guidance's concepts folded into "
+                         "the weights; docs/micro-world.md); default 0: no phase 3 (the shipped world)")
+    ap.add_argument("--calibrate-lr", type=float, default=3e-4, help="phase 3's peak learning rate (cosine)")
+    ap.add_argument("--calibrate-guidance", default="", metavar="C=W,...",
+                    help="phase 3 fits these concepts' guided prediction at weight W (e.g. triangle=3,circle=3: "
+                         "cfg 7.5 then draws them as cfg 2.5 would)")
+    ap.add_argument("--calibrate-size-scale", default="", metavar="C=F,...",
+                    help="the size scale of phase 3's drawings and of everything after it (the detector, the "
+                         "measurements): the world's shapes; the VAE and phases 1-2 keep --size-scale's")
     ap.add_argument("--finetune-models", default="original,never_learned",
                     help="the UNets that get phase 2 (comma-separated; the others stay at phase 1)")
     ap.add_argument("--detector-from", type=Path, default=None, metavar="FILE",
@@ -386,6 +449,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reuse-phase1", type=Path, default=None, metavar="DIR",
                     help="take the VAE, text encoder and phase-1 UNets from this earlier build (same arguments) and "
                          "train the detector, phase 2 and the rest")
+    ap.add_argument("--reuse-phase2", type=Path, default=None, metavar="DIR",
+                    help="take the VAE, text encoder and phase-2 UNets from this earlier build (same arguments, no "
+                         "phase 3) and train phase 3, the detector and the rest")
     ap.add_argument("--detector-eval-images", type=int, default=500,
                     help="held-out procedural images per class for the detector's accuracy table")
     ap.add_argument("--eval-images", type=int, default=128, help="images per concept and model for the measurements")
@@ -421,6 +487,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as exc:
         ap.error(f"--size-scale: {exc}")
     args.size_scale = canonical_size_scale(scale)
+    try:
+        args.calibrate_size_scale = canonical_size_scale(data.parse_size_scale(args.calibrate_size_scale))
+    except ValueError as exc:
+        ap.error(f"--calibrate-size-scale: {exc}")
+    try:
+        args.calibrate_guidance = canonical_guidance_fold(parse_guidance_fold(args.calibrate_guidance))
+    except ValueError as exc:
+        ap.error(f"--calibrate-guidance: {exc}")
+    if args.calibrate_steps < 0:
+        ap.error(f"--calibrate-steps: expected 0 or more updates, got {args.calibrate_steps}")
+    if args.calibrate_steps == 0 and (args.calibrate_guidance or args.calibrate_size_scale):
+        ap.error("--calibrate-guidance and --calibrate-size-scale shape phase 3: give --calibrate-steps N too")
+    if sum(x is not None for x in (args.reuse, args.reuse_phase1, args.reuse_phase2, args.reuse_shared)) > 1:
+        ap.error("--reuse, --reuse-phase1, --reuse-phase2 and --reuse-shared exclude each other: give one")
     if args.unconditional_extras < 0:
         ap.error(f"--unconditional-extras: expected 0 or more images, got {args.unconditional_extras}")
     return args
@@ -505,12 +585,15 @@ def detector_stage(args, vae):
 
 
 def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: torch.Tensor, meanwhile=None,
-                phase1: dict | None = None, z_extra: torch.Tensor | None = None):
+                phase1: dict | None = None, z_extra: torch.Tensor | None = None, calibration: tuple | None = None,
+                after: str = "phase1"):
     """Stage 5: the original UNet (every concept) and the never-learned one (all but the erased concept), trained in
     worker processes (``--unet-worker``), in parallel with --jobs 2 (one thread each). With --unconditional-extras both also learn ``z_extra``
     (the near-shapes' latents) with the empty prompt: they get the label after the concepts', whose context is the
-    empty prompt's (in class-balanced batches they are one more class). ``meanwhile()`` (the detector stage) runs in
-    this process while they train; its result is returned too."""
+    empty prompt's (in class-balanced batches they are one more class). ``calibration``: (latents, labels) of phase
+    3's drawings (--calibrate-steps). ``phase1``: the UNets' starting weights per name, the result of ``after``
+    (phase1 or phase2) of an earlier build. ``meanwhile()`` (the detector stage) runs in this process while they
+    train; its result is returned too."""
     lab = torch.from_numpy(labels)
     jobs = {"original": torch.ones_like(lab, dtype=torch.bool), "never_learned": lab != data.CONCEPTS.index(args.erase)}
     n_extra = 0 if z_extra is None else int(z_extra.shape[0])
@@ -523,13 +606,24 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
             zs, ls = z[keep], lab[keep]
             if n_extra:
                 zs, ls = torch.cat([zs, z_extra]), torch.cat([ls, extra_labels])
-            torch.save({"z": zs.clone(), "labels": ls.clone(), "contexts": train_contexts, "uncond": uncond,
-                        "init": (phase1 or {}).get(name)}, Path(work) / f"{name}.in.pt")
+            inputs = {"z": zs.clone(), "labels": ls.clone(), "contexts": train_contexts, "uncond": uncond,
+                      "init": (phase1 or {}).get(name), "after": after}
+            if calibration is not None:
+                z3, lab3 = calibration[0], torch.as_tensor(calibration[1])
+                keep3 = lab3 != data.CONCEPTS.index(args.erase) if name == "never_learned" else torch.ones_like(
+                    lab3, dtype=torch.bool)
+                z3s, l3s = z3[keep3], lab3[keep3]
+                if n_extra:
+                    z3s, l3s = torch.cat([z3s, z_extra]), torch.cat([l3s, extra_labels])
+                inputs.update(z3=z3s.clone(), labels3=l3s.clone())
+            torch.save(inputs, Path(work) / f"{name}.in.pt")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--unet-worker", name, "--work", work,
                    "--unet-steps", str(args.unet_steps), "--unet-batch", str(args.unet_batch),
                    "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads),
                    "--finetune-steps", str(args.finetune_steps), "--finetune-lr", str(args.finetune_lr),
-                   "--finetune-models", args.finetune_models]
+                   "--finetune-models", args.finetune_models, "--calibrate-steps", str(args.calibrate_steps),
+                   "--calibrate-lr", str(args.calibrate_lr), "--calibrate-guidance", args.calibrate_guidance,
+                   "--calibrate-size-scale", args.calibrate_size_scale]
             if args.snapshots:
                 cmd += ["--snapshots", str(args.snapshots)]
             procs[name] = subprocess.Popen(cmd)
@@ -550,18 +644,22 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
 
 
 def phase1_from(args, comfy_path, x_all):
-    """--reuse-phase1 DIR: the VAE, text encoder and phase-1 UNets of an earlier build made with the same arguments
-    (every file checked against its manifest's sha256)."""
+    """--reuse-phase1 DIR (or --reuse-phase2 DIR, --reuse-shared DIR): the VAE, text encoder and phase-1 (phase-2;
+    no) UNets of an earlier build made with the same arguments for those stages (every file checked against its
+    manifest's sha256)."""
     shared_only = args.reuse_shared is not None
-    prev_dir = Path(args.reuse_shared if shared_only else args.reuse_phase1)
-    flag = "--reuse-shared" if shared_only else "--reuse-phase1"
+    mode = "shared" if shared_only else ("phase2" if args.reuse_phase2 is not None else "phase1")
+    prev_dir = Path({"shared": args.reuse_shared, "phase1": args.reuse_phase1, "phase2": args.reuse_phase2}[mode])
+    flag = f"--reuse-{mode}"
     prev = world.load_manifest(prev_dir)
-    for k in SHARED_ARGS if shared_only else PHASE1_ARGS:
+    for k in {"shared": SHARED_ARGS, "phase1": PHASE1_ARGS, "phase2": PHASE2_ARGS}[mode]:
         if _earlier_arg(prev, k) != getattr(args, k):
             raise SystemExit(f"{flag} {prev_dir}: it was built with {k}={_earlier_arg(prev, k)!r}, this run "
                              f"has {getattr(args, k)!r}")
-    if not shared_only and prev["args"].get("finetune_steps", 0):
+    if mode == "phase1" and prev["args"].get("finetune_steps", 0):
         raise SystemExit(f"--reuse-phase1 {prev_dir}: its UNets already had phase 2; give a build without it")
+    if mode == "phase2" and _earlier_arg(prev, "calibrate_steps"):
+        raise SystemExit(f"--reuse-phase2 {prev_dir}: its UNets already had phase 3; give a build without it")
     vae = make_vae(STAGE_SEEDS["vae"])
     vae.load_state_dict(_load_record(prev_dir, prev, "vae"))
     vae.eval()
@@ -575,19 +673,21 @@ def phase1_from(args, comfy_path, x_all):
     recipe_ = prev["recipe"]
     logs = {"vae": {k: v for k, v in recipe_["vae"].items() if k not in ("steps", "batch", "lr", "loss")},
             "clip": {k: v for k, v in recipe_["text_encoder"].items() if k not in ("init", "pretraining")},
-            ("shared_from" if shared_only else "phase1"): {"from": str(prev_dir), "stage_seconds": prev["build"].get("stage_seconds"),
+            ("shared_from" if shared_only else mode): {"from": str(prev_dir), "stage_seconds": prev["build"].get("stage_seconds"),
                        "unet": {n: recipe_["unet"].get(n) for n in ("original", "never_learned")}}}
-    log(f"{'VAE, text encoder, detector' if shared_only else 'phase 1 (VAE, text encoder, UNets)'} from {prev_dir}")
-    return vae, encode_means(vae, x_all), clip, ctx, phase1, logs
+    log(f"{'VAE, text encoder, detector' if shared_only else mode.replace('phase', 'phase ') + ' (VAE, text encoder, UNets)'}"
+        f" from {prev_dir}")
+    return vae, encode_means(vae, x_all), clip, ctx, phase1, logs, mode
 
 
-def train_stages(args, comfy_path, x_all, labels, none_imgs, extras, timer: Timer) -> Built:
-    """Stages 2-5: VAE, text encoder (or, with --reuse-phase1, those and the phase-1 UNets of an earlier build),
+def train_stages(args, comfy_path, x_all, labels, none_imgs, extras, timer: Timer, calibration=None) -> Built:
+    """Stages 2-5: VAE, text encoder (or, with --reuse-phase1/2, those and the phase-1/2 UNets of an earlier build),
     then the two UNets in worker processes while this one trains the detector (its seconds are recorded separately:
-    'unets' is the wall time of the two stages together)."""
-    phase1 = None
-    if args.reuse_phase1 or args.reuse_shared:
-        vae, z, clip, ctx, phase1, p1_logs = phase1_from(args, comfy_path, x_all)
+    'unets' is the wall time of the two stages together). ``calibration``: phase 3's images and labels (drawn at
+    --calibrate-size-scale). From the UNet stage on, every drawing uses the world's size scale."""
+    phase1, after = None, "phase1"
+    if args.reuse_phase1 or args.reuse_phase2 or args.reuse_shared:
+        vae, z, clip, ctx, phase1, p1_logs, after = phase1_from(args, comfy_path, x_all)
         vae_log, clip_log = p1_logs["vae"], p1_logs["clip"]
         timer.done("phase1 reused")
     else:
@@ -597,6 +697,7 @@ def train_stages(args, comfy_path, x_all, labels, none_imgs, extras, timer: Time
         timer.done("clip")
         p1_logs = None
     contexts, uncond = ctx[:-1], ctx[-1]
+    data.set_size_scale(data.parse_size_scale(world_size_scale(args)))  # the detector learns the world's shapes
     t_det = {}
 
     def detector_meanwhile():
@@ -606,12 +707,14 @@ def train_stages(args, comfy_path, x_all, labels, none_imgs, extras, timer: Time
         return out
 
     z_extra = encode_means(vae, extras) if len(extras) else None
+    z3 = None if calibration is None else (encode_means(vae, calibration[0]), calibration[1])
     unets, unet_logs, (det, det_log) = unets_stage(args, z, labels, contexts, uncond, meanwhile=detector_meanwhile,
-                                                   phase1=phase1, z_extra=z_extra)
+                                                   phase1=phase1, z_extra=z_extra, calibration=z3, after=after)
     timer.done("unets")
     timer.seconds["detector (during unets)"] = t_det["seconds"]
-    if p1_logs and "phase1" in p1_logs:
-        unet_logs["phase1_reused"] = p1_logs["phase1"]
+    for key in ("phase1", "phase2"):
+        if p1_logs and key in p1_logs:
+            unet_logs[f"{key}_reused"] = p1_logs[key]
     if p1_logs and "shared_from" in p1_logs:
         unet_logs["shared_reused"] = p1_logs["shared_from"]
     return Built(vae, clip, contexts, uncond, det, unets,
@@ -950,6 +1053,16 @@ def recipe(args, built: Built) -> dict:
                             "seed": STAGE_SEEDS["unet"]},
                  "phase2": {"steps": args.finetune_steps, "lr": args.finetune_lr, "batches": "class-balanced",
                             "ema": FINETUNE_EMA, "seed": STAGE_SEEDS["finetune"], "init": "phase 1's EMA weights"},
+                 **({"phase3": {"steps": args.calibrate_steps, "lr": args.calibrate_lr, "batches": "class-balanced",
+                                "ema": FINETUNE_EMA, "seed": STAGE_SEEDS["calibrate"],
+                                "weight_decay": CALIBRATE_WEIGHT_DECAY, "init": "phase 2's EMA weights",
+                                "guidance_fold": parse_guidance_fold(args.calibrate_guidance),
+                                "size_scale": data.parse_size_scale(args.calibrate_size_scale),
+                                "what": "the calibration: the world's own drawings (same seeds, the size scale "
+                                        "above); for the guidance_fold concepts the guided prediction "
+                                        "eps('') + w (eps(c) - eps('')) is fitted, eps('') without a gradient "
+                                        "(micro_diffusion.train_eps)"}}
+                    if args.calibrate_steps > 0 else {}),
                  "batch": args.unet_batch, "schedule": f"cosine, {UNET_WARMUP} warm-up (each phase)",
                  "parallel_jobs": args.jobs,
                  "objective": f"eps MSE with min-SNR-{UNET_MIN_SNR:g} weighting, t uniform 0..999, SD scaled_linear betas",
@@ -988,7 +1101,7 @@ def manifest(args, built: Built, results: dict, files: dict, build_info: dict) -
                   "its own file's tensors put over it",
         "seeds": STAGE_SEEDS,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("out", "reuse", "reuse_phase1", "unet_worker", "work", "snapshots")},
+                 if k not in ("out", "reuse", "reuse_phase1", "reuse_phase2", "unet_worker", "work", "snapshots")},
         "recipe": recipe(args, built),
         "measurements": {
             "how": (f"{args.eval_images} images per concept and model, DDIM {args.eval_steps} steps, cfg "
@@ -1062,15 +1175,22 @@ def main(argv=None) -> int:
     comfy_path = boot_comfy()
     use_fast_attention()
     timer = Timer()
-    data.set_size_scale(data.parse_size_scale(args.size_scale))  # every drawing of this build (forked workers too)
+    calibration = None
+    if args.calibrate_steps > 0:
+        # phase 3's drawings: the same seeds, the world's size scale
+        data.set_size_scale(data.parse_size_scale(args.calibrate_size_scale))
+        imgs3, labels3 = data.make_dataset(args.images_per_concept, STAGE_SEEDS["data"], data.CONCEPTS)
+        calibration = (data.to_tensor_range(imgs3), labels3)
+    data.set_size_scale(data.parse_size_scale(args.size_scale))  # the VAE's and phases 1-2's drawings
     x_all, labels, none_imgs, extras = make_data(args)
     timer.done("data")
     if args.reuse:
+        data.set_size_scale(data.parse_size_scale(world_size_scale(args)))  # the world's (forked workers too)
         # stages 2-5 from an earlier build with the same arguments and seeds (what they would compute again)
         built = reuse_build(args, comfy_path, timer)
         timer.seconds.update(built.reused["stage_seconds"])
     else:
-        built = train_stages(args, comfy_path, x_all, labels, none_imgs, extras, timer)
+        built = train_stages(args, comfy_path, x_all, labels, none_imgs, extras, timer, calibration=calibration)
     timer.t0 = time.perf_counter()
     if args.measure_only:
         reuse_variants(args, built, timer)

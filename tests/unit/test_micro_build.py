@@ -263,3 +263,83 @@ def test_size_scale_scales_only_the_named_concepts():
             assert np.array_equal(scaled[concept], plain[concept]), concept
         else:
             assert scaled[concept].sum() / plain[concept].sum() == pytest.approx(factor ** 2, rel=0.06), concept
+
+
+class _ScaleByPrompt(torch.nn.Module):
+    """A noise predictor with one free number per prompt: eps(x, t, c) = s[c] * x (the prompt read from the
+    context's first value: 0 the empty prompt, k + 1 the k-th concept). Its best s per prompt is known in closed
+    form up to sampling noise, which makes what train_eps fits visible."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.zeros(k + 1))
+
+    def forward(self, x, t, ctx):
+        return self.s[ctx[:, 0, 0].round().long()].view(-1, 1, 1, 1) * x
+
+
+def _fit_scales(fold=None, seed=3):
+    g = torch.Generator().manual_seed(11)
+    # two classes whose latents differ in size: the best s differs per class, the empty prompt's lies between
+    latents = torch.cat([torch.randn(200, 4, 2, 2, generator=g) * 8.0, torch.randn(200, 4, 2, 2, generator=g) * 0.5])
+    labels = torch.tensor([0] * 200 + [1] * 200)
+    contexts = torch.stack([torch.full((77, 4), 1.0), torch.full((77, 4), 2.0)])
+    model = _ScaleByPrompt(2)
+    micro_diffusion.train_eps(model, latents, labels, contexts, torch.zeros(77, 4), steps=600, batch=128, lr=0.02,
+                              seed=seed, p_uncond=0.5, warmup=10, ema_decay=0.9, balanced=True, guidance_fold=fold)
+    return model.s.detach()
+
+
+def test_guidance_fold_fits_the_guided_prediction():
+    """Phase 3's guidance folding (micro_diffusion.train_eps guidance_fold): for a folded class the guided prediction
+    eps('') + w (eps(c) - eps('')) is what fits the data, so the conditional-unconditional difference comes out
+    1/w of the plain one, the empty prompt's prediction is learned as before, an unfolded class is unchanged; and a
+    fold of all ones is the plain training exactly."""
+    plain = _fit_scales()
+    assert torch.equal(_fit_scales(torch.ones(2)), plain)
+    w = 3.0
+    folded = _fit_scales(torch.tensor([w, 1.0]))
+    u_plain, u_fold = float(plain[0]), float(folded[0])
+    assert abs(u_fold - u_plain) < 0.02, (u_plain, u_fold)
+    diff_plain, diff_fold = float(plain[1] - plain[0]), float(folded[1] - folded[0])
+    assert abs(diff_plain) > 0.05, diff_plain  # the class really differs from the empty prompt
+    assert diff_fold / diff_plain == pytest.approx(1 / w, rel=0.15), (diff_plain, diff_fold)
+    assert float(folded[2]) == pytest.approx(float(plain[2]), abs=0.02)  # the unfolded class
+
+
+def test_calibration_options(manifest, tmp_path, capsys):
+    """Phase 3's options are off by default, spelled one way, checked with a message naming the mistake; a --reuse
+    of a build made before them counts them as off; --reuse-phase2 takes a build without phase 3 only."""
+    build = _build_script()
+    plain = build.parse_args([])
+    assert (plain.calibrate_steps, plain.calibrate_guidance, plain.calibrate_size_scale) == (0, "", "")
+    assert build.world_size_scale(plain) == ""
+    cal = build.parse_args(["--calibrate-steps", "1000", "--calibrate-guidance", " triangle=3, circle=3.0,square=1",
+                            "--calibrate-size-scale", "triangle=1.25,circle=0.85"])
+    assert cal.calibrate_guidance == "circle=3.0,triangle=3.0"
+    assert build.world_size_scale(cal) == "circle=0.85,triangle=1.25"
+    for argv, why in [(["--calibrate-steps", "5", "--calibrate-guidance", "oval=3"], "CONCEPT=W with CONCEPT one of"),
+                      (["--calibrate-steps", "5", "--calibrate-guidance", "circle=0.5"], "finite number >= 1"),
+                      (["--calibrate-steps", "5", "--calibrate-guidance", "circle=x"], "W must be a number"),
+                      (["--calibrate-steps", "5", "--calibrate-guidance", "circle=2,circle=3"], "given twice"),
+                      (["--calibrate-guidance", "circle=3"], "give --calibrate-steps N too"),
+                      (["--calibrate-steps", "-1"], "expected 0 or more updates"),
+                      (["--calibrate-steps", "5", "--calibrate-size-scale", "circle=9"], r"must be in \(0, 1.3\]"),
+                      (["--reuse", "a", "--reuse-phase2", "b"], "exclude each other")]:
+        with pytest.raises(SystemExit):
+            build.parse_args(argv)
+        assert re.search(why, err := capsys.readouterr().err), (argv, err)
+    older = json.loads(json.dumps(manifest))
+    for key in build.CALIBRATE_ARGS:
+        older["args"].pop(key, None)
+    assert [build._earlier_arg(older, k) for k in build.CALIBRATE_ARGS] == [0, 3e-4, "", ""]
+    prev = tmp_path / "earlier"
+    prev.mkdir()
+    (prev / world.MANIFEST).write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match="built with calibrate_steps=0, this run has 1000"):
+        build.reuse_build(build.parse_args(["--reuse", str(prev), "--calibrate-steps", "1000"]), None, None)
+    calibrated = json.loads(json.dumps(older))
+    calibrated["args"]["calibrate_steps"] = 1000
+    (prev / world.MANIFEST).write_text(json.dumps(calibrated))
+    with pytest.raises(SystemExit, match="its UNets already had phase 3"):
+        build.phase1_from(build.parse_args(["--reuse-phase2", str(prev), "--calibrate-steps", "1000"]), None, None)
