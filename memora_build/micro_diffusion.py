@@ -98,7 +98,10 @@ def train_eps(unet: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor
     noise, the unconditional prediction taken without a gradient. The conditional branch then learns 1/w of the
     conditional-unconditional difference, so that sampling at cfg s draws that class as a plain model does at s / w
     (the guidance scale folded into the weights, as guidance distillation does the other way round: Meng et al., "On
-    Distillation of Guided Diffusion Models", CVPR 2023). The unconditional branch learns as before."""
+    Distillation of Guided Diffusion Models", CVPR 2023). The unconditional branch learns as before. The fixed
+    point is the same whatever the rows' weights, but a folded row's gradient on eps(x,t,c) is w^2 times a plain
+    row's (its squared error is taken on a prediction that moves w times as fast), so in a mixed batch the folded
+    classes take a larger share of each (clipped) step."""
     g = torch.Generator().manual_seed(seed)
     draw = _balanced_sampler(labels, batch, g) if balanced else None
     ab = alphas_cumprod()

@@ -315,10 +315,15 @@ def reuse_build(args, comfy_path, timer) -> Built:
     same arguments for those stages (the seeds are fixed in this script)."""
     prev_dir = Path(args.reuse)
     prev = world.load_manifest(prev_dir)
+    no_phase3 = not _earlier_arg(prev, "calibrate_steps") and not args.calibrate_steps
     for k in REUSABLE_ARGS:
+        if no_phase3 and k in CALIBRATE_ARGS:
+            continue  # neither build has a phase 3: its settings mean nothing
         if _earlier_arg(prev, k) != getattr(args, k):
+            hint = ("--reuse-phase2 to run phase 3 on its phase-2 UNets" if k in CALIBRATE_ARGS
+                    and not _earlier_arg(prev, "calibrate_steps") else "rebuild from scratch")
             raise SystemExit(f"--reuse {prev_dir}: it was built with {k}={_earlier_arg(prev, k)!r}, this run has "
-                             f"{getattr(args, k)!r}; rebuild from scratch instead")
+                             f"{getattr(args, k)!r}; {hint} instead")
     vae = make_vae(STAGE_SEEDS["vae"])
     vae.load_state_dict(_load_record(prev_dir, prev, "vae"))
     vae.eval()
@@ -435,9 +440,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--calibrate-guidance", default="", metavar="C=W,...",
                     help="phase 3 fits these concepts' guided prediction at weight W (e.g. triangle=3,circle=3: "
                          "cfg 7.5 then draws them as cfg 2.5 would)")
-    ap.add_argument("--calibrate-size-scale", default="", metavar="C=F,...",
+    ap.add_argument("--calibrate-size-scale", default=None, metavar="C=F,...",
                     help="the size scale of phase 3's drawings and of everything after it (the detector, the "
-                         "measurements): the world's shapes; the VAE and phases 1-2 keep --size-scale's")
+                         "measurements): the world's shapes; the VAE and phases 1-2 keep --size-scale's (default: "
+                         "--size-scale's; 'none': no scaling)")
     ap.add_argument("--finetune-models", default="original,never_learned",
                     help="the UNets that get phase 2 (comma-separated; the others stay at phase 1)")
     ap.add_argument("--detector-from", type=Path, default=None, metavar="FILE",
@@ -487,6 +493,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as exc:
         ap.error(f"--size-scale: {exc}")
     args.size_scale = canonical_size_scale(scale)
+    given_scale = args.calibrate_size_scale is not None
+    if not given_scale:
+        args.calibrate_size_scale = args.size_scale if args.calibrate_steps > 0 else ""
+    elif args.calibrate_size_scale.strip().lower() == "none":
+        args.calibrate_size_scale = ""
     try:
         args.calibrate_size_scale = canonical_size_scale(data.parse_size_scale(args.calibrate_size_scale))
     except ValueError as exc:
@@ -497,8 +508,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--calibrate-guidance: {exc}")
     if args.calibrate_steps < 0:
         ap.error(f"--calibrate-steps: expected 0 or more updates, got {args.calibrate_steps}")
-    if args.calibrate_steps == 0 and (args.calibrate_guidance or args.calibrate_size_scale):
+    if args.calibrate_steps == 0 and (args.calibrate_guidance or given_scale):
         ap.error("--calibrate-guidance and --calibrate-size-scale shape phase 3: give --calibrate-steps N too")
+    if not (args.calibrate_lr > 0 and math.isfinite(args.calibrate_lr)):
+        ap.error(f"--calibrate-lr: expected a positive learning rate, got {args.calibrate_lr}")
+    if args.reuse_phase2 is not None and args.calibrate_steps == 0:
+        ap.error("--reuse-phase2 starts phase 3 from an earlier build's phase-2 UNets: give --calibrate-steps N too")
     if sum(x is not None for x in (args.reuse, args.reuse_phase1, args.reuse_phase2, args.reuse_shared)) > 1:
         ap.error("--reuse, --reuse-phase1, --reuse-phase2 and --reuse-shared exclude each other: give one")
     if args.unconditional_extras < 0:
@@ -622,8 +637,10 @@ def unets_stage(args, z: torch.Tensor, labels, contexts: torch.Tensor, uncond: t
                    "--unet-lr", str(args.unet_lr), "--threads", "1" if args.jobs > 1 else str(args.threads),
                    "--finetune-steps", str(args.finetune_steps), "--finetune-lr", str(args.finetune_lr),
                    "--finetune-models", args.finetune_models, "--calibrate-steps", str(args.calibrate_steps),
-                   "--calibrate-lr", str(args.calibrate_lr), "--calibrate-guidance", args.calibrate_guidance,
-                   "--calibrate-size-scale", args.calibrate_size_scale]
+                   "--calibrate-lr", str(args.calibrate_lr)]
+            if args.calibrate_steps > 0:
+                cmd += ["--calibrate-guidance", args.calibrate_guidance,
+                        "--calibrate-size-scale", args.calibrate_size_scale or "none"]
             if args.snapshots:
                 cmd += ["--snapshots", str(args.snapshots)]
             procs[name] = subprocess.Popen(cmd)
@@ -656,8 +673,14 @@ def phase1_from(args, comfy_path, x_all):
         if _earlier_arg(prev, k) != getattr(args, k):
             raise SystemExit(f"{flag} {prev_dir}: it was built with {k}={_earlier_arg(prev, k)!r}, this run "
                              f"has {getattr(args, k)!r}")
-    if mode == "phase1" and prev["args"].get("finetune_steps", 0):
-        raise SystemExit(f"--reuse-phase1 {prev_dir}: its UNets already had phase 2; give a build without it")
+    if mode == "phase1" and (prev["args"].get("finetune_steps", 0) or _earlier_arg(prev, "calibrate_steps")):
+        raise SystemExit(f"--reuse-phase1 {prev_dir}: its UNets already had phase 2 or 3; give a build without them")
+    if mode == "shared" and not args.detector_from:
+        prev_world = canonical_size_scale(world.size_scale(prev))
+        if prev_world != world_size_scale(args):
+            raise SystemExit(f"--reuse-shared {prev_dir}: its detector learned shapes drawn at size scale "
+                             f"{prev_world!r}, this world's are drawn at {world_size_scale(args)!r}; give "
+                             f"--detector-from FILE, or --reuse-phase1 to train the detector again")
     if mode == "phase2" and _earlier_arg(prev, "calibrate_steps"):
         raise SystemExit(f"--reuse-phase2 {prev_dir}: its UNets already had phase 3; give a build without it")
     vae = make_vae(STAGE_SEEDS["vae"])
@@ -689,7 +712,7 @@ def train_stages(args, comfy_path, x_all, labels, none_imgs, extras, timer: Time
     if args.reuse_phase1 or args.reuse_phase2 or args.reuse_shared:
         vae, z, clip, ctx, phase1, p1_logs, after = phase1_from(args, comfy_path, x_all)
         vae_log, clip_log = p1_logs["vae"], p1_logs["clip"]
-        timer.done("phase1 reused")
+        timer.done(f"{'shared' if after == 'phase1' and args.reuse_shared else after} reused")
     else:
         vae, z, vae_log = vae_stage(args, x_all, none_imgs)
         timer.done("vae")
@@ -1041,7 +1064,9 @@ def recipe(args, built: Built) -> dict:
     erase, logs = args.erase, built.logs
     return {
         "dataset": f"{args.images_per_concept} images per concept (never_learned: the same minus '{erase}')"
-                   + (f", radius scaled per concept {dict(data.SIZE_SCALE)}" if data.SIZE_SCALE else ""),
+                   + (f", radius scaled per concept {data.parse_size_scale(args.size_scale)}" if args.size_scale else "")
+                   + (f"; phase 3 and the detector: radius scaled per concept "
+                      f"{data.parse_size_scale(args.calibrate_size_scale)}" if args.calibrate_steps > 0 else ""),
         **({"unconditional_extras": {"images": args.unconditional_extras, "seed": STAGE_SEEDS["extras"],
                                      "kinds": list(micro_detector.UNCONDITIONAL_EXTRA_KINDS),
                                      "caption": "the empty prompt only (both UNets)",
@@ -1055,7 +1080,11 @@ def recipe(args, built: Built) -> dict:
                             "ema": FINETUNE_EMA, "seed": STAGE_SEEDS["finetune"], "init": "phase 1's EMA weights"},
                  **({"phase3": {"steps": args.calibrate_steps, "lr": args.calibrate_lr, "batches": "class-balanced",
                                 "ema": FINETUNE_EMA, "seed": STAGE_SEEDS["calibrate"],
-                                "weight_decay": CALIBRATE_WEIGHT_DECAY, "init": "phase 2's EMA weights",
+                                "weight_decay": CALIBRATE_WEIGHT_DECAY,
+                                "init": "phase 2's EMA weights (phase 1's for a model --finetune-models leaves out)",
+                                "note": "the seed is phase 2's: phase 3 draws the same batch indices, caption "
+                                        "drops, timesteps and noise as phase 2 (on its own drawings); a folded "
+                                        "row's gradient on eps(c) is w^2 times a plain row's",
                                 "guidance_fold": parse_guidance_fold(args.calibrate_guidance),
                                 "size_scale": data.parse_size_scale(args.calibrate_size_scale),
                                 "what": "the calibration: the world's own drawings (same seeds, the size scale "
@@ -1080,7 +1109,7 @@ def manifest(args, built: Built, results: dict, files: dict, build_info: dict) -
     recipe, measurements, build facts)."""
     return {
         "about": "MemoRa micro world v2: see docs/micro-world.md",
-        "size_scale": dict(data.SIZE_SCALE),
+        "size_scale": data.parse_size_scale(world_size_scale(args)),  # the world's shapes (world.size_scale)
         "concepts": list(data.CONCEPTS),
         "erased_concept": args.erase,
         "prompts": {c: data.caption(c) for c in data.CONCEPTS},
@@ -1176,7 +1205,7 @@ def main(argv=None) -> int:
     use_fast_attention()
     timer = Timer()
     calibration = None
-    if args.calibrate_steps > 0:
+    if args.calibrate_steps > 0 and not args.reuse:
         # phase 3's drawings: the same seeds, the world's size scale
         data.set_size_scale(data.parse_size_scale(args.calibrate_size_scale))
         imgs3, labels3 = data.make_dataset(args.images_per_concept, STAGE_SEEDS["data"], data.CONCEPTS)

@@ -278,15 +278,16 @@ class _ScaleByPrompt(torch.nn.Module):
         return self.s[ctx[:, 0, 0].round().long()].view(-1, 1, 1, 1) * x
 
 
-def _fit_scales(fold=None, seed=3):
+def _fit_scales(fold=None, seed=3, p_uncond=0.5, steps=600):
     g = torch.Generator().manual_seed(11)
     # two classes whose latents differ in size: the best s differs per class, the empty prompt's lies between
     latents = torch.cat([torch.randn(200, 4, 2, 2, generator=g) * 8.0, torch.randn(200, 4, 2, 2, generator=g) * 0.5])
     labels = torch.tensor([0] * 200 + [1] * 200)
     contexts = torch.stack([torch.full((77, 4), 1.0), torch.full((77, 4), 2.0)])
     model = _ScaleByPrompt(2)
-    micro_diffusion.train_eps(model, latents, labels, contexts, torch.zeros(77, 4), steps=600, batch=128, lr=0.02,
-                              seed=seed, p_uncond=0.5, warmup=10, ema_decay=0.9, balanced=True, guidance_fold=fold)
+    micro_diffusion.train_eps(model, latents, labels, contexts, torch.zeros(77, 4), steps=steps, batch=128, lr=0.02,
+                              seed=seed, p_uncond=p_uncond, warmup=10, ema_decay=0.9, balanced=True,
+                              guidance_fold=fold)
     return model.s.detach()
 
 
@@ -305,11 +306,16 @@ def test_guidance_fold_fits_the_guided_prediction():
     assert abs(diff_plain) > 0.05, diff_plain  # the class really differs from the empty prompt
     assert diff_fold / diff_plain == pytest.approx(1 / w, rel=0.15), (diff_plain, diff_fold)
     assert float(folded[2]) == pytest.approx(float(plain[2]), abs=0.02)  # the unfolded class
+    # the unconditional prediction inside the fold is a constant: with every caption kept, the empty prompt's
+    # number never moves (a fold that let the gradient through it would move it at the first step)
+    assert float(_fit_scales(torch.tensor([w, w]), p_uncond=0.0, steps=5)[0]) == 0.0
 
 
-def test_calibration_options(manifest, tmp_path, capsys):
-    """Phase 3's options are off by default, spelled one way, checked with a message naming the mistake; a --reuse
-    of a build made before them counts them as off; --reuse-phase2 takes a build without phase 3 only."""
+def test_calibration_options(tmp_path, capsys):
+    """Phase 3's options are off by default, spelled one way, checked with a message naming the mistake; phase 3
+    draws at --size-scale's scale unless told otherwise; a --reuse of a build made before them counts them as off
+    (and names --reuse-phase2 when only phase 3 differs); --reuse-phase2 takes a build without phase 3 only,
+    --reuse-phase1 one without phases 2 and 3, and --reuse-shared refuses a detector that learned other sizes."""
     build = _build_script()
     plain = build.parse_args([])
     assert (plain.calibrate_steps, plain.calibrate_guidance, plain.calibrate_size_scale) == (0, "", "")
@@ -318,28 +324,46 @@ def test_calibration_options(manifest, tmp_path, capsys):
                             "--calibrate-size-scale", "triangle=1.25,circle=0.85"])
     assert cal.calibrate_guidance == "circle=3.0,triangle=3.0"
     assert build.world_size_scale(cal) == "circle=0.85,triangle=1.25"
+    inherit = build.parse_args(["--size-scale", "triangle=1.25", "--calibrate-steps", "10"])
+    assert build.world_size_scale(inherit) == "triangle=1.25"  # phase 3 draws what phases 1-2 drew
+    unscaled = build.parse_args(["--size-scale", "triangle=1.25", "--calibrate-steps", "10",
+                                 "--calibrate-size-scale", "none"])
+    assert build.world_size_scale(unscaled) == ""
     for argv, why in [(["--calibrate-steps", "5", "--calibrate-guidance", "oval=3"], "CONCEPT=W with CONCEPT one of"),
                       (["--calibrate-steps", "5", "--calibrate-guidance", "circle=0.5"], "finite number >= 1"),
                       (["--calibrate-steps", "5", "--calibrate-guidance", "circle=x"], "W must be a number"),
                       (["--calibrate-steps", "5", "--calibrate-guidance", "circle=2,circle=3"], "given twice"),
                       (["--calibrate-guidance", "circle=3"], "give --calibrate-steps N too"),
+                      (["--calibrate-size-scale", "circle=0.9"], "give --calibrate-steps N too"),
                       (["--calibrate-steps", "-1"], "expected 0 or more updates"),
+                      (["--calibrate-steps", "5", "--calibrate-lr", "0"], "expected a positive learning rate"),
                       (["--calibrate-steps", "5", "--calibrate-size-scale", "circle=9"], r"must be in \(0, 1.3\]"),
-                      (["--reuse", "a", "--reuse-phase2", "b"], "exclude each other")]:
+                      (["--reuse-phase2", "b"], "--reuse-phase2 starts phase 3 .* give --calibrate-steps N too"),
+                      (["--reuse", "a", "--reuse-phase2", "b", "--calibrate-steps", "5"], "exclude each other")]:
         with pytest.raises(SystemExit):
             build.parse_args(argv)
         assert re.search(why, err := capsys.readouterr().err), (argv, err)
-    older = json.loads(json.dumps(manifest))
-    for key in build.CALIBRATE_ARGS:
-        older["args"].pop(key, None)
+    # an earlier build's manifest made before the options existed, with this script's default arguments
+    older = json.loads(json.dumps(world.load_manifest()))
+    older["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(plain).items()
+                     if k not in build.CALIBRATE_ARGS}
+    older["size_scale"] = {}
     assert [build._earlier_arg(older, k) for k in build.CALIBRATE_ARGS] == [0, 3e-4, "", ""]
     prev = tmp_path / "earlier"
     prev.mkdir()
     (prev / world.MANIFEST).write_text(json.dumps(older))
-    with pytest.raises(SystemExit, match="built with calibrate_steps=0, this run has 1000"):
+    with pytest.raises(SystemExit, match="built with calibrate_steps=0, this run has 1000; --reuse-phase2 to run"):
         build.reuse_build(build.parse_args(["--reuse", str(prev), "--calibrate-steps", "1000"]), None, None)
+    with pytest.raises(SystemExit, match="its detector learned shapes drawn at size scale '', this world's are drawn"
+                                         " at 'circle=0.85'"):
+        build.phase1_from(build.parse_args(["--reuse-shared", str(prev), "--calibrate-steps", "10",
+                                            "--calibrate-size-scale", "circle=0.85"]), None, None)
     calibrated = json.loads(json.dumps(older))
     calibrated["args"]["calibrate_steps"] = 1000
     (prev / world.MANIFEST).write_text(json.dumps(calibrated))
     with pytest.raises(SystemExit, match="its UNets already had phase 3"):
         build.phase1_from(build.parse_args(["--reuse-phase2", str(prev), "--calibrate-steps", "1000"]), None, None)
+    calibrated["args"]["finetune_steps"] = 0
+    (prev / world.MANIFEST).write_text(json.dumps(calibrated))
+    with pytest.raises(SystemExit, match="its UNets already had phase 2 or 3"):
+        build.phase1_from(build.parse_args(["--reuse-phase1", str(prev), "--finetune-steps", "0"]), None, None)
