@@ -136,6 +136,9 @@ def test_judge_keeps_stretched_triangles():
     for s in (1.15, 1.2, 1.25):
         v = judge.judge(_polygon_image(stretched(_regular(3, r=11.0, rot=-math.pi / 2), s)))
         assert v.label == "triangle" and v.elongation > 1.3, (s, v)
+    # beyond the cap (elongation 1.8) a stretched triangle is a sliver, not the concept the world draws
+    sliver = judge.judge(_polygon_image(stretched(_regular(3, r=11.0, rot=-math.pi / 2), 1.35)))
+    assert sliver.label == "none" and sliver.elongation > 1.8, sliver
     for s in (1.2, 1.25):
         ellipse = judge.judge(_polygon_image(stretched(_regular(40, r=10.0), s)))
         box = judge.judge(_polygon_image(stretched(_regular(4, r=10.0, rot=math.pi / 4), s)))
