@@ -388,6 +388,54 @@ def cmd_curve(args) -> int:
     return run_curve(args, prepare, execute_curve, _results_dir)
 
 
+MICRO_WORLD_MARK = "micro-world.json"
+
+
+def claim_for_micro_world(results_dir: Path) -> Path:
+    """A results folder of a micro-world run holds one micro world's results: its jobs are keyed by the graph, and
+    the graph names a variant, not the weights. A folder made on another micro world (a rebuilt one, one that
+    MEMORA_MICRO_WEIGHTS points at, the world a pack update replaced), or before this mark existed, is moved aside to
+    ``<name>.world-<its manifest's sha256, 12 digits>`` (``unknown`` without the mark), so that its jobs are not
+    taken for this world's as already done; then the folder is marked with this world's manifest sha256. Returns
+    the folder it moved aside, if any."""
+    from memora.micro import world
+
+    manifest = world.weights_dir() / world.MANIFEST
+    current = world.sha256_file(manifest)
+    mark = results_dir / MICRO_WORLD_MARK
+    aside = None
+    if results_dir.is_dir() and any(results_dir.iterdir()):
+        try:
+            earlier = json.loads(mark.read_text())["manifest_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = None
+        if earlier != current:
+            from .folder import LOCK_NAME, FolderLocked, _holder, _try_lock
+
+            lock = results_dir / LOCK_NAME
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:  # not from under a run that holds the folder
+                if not _try_lock(fd):
+                    raise FolderLocked(f"results folder {results_dir} is in use by another memora-batch run: "
+                                       f"{_holder(lock)}. Wait for it to finish, or give this run another --out; "
+                                       f"nothing was run")
+                stem = f"{results_dir.name}.world-{(earlier or 'unknown')[:12]}"
+                aside = results_dir.with_name(stem)
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = results_dir.with_name(f"{stem}-{n}")
+                results_dir.rename(aside)
+            finally:
+                os.close(fd)
+            print(f"memora-batch: {results_dir} held another micro world's results; moved to {aside.name}",
+                  file=sys.stderr, flush=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if not mark.is_file():
+        atomic_write(mark, json.dumps({"manifest_sha256": current, "manifest": str(manifest)}) + "\n", replace=True)
+    return aside
+
+
 def cmd_demo(args) -> int:
     """memora_recovery end to end: on the built-in micro world by default, on your checkpoints with
     --original/--unlearned. Prints where the LoRA, the images and the report went."""
@@ -403,6 +451,8 @@ def cmd_demo(args) -> int:
         args.models = "micro"
     backend, plan = prepare(args, wf)
     results_dir = _results_dir(args, "demo-micro-world" if args.models == "micro" else "demo")
+    if args.models == "micro" and not args.dry_run:
+        claim_for_micro_world(results_dir)
     if plan.profile and plan.profile.description and not args.dry_run:
         print(f"memora-batch demo: {Path(wf).name} on the {plan.profile.description}", flush=True)
     summary = execute(args, backend, plan, results_dir)

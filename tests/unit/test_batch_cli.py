@@ -142,3 +142,43 @@ def test_a_lock_the_system_refuses_is_a_folder_error_and_leaks_nothing(monkeypat
     with pytest.raises(FolderUnwritable, match="cannot be locked .*nothing was run"):
         ResultsFolder(tmp_path / "r").acquire()
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_micro_world_results_folder_is_not_reused_for_another_world(tmp_path, monkeypatch, capsys):
+    """Micro-world jobs are keyed by the graph, which names a variant, not the weights: the demo's results folder is
+    marked with the world's manifest sha256, and a folder of another world (or one made before the mark) is moved
+    aside rather than its jobs taken as done; the same world keeps its folder."""
+    worlds = {}
+    for name, text in (("a", '{"about": "world a"}'), ("b", '{"about": "world b"}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(text)
+        worlds[name] = tmp_path / name
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "results.jsonl").write_text('{"key": "k1", "status": "ok"}\n')  # a folder from before the mark
+    monkeypatch.setenv("MEMORA_MICRO_WEIGHTS", str(worlds["a"]))
+    aside = cli.claim_for_micro_world(results)
+    assert aside == tmp_path / "results.world-unknown" and (aside / "results.jsonl").is_file()
+    assert "moved to results.world-unknown" in capsys.readouterr().err
+    sha_a = json.loads((results / cli.MICRO_WORLD_MARK).read_text())["manifest_sha256"]
+    assert len(sha_a) == 64 and sorted(p.name for p in results.iterdir()) == [cli.MICRO_WORLD_MARK]
+    (results / "results.jsonl").write_text('{"key": "k2", "status": "ok"}\n')
+    assert cli.claim_for_micro_world(results) is None  # the same world: kept as it is
+    assert (results / "results.jsonl").read_text().startswith('{"key": "k2"')
+    monkeypatch.setenv("MEMORA_MICRO_WEIGHTS", str(worlds["b"]))
+    moved = cli.claim_for_micro_world(results)
+    assert moved == tmp_path / f"results.world-{sha_a[:12]}" and (moved / "results.jsonl").is_file()
+    assert not (results / "results.jsonl").exists()
+    assert json.loads((results / cli.MICRO_WORLD_MARK).read_text())["manifest_sha256"] != sha_a
+    # never from under a run that holds the folder
+    import fcntl
+
+    from memora_batch.folder import LOCK_NAME, FolderLocked
+
+    (results / "results.jsonl").write_text('{"key": "k3", "status": "ok"}\n')
+    with open(results / LOCK_NAME, "w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        monkeypatch.setenv("MEMORA_MICRO_WEIGHTS", str(worlds["a"]))
+        with pytest.raises(FolderLocked, match="in use by another memora-batch run"):
+            cli.claim_for_micro_world(results)
+    assert (results / "results.jsonl").read_text().startswith('{"key": "k3"')
