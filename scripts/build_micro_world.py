@@ -268,9 +268,10 @@ WORLD_PRESETS = {
 CALIBRATE_WEIGHT_DECAY = 0.01
 
 
-def canonical_size_scale(scale: dict) -> str:
-    """One spelling per size scale (concept order, shortest float, factors of 1 left out): what --reuse compares."""
-    return ",".join(f"{c}={float(scale[c])!r}" for c in data.CONCEPTS if c in scale and float(scale[c]) != 1.0)
+def canonical_factors(factors: dict) -> str:
+    """One spelling per concept=number mapping (--size-scale, --calibrate-size-scale, --calibrate-guidance: concept
+    order, shortest float, values of 1 left out, which mean "unchanged" for each): what --reuse compares."""
+    return ",".join(f"{c}={float(factors[c])!r}" for c in data.CONCEPTS if c in factors and float(factors[c]) != 1.0)
 
 
 def parse_guidance_fold(text: str) -> dict[str, float]:
@@ -294,11 +295,6 @@ def parse_guidance_fold(text: str) -> dict[str, float]:
     return out
 
 
-def canonical_guidance_fold(fold: dict) -> str:
-    """One spelling per --calibrate-guidance (concept order, weights of 1 left out)."""
-    return ",".join(f"{c}={float(fold[c])!r}" for c in data.CONCEPTS if c in fold and float(fold[c]) != 1.0)
-
-
 def world_size_scale(args) -> str:
     """The size scale of the world's own drawings (the detector's, the measurements'): phase 3's when there is one."""
     return args.calibrate_size_scale if args.calibrate_steps > 0 else args.size_scale
@@ -308,7 +304,7 @@ def _earlier_arg(prev: dict, k: str):
     """An argument of an earlier build from its manifest; one it does not record counts as off, except the size
     scale of a build made before the option existed, which world.size_scale reads (the micro-v3 branch's)."""
     if k == "size_scale" and k not in prev["args"]:
-        return canonical_size_scale(world.size_scale(prev))
+        return canonical_factors(world.size_scale(prev))
     return prev["args"].get(k, ARG_DEFAULTS_BEFORE.get(k))
 
 
@@ -515,18 +511,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         scale = data.parse_size_scale(args.size_scale)
     except ValueError as exc:
         ap.error(f"--size-scale: {exc}")
-    args.size_scale = canonical_size_scale(scale)
+    args.size_scale = canonical_factors(scale)
     given_scale = args.calibrate_size_scale is not None
     if not given_scale:
         args.calibrate_size_scale = args.size_scale if args.calibrate_steps > 0 else ""
     elif args.calibrate_size_scale.strip().lower() == "none":
         args.calibrate_size_scale = ""
     try:
-        args.calibrate_size_scale = canonical_size_scale(data.parse_size_scale(args.calibrate_size_scale))
+        args.calibrate_size_scale = canonical_factors(data.parse_size_scale(args.calibrate_size_scale))
     except ValueError as exc:
         ap.error(f"--calibrate-size-scale: {exc}")
     try:
-        args.calibrate_guidance = canonical_guidance_fold(parse_guidance_fold(args.calibrate_guidance))
+        args.calibrate_guidance = canonical_factors(parse_guidance_fold(args.calibrate_guidance))
     except ValueError as exc:
         ap.error(f"--calibrate-guidance: {exc}")
     if args.calibrate_steps < 0:
@@ -699,7 +695,7 @@ def phase1_from(args, comfy_path, x_all):
     if mode == "phase1" and (prev["args"].get("finetune_steps", 0) or _earlier_arg(prev, "calibrate_steps")):
         raise SystemExit(f"--reuse-phase1 {prev_dir}: its UNets already had phase 2 or 3; give a build without them")
     if mode == "shared" and not args.detector_from:
-        prev_world = canonical_size_scale(world.size_scale(prev))
+        prev_world = canonical_factors(world.size_scale(prev))
         if prev_world != world_size_scale(args):
             raise SystemExit(f"--reuse-shared {prev_dir}: its detector learned shapes drawn at size scale "
                              f"{prev_world!r}, this world's are drawn at {world_size_scale(args)!r}; give "
