@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Build the MemoRa micro world from scratch on a CPU: data, VAE, text encoder, detector, original / never-learned
-UNets, the ESD-x unlearned UNet, measurements, and the shipped safetensors + manifest.
+UNets (phases 1-3), the unlearned variants (ESD-x, ESD-u, UCE, ...), measurements, and the shipped safetensors +
+manifest.
 
     python scripts/build_micro_world.py                  # writes memora/micro/weights/
     python scripts/build_micro_world.py --out /tmp/mw    # somewhere else
@@ -9,8 +10,10 @@ Seeded end to end (one seed per stage, written to the manifest). The networks ar
 (UNetModel, AutoencoderKL) so the weights load in ComfyUI without any key conversion: a ComfyUI checkout is needed
 ($COMFYUI_PATH, else ~/comfy/ComfyUI). The main process uses --threads torch threads (default 2); the original and
 never-learned UNets train in two worker processes of one thread each (--jobs 2, the default), which on a 2-core
-machine halves that stage's wall time. About 21 minutes on 2 cores; --reuse DIR redoes only ESD and the
-measurements. See docs/micro-world.md for the recipe and the measured results.
+machine halves that stage's wall time. The shipped (calibrated) world: phase 3 and everything after it from a v2.1
+build's phase-2 UNets (--reuse-phase2) took 17.4 minutes on 2 cores, a build from the seeds about 51 minutes is
+expected (not timed end to end); --reuse DIR redoes only the variants and the measurements (8-15 minutes). See
+docs/micro-world.md for the recipe, the build times and the measured results.
 """
 
 from __future__ import annotations
