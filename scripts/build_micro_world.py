@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Build the MemoRa micro world from scratch on a CPU: data, VAE, text encoder, detector, original / never-learned
-UNets, the ESD-x unlearned UNet, measurements, and the shipped safetensors + manifest.
+UNets (phases 1-3), the unlearned variants (ESD-x, ESD-u, UCE, ...), measurements, and the shipped safetensors +
+manifest.
 
     python scripts/build_micro_world.py                  # writes memora/micro/weights/
     python scripts/build_micro_world.py --out /tmp/mw    # somewhere else
@@ -9,8 +10,10 @@ Seeded end to end (one seed per stage, written to the manifest). The networks ar
 (UNetModel, AutoencoderKL) so the weights load in ComfyUI without any key conversion: a ComfyUI checkout is needed
 ($COMFYUI_PATH, else ~/comfy/ComfyUI). The main process uses --threads torch threads (default 2); the original and
 never-learned UNets train in two worker processes of one thread each (--jobs 2, the default), which on a 2-core
-machine halves that stage's wall time. About 21 minutes on 2 cores; --reuse DIR redoes only ESD and the
-measurements. See docs/micro-world.md for the recipe and the measured results.
+machine halves that stage's wall time. The shipped (calibrated) world: phase 3 and everything after it from a v2.1
+build's phase-2 UNets (--reuse-phase2) took 17.4 minutes on 2 cores, a build from the seeds about 51 minutes is
+expected (not timed end to end); --reuse DIR redoes only the variants and the measurements (8-15 minutes). See
+docs/micro-world.md for the recipe, the build times and the measured results.
 """
 
 from __future__ import annotations
@@ -254,6 +257,16 @@ REUSABLE_ARGS = PHASE2_ARGS + CALIBRATE_ARGS
 #: what an earlier build's manifest means when it does not record an argument (it was built before the option existed)
 ARG_DEFAULTS_BEFORE = {"size_scale": "", "unconditional_extras": 0, "calibrate_steps": 0, "calibrate_lr": 3e-4,
                        "calibrate_guidance": "", "calibrate_size_scale": ""}
+#: --world NAME: the settings each named world is built with (an option given on the command line overrides its
+#: preset); docs/micro-world.md describes each. "calibrated" is the shipped world.
+WORLD_PRESETS = {
+    "calibrated": {"size_scale": "", "unconditional_extras": 0, "calibrate_steps": 1000,
+                   "calibrate_guidance": "triangle=3,circle=3", "calibrate_size_scale": "triangle=1.25,circle=0.85"},
+    "v2.1": {"size_scale": "", "unconditional_extras": 0, "calibrate_steps": 0, "calibrate_guidance": "",
+             "calibrate_size_scale": None},
+    "v3": {"size_scale": "triangle=1.25,circle=0.85", "unconditional_extras": 1000, "calibrate_steps": 0,
+           "calibrate_guidance": "", "calibrate_size_scale": None},
+}
 #: phase 3's optimiser: AdamW with this weight decay (phases 1 and 2: none)
 CALIBRATE_WEIGHT_DECAY = 0.01
 
@@ -421,19 +434,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unet-lr", type=float, default=2e-3)
     ap.add_argument("--finetune-steps", type=int, default=2000, help="UNet phase 2 updates (class-balanced batches)")
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
-    ap.add_argument("--size-scale", default="", metavar="C=F,...",
+    ap.add_argument("--world", default="calibrated", choices=list(WORLD_PRESETS),
+                    help="which micro world to build (default: calibrated, the shipped one; v2.1: the one before it, "
+                         "without phase 3; v3: the candidate with near-shapes): sets --size-scale, "
+                         "--unconditional-extras and the --calibrate-* options, each of which, given, overrides it")
+    ap.add_argument("--size-scale", default=None, metavar="C=F,...",
                     help="per-concept factors on the drawn radius, e.g. triangle=1.25,circle=0.85 (the v3 candidate "
                          "of docs/micro-world.md); default: none (the shipped world)")
-    ap.add_argument("--unconditional-extras", type=int, default=0, metavar="N",
+    ap.add_argument("--unconditional-extras", type=int, default=None, metavar="N",
                     help="near-shapes (ellipses, capsules, beans, cut circles, three-pointed stars) the UNets also "
                          "learn with the empty prompt (memora_build.micro_detector.unconditional_extras; the v3 "
                          "candidate used 1000); default 0 (the shipped world)")
-    ap.add_argument("--calibrate-steps", type=int, default=0, metavar="N",
+    ap.add_argument("--calibrate-steps", type=int, default=None, metavar="N",
                     help="UNet phase 3 updates (the calibration: class-balanced batches of the world's own drawings, "
                          "--calibrate-size-scale, with the guidance of --calibrate-guidance's concepts folded into "
                          "the weights; docs/micro-world.md); default 0: no phase 3 (the shipped world)")
     ap.add_argument("--calibrate-lr", type=float, default=3e-4, help="phase 3's peak learning rate (cosine)")
-    ap.add_argument("--calibrate-guidance", default="", metavar="C=W,...",
+    ap.add_argument("--calibrate-guidance", default=None, metavar="C=W,...",
                     help="phase 3 fits these concepts' guided prediction at weight W (e.g. triangle=3,circle=3: "
                          "cfg 7.5 then draws them as cfg 2.5 would)")
     ap.add_argument("--calibrate-size-scale", default=None, metavar="C=F,...",
@@ -484,6 +501,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--unet-worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    preset = WORLD_PRESETS[args.world]
+    given = {k for k in preset if getattr(args, k) is not None}  # the options the command line gave
+    for k in ("size_scale", "unconditional_extras", "calibrate_steps", "calibrate_guidance"):
+        if k not in given:
+            setattr(args, k, preset[k])
+    if "calibrate_size_scale" not in given and args.calibrate_steps > 0:
+        args.calibrate_size_scale = preset["calibrate_size_scale"] if "size_scale" not in given else None
+    if "calibrate_guidance" not in given and args.calibrate_steps == 0:
+        args.calibrate_guidance = ""
     try:
         scale = data.parse_size_scale(args.size_scale)
     except ValueError as exc:
@@ -504,7 +530,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--calibrate-guidance: {exc}")
     if args.calibrate_steps < 0:
         ap.error(f"--calibrate-steps: expected 0 or more updates, got {args.calibrate_steps}")
-    if args.calibrate_steps == 0 and (args.calibrate_guidance or given_scale):
+    if args.calibrate_steps == 0 and ("calibrate_guidance" in given and args.calibrate_guidance or given_scale):
         ap.error("--calibrate-guidance and --calibrate-size-scale shape phase 3: give --calibrate-steps N too")
     if not (args.calibrate_lr > 0 and math.isfinite(args.calibrate_lr)):
         ap.error(f"--calibrate-lr: expected a positive learning rate, got {args.calibrate_lr}")

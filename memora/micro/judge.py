@@ -18,7 +18,9 @@ that shares none of its failure modes. The judge looks at the shape's outline on
    has h_5 = 0.086; five wide, round-ended arms -> none); dominant 4 with h_4 >= 0.08 on a concave region
    (solidity < 0.88), or h_4 >= 0.20, or wide arm ends (tip share >= 0.38) -> cross (squares stay below 0.16
    and 0.35); dominant 3, h_3 >= 0.15 and solidity
-   >= 0.85 -> triangle; otherwise a region that is not convex (solidity < 0.90) -> none; a convex one with h_1,
+   >= 0.85 -> triangle (also, checked first: a convex region, solidity >= 0.90, elongated up to 1.8, whose h_3 >=
+   0.15 dominates h_1 and h_4..h_6 only: stretching a triangle adds the second harmonic, which should not count
+   against it); otherwise a region that is not convex (solidity < 0.90) -> none; a convex one with h_1,
    h_3..h_6 < 0.05 and h_2 < 0.21 -> circle (a flatter oval -> none), dominant 4 with h_4 >= 0.05 -> square
    (rounded corners included); anything else -> none. A region smaller than 6 % of the image is none (the
    smallest drawn concept covers about 8 %).
@@ -56,6 +58,7 @@ THRESHOLDS = {
                                  # rounded or not, <= 0.35)
     "triangle": 0.15,            # a dominant third harmonic this large: a triangle (~0.27; an equilateral 0.275)
     "triangle_solidity": 0.85,   # ... on a region at least this solid (blurred corners fall below "convex")
+    "triangle_elongation": 1.8,  # a triangle stretched up to this is still one (drawn: <= 1.33; generated: ~1.5)
     "square": 0.05,              # a dominant fourth harmonic this large on a convex region: a square (rounded
                                  # corners ~0.05-0.09, sharp 0.14; circles <= 0.02)
     "round": 0.05,               # a convex region whose harmonics 1 and 3-6 all stay below this is a circle
@@ -182,6 +185,17 @@ def _dominant(h: np.ndarray) -> Optional[int]:
     return best if vals[best] >= THRESHOLDS["dominance"] * runner else None
 
 
+def _stretched_triangle(elong: float, sol: float, h: np.ndarray) -> bool:
+    """A triangle, stretched or not: a convex region whose third harmonic is large and dominates h1 and h4..h6.
+    Stretching is centrally symmetric: it adds the second harmonic (and, through it, little of the first and fifth),
+    which is why the second does not count against the third here; ellipses, capsules and rectangles have no odd
+    harmonics at all, three-pointed stars are not convex, and the irregular blobs of the ``none`` class that look
+    triangular stay under the convexity bar (measured: solidity 0.85-0.90)."""
+    t = THRESHOLDS
+    return (elong <= t["triangle_elongation"] and sol >= t["convex"] and h[2] >= t["triangle"]
+            and h[2] >= t["dominance"] * max(h[0], h[3], h[4], h[5]))
+
+
 def judge(image) -> Verdict:
     """The judge's label for one image ([H, W, 3] uint8 in 0..255 or floats in 0..1) with its measurements."""
     mask, why, contrast = segment(image)
@@ -191,6 +205,8 @@ def judge(image) -> Verdict:
     v = dict(elongation=round(elong, 3), solidity=round(sol, 3), harmonics=tuple(round(float(x), 3) for x in h),
              contrast=round(contrast, 3), tips=round(tips, 3))
     t = THRESHOLDS
+    if _stretched_triangle(elong, sol, h):
+        return Verdict("triangle", "three-fold, convex outline", **v)
     if elong > t["max_elongation"]:
         return Verdict(NONE, "elongated", **v)
     k = _dominant(h)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy import stats as sps
 
 from graphs import Graph
 
@@ -215,15 +216,21 @@ def test_detector_node_scores_drawn_images(comfy, manifest):
 
 
 def test_short_recovery_end_to_end(comfy, manifest):
-    """The MemoRa pipeline on the micro world, shortened (20 DDIM steps, 8 evaluation images, 40 LoRA steps): the
-    recovered model's detector rate clearly exceeds the unlearned model's."""
+    """The MemoRa pipeline on the micro world, shortened (20 DDIM steps, 40 LoRA steps, 32 evaluation images): the
+    recovered model draws the erased concept significantly more often than the unlearned one (one-sided Fisher
+    p < 0.01) and by at least 0.2. Measured on the calibrated world (ComfyUI 0.3.64, LoRA seed 2024): 0/32 -> 12/32
+    (p = 7e-5); LoRA seeds 7 and 11: 6/32 and 11/32. With 8 images (this test before) the seed-2024 run was 3/8,
+    one image from its +0.3 margin."""
     mr = _recovery_module()
     concept = manifest["erased_concept"]
-    s = mr.Settings(steps=20, start_at_step=6, eval_steps=20, eval_images=8, lora_steps=40)
+    n = 32
+    s = mr.Settings(steps=20, start_at_step=6, eval_steps=20, eval_images=n, lora_steps=40)
     pipe = mr.Pipeline(s, concept, manifest["prompts"][concept], int(manifest["empty_latent_size"]))
     base = mr.run_point(comfy, pipe, "esd_x", 0, save_name="memora_test/micro", prefix="micro_test")
     rec = mr.run_point(comfy, pipe, "esd_x", s.lora_steps, save_name="memora_test/micro", prefix="micro_test")
     print(f"short recovery: original {rec['rate_original']:.3f}, unlearned {base['rate']:.3f}, recovered "
           f"{rec['rate']:.3f}; SSIM {base['ssim']:.3f} -> {rec['ssim']:.3f}; LoRA {rec['lora_file']}")
     assert rec["lora_file"].endswith(".safetensors")
-    assert rec["rate"] >= base["rate"] + 0.3
+    k_rec, k_base = round(rec["rate"] * n), round(base["rate"] * n)
+    p = sps.fisher_exact([[k_rec, n - k_rec], [k_base, n - k_base]], alternative="greater").pvalue
+    assert rec["rate"] >= base["rate"] + 0.2 and p < 0.01, (k_base, k_rec, p)

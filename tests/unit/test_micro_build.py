@@ -312,18 +312,29 @@ def test_guidance_fold_fits_the_guided_prediction():
 
 
 def test_calibration_options(tmp_path, capsys):
-    """Phase 3's options are off by default, spelled one way, checked with a message naming the mistake; phase 3
-    draws at --size-scale's scale unless told otherwise; a --reuse of a build made before them counts them as off
+    """--world picks a world's settings (the calibrated world by default, v2.1 without phase 3, v3) and an option
+    given overrides its preset; phase 3's options are spelled one way, checked with a message naming the mistake;
+    phase 3 draws at --size-scale's scale unless told otherwise; a --reuse of a build made before them counts them as off
     (and names --reuse-phase2 when only phase 3 differs); --reuse-phase2 takes a build without phase 3 only,
     --reuse-phase1 one without phases 2 and 3, and --reuse-shared refuses a detector that learned other sizes."""
     build = _build_script()
-    plain = build.parse_args([])
+    shipped = build.parse_args([])
+    assert shipped.world == "calibrated" and (shipped.calibrate_steps, shipped.calibrate_guidance) == (
+        1000, "circle=3.0,triangle=3.0")
+    assert (shipped.size_scale, shipped.unconditional_extras) == ("", 0)
+    assert build.world_size_scale(shipped) == "circle=0.85,triangle=1.25"
+    plain = build.parse_args(["--world", "v2.1"])
     assert (plain.calibrate_steps, plain.calibrate_guidance, plain.calibrate_size_scale) == (0, "", "")
     assert build.world_size_scale(plain) == ""
-    cal = build.parse_args(["--calibrate-steps", "1000", "--calibrate-guidance", " triangle=3, circle=3.0,square=1",
-                            "--calibrate-size-scale", "triangle=1.25,circle=0.85"])
+    assert vars(build.parse_args(["--calibrate-steps", "0"])) == {**vars(plain), "world": "calibrated"}
+    v3 = build.parse_args(["--world", "v3"])
+    assert (v3.size_scale, v3.unconditional_extras, v3.calibrate_steps) == ("circle=0.85,triangle=1.25", 1000, 0)
+    cal = build.parse_args(["--world", "v2.1", "--calibrate-steps", "1000", "--calibrate-guidance",
+                            " triangle=3, circle=3.0,square=1", "--calibrate-size-scale", "triangle=1.25,circle=0.85"])
     assert cal.calibrate_guidance == "circle=3.0,triangle=3.0"
     assert build.world_size_scale(cal) == "circle=0.85,triangle=1.25"
+    assert {k: v for k, v in vars(cal).items() if k != "world"} == {k: v for k, v in vars(shipped).items()
+                                                                     if k != "world"}
     inherit = build.parse_args(["--size-scale", "triangle=1.25", "--calibrate-steps", "10"])
     assert build.world_size_scale(inherit) == "triangle=1.25"  # phase 3 draws what phases 1-2 drew
     unscaled = build.parse_args(["--size-scale", "triangle=1.25", "--calibrate-steps", "10",
@@ -333,12 +344,13 @@ def test_calibration_options(tmp_path, capsys):
                       (["--calibrate-steps", "5", "--calibrate-guidance", "circle=0.5"], "finite number >= 1"),
                       (["--calibrate-steps", "5", "--calibrate-guidance", "circle=x"], "W must be a number"),
                       (["--calibrate-steps", "5", "--calibrate-guidance", "circle=2,circle=3"], "given twice"),
-                      (["--calibrate-guidance", "circle=3"], "give --calibrate-steps N too"),
-                      (["--calibrate-size-scale", "circle=0.9"], "give --calibrate-steps N too"),
+                      (["--world", "v2.1", "--calibrate-guidance", "circle=3"], "give --calibrate-steps N too"),
+                      (["--calibrate-steps", "0", "--calibrate-size-scale", "circle=0.9"], "give --calibrate-steps N"),
+                      (["--world", "v4"], "invalid choice: 'v4'"),
                       (["--calibrate-steps", "-1"], "expected 0 or more updates"),
                       (["--calibrate-steps", "5", "--calibrate-lr", "0"], "expected a positive learning rate"),
                       (["--calibrate-steps", "5", "--calibrate-size-scale", "circle=9"], r"must be in \(0, 1.3\]"),
-                      (["--reuse-phase2", "b"], "--reuse-phase2 starts phase 3 .* give --calibrate-steps N too"),
+                      (["--world", "v2.1", "--reuse-phase2", "b"], "--reuse-phase2 starts phase 3 .* give"),
                       (["--reuse", "a", "--reuse-phase2", "b", "--calibrate-steps", "5"], "exclude each other")]:
         with pytest.raises(SystemExit):
             build.parse_args(argv)
@@ -353,7 +365,7 @@ def test_calibration_options(tmp_path, capsys):
     prev.mkdir()
     (prev / world.MANIFEST).write_text(json.dumps(older))
     with pytest.raises(SystemExit, match="built with calibrate_steps=0, this run has 1000; --reuse-phase2 to run"):
-        build.reuse_build(build.parse_args(["--reuse", str(prev), "--calibrate-steps", "1000"]), None, None)
+        build.reuse_build(build.parse_args(["--reuse", str(prev)]), None, None)
     with pytest.raises(SystemExit, match="its detector learned shapes drawn at size scale '', this world's are drawn"
                                          " at 'circle=0.85'"):
         build.phase1_from(build.parse_args(["--reuse-shared", str(prev), "--calibrate-steps", "10",

@@ -119,3 +119,27 @@ def test_disagreement_sheet_shows_only_disagreements():
     assert (arr[131:166, 2:130] < 128).any()  # captions drawn under the image
     with pytest.raises(ValueError, match="one detector and one judge label per image"):
         judge.disagreement_sheet(imgs, ["star"], ["star"])
+
+
+def test_judge_keeps_stretched_triangles():
+    """Stretching is centrally symmetric: it adds the second harmonic, not the third. The models draw triangles
+    stretched further than the data (elongation ~1.5, where drawn ones stay <= 1.33); the judge still calls them
+    triangles, and an ellipse or a rectangle stretched the same way (no odd harmonics) is no triangle."""
+    def stretched(points, s, rot=0.7, cx=16.0, cy=16.0):
+        c, s_ = math.cos(rot), math.sin(rot)
+        out = []
+        for x, y in points:
+            dx, dy = (x - cx) * s, (y - cy) / s
+            out.append((cx + c * dx - s_ * dy, cy + s_ * dx + c * dy))
+        return out
+
+    for s in (1.15, 1.2, 1.25):
+        v = judge.judge(_polygon_image(stretched(_regular(3, r=11.0, rot=-math.pi / 2), s)))
+        assert v.label == "triangle" and v.elongation > 1.3, (s, v)
+    # beyond the cap (elongation 1.8) a stretched triangle is a sliver, not the concept the world draws
+    sliver = judge.judge(_polygon_image(stretched(_regular(3, r=11.0, rot=-math.pi / 2), 1.35)))
+    assert sliver.label == "none" and sliver.elongation > 1.8, sliver
+    for s in (1.2, 1.25):
+        ellipse = judge.judge(_polygon_image(stretched(_regular(40, r=10.0), s)))
+        box = judge.judge(_polygon_image(stretched(_regular(4, r=10.0, rot=math.pi / 4), s)))
+        assert "triangle" not in (ellipse.label, box.label) and ellipse.elongation > 1.4, (s, ellipse, box)
