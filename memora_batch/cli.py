@@ -327,6 +327,8 @@ def _execute(args, backend, plan, results_dir: Path, after=None, detector: Optio
         return None
     from .report import write_reports
 
+    if getattr(args, "models", None) == "micro":  # run, curve, scoreboard, demo: one micro world per folder
+        claim_for_micro_world(results_dir)
     with ResultsFolder(results_dir, force=args.force) as folder:
         print(f"memora-batch: {len(plan.jobs)} job(s) of {plan.workflow.name} on {backend.describe()}; "
               f"results in {results_dir}", file=sys.stderr, flush=True)
@@ -410,24 +412,9 @@ def claim_for_micro_world(results_dir: Path) -> Path:
         except (OSError, ValueError, KeyError, TypeError):
             earlier = None
         if earlier != current:
-            from .folder import LOCK_NAME, FolderLocked, _holder, _try_lock
+            from .folder import move_aside
 
-            lock = results_dir / LOCK_NAME
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-            try:  # not from under a run that holds the folder
-                if not _try_lock(fd):
-                    raise FolderLocked(f"results folder {results_dir} is in use by another memora-batch run: "
-                                       f"{_holder(lock)}. Wait for it to finish, or give this run another --out; "
-                                       f"nothing was run")
-                stem = f"{results_dir.name}.world-{(earlier or 'unknown')[:12]}"
-                aside = results_dir.with_name(stem)
-                n = 1
-                while aside.exists():
-                    n += 1
-                    aside = results_dir.with_name(f"{stem}-{n}")
-                results_dir.rename(aside)
-            finally:
-                os.close(fd)
+            aside = move_aside(results_dir, f"{results_dir.name}.world-{(earlier or 'unknown')[:12]}")
             print(f"memora-batch: {results_dir} held another micro world's results; moved to {aside.name}",
                   file=sys.stderr, flush=True)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -451,8 +438,6 @@ def cmd_demo(args) -> int:
         args.models = "micro"
     backend, plan = prepare(args, wf)
     results_dir = _results_dir(args, "demo-micro-world" if args.models == "micro" else "demo")
-    if args.models == "micro" and not args.dry_run:
-        claim_for_micro_world(results_dir)
     if plan.profile and plan.profile.description and not args.dry_run:
         print(f"memora-batch demo: {Path(wf).name} on the {plan.profile.description}", flush=True)
     summary = execute(args, backend, plan, results_dir)

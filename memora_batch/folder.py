@@ -103,6 +103,31 @@ def _holder(path: Path) -> str:
         return "a process that has not written its details yet"
 
 
+def _in_use(path: Path, lock: Path) -> FolderLocked:
+    return FolderLocked(f"results folder {path} is in use by another memora-batch run: {_holder(lock)}. Wait for it "
+                        f"to finish, or give this run another --out; nothing was run")
+
+
+def move_aside(path: "str | Path", stem: str) -> Path:
+    """Rename the results folder ``path`` to a free sibling name (``stem``, then ``stem-2``, ...), holding its lock
+    so that no run writes into it meanwhile: FolderLocked, nothing moved, while a run holds it. Returns the new
+    path; everything in the folder goes with it."""
+    path = Path(path)
+    lock = path / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _try_lock(fd):
+            raise _in_use(path, lock)
+        aside, n = path.with_name(stem), 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{stem}-{n}")
+        path.rename(aside)
+    finally:
+        os.close(fd)
+    return aside
+
+
 class ResultsFolder:
     """``with ResultsFolder(path, force=...):`` holds the lock for the block; every check is made on entry.
     ``run_files``: the holder rewrites a run's derived files (results.csv, report.md, report.html, curve.json,
@@ -146,9 +171,7 @@ class ResultsFolder:
                                    f"was run") from None
         if not locked:
             os.close(fd)
-            raise FolderLocked(f"results folder {self.path} is in use by another memora-batch run: "
-                               f"{_holder(lock)}. Wait for it to finish, or give this run another --out; nothing "
-                               f"was run")
+            raise _in_use(self.path, lock)
         self._fd = fd
         try:
             self._write_info(fd)

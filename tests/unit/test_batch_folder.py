@@ -199,3 +199,22 @@ def test_read_only_or_full_results_folder_is_found_before_the_first_job(workflow
             if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
+
+
+def test_move_aside_takes_a_free_name_moves_everything_and_never_a_held_folder(tmp_path):
+    import fcntl
+
+    from memora_batch.folder import LOCK_NAME, FolderLocked, move_aside
+
+    results = tmp_path / "r"
+    results.mkdir()
+    (results / "results.jsonl").write_text('{"key": "k1"}\n')
+    (tmp_path / "r.world-abc").mkdir()  # taken: the next free name is used
+    aside = move_aside(results, "r.world-abc")
+    assert aside == tmp_path / "r.world-abc-2" and not results.exists()
+    assert (aside / "results.jsonl").read_text() == '{"key": "k1"}\n'
+    with open(aside / LOCK_NAME, "w") as held:  # a run holds it: nothing moves
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(FolderLocked, match="in use by another memora-batch run.*nothing was run"):
+            move_aside(aside, "elsewhere")
+    assert aside.is_dir() and not (tmp_path / "elsewhere").exists()

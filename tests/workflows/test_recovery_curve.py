@@ -45,6 +45,15 @@ def curve(comfy, tmp_path_factory):
     return out
 
 
+def test_the_results_folder_is_marked_with_the_micro_world_it_was_made_on(curve):
+    """A rerun on another micro world must not resume these jobs (their keys name the variant, not the weights): the
+    folder carries the manifest's sha256 (docs/batch.md)."""
+    from memora.micro import world
+
+    mark = json.loads((curve / cli.MICRO_WORLD_MARK).read_text())
+    assert mark["manifest_sha256"] == world.sha256_file(world.weights_dir() / world.MANIFEST)
+
+
 def _last_points(a: dict) -> tuple[dict, dict]:
     return a["models"][UNLEARNED]["points"][-1]["rate"], a["models"][CONTROL]["points"][-1]["rate"]
 
