@@ -280,22 +280,14 @@ def canonical_factors(factors: dict) -> str:
 def parse_guidance_fold(text: str) -> dict[str, float]:
     """--calibrate-guidance 'triangle=3,circle=3' -> {concept: w}: the concepts whose guided prediction at weight w
     phase 3 fits (micro_diffusion.train_eps's guidance_fold). Each name a concept, each w a number >= 1."""
-    out: dict[str, float] = {}
-    for part in [p.strip() for p in str(text or "").split(",") if p.strip()]:
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in data.CONCEPTS:
-            raise ValueError(f"{part!r}: expected CONCEPT=W with CONCEPT one of {', '.join(data.CONCEPTS)}")
-        try:
-            w = float(value)
-        except ValueError:
-            raise ValueError(f"{part!r}: W must be a number, got {value.strip()!r}") from None
-        if not math.isfinite(w) or w < 1.0:
-            raise ValueError(f"{part!r}: W must be a finite number >= 1 (1 = no folding), got {w}")
-        if name in out:
-            raise ValueError(f"{part!r}: {name} given twice")
-        out[name] = w
-    return out
+    return data.parse_concept_factors(text, "calibrate guidance", "weight", "triangle=3", _fold_weight)
+
+
+def _fold_weight(name: str, w: float) -> float:
+    if not math.isfinite(w) or w < 1.0:
+        raise ValueError(f"calibrate guidance {name}={w:g}: the weight must be a finite number >= 1 (1 = no "
+                         f"folding), got {w}")
+    return w
 
 
 def world_size_scale(args) -> str:

@@ -15,7 +15,7 @@ numpy + Pillow only; the same seed always gives the same images (the tests check
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -33,26 +33,35 @@ POSITION_JITTER = 0.12  # largest offset of the shape centre from the image cent
 SIZE_SCALE: dict[str, float] = {}
 
 
-def parse_size_scale(text: str) -> dict[str, float]:
-    """``"triangle=1.25,circle=0.85"`` -> {"triangle": 1.25, "circle": 0.85}; "" -> {}. Every name must be a
-    concept and every factor a number in (0, 1.3] (beyond 1.3 the largest shapes, centred, leave the image)."""
+def parse_concept_factors(text: str, what: str, unit: str, example: str,
+                          check: Callable[[str, float], float]) -> dict[str, float]:
+    """``"triangle=1.25,circle=0.85"`` -> {"triangle": 1.25, "circle": 0.85}; "" or None -> {}: a per-concept number
+    (the build's --size-scale, --calibrate-size-scale, --calibrate-guidance). Every name must be a concept, given once;
+    ``check(name, value)`` validates each value and returns it. ``what`` and ``unit`` name the option and its number
+    in the errors, ``example`` is shown when an item has no ``=``."""
     out: dict[str, float] = {}
-    for item in (part.strip() for part in text.split(",")):
+    for item in (part.strip() for part in str(text or "").split(",")):
         if not item:
             continue
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep:
-            raise ValueError(f"size scale {item!r}: expected concept=factor (e.g. triangle=1.25)")
+            raise ValueError(f"{what} {item!r}: expected concept={unit} (e.g. {example})")
         check_concept(name)
         if name in out:
-            raise ValueError(f"size scale: {name!r} is given twice")
+            raise ValueError(f"{what}: {name!r} is given twice")
         try:
-            factor = float(value)
+            number = float(value)
         except ValueError:
-            raise ValueError(f"size scale {item!r}: the factor {value.strip()!r} is not a number") from None
-        out[name] = _size_factor(name, factor)
+            raise ValueError(f"{what} {item!r}: the {unit} {value.strip()!r} is not a number") from None
+        out[name] = check(name, number)
     return out
+
+
+def parse_size_scale(text: str) -> dict[str, float]:
+    """``"triangle=1.25,circle=0.85"`` -> {"triangle": 1.25, "circle": 0.85}; "" -> {}. Every name must be a
+    concept and every factor a number in (0, 1.3] (beyond 1.3 the largest shapes, centred, leave the image)."""
+    return parse_concept_factors(text, "size scale", "factor", "triangle=1.25", _size_factor)
 
 
 def _size_factor(name: str, factor: float) -> float:

@@ -340,9 +340,10 @@ def test_calibration_options(tmp_path, capsys):
     unscaled = build.parse_args(["--size-scale", "triangle=1.25", "--calibrate-steps", "10",
                                  "--calibrate-size-scale", "none"])
     assert build.world_size_scale(unscaled) == ""
-    for argv, why in [(["--calibrate-steps", "5", "--calibrate-guidance", "oval=3"], "CONCEPT=W with CONCEPT one of"),
+    for argv, why in [(["--calibrate-steps", "5", "--calibrate-guidance", "oval=3"], "unknown micro-world concept 'oval'"),
                       (["--calibrate-steps", "5", "--calibrate-guidance", "circle=0.5"], "finite number >= 1"),
-                      (["--calibrate-steps", "5", "--calibrate-guidance", "circle=x"], "W must be a number"),
+                      (["--calibrate-steps", "5", "--calibrate-guidance", "circle=x"], "the weight 'x' is not a number"),
+                      (["--calibrate-steps", "5", "--calibrate-guidance", "circle"], r"expected concept=weight \(e.g."),
                       (["--calibrate-steps", "5", "--calibrate-guidance", "circle=2,circle=3"], "given twice"),
                       (["--world", "v2.1", "--calibrate-guidance", "circle=3"], "give --calibrate-steps N too"),
                       (["--calibrate-steps", "0", "--calibrate-size-scale", "circle=0.9"], "give --calibrate-steps N"),
