@@ -393,32 +393,32 @@ def cmd_curve(args) -> int:
 MICRO_WORLD_MARK = "micro-world.json"
 
 
-def claim_for_micro_world(results_dir: Path) -> Path:
+def claim_for_micro_world(results_dir: Path) -> Optional[Path]:
     """A results folder of a micro-world run holds one micro world's results: its jobs are keyed by the graph, and
-    the graph names a variant, not the weights. A folder made on another micro world (a rebuilt one, one that
-    MEMORA_MICRO_WEIGHTS points at, the world a pack update replaced), or before this mark existed, is moved aside to
-    ``<name>.world-<its manifest's sha256, 12 digits>`` (``unknown`` without the mark), so that its jobs are not
-    taken for this world's as already done; then the folder is marked with this world's manifest sha256. Returns
-    the folder it moved aside, if any."""
+    the graph names a variant, not the weights. A folder whose job records (results.jsonl) were made on another
+    micro world (a rebuilt one, one that MEMORA_MICRO_WEIGHTS points at, the world a pack update replaced), or before
+    this mark existed, is moved aside, whole, to ``<name>.world-<its manifest's sha256, 12 digits>`` (``unknown``
+    without the mark), so that its jobs are not taken for this world's as already done; a folder without job
+    records is left where it is (nothing in it could be resumed). Then the folder is marked with this world's
+    manifest sha256. Returns the folder it moved aside, if any."""
     from memora.micro import world
 
     manifest = world.weights_dir() / world.MANIFEST
     current = world.sha256_file(manifest)
     mark = results_dir / MICRO_WORLD_MARK
+    try:
+        earlier = json.loads(mark.read_text())["manifest_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = None
     aside = None
-    if results_dir.is_dir() and any(results_dir.iterdir()):
-        try:
-            earlier = json.loads(mark.read_text())["manifest_sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
-            earlier = None
-        if earlier != current:
-            from .folder import move_aside
+    if earlier != current and (results_dir / "results.jsonl").exists():
+        from .folder import move_aside
 
-            aside = move_aside(results_dir, f"{results_dir.name}.world-{(earlier or 'unknown')[:12]}")
-            print(f"memora-batch: {results_dir} held another micro world's results; moved to {aside.name}",
-                  file=sys.stderr, flush=True)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    if not mark.is_file():
+        aside = move_aside(results_dir, f"{results_dir.name}.world-{(earlier or 'unknown')[:12]}")
+        print(f"memora-batch: {results_dir} held another micro world's results; moved to {aside.name}",
+              file=sys.stderr, flush=True)
+    if earlier != current:
+        results_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(mark, json.dumps({"manifest_sha256": current, "manifest": str(manifest)}) + "\n", replace=True)
     return aside
 

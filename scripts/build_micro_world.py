@@ -495,21 +495,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     preset = WORLD_PRESETS[args.world]
     given = {k for k in preset if getattr(args, k) is not None}  # the options the command line gave
-    for k in ("size_scale", "unconditional_extras", "calibrate_steps", "calibrate_guidance"):
+    for k in ("size_scale", "unconditional_extras", "calibrate_steps"):
         if k not in given:
             setattr(args, k, preset[k])
-    if "calibrate_size_scale" not in given and args.calibrate_steps > 0:
-        args.calibrate_size_scale = preset["calibrate_size_scale"] if "size_scale" not in given else None
-    if "calibrate_guidance" not in given and args.calibrate_steps == 0:
-        args.calibrate_guidance = ""
     try:
-        scale = data.parse_size_scale(args.size_scale)
+        args.size_scale = canonical_factors(data.parse_size_scale(args.size_scale))
     except ValueError as exc:
         ap.error(f"--size-scale: {exc}")
-    args.size_scale = canonical_factors(scale)
-    given_scale = args.calibrate_size_scale is not None
-    if not given_scale:
-        args.calibrate_size_scale = args.size_scale if args.calibrate_steps > 0 else ""
+    phase3 = args.calibrate_steps > 0
+    if "calibrate_guidance" not in given:
+        args.calibrate_guidance = preset["calibrate_guidance"] if phase3 else ""
+    if "calibrate_size_scale" not in given:
+        # phase 3 draws at the preset's scale, or at --size-scale's where that was given or the preset has none
+        own = preset["calibrate_size_scale"] if "size_scale" not in given else None
+        args.calibrate_size_scale = ("" if not phase3 else own if own is not None else args.size_scale)
     elif args.calibrate_size_scale.strip().lower() == "none":
         args.calibrate_size_scale = ""
     try:
@@ -522,7 +521,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--calibrate-guidance: {exc}")
     if args.calibrate_steps < 0:
         ap.error(f"--calibrate-steps: expected 0 or more updates, got {args.calibrate_steps}")
-    if args.calibrate_steps == 0 and ("calibrate_guidance" in given and args.calibrate_guidance or given_scale):
+    if args.calibrate_steps == 0 and (args.calibrate_guidance or "calibrate_size_scale" in given):
         ap.error("--calibrate-guidance and --calibrate-size-scale shape phase 3: give --calibrate-steps N too")
     if not (args.calibrate_lr > 0 and math.isfinite(args.calibrate_lr)):
         ap.error(f"--calibrate-lr: expected a positive learning rate, got {args.calibrate_lr}")

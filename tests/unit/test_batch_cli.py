@@ -7,6 +7,7 @@ once (tests/support/batch_kit.py): the bookkeeping is what is tested, with real 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import threading
@@ -182,3 +183,20 @@ def test_a_micro_world_results_folder_is_not_reused_for_another_world(tmp_path, 
         with pytest.raises(FolderLocked, match="in use by another memora-batch run"):
             cli.claim_for_micro_world(results)
     assert (results / "results.jsonl").read_text().startswith('{"key": "k3"')
+
+
+def test_a_folder_without_job_records_is_marked_in_place_not_moved(tmp_path, monkeypatch, capsys):
+    """Only job records can be resumed by mistake: a --out folder that holds other files (or a mark of another world
+    and no records) stays where it is, its files untouched, and gets this world's mark."""
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "manifest.json").write_text('{"about": "world w"}')
+    monkeypatch.setenv("MEMORA_MICRO_WEIGHTS", str(tmp_path / "w"))
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    (out / cli.MICRO_WORLD_MARK).write_text('{"manifest_sha256": "0123456789abcdef"}\n')
+    assert cli.claim_for_micro_world(out) is None
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert not list(tmp_path.glob("mine.world-*")) and "moved" not in capsys.readouterr().err
+    sha = json.loads((out / cli.MICRO_WORLD_MARK).read_text())["manifest_sha256"]
+    assert sha == hashlib.sha256(b'{"about": "world w"}').hexdigest()
